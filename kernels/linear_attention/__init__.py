@@ -1,0 +1,12 @@
+"""Shared reference machinery for (Re)Based causal linear attention (feature maps, varlen, cores)."""
+
+from .feature_maps import (KINDS, based_feature_map, default_scale, feature_map, kernel_from_dot,
+                           rebased_feature_map, state_size, zero_state)
+from .reference import MODES, compute_dtype, linear_attention_reference, validate_attention_inputs
+from .varlen import check_cu_seqlens, pack_documents, unpack_documents
+
+__all__ = [
+    "KINDS", "MODES", "state_size", "rebased_feature_map", "based_feature_map", "feature_map",
+    "kernel_from_dot", "default_scale", "zero_state", "compute_dtype", "linear_attention_reference",
+    "validate_attention_inputs", "check_cu_seqlens", "pack_documents", "unpack_documents",
+]
