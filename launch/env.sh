@@ -1,0 +1,22 @@
+# Sourced by the launch scripts: use the active virtualenv, or create ./.venv, and install the project into it
+# when pyproject.toml changed since the last install. Nothing is installed twice.
+#   TORCH_SPEC   what to pip-install when torch is missing (default: the CPU-only machine's torch==2.13.0 when
+#                no NVIDIA driver is present, else the newest torch from the index)
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [ -z "${VIRTUAL_ENV:-}" ]; then
+  [ -x "$ROOT/.venv/bin/python" ] || python3 -m venv "$ROOT/.venv"
+  # shellcheck disable=SC1091
+  . "$ROOT/.venv/bin/activate"
+fi
+if ! python -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1; then default_torch="torch"; else default_torch="torch==2.13.0"; fi
+  python -m pip install -q "${TORCH_SPEC:-$default_torch}"
+fi
+stamp="$VIRTUAL_ENV/.rebased-installed-$(cksum < "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+if [ ! -f "$stamp" ]; then
+  python -m pip install -q -e "$ROOT[dev]"
+  touch "$stamp"
+fi
+export WANDB_MODE="${WANDB_MODE:-offline}"
+cd "$ROOT"

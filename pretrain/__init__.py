@@ -1,0 +1,1 @@
+"""ReBased pretraining stack: models, data loading, training and evaluation."""

@@ -1,0 +1,188 @@
+"""Sequence mixers. Each takes x [B, T, d_model] and returns [B, T, d_model].
+
+Every mixer accepts ``cu_seqlens`` (packed documents in a batch of one: nothing mixes across a document start)
+and ``cache`` (a per-layer decoding state, updated in place so that feeding a sequence in pieces gives the same
+outputs as feeding it whole). Positions for rotary embeddings come from the caller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+from pretrain.models.config import ModelConfig
+from pretrain.models.layers import apply_rotary
+
+
+@dataclass
+class RecurrentCache:
+    """Constant-size state of a linear-attention or convolution layer."""
+
+    state: object = None
+
+
+@dataclass
+class KVCache:
+    """Keys/values seen so far (rotary already applied) with their absolute positions; ``window`` caps its length."""
+
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    window: int | None = None
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+        """Append; return everything the new queries may see (the stored part is then cut to the window)."""
+        if self.k is not None:
+            k, v = torch.cat([self.k, k], dim=1), torch.cat([self.v, v], dim=1)
+            positions = torch.cat([self.positions, positions])
+        keep = slice(-self.window, None) if self.window is not None else slice(None)
+        self.k, self.v, self.positions = k[:, keep], v[:, keep], positions[keep]
+        return k, v, positions
+
+
+class FeatureMap(nn.Module):
+    """ReBased's learnable map φ(x) = γ·LayerNorm(x) + β on x [B, T, H, D] (γ, β optional, LN optional).
+
+    ``norm_scope='per_head'`` normalises each head's D features; ``'joint'`` normalises all H·D together.
+    """
+
+    def __init__(self, num_heads: int, feature_dim: int, *, use_gamma: bool, use_beta: bool, normalize: bool,
+                 norm_scope: str):
+        super().__init__()
+        self.normalize, self.norm_scope = normalize, norm_scope
+        shape = (num_heads, feature_dim)
+        self.gamma = nn.Parameter(torch.ones(shape)) if use_gamma else None
+        self.beta = nn.Parameter(torch.zeros(shape)) if use_beta else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.normalize:
+            if self.norm_scope == "per_head":
+                x = F.layer_norm(x, x.shape[-1:])
+            else:
+                x = F.layer_norm(x.flatten(-2), (x.shape[-2] * x.shape[-1],)).view_as(x)
+        if self.gamma is not None:
+            x = x * self.gamma
+        if self.beta is not None:
+            x = x + self.beta
+        return x
+
+
+class LinearAttention(nn.Module):
+    """ReBased (learnable φ, kernel (s·q·k)²) or Based (Taylor kernel 1 + x + x²/2) linear attention."""
+
+    def __init__(self, cfg: ModelConfig, kind: str):
+        super().__init__()
+        sub = cfg.rebased if kind == "rebased" else cfg.based
+        self.kind, self.num_heads, self.feature_dim, self.eps = kind, sub.num_heads, sub.feature_dim, sub.eps
+        d = cfg.d_model
+        self.value_heads = sub.value_heads or sub.num_heads
+        head_dim = d // self.value_heads
+        self.q_proj = nn.Linear(d, sub.num_heads * sub.feature_dim, bias=False)
+        self.k_proj = nn.Linear(d, sub.num_heads * sub.feature_dim, bias=False)
+        self.v_proj = nn.Linear(d, d, bias=False)
+        self.o_proj = nn.Linear(sub.num_heads * head_dim, d, bias=False)
+        self.feature_map = (
+            FeatureMap(sub.num_heads, sub.feature_dim, use_gamma=sub.use_gamma, use_beta=sub.use_beta,
+                       normalize=sub.normalize, norm_scope=sub.norm_scope)
+            if kind == "rebased" else None
+        )
+        self.attention = kernels.rebased_attention if kind == "rebased" else kernels.based_attention
+
+    def forward(self, x, *, positions=None, cu_seqlens=None, cache: RecurrentCache | None = None):
+        B, T, _ = x.shape
+        H, D = self.num_heads, self.feature_dim
+        q = self.q_proj(x).view(B, T, H, D)
+        k = self.k_proj(x).view(B, T, H, D)
+        v = self.v_proj(x).view(B, T, self.value_heads, -1)
+        if self.value_heads != H:  # each value head is shared by H / value_heads consecutive q/k heads
+            v = v.repeat_interleave(H // self.value_heads, dim=2)
+        if self.feature_map is not None:
+            q, k = self.feature_map(q), self.feature_map(k)
+        o, state = self.attention(
+            q, k, v, eps=self.eps, cu_seqlens=cu_seqlens,
+            initial_state=None if cache is None else cache.state, output_final_state=cache is not None,
+        )
+        if cache is not None:
+            cache.state = state
+        return self.o_proj(o.reshape(B, T, -1))
+
+
+class ShortConv(nn.Module):
+    """The paper's BaseConv: depthwise causal conv(u) ⊙ Linear(u) + u."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, k = cfg.d_model, cfg.short_conv.kernel_size
+        self.proj = nn.Linear(d, d)
+        self.conv_weight = nn.Parameter(torch.empty(d, k))
+        self.conv_bias = nn.Parameter(torch.zeros(d))
+        nn.init.uniform_(self.conv_weight, -(k ** -0.5), k ** -0.5)  # Conv1d's default fan-in bound
+
+    def forward(self, x, *, positions=None, cu_seqlens=None, cache: RecurrentCache | None = None):
+        y, final = kernels.short_conv(
+            x, self.conv_weight, self.conv_bias, gate=self.proj(x), residual=True, cu_seqlens=cu_seqlens,
+            cache=None if cache is None else cache.state, output_final_state=cache is not None,
+        )
+        if cache is not None:
+            cache.state = final
+        return y
+
+
+def _document_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    return torch.bucketize(torch.arange(total, device=cu_seqlens.device), cu_seqlens[1:], right=True)
+
+
+class SoftmaxAttention(nn.Module):
+    """Causal softmax attention through SDPA with rotary positions; ``window`` restricts it to the last W tokens."""
+
+    def __init__(self, cfg: ModelConfig, window: int | None):
+        super().__init__()
+        sub = cfg.sliding_window if window else cfg.attention
+        d = cfg.d_model
+        self.num_heads, self.window, self.rope_theta = sub.num_heads, window, cfg.rope_theta
+        self.qkv_proj = nn.Linear(d, 3 * d, bias=False)
+        self.o_proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, x, *, positions, cu_seqlens=None, cache: KVCache | None = None):
+        B, T, d = x.shape
+        q, k, v = self.qkv_proj(x).view(B, T, 3, self.num_heads, -1).unbind(2)
+        q, k = apply_rotary(q, positions, self.rope_theta), apply_rotary(k, positions, self.rope_theta)
+        q_pos = k_pos = positions
+        if cache is not None:
+            k, v, k_pos = cache.extend(k, v, positions)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, Dh]
+        if cu_seqlens is None and cache is None and self.window is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            mask = (q_pos[:, None] >= k_pos[None, :])
+            if self.window is not None:
+                mask &= (q_pos[:, None] - k_pos[None, :]) < self.window
+            if cu_seqlens is not None:  # positions restart per document, so compare document ids too
+                docs = _document_ids(cu_seqlens, T)
+                mask &= docs[:, None] == docs[None, :]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, d))
+
+
+def build_mixer(cfg: ModelConfig, kind: str) -> nn.Module:
+    if kind in ("rebased", "based"):
+        return LinearAttention(cfg, kind)
+    if kind == "short_conv":
+        return ShortConv(cfg)
+    if kind == "attention":
+        return SoftmaxAttention(cfg, window=None)
+    if kind == "sliding_window":
+        return SoftmaxAttention(cfg, window=cfg.sliding_window.window)
+    raise ValueError(f"unknown mixer '{kind}'")
+
+
+def new_cache(kind: str, cfg: ModelConfig):
+    if kind == "attention":
+        return KVCache()
+    if kind == "sliding_window":
+        return KVCache(window=cfg.sliding_window.window)
+    return RecurrentCache()

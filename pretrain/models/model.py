@@ -1,0 +1,132 @@
+"""The causal LM: embeddings, pre-norm blocks of (sequence mixer, MLP), final norm, LM head."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pretrain.models.config import ModelConfig
+from pretrain.models.layers import build_mlp, build_norm
+from pretrain.models.mixers import build_mixer, new_cache
+
+
+@dataclass
+class ModelCache:
+    """Decoding state of every layer plus the number of tokens already consumed."""
+
+    layers: list = field(default_factory=list)
+    seen_tokens: int = 0
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.mixer_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.mixer = build_mixer(cfg, kind)
+        self.mlp = build_mlp(cfg.mlp, cfg.d_model, cfg.mlp_hidden)
+        self.mlp_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps) if self.mlp is not None else None
+
+    def forward(self, x, positions, cu_seqlens=None, cache=None):
+        x = x + self.mixer(self.mixer_norm(x), positions=positions, cu_seqlens=cu_seqlens, cache=cache)
+        if self.mlp is not None:
+            x = x + self.mlp(self.mlp_norm(x))
+        return x
+
+
+class CausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.learned_positions else None
+        self.blocks = nn.ModuleList(Block(cfg, kind) for kind in cfg.layers)
+        self.final_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        std = self.config.init_std
+        # Projections that write into the residual stream are scaled down with depth (GPT-2).
+        residual_std = std / math.sqrt(2 * len(self.blocks))
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_out = name.endswith(("o_proj", "down_proj"))
+                nn.init.normal_(module.weight, std=residual_std if is_out else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+
+    def init_cache(self) -> ModelCache:
+        return ModelCache(layers=[new_cache(kind, self.config) for kind in self.config.layers])
+
+    def _positions(self, T: int, device, cu_seqlens, offset: int) -> torch.Tensor:
+        positions = torch.arange(offset, offset + T, device=device)
+        if cu_seqlens is not None:  # restart at every document
+            starts = cu_seqlens[:-1].to(device)
+            positions = positions - starts.repeat_interleave(cu_seqlens.diff().to(device))
+        return positions
+
+    def forward(self, input_ids: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None,
+                cache: ModelCache | None = None, checkpoint_fn=None) -> torch.Tensor:
+        """Logits [B, T, vocab] for input_ids [B, T].
+
+        cu_seqlens: document offsets for a packed batch of one ([1, T] input); nothing mixes across documents.
+        cache: decoding state from ``init_cache``; it is advanced in place past these tokens.
+        checkpoint_fn: optional wrapper ``fn(block, *args)`` the trainer uses for activation checkpointing.
+        """
+        B, T = input_ids.shape
+        if cu_seqlens is not None and (B != 1 or cache is not None):
+            raise ValueError("cu_seqlens needs a packed batch of one ([1, T] input_ids) and no cache")
+        offset = cache.seen_tokens if cache is not None else 0
+        positions = self._positions(T, input_ids.device, cu_seqlens, offset)
+        x = self.embed(input_ids)
+        if self.pos_embed is not None:
+            if int(positions.max()) >= self.config.max_seq_len:
+                raise ValueError(f"position {int(positions.max())} exceeds max_seq_len={self.config.max_seq_len}")
+            x = x + self.pos_embed(positions)
+        for i, block in enumerate(self.blocks):
+            layer_cache = cache.layers[i] if cache is not None else None
+            if checkpoint_fn is not None and layer_cache is None:
+                x = checkpoint_fn(block, x, positions, cu_seqlens)
+            else:
+                x = block(x, positions, cu_seqlens, layer_cache)
+        if cache is not None:
+            cache.seen_tokens += T
+        return self.lm_head(self.final_norm(x))
+
+    def loss(self, input_ids, labels, *, cu_seqlens=None, ignore_index: int = -100, checkpoint_fn=None):
+        logits = self(input_ids, cu_seqlens=cu_seqlens, checkpoint_fn=checkpoint_fn)
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=ignore_index)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample continuations of input_ids [B, T] with per-layer caches; temperature 0 means greedy.
+
+        ReBased/Based/short_conv layers keep a constant-size state, sliding_window keeps W keys, attention grows.
+        """
+        cache = self.init_cache()
+        logits = self(input_ids, cache=cache)[:, -1]
+        out = [input_ids]
+        for step in range(max_new_tokens):
+            if temperature == 0:
+                next_ids = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits.float() / temperature
+                if top_k is not None:
+                    kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                next_ids = torch.multinomial(logits.softmax(-1), 1, generator=generator)
+            out.append(next_ids)
+            if step + 1 < max_new_tokens:
+                logits = self(next_ids, cache=cache)[:, -1]
+        return torch.cat(out, dim=1)

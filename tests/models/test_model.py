@@ -1,0 +1,213 @@
+"""Model zoo: incremental decoding equals the full forward, documents stay separate, flags and configs work."""
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.models import CausalLM, ModelConfig, build_model, count_parameters, flops_per_token, load_model_config
+from pretrain.models.mixers import KVCache, RecurrentCache
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "models"
+
+
+def small_config(layers, **overrides) -> ModelConfig:
+    base = dict(vocab_size=97, d_model=32, layers=list(layers), mlp="swiglu", mlp_hidden=48,
+                rebased={"num_heads": 2, "feature_dim": 8}, based={"num_heads": 2, "feature_dim": 8},
+                attention={"num_heads": 2}, sliding_window={"num_heads": 2, "window": 5})
+    base.update(overrides)
+    from pretrain.config import from_dict
+    return from_dict(ModelConfig, base)
+
+
+def make_model(cfg: ModelConfig, seed: int = 0) -> CausalLM:
+    torch.manual_seed(seed)
+    model = build_model(cfg).double().eval()
+    with torch.no_grad():  # move γ/β away from their init so the test sees them
+        for name, p in model.named_parameters():
+            if name.endswith(("gamma", "beta", "conv_bias")):
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def assert_close(a, b, tol=1e-10):
+    err = ((a - b).norm() / b.norm()).item()
+    assert err <= tol, f"relative error {err:.3e} > {tol}"
+
+
+MIXER_LAYOUTS = {
+    "rebased": ["rebased"],
+    "based": ["based"],
+    "short_conv": ["short_conv"],
+    "sliding_window": ["sliding_window"],
+    "attention": ["attention"],
+    "hybrid": ["short_conv", "rebased", "sliding_window", "based", "attention"],
+}
+
+
+@pytest.mark.parametrize("name", MIXER_LAYOUTS)
+@pytest.mark.parametrize("learned_positions", [False, True])
+def test_incremental_decoding_matches_full_forward(name, learned_positions):
+    cfg = small_config(MIXER_LAYOUTS[name], learned_positions=learned_positions, max_seq_len=64)
+    model = make_model(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 19))
+    full = model(ids)
+    cache = model.init_cache()
+    pieces = [model(ids[:, :7], cache=cache)]  # prefill, then one token at a time, then a block of 3
+    pieces += [model(ids[:, t:t + 1], cache=cache) for t in range(7, 16)]
+    pieces.append(model(ids[:, 16:], cache=cache))
+    assert_close(torch.cat(pieces, dim=1), full)
+    assert cache.seen_tokens == 19
+
+
+def test_360m_layout_at_reduced_width_decodes_exactly():
+    cfg = load_model_config(CONFIGS / "rebased_360m.yaml", [
+        "vocab_size=61", "d_model=32", "mlp_hidden=40", "rebased.num_heads=2", "rebased.feature_dim=8",
+        "sliding_window.num_heads=2", "sliding_window.window=6"])
+    assert cfg.n_layer == 27
+    assert [i for i, k in enumerate(cfg.layers) if k == "rebased"] == [1, 6, 11, 16, 21]
+    assert [i for i, k in enumerate(cfg.layers) if k == "sliding_window"] == [2, 7, 12, 17, 22]
+    model = make_model(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (1, 14))
+    cache = model.init_cache()
+    steps = [model(ids[:, :5], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(5, 14)]
+    assert_close(torch.cat(steps, dim=1), model(ids))
+
+
+def _cache_bytes(cache) -> int:
+    total = 0
+    for layer in cache.layers:
+        tensors = [layer.k, layer.v] if isinstance(layer, KVCache) else list(torch.utils._pytree.tree_leaves(layer.state))
+        total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+    return total
+
+
+def test_generation_memory_is_constant_for_recurrent_layers():
+    cfg = small_config(["short_conv", "rebased", "based", "sliding_window"])
+    model = make_model(cfg).float()
+    cache = model.init_cache()
+    model(torch.randint(0, 97, (1, 8)), cache=cache)
+    sizes = []
+    for _ in range(12):
+        model(torch.randint(0, 97, (1, 1)), cache=cache)
+        sizes.append(_cache_bytes(cache))
+    assert len(set(sizes)) == 1, sizes  # the window (5) is full after the prompt: nothing grows
+    out = model.generate(torch.randint(0, 97, (2, 4)), max_new_tokens=6, temperature=0.8, top_k=5)
+    assert out.shape == (2, 10)
+
+
+def test_greedy_generation_follows_full_forward_argmax():
+    cfg = small_config(["short_conv", "rebased", "attention"])
+    model = make_model(cfg)
+    prompt = torch.randint(0, 97, (2, 5))
+    out = model.generate(prompt, max_new_tokens=5, temperature=0)
+    for t in range(5, 10):
+        assert torch.equal(model(out[:, :t])[:, -1].argmax(-1), out[:, t])
+
+
+@pytest.mark.parametrize("name", ["hybrid", "attention", "sliding_window"])
+def test_packed_documents_equal_separate_forwards(name):
+    cfg = small_config(MIXER_LAYOUTS[name], learned_positions=True, max_seq_len=64)
+    model = make_model(cfg)
+    lengths = [6, 1, 11, 4]
+    docs = [torch.randint(0, 97, (1, n)) for n in lengths]
+    cu = torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32)
+    packed = model(torch.cat(docs, dim=1), cu_seqlens=cu)
+    separate = torch.cat([model(d) for d in docs], dim=1)
+    assert_close(packed, separate)
+
+
+@pytest.mark.parametrize("use_gamma,use_beta,normalize", list(itertools.product([False, True], repeat=3)))
+@pytest.mark.parametrize("norm_scope", ["per_head", "joint"])
+def test_rebased_feature_map_options(use_gamma, use_beta, normalize, norm_scope):
+    cfg = small_config(["short_conv", "rebased"], rebased={
+        "num_heads": 2, "feature_dim": 8, "use_gamma": use_gamma, "use_beta": use_beta,
+        "normalize": normalize, "norm_scope": norm_scope})
+    model = make_model(cfg)
+    ids = torch.randint(0, 97, (2, 9))
+    model.loss(ids[:, :-1], ids[:, 1:]).backward()
+    fmap = model.blocks[1].mixer.feature_map
+    assert (fmap.gamma is not None) == use_gamma and (fmap.beta is not None) == use_beta
+    for p in (fmap.gamma, fmap.beta):
+        if p is not None:
+            assert p.grad is not None and p.grad.abs().sum() > 0
+    cache = model.init_cache()
+    steps = torch.cat([model(ids[:, t:t + 1], cache=cache) for t in range(9)], dim=1)
+    assert_close(steps, model(ids))
+
+
+def test_norm_scopes_differ():
+    x = torch.randn(2, 3, 4, 8, dtype=torch.float64) * torch.linspace(0.5, 3, 4, dtype=torch.float64)[:, None]
+    from pretrain.models.mixers import FeatureMap
+    per_head = FeatureMap(4, 8, use_gamma=False, use_beta=False, normalize=True, norm_scope="per_head")(x)
+    joint = FeatureMap(4, 8, use_gamma=False, use_beta=False, normalize=True, norm_scope="joint")(x)
+    assert per_head.mean(-1).abs().max() < 1e-12
+    assert joint.flatten(-2).mean(-1).abs().max() < 1e-12
+    assert not torch.allclose(per_head, joint)
+
+
+def test_value_heads_share_one_wide_value():
+    cfg = small_config(["rebased"], rebased={"num_heads": 4, "feature_dim": 8, "value_heads": 1})
+    model = make_model(cfg)
+    mixer = model.blocks[0].mixer
+    assert mixer.v_proj.out_features == 32 and mixer.o_proj.in_features == 4 * 32
+    ids = torch.randint(0, 97, (1, 6))
+    cache = model.init_cache()
+    assert_close(torch.cat([model(ids[:, t:t + 1], cache=cache) for t in range(6)], 1), model(ids))
+
+
+def expected_parameters(cfg: ModelConfig) -> int:
+    """Closed-form count, written independently of the model code."""
+    d = cfg.d_model
+    norm = d if cfg.norm == "rmsnorm" else 2 * d
+    total = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2) + norm
+    total += cfg.max_seq_len * d if cfg.learned_positions else 0
+    for kind in cfg.layers:
+        total += norm
+        if kind in ("rebased", "based"):
+            sub = getattr(cfg, kind)
+            dv = d // (sub.value_heads or sub.num_heads)
+            total += 2 * d * sub.num_heads * sub.feature_dim + d * d + sub.num_heads * dv * d
+            if kind == "rebased":
+                total += sub.num_heads * sub.feature_dim * (sub.use_gamma + sub.use_beta)
+        elif kind == "short_conv":
+            total += d * d + d + d * cfg.short_conv.kernel_size + d
+        else:
+            total += 4 * d * d
+        if cfg.mlp != "none":
+            total += norm + (3 if cfg.mlp == "swiglu" else 2) * d * cfg.mlp_hidden
+    return total
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_config_parameter_counts(path):
+    cfg = load_model_config(path)
+    counted = count_parameters(cfg)
+    assert counted["total"] == expected_parameters(cfg)
+    if path.stem.endswith("360m"):
+        assert 330e6 < counted["total"] < 390e6
+    if path.stem.endswith("150m"):
+        assert 130e6 < counted["total"] < 175e6
+
+
+def test_summary_command_prints_every_config(capsys):
+    from pretrain.models.summary import main
+    rows = main([str(p) for p in sorted(CONFIGS.glob("*.yaml"))])
+    out = capsys.readouterr().out
+    assert len(rows) == len(list(CONFIGS.glob("*.yaml")))
+    assert "rebased_360m" in out and "transformer_150m" in out
+
+
+def test_flops_linear_attention_is_flat_in_sequence_length():
+    hybrid = load_model_config(CONFIGS / "rebased_360m.yaml")
+    transformer = load_model_config(CONFIGS / "transformer_360m.yaml")
+    f = lambda cfg, T: flops_per_token(cfg, T)["train"]
+    # ReBased and short_conv cost the same per token at any length; sliding window saturates at W.
+    assert f(hybrid, 8192) == pytest.approx(f(hybrid, 65536), rel=1e-3)
+    assert f(transformer, 65536) > 1.5 * f(transformer, 2048)
+    # forward of a plain attention layer: 8d² projections + 4·d·(T+1)/2 for scores and values
+    from pretrain.config import from_dict
+    one = from_dict(ModelConfig, dict(vocab_size=1, d_model=64, layers=["attention"], mlp="none",
+                                      attention={"num_heads": 4}))
+    assert flops_per_token(one, 9)["breakdown"]["attention"] == 8 * 64 * 64 + 4 * 64 * 5
