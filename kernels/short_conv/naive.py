@@ -26,8 +26,8 @@ def _shape(t):
 
 
 def validate_short_conv_inputs(x, weight, bias, gate, cu_seqlens, cache, mode) -> Optional[List[int]]:
-    for name, t in (("x", x), ("weight", weight)):
-        if not torch.is_tensor(t) or not t.is_floating_point():
+    for name, tensor in (("x", x), ("weight", weight)):
+        if not torch.is_tensor(tensor) or not tensor.is_floating_point():
             raise ValueError(f"{name} must be a floating point torch tensor")
     if x.dim() != 3:
         raise ValueError(f"x must have shape [B, T, D], got {_shape(x)}")
@@ -41,9 +41,9 @@ def validate_short_conv_inputs(x, weight, bias, gate, cu_seqlens, cache, mode) -
     if gate is not None and (not torch.is_tensor(gate) or gate.shape != x.shape):
         raise ValueError(f"gate must have the shape of x {_shape(x)}, got "
                          f"{_shape(gate) if torch.is_tensor(gate) else gate!r}")
-    for name, t in (("weight", weight), ("bias", bias), ("gate", gate), ("cache", cache)):
-        if t is not None and torch.is_tensor(t) and t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    for name, other in (("weight", weight), ("bias", bias), ("gate", gate), ("cache", cache)):
+        if other is not None and torch.is_tensor(other) and other.device != x.device:
+            raise ValueError(f"{name} is on {other.device} but x is on {x.device}")
     if mode is not None and mode not in SHORT_CONV_MODES:
         raise ValueError(f"mode must be one of {SHORT_CONV_MODES} or None, got {mode!r}")
     offsets = check_cu_seqlens(cu_seqlens, b, t, "x")
