@@ -211,3 +211,16 @@ def test_flops_linear_attention_is_flat_in_sequence_length():
     one = from_dict(ModelConfig, dict(vocab_size=1, d_model=64, layers=["attention"], mlp="none",
                                       attention={"num_heads": 4}))
     assert flops_per_token(one, 9)["breakdown"]["attention"] == 8 * 64 * 64 + 4 * 64 * 5
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_export_round_trip(tmp_path, tie):
+    from pretrain.models.io import export_model, load_exported
+    cfg = small_config(["short_conv", "rebased", "attention"], tie_embeddings=tie)
+    model = make_model(cfg).float()
+    export_model(model, tmp_path / "export")
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["model.safetensors", "model_config.yaml"]
+    loaded = load_exported(tmp_path / "export")
+    ids = torch.randint(0, 97, (2, 7))
+    assert torch.equal(loaded(ids), model(ids))
+    assert (loaded.lm_head.weight is loaded.embed.weight) == tie
