@@ -1,0 +1,1 @@
+"""Data preparation: corpus reading, SentencePiece tokenizer training, and tokenization into indexed shards."""

@@ -1,0 +1,671 @@
+"""Tokenize a corpus into packed NeoX/Megatron indexed shards: ordered, parallel, bounded-memory, resumable.
+
+Design
+------
+* Reading (main process): inputs are streamed in a fixed order (``--inputs`` then ``--val-inputs`` then
+  ``--test-inputs``, each sorted); every line / dataset row is a *record* (numbered globally, reader-level problems
+  such as an unreadable file count as one record too). Records are cut into batches (at most ``batch_docs``
+  records or ``batch_bytes`` bytes) that are tokenized by a ``multiprocessing`` pool; at most
+  ``2 * workers + 2`` batches are in flight, and results are consumed strictly in submission order, so memory is
+  bounded independently of corpus size and output never depends on the worker count or on timing.
+* Workers parse JSON, validate, assign the split (``val``/``test`` inputs go to that split; main inputs go to
+  ``val``/``test`` when a keyed hash of the text falls below ``--val-fraction``/``--test-fraction``), encode with
+  SentencePiece and append EOD.
+* Chunks: records ``[k*D, (k+1)*D)`` (``D = --docs-per-shard``) form chunk ``k``; it becomes one shard per split,
+  ``OUT/{split}/{split}-{k:05d}.bin/.idx`` (splits that received no document in the chunk get no file). Each
+  shard file is written to a temporary name, fsynced and renamed (``.bin`` before ``.idx``); then the chunk's
+  record ``OUT/.state/chunk-{k:05d}.json`` (counts, input position, checksums of inputs finished in the chunk) is
+  written atomically. That record is the commit point.
+* Resume: a rerun with the same inputs and options finds the committed chunks (a contiguous prefix, each with
+  its shard files present at the recorded sizes), removes temporary files of the killed run, skips the inputs
+  before the recorded position (later inputs are re-read from their start only up to that position, without
+  tokenizing) and continues with the next chunk, producing the same bytes as an uninterrupted run. Changing the
+  inputs or an output-affecting option makes the rerun refuse (``--overwrite`` starts over).
+* When the stream ends, the chunk records are merged into ``OUT/manifest.json`` (and ``OUT/{split}/manifest.json``
+  listing that split's shards in order), written last and atomically: a directory without ``manifest.json`` is
+  not a finished output.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from pretrain.data.indexed import IndexedDatasetWriter, bin_path, fsync_dir, idx_path, merge_indexed, token_dtype
+
+from .sources import FileDone, InputError, Record, Source, iter_records, resolve_inputs
+from .tokenizer import Tokenizer
+
+SPLITS = ("train", "val", "test")
+GROUP_SPLIT = {"val": "val", "test": "test"}
+# Reasons a record is not written. All but ``filtered_set`` are input errors (fatal unless --on-error skip).
+ERROR_REASONS = (
+    "unreadable_file", "empty_file", "corrupt_compression", "too_long", "blank_line", "invalid_utf8",
+    "invalid_json", "not_an_object", "missing_text", "text_not_string", "empty_text",
+)
+FILTER_REASON = "filtered_set"
+NO_SET = "<none>"
+UNKNOWN_SET = "<unparsed>"
+FORMAT = "rebased-pretrain/tokenized-shards/v1"
+
+# Test hooks (documented in tests/data/README.md): sleep after each committed chunk; or exit abruptly in the middle
+# of committing chunk N (after its shard files are renamed into place, before its chunk record is written).
+ENV_CHUNK_DELAY = "DATA_PREP_TEST_CHUNK_DELAY_S"
+ENV_EXIT_AT_CHUNK = "DATA_PREP_TEST_EXIT_AT_CHUNK"
+
+
+@dataclasses.dataclass
+class TokenizeConfig:
+    inputs: list[str]
+    out: str
+    tokenizer: str
+    val_inputs: list[str] = dataclasses.field(default_factory=list)
+    test_inputs: list[str] = dataclasses.field(default_factory=list)
+    text_key: str = "text"
+    set_key: str = "meta.pile_set_name"
+    include_sets: list[str] | None = None
+    exclude_sets: list[str] | None = None
+    val_fraction: float = 0.0
+    test_fraction: float = 0.0
+    split_seed: int = 0
+    max_docs: int | None = None
+    max_doc_bytes: int = 64 << 20
+    prepend_bos: bool = False
+    on_error: str = "stop"
+    docs_per_shard: int = 100_000
+    workers: int = 0  # 0: all available cores
+    batch_docs: int = 256
+    batch_bytes: int = 4 << 20
+    merge: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    def output_options(self) -> dict:
+        """Options that change the output bytes (part of the resume fingerprint)."""
+        keys = ("text_key", "set_key", "include_sets", "exclude_sets", "val_fraction", "test_fraction", "split_seed",
+                "max_docs", "max_doc_bytes", "prepend_bos", "on_error", "docs_per_shard")
+        return {k: getattr(self, k) for k in keys}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Worker side
+# ---------------------------------------------------------------------------------------------------------------
+_W: dict[str, Any] = {}
+
+
+def _set_parent_death_signal() -> None:
+    """Linux: pool workers die with the main process even when it is SIGKILLed (no orphaned workers)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - best effort, other platforms
+        pass
+
+
+def init_worker(model_proto: bytes, options: dict, in_pool: bool = True) -> None:
+    if in_pool:
+        _set_parent_death_signal()
+    tok = Tokenizer(model_proto=model_proto)
+    _W.clear()
+    _W.update(options)
+    _W["tok"] = tok
+    _W["dtype"] = token_dtype(tok.vocab_size)
+    _W["set_path"] = options["set_key"].split(".") if options["set_key"] else []
+    _W["include"] = set(options["include_sets"]) if options["include_sets"] else None
+    _W["exclude"] = set(options["exclude_sets"] or ())
+    _W["split_key"] = str(options["split_seed"]).encode()[:64]
+
+
+def _set_name(obj: dict) -> str:
+    node: Any = obj
+    for part in _W["set_path"]:
+        if not isinstance(node, dict) or part not in node:
+            return NO_SET
+        node = node[part]
+    return node if isinstance(node, str) else str(node)
+
+
+def _split_of(group: str, text_bytes: bytes) -> int:
+    forced = GROUP_SPLIT.get(group)
+    if forced is not None:
+        return SPLITS.index(forced)
+    vf, tf = _W["val_fraction"], _W["test_fraction"]
+    if vf <= 0 and tf <= 0:
+        return 0
+    h = hashlib.blake2b(text_bytes, digest_size=8, key=_W["split_key"]).digest()
+    u = int.from_bytes(h, "little") / 2.0**64
+    if u < vf:
+        return 1
+    if u < vf + tf:
+        return 2
+    return 0
+
+
+def _check(rec: tuple) -> tuple:
+    """→ ``(text, text_bytes, set_name, split)`` or ``(None, reason, set_name, message)``."""
+    _source, _line, group, payload, reason, message = rec
+    if reason is not None:
+        return None, reason, UNKNOWN_SET, message
+    if isinstance(payload, (bytes, bytearray)):
+        if not payload.strip():
+            return None, "blank_line", UNKNOWN_SET, "blank line"
+        try:
+            line = payload.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return None, "invalid_utf8", UNKNOWN_SET, f"invalid UTF-8 at byte {e.start} of the line"
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            return None, "invalid_json", UNKNOWN_SET, f"invalid JSON: {e}"
+    else:
+        obj = payload
+    if not isinstance(obj, dict):
+        return None, "not_an_object", UNKNOWN_SET, f"JSON value is a {type(obj).__name__}, not an object"
+    set_name = _set_name(obj)
+    if (_W["include"] is not None and set_name not in _W["include"]) or set_name in _W["exclude"]:
+        return None, FILTER_REASON, set_name, f"pile_set_name {set_name!r} filtered out"
+    key = _W["text_key"]
+    if key not in obj:
+        return None, "missing_text", set_name, f"no {key!r} field"
+    text = obj[key]
+    if not isinstance(text, str):
+        return None, "text_not_string", set_name, f"{key!r} is a {type(text).__name__}, not a string"
+    try:
+        text_bytes = text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return None, "invalid_utf8", set_name, f"text contains an unpaired surrogate at character {e.start}"
+    if not text.strip():
+        return None, "empty_text", set_name, "empty or whitespace-only text"
+    if len(text_bytes) > _W["max_doc_bytes"]:
+        return None, "too_long", set_name, f"text of {len(text_bytes)} bytes exceeds --max-doc-bytes {_W['max_doc_bytes']}"
+    return text, text_bytes, set_name, _split_of(group, text_bytes)
+
+
+def process_batch(records: list[tuple]) -> dict:
+    """Tokenize a batch. Returns per-record metadata and, per split, the concatenated tokens of written documents."""
+    tok: Tokenizer = _W["tok"]
+    checked = [_check(r) for r in records]
+    texts = [c[0] for c in checked if c[0] is not None]
+    encoded = iter(tok.encode_batch(texts, num_threads=1) if texts else [])
+    docs = []  # (split or -1, set_name, n_tokens, text_bytes, reason, message)
+    per_split: dict[int, list] = collections.defaultdict(list)
+    eod, bos = tok.eod_id, tok.bos_id
+    for c in checked:
+        if c[0] is None:
+            docs.append((-1, c[2], 0, 0, c[1], c[3]))
+            continue
+        ids = next(encoded)
+        if _W["prepend_bos"]:
+            ids = [bos] + ids
+        ids.append(eod)
+        split = c[3]
+        per_split[split].append(ids)
+        docs.append((split, c[2], len(ids), len(c[1]), None, None))
+    tokens = {}
+    for split, lists in per_split.items():
+        lengths = np.fromiter((len(x) for x in lists), dtype=np.int64, count=len(lists))
+        flat = np.fromiter((t for x in lists for t in x), dtype=_W["dtype"], count=int(lengths.sum()))
+        tokens[split] = (flat, lengths)
+    return {"docs": docs, "tokens": tokens}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Main process
+# ---------------------------------------------------------------------------------------------------------------
+def atomic_write_json(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def _new_stats() -> dict:
+    return {"documents_read": 0, "documents_written": 0, "documents_skipped": 0, "skipped_by_reason": {},
+            "tokens": 0, "text_bytes": 0}
+
+
+def _add_stats(a: dict, b: dict) -> None:
+    for k in ("documents_read", "documents_written", "documents_skipped", "tokens", "text_bytes"):
+        a[k] += b[k]
+    for r, n in b["skipped_by_reason"].items():
+        a["skipped_by_reason"][r] = a["skipped_by_reason"].get(r, 0) + n
+
+
+class _Chunk:
+    def __init__(self, k: int, out: str, dtype):
+        self.k, self.out, self.dtype = k, out, dtype
+        self.writers: dict[int, IndexedDatasetWriter] = {}
+        self.stats = _new_stats()
+        self.splits = {s: {"documents": 0, "tokens": 0, "text_bytes": 0} for s in SPLITS}
+        self.per_set: dict[str, dict] = {}
+        self.files_done: list[dict] = []
+        self.examples: list[dict] = []
+
+    def shard_name(self, split: int) -> str:
+        return f"{SPLITS[split]}-{self.k:05d}"
+
+    def writer(self, split: int) -> IndexedDatasetWriter:
+        w = self.writers.get(split)
+        if w is None:
+            prefix = os.path.join(self.out, SPLITS[split], self.shard_name(split))
+            w = self.writers[split] = IndexedDatasetWriter(prefix, self.dtype)
+        return w
+
+    def abort(self) -> None:
+        for w in self.writers.values():
+            w.abort()
+
+
+class Tokenization:
+    def __init__(self, cfg: TokenizeConfig):
+        if cfg.on_error not in ("stop", "skip"):
+            raise ValueError("on_error must be 'stop' or 'skip'")
+        if not (cfg.val_fraction >= 0 and cfg.test_fraction >= 0 and cfg.val_fraction + cfg.test_fraction < 1):
+            raise ValueError("need 0 <= val_fraction, test_fraction and val_fraction + test_fraction < 1")
+        if cfg.docs_per_shard < 1 or cfg.batch_docs < 1:
+            raise ValueError("docs_per_shard and batch_docs must be >= 1")
+        self.cfg = cfg
+        self.out = cfg.out
+        self.state_dir = os.path.join(self.out, ".state")
+        self.tok = Tokenizer(cfg.tokenizer)
+        self.dtype = token_dtype(self.tok.vocab_size)
+        if self.tok.eod_id < 0:
+            raise ValueError(f"{cfg.tokenizer}: the tokenizer defines no EOS/EOD token")
+        if cfg.prepend_bos and self.tok.bos_id < 0:
+            raise ValueError(f"{cfg.tokenizer}: --prepend-bos but the tokenizer defines no BOS token")
+        self.sources: list[Source] = (
+            resolve_inputs(cfg.inputs, "main") + resolve_inputs(cfg.val_inputs, "val")
+            + resolve_inputs(cfg.test_inputs, "test"))
+        if not self.sources:
+            raise InputError("no inputs")
+        self.workers = cfg.workers or available_cores()
+
+    # ---- fingerprint and resume ----------------------------------------------------------------------------
+    def fingerprint(self) -> dict:
+        inputs = []
+        for s in self.sources:
+            size = None
+            if s.path is not None:
+                with contextlib.suppress(OSError):
+                    size = os.path.getsize(s.path)
+            inputs.append({"input": s.name, "group": s.group, "size_bytes": size})
+        fp = {"format": FORMAT, "tokenizer_sha256": self.tok.sha256, "inputs": inputs,
+              "options": self.cfg.output_options()}
+        fp["id"] = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+        return fp
+
+    def _piece_path(self, k: int) -> str:
+        return os.path.join(self.state_dir, f"chunk-{k:05d}.json")
+
+    def _piece_valid(self, piece: dict) -> bool:
+        for split, shard in piece["shards"].items():
+            prefix = os.path.join(self.out, split, shard["name"])
+            try:
+                if os.path.getsize(bin_path(prefix)) != shard["bin_bytes"] or not os.path.isfile(idx_path(prefix)):
+                    return False
+            except OSError:
+                return False
+        return True
+
+    def prepare(self) -> list[dict]:
+        """Check/create the output directory; return the committed chunk records (contiguous prefix)."""
+        fp = self.fingerprint()
+        cfg_path = os.path.join(self.state_dir, "run_config.json")
+        if self.cfg.overwrite and os.path.isdir(self.out):
+            for name in (".state", *SPLITS):
+                shutil.rmtree(os.path.join(self.out, name), ignore_errors=True)
+            for name in ("manifest.json", "tokenizer.model", *(f"{s}.bin" for s in SPLITS), *(f"{s}.idx" for s in SPLITS)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(self.out, name))
+        os.makedirs(self.state_dir, exist_ok=True)
+        if os.path.exists(cfg_path):
+            with open(cfg_path) as f:
+                old = json.load(f)
+            if old.get("id") != fp["id"]:
+                raise InputError(
+                    f"{self.out} holds a run with different inputs/options/tokenizer (fingerprint {old.get('id')} vs "
+                    f"{fp['id']}); use --overwrite to start over, or another --out")
+        else:
+            atomic_write_json(cfg_path, fp)
+        self.fp = fp
+        # Remove leftovers of killed runs: temporary files never look complete, but they take space.
+        for root, _, files in os.walk(self.out):
+            for name in files:
+                if ".tmp-" in name:
+                    os.remove(os.path.join(root, name))
+        pieces: list[dict] = []
+        k = 0
+        while True:
+            path = self._piece_path(k)
+            if not os.path.exists(path):
+                break
+            try:
+                with open(path) as f:
+                    piece = json.load(f)
+            except (OSError, ValueError):
+                break
+            if piece.get("fingerprint") != fp["id"] or piece.get("chunk") != k or not self._piece_valid(piece):
+                break
+            pieces.append(piece)
+            if piece["final"]:
+                break
+            k += 1
+        # Chunk records after a gap are stale: drop them (their shards are rewritten).
+        for name in os.listdir(self.state_dir):
+            if name.startswith("chunk-") and name.endswith(".json") and int(name[6:11]) >= len(pieces):
+                os.remove(os.path.join(self.state_dir, name))
+        return pieces
+
+    # ---- main loop ------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        t0 = time.time()
+        lock = self._lock()
+        try:
+            pieces = self.prepare()
+            resumed_chunks = len(pieces)
+            if not (pieces and pieces[-1]["final"]):
+                self._process(pieces)
+            manifest = self._write_manifest(pieces, resumed_chunks, time.time() - t0)
+        finally:
+            lock.close()
+        return manifest
+
+    def _lock(self):
+        os.makedirs(self.out, exist_ok=True)
+        f = open(os.path.join(self.out, ".lock"), "w")
+        try:
+            import fcntl
+
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # pragma: no cover
+            pass
+        except OSError:
+            f.close()
+            raise InputError(f"{self.out} is in use by another tokenize_pile run") from None
+        return f
+
+    def _options(self) -> dict:
+        c = self.cfg
+        return {"text_key": c.text_key, "set_key": c.set_key, "include_sets": c.include_sets,
+                "exclude_sets": c.exclude_sets, "val_fraction": c.val_fraction, "test_fraction": c.test_fraction,
+                "split_seed": c.split_seed, "max_doc_bytes": c.max_doc_bytes, "prepend_bos": c.prepend_bos}
+
+    def _events(self, pieces: list[dict]):
+        """Batches, file-done and chunk-end events in stream order (see module docstring)."""
+        cfg = self.cfg
+        D = cfg.docs_per_shard
+        chunk = len(pieces)
+        if pieces:
+            start = tuple(pieces[-1]["end"])
+            counts = dict(pieces[-1]["group_records"])
+        else:
+            start, counts = (0, 0), {}
+        pos = start
+        n = chunk * D
+        reader = iter_records(self.sources, start=start, max_docs=cfg.max_docs, max_line_bytes=cfg.max_doc_bytes,
+                              group_counts=counts)
+        batch: list[tuple] = []
+        nbytes = 0
+        for ev in reader:
+            if isinstance(ev, FileDone):
+                if batch:
+                    yield "batch", batch
+                    batch, nbytes = [], 0
+                yield "file", ev.info
+                continue
+            rec: Record = ev
+            group = self.sources[rec.source].group
+            batch.append((rec.source, rec.line_no, group, rec.payload, rec.reason, rec.message))
+            nbytes += len(rec.payload) if isinstance(rec.payload, (bytes, bytearray)) else 256
+            counts[group] = counts.get(group, 0) + 1
+            pos = (rec.source, rec.rec_no)
+            n += 1
+            if len(batch) >= cfg.batch_docs or nbytes >= cfg.batch_bytes or n % D == 0:
+                yield "batch", batch
+                batch, nbytes = [], 0
+            if n % D == 0:
+                yield "chunk_end", {"end": list(pos), "group_records": dict(counts), "final": False}
+        if batch:
+            yield "batch", batch
+        yield "chunk_end", {"end": list(pos), "group_records": dict(counts), "final": True}
+
+    def _process(self, pieces: list[dict]) -> None:
+        cfg = self.cfg
+        options = self._options()
+        pool = None
+        if self.workers > 1:
+            import multiprocessing as mp
+
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            pool = ctx.Pool(self.workers, initializer=init_worker, initargs=(self.tok.model_proto, options))
+        else:
+            init_worker(self.tok.model_proto, options, in_pool=False)
+        max_inflight = 2 * self.workers + 2
+        chunk = _Chunk(len(pieces), self.out, self.dtype)
+        pending: collections.deque = collections.deque()
+        bar = self._progress()
+        try:
+            for kind, payload in self._events(pieces):
+                if kind == "batch":
+                    if pool is not None:
+                        pending.append(("batch", pool.apply_async(process_batch, (payload,)), payload))
+                    else:
+                        pending.append(("batch", process_batch(payload), payload))
+                else:
+                    pending.append((kind, payload, None))
+                while pending and (len(pending) > max_inflight or _ready(pending[0])):
+                    chunk = self._handle(pending.popleft(), chunk, pieces, bar)
+            while pending:
+                chunk = self._handle(pending.popleft(), chunk, pieces, bar)
+        except BaseException:
+            chunk.abort()
+            if pool is not None:
+                pool.terminate()
+                pool = None
+            raise
+        finally:
+            if pool is not None:
+                pool.close()
+                pool.join()
+            if bar is not None:
+                bar.close()
+
+    def _progress(self):
+        if not self.cfg.progress:
+            return None
+        from tqdm import tqdm
+
+        bar = tqdm(unit=" docs", desc="tokenizing", dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
+        bar._t0 = time.time()
+        bar._tokens = 0
+        bar._bytes = 0
+        return bar
+
+    def _handle(self, item, chunk: _Chunk, pieces: list[dict], bar) -> _Chunk:
+        kind, payload, records = item
+        if kind == "file":
+            chunk.files_done.append(payload)
+            return chunk
+        if kind == "chunk_end":
+            pieces.append(self._commit(chunk, payload))
+            delay = float(os.environ.get(ENV_CHUNK_DELAY, "0") or 0)
+            if delay:
+                time.sleep(delay)
+            return _Chunk(chunk.k + 1, self.out, self.dtype)
+        result = payload.get() if hasattr(payload, "get") and not isinstance(payload, dict) else payload
+        st = chunk.stats
+        tokens_before, bytes_before = st["tokens"], st["text_bytes"]
+        for (split, set_name, ntok, tbytes, reason, message), rec in zip(result["docs"], records):
+            st["documents_read"] += 1
+            ps = chunk.per_set.setdefault(set_name, {"documents_read": 0, "documents_written": 0,
+                                                     "documents_skipped": 0, "tokens": 0, "text_bytes": 0})
+            ps["documents_read"] += 1
+            if reason is not None:
+                if reason != FILTER_REASON and self.cfg.on_error == "stop":
+                    src = self.sources[rec[0]]
+                    where = f"{src.name}:{rec[1]}" if rec[1] else src.name
+                    raise InputError(f"{where}: {reason}: {message} (use --on-error skip to skip and count such records)")
+                st["documents_skipped"] += 1
+                st["skipped_by_reason"][reason] = st["skipped_by_reason"].get(reason, 0) + 1
+                ps["documents_skipped"] += 1
+                if reason != FILTER_REASON and len(chunk.examples) < 20:
+                    chunk.examples.append({"input": self.sources[rec[0]].name, "line": rec[1], "reason": reason,
+                                           "message": message[:300]})
+                continue
+            st["documents_written"] += 1
+            st["tokens"] += ntok
+            st["text_bytes"] += tbytes
+            ps["documents_written"] += 1
+            ps["tokens"] += ntok
+            ps["text_bytes"] += tbytes
+            sp = chunk.splits[SPLITS[split]]
+            sp["documents"] += 1
+            sp["tokens"] += ntok
+            sp["text_bytes"] += tbytes
+        for split in sorted(result["tokens"]):
+            flat, lengths = result["tokens"][split]
+            chunk.writer(split).add_documents(flat, lengths)
+        if bar is not None:
+            bar._tokens += st["tokens"] - tokens_before
+            bar._bytes += st["text_bytes"] - bytes_before
+            bar.update(len(result["docs"]))
+            dt = max(time.time() - bar._t0, 1e-9)
+            bar.set_postfix_str(f"{bar._tokens / dt:,.0f} tok/s, {bar._bytes / dt / 1e6:.2f} MB/s", refresh=False)
+        return chunk
+
+    def _commit(self, chunk: _Chunk, end: dict) -> dict:
+        shards = {}
+        for split in sorted(chunk.writers):
+            info = chunk.writers[split].finalize()
+            shards[SPLITS[split]] = {"name": chunk.shard_name(split), **info}
+        exit_at = os.environ.get(ENV_EXIT_AT_CHUNK)
+        if exit_at is not None and int(exit_at) == chunk.k:
+            os._exit(75)  # test hook: crash after the shards are in place, before the chunk is committed
+        st = chunk.stats
+        assert st["documents_read"] == st["documents_written"] + st["documents_skipped"]
+        piece = {"chunk": chunk.k, "fingerprint": self.fp["id"], **end, "shards": shards, "stats": st,
+                 "splits": chunk.splits, "per_set": chunk.per_set, "files_done": chunk.files_done,
+                 "examples": chunk.examples}
+        atomic_write_json(self._piece_path(chunk.k), piece)
+        return piece
+
+    # ---- manifest ----------------------------------------------------------------------------------------
+    def _write_manifest(self, pieces: list[dict], resumed_chunks: int, elapsed: float) -> dict:
+        totals = _new_stats()
+        per_set: dict[str, dict] = {}
+        splits = {s: {"documents": 0, "tokens": 0, "text_bytes": 0, "shards": []} for s in SPLITS}
+        files: dict[str, dict] = {}
+        examples: list[dict] = []
+        for p in pieces:
+            _add_stats(totals, p["stats"])
+            for name, c in p["per_set"].items():
+                agg = per_set.setdefault(name, dict.fromkeys(c, 0))
+                for k, v in c.items():
+                    agg[k] += v
+            for s in SPLITS:
+                for k in ("documents", "tokens", "text_bytes"):
+                    splits[s][k] += p["splits"][s][k]
+                if s in p["shards"]:
+                    splits[s]["shards"].append(p["shards"][s])
+            for info in p["files_done"]:
+                files[info["path"]] = info
+            examples.extend(p["examples"][: max(0, 50 - len(examples))])
+        assert totals["documents_read"] == totals["documents_written"] + totals["documents_skipped"]
+        inputs = []
+        for s in self.sources:
+            info = files.get(s.name) or {"path": s.name, "group": s.group, "records": 0, "complete": False,
+                                         "note": "not read (--max-docs reached)"}
+            inputs.append(info)
+        tok_copy = os.path.join(self.out, "tokenizer.model")
+        if not os.path.exists(tok_copy) or Tokenizer(tok_copy).sha256 != self.tok.sha256:
+            tmp = f"{tok_copy}.tmp-{os.getpid()}"
+            shutil.copyfile(self.cfg.tokenizer, tmp)
+            os.replace(tmp, tok_copy)
+        tokenizer = {"source_path": os.path.abspath(self.cfg.tokenizer), "path": "tokenizer.model",
+                     "sha256": self.tok.sha256, "vocab_size": self.tok.vocab_size, "eod_id": self.tok.eod_id,
+                     "bos_id": self.tok.bos_id, "pad_id": self.tok.pad_id, "unk_id": self.tok.unk_id}
+        for s in SPLITS:
+            if splits[s]["shards"]:
+                atomic_write_json(os.path.join(self.out, s, "manifest.json"), {
+                    "format": FORMAT, "split": s, "dtype": self.dtype.name, "tokenizer": tokenizer,
+                    **{k: splits[s][k] for k in ("documents", "tokens", "text_bytes")}, "shards": splits[s]["shards"]})
+        merged = {}
+        if self.cfg.merge:
+            for s in SPLITS:
+                if splits[s]["shards"]:
+                    prefixes = [os.path.join(self.out, s, sh["name"]) for sh in splits[s]["shards"]]
+                    merged[s] = {"prefix": s, **merge_indexed(prefixes, os.path.join(self.out, s))}
+        manifest = {
+            "format": FORMAT,
+            "fingerprint": self.fp["id"],
+            "tokenizer": tokenizer,
+            "dtype": self.dtype.name,
+            "eod_appended": True,
+            "bos_prepended": self.cfg.prepend_bos,
+            "options": self.cfg.output_options(),
+            "inputs": inputs,
+            "counts": totals,
+            "splits": {s: v for s, v in splits.items() if v["documents"] or s == "train"},
+            "merged": merged,
+            "per_pile_set": dict(sorted(per_set.items())),
+            "skipped_examples": examples,
+            "chunks": len(pieces),
+            "last_run": {"workers": self.workers, "elapsed_s": round(elapsed, 3), "resumed_chunks": resumed_chunks,
+                         "argv": sys.argv},
+        }
+        atomic_write_json(os.path.join(self.out, "manifest.json"), manifest)
+        return manifest
+
+
+def available_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _ready(item) -> bool:
+    kind, payload, _ = item
+    if kind != "batch" or isinstance(payload, dict):
+        return True
+    return payload.ready()
+
+
+def tokenize(cfg: TokenizeConfig) -> dict:
+    """Run (or resume) a tokenization; returns the manifest."""
+    return Tokenization(cfg).run()
+
+
+def format_summary(manifest: dict) -> str:
+    c = manifest["counts"]
+    lines = [
+        f"documents read {c['documents_read']:,}  written {c['documents_written']:,}  skipped {c['documents_skipped']:,}",
+    ]
+    for reason, n in sorted(c["skipped_by_reason"].items()):
+        lines.append(f"  skipped ({reason}): {n:,}")
+    lines.append(f"tokens {c['tokens']:,}  text {c['text_bytes'] / 1e6:,.2f} MB  dtype {manifest['dtype']}")
+    for s, v in manifest["splits"].items():
+        lines.append(f"  {s}: {v['documents']:,} docs, {v['tokens']:,} tokens, {len(v['shards'])} shard(s)")
+    run = manifest["last_run"]
+    if run["elapsed_s"] > 0:
+        lines.append(f"time {run['elapsed_s']:.1f}s with {run['workers']} worker(s)"
+                     + (f", resumed after {run['resumed_chunks']} committed chunk(s)" if run["resumed_chunks"] else ""))
+    if c["skipped_by_reason"]:
+        for ex in manifest["skipped_examples"][:5]:
+            lines.append(f"  e.g. {ex['input']}:{ex['line']}: {ex['reason']}: {ex['message']}")
+    return "\n".join(lines)

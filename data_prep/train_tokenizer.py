@@ -1,0 +1,172 @@
+"""Train a SentencePiece BPE tokenizer (byte fallback, lossless) on a streamed sample of a JSONL corpus.
+
+    python data_prep/train_tokenizer.py --inputs PILE/train --vocab-size 32000 --out tokenizers/pile32k.model
+
+Reads the first ``--sample-docs`` documents (at most ``--sample-bytes`` of text) in input order, splits them into
+line-aligned pieces of at most ``--max-sentence-bytes`` and trains with: identity normalisation, no dummy prefix,
+whitespace preserved (``allow_whitespace_only_pieces``), digits split, byte fallback, and the special ids
+``pad=0 <pad>``, ``unk=1 <unk>``, ``bos=2 <s>``, ``eos=3 </s>`` (EOD). Writes ``OUT`` (the model), ``OUT`` with
+``.vocab`` (piece and score per line) and ``OUT`` with ``.json`` (what it was trained on). Bad records in the sample
+are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import time
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import sentencepiece as spm  # noqa: E402
+
+from data_prep.sources import FileDone, InputError, iter_records, resolve_inputs  # noqa: E402
+
+SPECIALS = {"pad_id": 0, "unk_id": 1, "bos_id": 2, "eos_id": 3,
+            "pad_piece": "<pad>", "unk_piece": "<unk>", "bos_piece": "<s>", "eos_piece": "</s>"}
+
+
+def _text_of(rec, text_key: str) -> str | None:
+    if rec.reason is not None:
+        return None
+    obj = rec.payload
+    if isinstance(obj, (bytes, bytearray)):
+        try:
+            obj = json.loads(obj.decode("utf-8"))
+        except ValueError:
+            return None
+    if not isinstance(obj, dict):
+        return None
+    text = obj.get(text_key)
+    if not isinstance(text, str) or not text.strip():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return text
+
+
+def split_sentences(text: str, max_bytes: int):
+    """Line-aligned pieces of at most ``max_bytes`` UTF-8 bytes (longer lines are cut)."""
+    piece: list[str] = []
+    size = 0
+    for line in text.splitlines(keepends=True):
+        n = len(line.encode("utf-8"))
+        if size + n > max_bytes and piece:
+            yield "".join(piece)
+            piece, size = [], 0
+        while n > max_bytes:
+            cut = line[: max_bytes // 4]  # <= max_bytes bytes whatever the characters
+            yield cut
+            line = line[len(cut):]
+            n = len(line.encode("utf-8"))
+        piece.append(line)
+        size += n
+    if piece:
+        yield "".join(piece)
+
+
+def sample_sentences(inputs: list[str], text_key: str, sample_docs: int, sample_bytes: int, max_sentence_bytes: int,
+                     stats: dict):
+    sources = resolve_inputs(inputs, "main")
+    for rec in iter_records(sources, max_docs=None):
+        if isinstance(rec, FileDone):
+            continue
+        if stats["documents"] >= sample_docs or stats["text_bytes"] >= sample_bytes:
+            return
+        text = _text_of(rec, text_key)
+        if text is None:
+            stats["skipped"] += 1
+            continue
+        stats["documents"] += 1
+        stats["text_bytes"] += len(text.encode("utf-8"))
+        for s in split_sentences(text, max_sentence_bytes):
+            stats["sentences"] += 1
+            yield s
+
+
+def train(inputs: list[str], out: str, vocab_size: int = 32000, *, text_key: str = "text",
+          sample_docs: int = 1_000_000, sample_bytes: int = 2 << 30, max_sentence_bytes: int = 4096,
+          character_coverage: float = 0.9995, model_type: str = "bpe", threads: int | None = None) -> dict:
+    stats = {"documents": 0, "skipped": 0, "sentences": 0, "text_bytes": 0}
+    model = io.BytesIO()
+    t0 = time.time()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=sample_sentences(inputs, text_key, sample_docs, sample_bytes, max_sentence_bytes, stats),
+        model_writer=model,
+        model_type=model_type,
+        vocab_size=vocab_size,
+        byte_fallback=True,
+        character_coverage=character_coverage,
+        normalization_rule_name="identity",
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        split_digits=True,
+        max_sentence_length=max_sentence_bytes,
+        input_sentence_size=0,
+        num_threads=threads or os.cpu_count() or 1,
+        minloglevel=2,
+        **SPECIALS,
+    )
+    if stats["documents"] == 0:
+        raise InputError("no usable documents in the sample")
+    proto = model.getvalue()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    _atomic_write(out, proto)
+    sp = spm.SentencePieceProcessor(model_proto=proto)
+    vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i)}\n" for i in range(sp.get_piece_size()))
+    _atomic_write(os.path.splitext(out)[0] + ".vocab", vocab.encode("utf-8"))
+    import hashlib
+
+    info = {"model": os.path.abspath(out), "sha256": hashlib.sha256(proto).hexdigest(),
+            "vocab_size": sp.get_piece_size(), "model_type": model_type, "inputs": inputs, "text_key": text_key,
+            "sample": stats, "special_ids": {k: v for k, v in SPECIALS.items() if k.endswith("_id")},
+            "train_seconds": round(time.time() - t0, 2)}
+    _atomic_write(os.path.splitext(out)[0] + ".json", (json.dumps(info, indent=1) + "\n").encode())
+    return info
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--inputs", nargs="+", required=True, help="files, directories, globs or hf: sources")
+    p.add_argument("--out", required=True, help="output model path, e.g. tokenizers/pile32k.model")
+    p.add_argument("--vocab-size", type=int, default=32000)
+    p.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
+    p.add_argument("--text-key", default="text")
+    p.add_argument("--sample-docs", type=int, default=1_000_000, help="documents to train on (default 1M)")
+    p.add_argument("--sample-bytes", type=int, default=2 << 30, help="text bytes to train on (default 2 GiB)")
+    p.add_argument("--max-sentence-bytes", type=int, default=4096)
+    p.add_argument("--character-coverage", type=float, default=0.9995)
+    p.add_argument("--threads", type=int, default=None, help="training threads (default: all cores)")
+    args = p.parse_args(argv)
+    try:
+        info = train(args.inputs, args.out, args.vocab_size, text_key=args.text_key, sample_docs=args.sample_docs,
+                     sample_bytes=args.sample_bytes, max_sentence_bytes=args.max_sentence_bytes,
+                     character_coverage=args.character_coverage, model_type=args.model_type, threads=args.threads)
+    except (InputError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    s = info["sample"]
+    print(f"trained {info['model_type']} vocab {info['vocab_size']} on {s['documents']:,} documents "
+          f"({s['text_bytes'] / 1e6:.1f} MB, {s['sentences']:,} pieces, {s['skipped']} skipped) "
+          f"in {info['train_seconds']}s -> {args.out} (sha256 {info['sha256'][:12]})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

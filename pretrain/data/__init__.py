@@ -1,0 +1,28 @@
+"""Training data: reading packed token shards (NeoX/Megatron ``MMIDIDX`` format) as resumable sequences.
+
+Needs only numpy and torch (no sentencepiece); the shards are produced by ``data_prep/tokenize_pile.py``.
+``pretrain.data.indexed`` (format reader/writer) needs numpy only; names from ``pretrain.data.packed`` (which
+imports torch) are loaded on first use.
+"""
+
+from .indexed import IndexedDataset, IndexedDatasetWriter, IndexFormatError, merge_indexed, token_dtype
+
+_PACKED = ("FeistelPermutation", "PackedSequenceDataset", "TokenStream", "resolve_shards")
+
+
+def __getattr__(name):
+    if name in _PACKED:
+        from . import packed
+
+        return getattr(packed, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "IndexFormatError",
+    "IndexedDataset",
+    "IndexedDatasetWriter",
+    "merge_indexed",
+    "token_dtype",
+    *_PACKED,
+]
