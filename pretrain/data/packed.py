@@ -125,6 +125,14 @@ class TokenStream:
         self.starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
         self.num_tokens = int(self.starts[-1])
         self.num_documents = sum(len(s) for s in self.shards)
+        # Document starts per shard: the sequence pointers (bytes) when each sequence is a document (searched in
+        # place, memory-mapped), else an explicit token-offset array built from the document index.
+        self._doc_starts = []
+        for s in self.shards:
+            if len(s.doc_idx) == len(s.sizes) + 1:
+                self._doc_starts.append((s.pointers, s.dtype.itemsize))
+            else:
+                self._doc_starts.append((s.document_start_tokens(), 1))
         dtypes = {s.dtype for s in self.shards}
         if len(dtypes) > 1:
             raise ValueError(f"shards of {spec!r} mix token dtypes {dtypes}")
@@ -148,12 +156,11 @@ class TokenStream:
         """Stream offsets in ``[a, b)`` at which a document starts (sorted)."""
         out = []
         for s, lo, x, y in self._pieces(a, b):
-            ptr = self.shards[s].pointers
-            item = self.shards[s].dtype.itemsize
-            i = int(np.searchsorted(ptr, x * item, side="left"))
-            j = int(np.searchsorted(ptr, y * item, side="left"))
+            starts, scale = self._doc_starts[s]
+            i = int(np.searchsorted(starts, x * scale, side="left"))
+            j = int(np.searchsorted(starts, y * scale, side="left"))
             if i < j:
-                out.append(np.asarray(ptr[i:j], dtype=np.int64) // item + lo)
+                out.append(np.asarray(starts[i:j], dtype=np.int64) // scale + lo)
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
@@ -170,10 +177,13 @@ class PackedSequenceDataset(torch.utils.data.IterableDataset):
             ``input_ids``) for document-masked attention.
         max_samples: stop after this many global samples (``None``: endless, epoch after epoch).
         mix_block: granularity of the mixing schedule (weights are realised exactly per block).
+        micro_batch_size: the DataLoader ``batch_size``; only used to split work between DataLoader workers so
+            that the DataLoader's output order equals the single-process order.
 
     Iterating yields dicts ``{"input_ids": LongTensor[seq_len], "labels": LongTensor[seq_len]}`` (plus
-    ``cu_seqlens``). Works with ``torch.utils.data.DataLoader`` (with ``num_workers > 0`` each worker takes every
-    ``num_workers``-th local sample, so the DataLoader's output order is unchanged). ``ds[i]`` returns global
+    ``cu_seqlens``). Works with ``torch.utils.data.DataLoader``; with ``num_workers > 0`` pass its ``batch_size`` as
+    ``micro_batch_size`` (each worker then produces every ``num_workers``-th batch, as the DataLoader expects, and
+    the order is unchanged). ``ds[i]`` returns global
     sample ``i`` directly.
     """
 
@@ -187,6 +197,7 @@ class PackedSequenceDataset(torch.utils.data.IterableDataset):
         return_cu_seqlens: bool = False,
         max_samples: int | None = None,
         mix_block: int = 1000,
+        micro_batch_size: int = 1,
     ):
         super().__init__()
         if seq_len < 1:
@@ -213,6 +224,7 @@ class PackedSequenceDataset(torch.utils.data.IterableDataset):
         self.world_size = world_size
         self.return_cu_seqlens = return_cu_seqlens
         self.max_samples = max_samples
+        self.micro_batch_size = micro_batch_size
         self.num_sequences = [max((s.num_tokens - 1) // seq_len, 0) for s in self.streams]
         for p, n in zip(self.paths, self.num_sequences):
             if n == 0:
@@ -300,8 +312,9 @@ class PackedSequenceDataset(torch.utils.data.IterableDataset):
                 self.consumed_samples = i - (i % self.world_size) + self.world_size
                 yield sample
         else:
+            # The DataLoader takes whole batches from its workers in turn: worker w gets local batches w, w + K, ...
             for k, i in enumerate(self.global_indices(start)):
-                if k % info.num_workers == info.id:
+                if (k // self.micro_batch_size) % info.num_workers == info.id:
                     yield self[i]
 
     def state_dict(self, consumed_samples: int | None = None) -> dict:
