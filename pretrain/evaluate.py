@@ -1,0 +1,219 @@
+"""Perplexity and bits-per-byte of trained models on held-out data.
+
+    python -m pretrain.evaluate --checkpoint CKPT --data PREFIX_OR_TEXT [--tokenizer tok.model] [options]
+    python -m pretrain.evaluate compare results_a.json results_b.json ...
+
+CKPT is a consolidated export (a directory with ``model.safetensors`` and ``model_config.yaml``) or a training
+run's checkpoint directory. Data is indexed token shards (``PREFIX`` of ``PREFIX.bin``/``PREFIX.idx``, a
+directory or glob of them) or raw ``.jsonl[.zst|.gz]`` text tokenized on the fly (then the tokenizer is needed,
+and the Pile's ``meta.pile_set_name`` gives a per-set breakdown). With shards, bits per byte needs the tokenizer
+too (documents are decoded to count their bytes).
+
+Under ``torchrun`` the windows are split over ranks and the sums gathered in a fixed order, so the result equals
+a single process's. Windowing and document layout are described in ``pretrain/evaluation/scoring.py`` and
+recorded in the output JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from pretrain.evaluation.scoring import Document, score_documents, totals_by_set
+
+
+def _tokenizer(path):
+    from data_prep.tokenizer import Tokenizer
+
+    return Tokenizer(path) if path else None
+
+
+def load_documents(data: str, tokenizer, *, text_key: str = "text", max_documents: int | None = None) -> list[Document]:
+    """Documents from indexed shards or raw JSONL text (each ends with EOD)."""
+    raw_suffixes = (".jsonl", ".jsonl.zst", ".jsonl.zstd", ".jsonl.gz")
+    is_raw = data.endswith(raw_suffixes) or (os.path.isdir(data) and any(
+        f.endswith(raw_suffixes) for _, _, files in os.walk(data) for f in files))
+    if is_raw:
+        if tokenizer is None:
+            raise SystemExit("--tokenizer is needed to evaluate raw text")
+        return _raw_documents(data, tokenizer, text_key, max_documents)
+    from pretrain.data.packed import resolve_shards
+    from pretrain.data.indexed import IndexedDataset
+
+    docs = []
+    for prefix in resolve_shards(data):
+        ds = IndexedDataset(prefix)
+        for d in range(ds.num_documents):
+            if max_documents is not None and len(docs) >= max_documents:
+                return docs
+            tokens = ds.document(d).tolist()
+            num_bytes = None
+            if tokenizer is not None:
+                body = tokens[:-1] if tokens and tokens[-1] == tokenizer.eod_id else tokens
+                num_bytes = len(tokenizer.decode(body).encode("utf-8"))
+            docs.append(Document(tokens, num_bytes))
+    return docs
+
+
+def _raw_documents(data: str, tokenizer, text_key: str, max_documents: int | None) -> list[Document]:
+    from data_prep.sources import Record, iter_records, resolve_inputs
+
+    docs = []
+    for event in iter_records(resolve_inputs([data], "main"), max_docs=max_documents):
+        if not isinstance(event, Record):
+            continue
+        where = f"{event.source}:{event.line_no}"
+        if event.payload is None:
+            raise SystemExit(f"{data}: {event.reason}: {event.message}")
+        try:
+            obj = json.loads(event.payload) if isinstance(event.payload, bytes) else event.payload
+            text = obj[text_key]
+        except (ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"{data} record {where}: cannot read '{text_key}': {e}") from e
+        if not isinstance(text, str) or not text:
+            continue
+        meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
+        docs.append(Document(tokenizer.encode(text) + [tokenizer.eod_id], len(text.encode("utf-8")),
+                             meta.get("pile_set_name")))
+    return docs
+
+
+def load_model(checkpoint: str, device):
+    """A model from a consolidated export or a training checkpoint, in eval mode."""
+    from pretrain.models import build_model
+    from pretrain.models.io import load_exported
+
+    path = Path(checkpoint)
+    if (path / "model.safetensors").exists():
+        return load_exported(path, device=device)
+    from pretrain.training.checkpoint import load_model_from_checkpoint
+
+    return load_model_from_checkpoint(path, device=device)
+
+
+def _dist():
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+        def all_gather(obj):
+            out = [None] * dist.get_world_size()
+            dist.all_gather_object(out, obj)
+            return out
+
+        return dist.get_rank(), dist.get_world_size(), all_gather
+    return 0, 1, None
+
+
+def evaluate(args) -> dict:
+    rank, world, all_gather = _dist()
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    tokenizer = _tokenizer(args.tokenizer)
+    docs = load_documents(args.data, tokenizer, text_key=args.text_key, max_documents=args.max_documents)
+    if not docs:
+        raise SystemExit(f"{args.data}: no documents to evaluate")
+    model = load_model(args.checkpoint, device)
+    seq_len = args.seq_len or model.config.max_seq_len
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+    def logits_fn(ids):
+        with autocast:
+            return model(ids)
+
+    total_targets = sum(len(d.tokens) for d in docs)
+    bar = tqdm(total=total_targets // world, unit="tok", desc="evaluate", disable=rank != 0, unit_scale=True)
+    start = time.time()
+    per_doc = score_documents(logits_fn, docs, seq_len=seq_len, eod_id=args.eod_id if args.eod_id is not None else (
+        tokenizer.eod_id if tokenizer is not None else _default_eod(args)), stride=args.stride, layout=args.documents,
+        batch_size=args.batch_size, device=device, rank=rank, world_size=world, all_gather=all_gather, progress=bar)
+    bar.close()
+    overall, by_set = totals_by_set(docs, per_doc)
+    result = {
+        "checkpoint": str(args.checkpoint), "data": str(args.data), "seq_len": seq_len,
+        "windows": "non-overlapping" if args.stride is None else f"sliding, stride {args.stride}",
+        "documents_layout": args.documents + (" (state reset per document)" if args.documents == "separate"
+                                              else " (context crosses documents)"),
+        "precision": precision, "world_size": world, "seconds": round(time.time() - start, 3),
+        **overall.summary(), "by_set": {k: v.summary() for k, v in by_set.items()},
+    }
+    if rank == 0:
+        print_table([result])
+        if args.out:
+            out = Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+            with open(tmp, "w") as f:
+                json.dump(result, f, indent=2)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, out)
+    return result
+
+
+def _default_eod(args):
+    raise SystemExit("give --tokenizer (or --eod-id) so the end-of-document id is known")
+
+
+def print_table(results: list[dict]) -> None:
+    names = [Path(r["checkpoint"]).name or r["checkpoint"] for r in results]
+    width = max(12, *(len(n) for n in names))
+    print(f"{'model':<{width}} {'tokens':>10} {'loss':>8} {'ppl':>10} {'bits/byte':>10}  windows / layout")
+    for name, r in zip(names, results):
+        bpb = f"{r['bits_per_byte']:.4f}" if "bits_per_byte" in r else "n/a"
+        print(f"{name:<{width}} {r['tokens']:>10} {r['loss']:>8.4f} {r['perplexity']:>10.3f} {bpb:>10}  "
+              f"{r['windows']}, {r['documents_layout'].split(' ')[0]}, seq {r['seq_len']}")
+    sets = sorted({s for r in results for s in r.get("by_set", {})})
+    if sets:
+        set_width = max(len("perplexity by set"), *(len(s) for s in sets))
+        print(f"\n{'perplexity by set':<{set_width}} " + " ".join(f"{n[:14]:>14}" for n in names))
+        for s in sets:
+            cells = [r["by_set"].get(s) for r in results]
+            print(f"{s:<{set_width}} " + " ".join(f"{c['perplexity']:>14.3f}" if c else f"{'-':>14}" for c in cells))
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "compare":
+        parser = argparse.ArgumentParser(prog="python -m pretrain.evaluate compare",
+                                         description="print several evaluation results side by side")
+        parser.add_argument("results", nargs="+", help="JSON files written with --out")
+        args = parser.parse_args(argv[1:])
+        results = [json.loads(Path(p).read_text()) for p in args.results]
+        print_table(results)
+        return results
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="export dir (model.safetensors) or checkpoint dir")
+    parser.add_argument("--data", required=True, help="shard prefix / dir / glob, or .jsonl[.zst|.gz] text")
+    parser.add_argument("--tokenizer", help="SentencePiece .model (raw text, bits per byte, EOD id)")
+    parser.add_argument("--seq-len", type=int, help="window length (default: the model's max_seq_len)")
+    parser.add_argument("--stride", type=int, help="sliding windows with this stride (default: non-overlapping)")
+    parser.add_argument("--documents", choices=["separate", "packed"], default="separate",
+                        help="score each document on its own (default) or as one packed stream")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    parser.add_argument("--max-documents", type=int)
+    parser.add_argument("--text-key", default="text")
+    parser.add_argument("--eod-id", type=int, help="end-of-document id when no tokenizer is given")
+    parser.add_argument("--out", help="write the result JSON here")
+    args = parser.parse_args(argv)
+    return evaluate(args)
+
+
+if __name__ == "__main__":
+    main()
