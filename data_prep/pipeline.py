@@ -32,6 +32,7 @@ import collections
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -58,7 +59,7 @@ NO_SET = "<none>"
 UNKNOWN_SET = "<unparsed>"
 FORMAT = "rebased-pretrain/tokenized-shards/v1"
 
-# Test hooks (documented in tests/data/README.md): sleep after each committed chunk; or exit abruptly in the middle
+# Test hooks (used by tests/data/test_data_resume.py): sleep after each committed chunk; or exit abruptly in the middle
 # of committing chunk N (after its shard files are renamed into place, before its chunk record is written).
 ENV_CHUNK_DELAY = "DATA_PREP_TEST_CHUNK_DELAY_S"
 ENV_EXIT_AT_CHUNK = "DATA_PREP_TEST_EXIT_AT_CHUNK"
@@ -85,7 +86,7 @@ class TokenizeConfig:
     docs_per_shard: int = 100_000
     workers: int = 0  # 0: all available cores
     batch_docs: int = 256
-    batch_bytes: int = 4 << 20
+    batch_bytes: int = 1 << 20
     merge: bool = False
     overwrite: bool = False
     progress: bool = True
@@ -216,7 +217,7 @@ def process_batch(records: list[tuple]) -> dict:
     tokens = {}
     for split, lists in per_split.items():
         lengths = np.fromiter((len(x) for x in lists), dtype=np.int64, count=len(lists))
-        flat = np.fromiter((t for x in lists for t in x), dtype=_W["dtype"], count=int(lengths.sum()))
+        flat = np.array(list(itertools.chain.from_iterable(lists)), dtype=_W["dtype"])
         tokens[split] = (flat, lengths)
     return {"docs": docs, "tokens": tokens}
 
