@@ -1,0 +1,97 @@
+"""Adapter for lm-evaluation-harness (``lm_eval``): our models behind its ``LM`` interface.
+
+    from pretrain.evaluation.lm_eval_adapter import make_lm_eval_model
+    lm = make_lm_eval_model("runs/x/export", "tok.model")
+    lm_eval.simple_evaluate(model=lm, tasks=["lambada_openai"])
+
+``lm_eval`` stays optional: it is imported only by ``make_lm_eval_model``. The scoring logic lives in
+``LMEvalMethods`` so it can be used (and tested) without the harness. Generation runs on the recurrent caches.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pretrain.evaluation.scoring import Document, score_documents
+
+
+class LMEvalMethods:
+    """``loglikelihood``, ``loglikelihood_rolling`` and ``generate_until`` over a model and a tokenizer.
+
+    Requests are anything with an ``args`` tuple, as lm_eval's ``Instance``. Every text is preceded by EOD, the
+    token the model saw before each document in training.
+    """
+
+    def __init__(self, model, tokenizer, *, max_length: int | None = None, device="cpu", batch_size: int = 8):
+        self.model, self.tokenizer, self.device, self.batch_size = model.eval(), tokenizer, device, batch_size
+        self.max_length = max_length or model.config.max_seq_len
+
+    @torch.no_grad()
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        out = []
+        for req in requests:
+            context, continuation = req.args[0], req.args[1]
+            ctx = [self.tokenizer.eod_id] + self.tokenizer.encode(context)
+            cont = self.tokenizer.encode(continuation)
+            ids = (ctx + cont)[-(self.max_length + 1):]
+            inputs = torch.tensor([ids[:-1]], device=self.device)
+            logits = self.model(inputs)[0, -len(cont):].double()
+            target = torch.tensor(cont, device=self.device)
+            logp = F.log_softmax(logits, dim=-1).gather(1, target[:, None]).sum().item()
+            out.append((logp, bool((logits.argmax(-1) == target).all())))
+        return out
+
+    @torch.no_grad()
+    def loglikelihood_rolling(self, requests) -> list[float]:
+        docs = [Document(self.tokenizer.encode(req.args[0])) for req in requests]
+        per_doc = score_documents(self.model, docs, seq_len=self.max_length, eod_id=self.tokenizer.eod_id,
+                                  batch_size=self.batch_size, device=self.device)
+        return [-per_doc[i] for i in range(len(docs))]
+
+    @torch.no_grad()
+    def generate_until(self, requests) -> list[str]:
+        out = []
+        for req in requests:
+            context, kwargs = req.args[0], dict(req.args[1] if len(req.args) > 1 else {})
+            until = kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(kwargs.get("max_gen_toks", 256))
+            ids = torch.tensor([[self.tokenizer.eod_id] + self.tokenizer.encode(context)], device=self.device)
+            cache = self.model.init_cache()
+            logits = self.model(ids, cache=cache)[:, -1]
+            generated: list[int] = []
+            text = ""
+            for _ in range(max_new):  # greedy, as lm_eval's generative tasks expect by default
+                nxt = int(logits.argmax(-1))
+                if nxt == self.tokenizer.eod_id:
+                    break
+                generated.append(nxt)
+                text = self.tokenizer.decode(generated)
+                if any(stop in text for stop in until):
+                    break
+                logits = self.model(torch.tensor([[nxt]], device=self.device), cache=cache)[:, -1]
+            for stop in until:
+                text = text.split(stop)[0]
+            out.append(text)
+        return out
+
+
+def make_lm_eval_model(checkpoint: str, tokenizer_path: str, **kwargs):
+    """An ``lm_eval.api.model.LM`` for a checkpoint or export. Needs ``pip install lm_eval``."""
+    try:
+        from lm_eval.api.model import LM
+    except ImportError as e:
+        raise ImportError("the lm_eval adapter needs lm-evaluation-harness: pip install lm_eval") from e
+    from data_prep.tokenizer import Tokenizer
+    from pretrain.evaluate import load_model
+
+    device = kwargs.pop("device", "cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(checkpoint, device)
+
+    class ReBasedLM(LMEvalMethods, LM):
+        def __init__(self):
+            LM.__init__(self)
+            LMEvalMethods.__init__(self, model, Tokenizer(tokenizer_path), device=device, **kwargs)
+
+    return ReBasedLM()
