@@ -61,7 +61,12 @@ def supports(q: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 def _mm_mode(dtype: torch.dtype) -> int:
-    return {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[dtype]
+    mode = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[dtype]
+    if mode and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        # the interpreter's tl.dot on bf16/fp16 operands is wrong (triton 3.9): round the operands to the
+        # low precision, multiply in fp32 (same rounding as the tensor cores' products with fp32 accumulation)
+        mode += 2
+    return mode
 
 
 # ----------------------------------------------------------------------------------- Triton kernels
@@ -69,13 +74,18 @@ def _mm_mode(dtype: torch.dtype) -> int:
 
 @triton.jit
 def _mm(a, b, MM: tl.constexpr):
-    # MM: 0 -> fp32 operands, exact-ish fp32 products (no tf32); 1 -> bf16 operands; 2 -> fp16 operands.
+    # MM: 0 -> fp32 operands, exact-ish fp32 products (no tf32); 1 -> bf16 operands; 2 -> fp16 operands;
+    # 3 / 4 -> bf16 / fp16-rounded operands multiplied in fp32 (interpreter only).
     if MM == 0:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     elif MM == 1:
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
-    else:
+    elif MM == 2:
         return tl.dot(a.to(tl.float16), b.to(tl.float16))
+    elif MM == 3:
+        return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a.to(tl.float16).to(tl.float32), b.to(tl.float16).to(tl.float32), input_precision="ieee")
 
 
 @triton.jit
