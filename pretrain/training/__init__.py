@@ -1,0 +1,1 @@
+"""The pretraining loop's parts: run config, parallelism strategies, checkpoints, optimiser/schedule, metrics."""

@@ -1,0 +1,136 @@
+"""Run configuration: one YAML file names the model config, the data, optimisation, parallelism, checkpoints
+and logging. Loaded with :func:`pretrain.config.load_config`, so unknown keys, wrong types and invalid choices
+fail with a message naming the file and the dotted key; ``key.sub=value`` overrides come from the command line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class DataSource:
+    path: str  # shard prefix, directory of shards (tokenize_pile output) or glob
+    weight: float = 1.0
+
+    def __post_init__(self):
+        if self.weight <= 0:
+            raise ValueError(f"weight of {self.path!r} must be positive")
+
+
+@dataclass
+class DataConfig:
+    train: list[DataSource] = field(default_factory=list)
+    valid: list[DataSource] = field(default_factory=list)
+    seq_len: int = 2048
+    # Document masking: each micro batch is flattened to one packed row with cu_seqlens, so no token attends
+    # across a document boundary (positions restart per document).
+    document_masking: bool = False
+    num_workers: int = 0  # DataLoader workers per rank (0 = read in the training process)
+    mix_block: int = 1000
+
+    def __post_init__(self):
+        if self.seq_len < 1:
+            raise ValueError("seq_len must be >= 1")
+
+
+@dataclass
+class TrainingConfig:
+    max_steps: int = 1000
+    # Sequences per optimizer step over all ranks. Kept constant across a world-size change; gradient
+    # accumulation = global_batch_size / (micro_batch_size * world_size) is derived from it.
+    global_batch_size: int = 512
+    micro_batch_size: int = 8  # sequences per rank per forward/backward
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping (the norm is still measured)
+    # Non-finite loss or gradient: the step is skipped (no update) and counted; this many in a row stop the run.
+    max_nonfinite_in_a_row: int = 5
+    activation_checkpointing: Literal["none", "full", "every_k"] = "none"
+    activation_checkpointing_every: int = 2  # with every_k: blocks 0, k, 2k, ... are recomputed
+    compile: bool = False  # torch.compile each block
+    seed: int = 1234
+    eval_every: int = 0  # steps between validation passes (0 = only at the end when valid data is given)
+    eval_samples: int = 64  # validation sequences per pass (split over ranks)
+    # Debugging / fault injection: poison the loss with NaN at these steps (tests of the non-finite path).
+    inject_nan_at_steps: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.max_steps < 0 or self.global_batch_size < 1 or self.micro_batch_size < 1:
+            raise ValueError("max_steps >= 0, global_batch_size >= 1 and micro_batch_size >= 1 are required")
+        if self.activation_checkpointing_every < 1:
+            raise ValueError("activation_checkpointing_every must be >= 1")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # on matrices of linear/conv layers only (not norms, biases, γ/β, embeddings)
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 100
+    # WSD (warmup-stable-decay): the last `decay_fraction` of max_steps decays linearly to min_lr.
+    decay_fraction: float = 0.2
+
+    def __post_init__(self):
+        if len(self.betas) != 2:
+            raise ValueError("betas must be a list of two numbers")
+        if not 0 <= self.decay_fraction <= 1 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("decay_fraction and min_lr_ratio must lie in [0, 1]")
+
+
+@dataclass
+class ParallelConfig:
+    strategy: Literal["single", "ddp", "fsdp", "deepspeed"] = "single"
+    deepspeed_config: str = "configs/deepspeed/zero2.json"  # ZeRO stage etc.; batch/clip/precision come from here
+    zero_stage: int | None = None  # overrides the ds_config's zero_optimization.stage
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl with CUDA, gloo on CPU
+    fsdp_reshard_after_forward: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1000  # steps between saves (0: only at the end / on a signal)
+    keep_last: int = 3  # complete checkpoints kept (older ones are deleted after a new one is complete)
+    resume: str = "auto"  # auto: latest complete checkpoint in dir if any | none | a checkpoint directory
+    save_final: bool = True
+    save_on_signal: bool = True  # SIGTERM/SIGUSR1: finish the step, save, exit 0
+    dir: str | None = None  # default: <out_dir>/checkpoints
+    export_final: bool = False  # also write <out_dir>/export/{model.safetensors,config.yaml} at the end
+
+
+@dataclass
+class WandbConfig:
+    mode: Literal["online", "offline", "disabled"] = "disabled"
+    project: str = "rebased-pretrain"
+    entity: str | None = None
+    name: str | None = None
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10  # steps between console/JSONL/wandb records
+    progress_bar: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class RunConfig:
+    model: str  # path of a model config (configs/models/*.yaml)
+    out_dir: str = "runs/default"  # metrics.jsonl, config.yaml, checkpoints/, wandb/
+    name: str | None = None
+    model_overrides: list[str] = field(default_factory=list)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def checkpoint_dir(self) -> str:
+        import os
+
+        return self.checkpoint.dir or os.path.join(self.out_dir, "checkpoints")
