@@ -256,6 +256,11 @@ class DeepSpeedStrategy(Strategy):
             if inner is not None:
                 for g, s in zip(inner.param_groups, saved_inner):
                     g.update(s)
+                # ... and it gives every flat group the SAME 'step' tensor object, which AdamW then increments
+                # once per group per step (wrong bias correction): give each its own copy.
+                for st in inner.state.values():
+                    if isinstance(st.get("step"), torch.Tensor):
+                        st["step"] = st["step"].clone()
 
     @staticmethod
     def convert_to_universal(path: str):
