@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Start pretraining:  launch/pretrain.sh CONFIG [key.sub=value ...]
+#
+# One node by default; the process count is the number of GPUs found (1 without GPUs).
+#   strategy single     python -m pretrain.train (one process)
+#   strategy ddp|fsdp   torchrun (c10d rendezvous; several nodes with NNODES/NODE_RANK/MASTER_ADDR)
+#   strategy deepspeed  the `deepspeed` launcher (respects HOSTFILE for several nodes); torchrun on CPU
+#
+# Environment (all optional):
+#   NPROC_PER_NODE  processes per node (default: GPUs found, else 1; on CPU set it, e.g. 2)
+#   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   multi-node rendezvous for torchrun (default 1 node, 29500)
+#   HOSTFILE        DeepSpeed hostfile ("host slots=N" lines); runs on all hosts in it
+#   LAUNCHER        force one: python | torchrun | deepspeed
+#   WANDB_MODE      online | offline | disabled (default offline: never needs an account)
+#   PEAK_TFLOPS     peak device TFLOP/s for MFU when the GPU is not in the built-in table
+set -euo pipefail
+if [ $# -lt 1 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
+  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0
+fi
+CONFIG="$1"; shift
+# shellcheck disable=SC1091
+. "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+
+strategy=$(python - "$CONFIG" "$@" <<'PY'
+import sys
+from pretrain.config import load_config
+from pretrain.training.config import RunConfig
+try:
+    print(load_config(RunConfig, sys.argv[1], [a for a in sys.argv[2:] if "=" in a]).parallel.strategy)
+except Exception as e:
+    print(f"config error: {e}", file=sys.stderr); sys.exit(2)
+PY
+)
+if command -v nvidia-smi >/dev/null 2>&1; then gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true); else gpus=0; fi
+nproc="${NPROC_PER_NODE:-$(( gpus > 0 ? gpus : 1 ))}"
+nnodes="${NNODES:-1}"
+port="${MASTER_PORT:-29500}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / nproc > 0 ? $(nproc) / nproc : 1 ))}"
+[ "$gpus" -eq 0 ] && export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
+
+launcher="${LAUNCHER:-}"
+if [ -z "$launcher" ]; then
+  if [ "$strategy" = single ]; then launcher=python
+  elif [ "$strategy" = deepspeed ] && { [ "$gpus" -gt 0 ] || [ -n "${HOSTFILE:-}" ]; }; then launcher=deepspeed
+  else launcher=torchrun; fi
+fi
+if [ "$strategy" = single ] && { [ "$nproc" -gt 1 ] || [ "$nnodes" -gt 1 ]; }; then
+  echo "strategy 'single' runs one process; NPROC_PER_NODE=$nproc NNODES=$nnodes: using 1 process" >&2
+  launcher=python
+fi
+
+set -x
+case "$launcher" in
+  python)
+    exec python -m pretrain.train --config "$CONFIG" "$@" ;;
+  torchrun)
+    if [ "$nnodes" -eq 1 ] && [ -z "${MASTER_ADDR:-}" ]; then
+      exec torchrun --standalone --nproc_per_node "$nproc" -m pretrain.train --config "$CONFIG" "$@"
+    fi
+    exec torchrun --nnodes "$nnodes" --nproc_per_node "$nproc" \
+      --rdzv_backend c10d --rdzv_endpoint "${MASTER_ADDR}:$port" --rdzv_id "${RDZV_ID:-pretrain}" \
+      -m pretrain.train --config "$CONFIG" "$@" ;;
+  deepspeed)
+    if [ -n "${HOSTFILE:-}" ]; then
+      exec deepspeed --hostfile "$HOSTFILE" --master_port "$port" ${MASTER_ADDR:+--master_addr "$MASTER_ADDR"} \
+        --module pretrain.train --config "$CONFIG" "$@"
+    else
+      exec deepspeed --num_gpus "$nproc" --master_port "$port" --module pretrain.train --config "$CONFIG" "$@"
+    fi ;;
+  *) echo "unknown LAUNCHER=$launcher (python | torchrun | deepspeed)" >&2; exit 2 ;;
+esac
