@@ -34,6 +34,7 @@ log = logging.getLogger("pretrain")
 
 EXIT_NONFINITE = 3
 EXIT_CONFIG = 2
+_TEST_STEP_SLEEP = float(os.environ.get("REBASED_TEST_STEP_SLEEP", "0"))
 
 
 class NonFiniteError(RuntimeError):
@@ -390,6 +391,8 @@ class Trainer:
         try:
             while self.step < t.max_steps:
                 out = self.train_step()
+                if _TEST_STEP_SLEEP:
+                    time.sleep(_TEST_STEP_SLEEP)  # tests: widen the window for signals / kills
                 self.step += 1
                 self.tokens_seen += tokens_per_step
                 window_tokens += tokens_per_step
@@ -466,6 +469,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    import warnings
+
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # DCP save in one process
     args = parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
