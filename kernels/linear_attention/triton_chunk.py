@@ -53,6 +53,7 @@ TUNING = {
     "warps_fwd": None,
     "warps_bwd": None,
     "stages": None,
+    "chunk": None,            # chunk length override (16, 32, 64, 128)
 }
 
 
@@ -70,38 +71,52 @@ def _mm_mode(dtype: torch.dtype) -> int:
 
 
 # ----------------------------------------------------------------------------------- Triton kernels
+# Register economy: expanded-feature tiles ([C, Dk^2]) are only ever used as tensor-core operands; sums over
+# them (normaliser terms) are done as small matrix products with a [C, 16] / [Dk^2, 16] matrix whose column 0
+# holds the weights ("col0" matrices), so no second copy in another register layout is needed. Scale factors
+# are folded into the 16-wide rows before the outer product (psi(sqrt(c) x) = c psi(x)).
 
 
 @triton.jit
-def _mm(a, b, MM: tl.constexpr):
-    # MM: 0 -> fp32 operands, exact-ish fp32 products (no tf32); 1 -> bf16 operands; 2 -> fp16 operands;
+def _mm(a, b, acc, MM: tl.constexpr):
+    # acc + a @ b. MM: 0 -> fp32 operands (no tf32); 1 -> bf16 operands; 2 -> fp16 operands;
     # 3 / 4 -> bf16 / fp16-rounded operands multiplied in fp32 (interpreter only).
     if MM == 0:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     elif MM == 1:
-        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
     elif MM == 2:
-        return tl.dot(a.to(tl.float16), b.to(tl.float16))
+        return tl.dot(a.to(tl.float16), b.to(tl.float16), acc)
     elif MM == 3:
-        return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32), input_precision="ieee")
+        return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32), acc,
+                      input_precision="ieee")
     else:
-        return tl.dot(a.to(tl.float16).to(tl.float32), b.to(tl.float16).to(tl.float32), input_precision="ieee")
+        return tl.dot(a.to(tl.float16).to(tl.float32), b.to(tl.float16).to(tl.float32), acc,
+                      input_precision="ieee")
 
 
 @triton.jit
-def _psi_rows(x_ptr, row_off, rmask, fi, fj):
-    # [C, F] tile psi[t, i*DK + j] = x[t, i] * x[t, j] (fp32), rows t given by element offsets row_off.
-    a = tl.load(x_ptr + row_off[:, None] + fi[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
-    b = tl.load(x_ptr + row_off[:, None] + fj[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
-    return a * b
+def _outer_rows(x, C: tl.constexpr, DK: tl.constexpr):
+    # x [C, DK] (fp32) -> [C, DK*DK] with out[t, i*DK + j] = x[t, i] x[t, j], built in registers
+    return tl.reshape(x[:, :, None] * x[:, None, :], (C, DK * DK))
 
 
 @triton.jit
-def _psi_cols(x_ptr, row_off, rmask, fi, fj):
-    # [F, C] tile (the transpose of _psi_rows)
-    a = tl.load(x_ptr + row_off[None, :] + fi[:, None], mask=rmask[None, :], other=0.0).to(tl.float32)
-    b = tl.load(x_ptr + row_off[None, :] + fj[:, None], mask=rmask[None, :], other=0.0).to(tl.float32)
-    return a * b
+def _outer_cols(xT, C: tl.constexpr, DK: tl.constexpr):
+    # xT [DK, C] (fp32) -> [DK*DK, C] (transpose of _outer_rows)
+    return tl.reshape(xT[:, None, :] * xT[None, :, :], (DK * DK, C))
+
+
+@triton.jit
+def _col0(w, d):
+    # [N] -> [N, 16] with w in column 0, zeros elsewhere
+    return tl.where(d[None, :] == 0, w[:, None], 0.0)
+
+
+@triton.jit
+def _contract_pairs(G, x, C: tl.constexpr, DK: tl.constexpr):
+    # out[t, i] = sum_j G[t, i*DK + j] x[t, j]
+    return tl.sum(tl.reshape(G, (C, DK, DK)) * x[:, None, :], 2)
 
 
 @triton.jit
@@ -122,16 +137,16 @@ def _delta_kernel(x_ptr, y_ptr, o_ptr, den_ptr, h_ptr, dS_ptr, dz_ptr, seg_ptr,
     t1 = tl.load(seg_ptr + sid * 4 + 1)
     F: tl.constexpr = DK * DK
     f = tl.arange(0, F)
-    fi = f // DK
-    fj = f % DK
     c = tl.arange(0, C)
     d = tl.arange(0, DK)
     cv = vb * BV + tl.arange(0, BV)
     vmask = cv < DV
+    cp = tl.sqrt(c_psi)
+    sq = tl.sqrt(scale)
     acc = tl.zeros([F, BV], dtype=tl.float32)
-    accz = tl.zeros([F], dtype=tl.float32)
+    accz = tl.zeros([F, DK], dtype=tl.float32)
     acc1 = tl.zeros([DK, BV], dtype=tl.float32)
-    accz1 = tl.zeros([DK], dtype=tl.float32)
+    accz1 = tl.zeros([DK, DK], dtype=tl.float32)
     acc0 = tl.zeros([BV], dtype=tl.float32)
     accz0 = tl.zeros([1], dtype=tl.float32)
     for ts in range(t0, t1, C):
@@ -140,8 +155,8 @@ def _delta_kernel(x_ptr, y_ptr, o_ptr, den_ptr, h_ptr, dS_ptr, dz_ptr, seg_ptr,
         xoff = (tok * H + hh) * DK
         voff = (tok * H + hh) * DV
         m2 = tmask[:, None] & vmask[None, :]
+        yv = tl.load(y_ptr + voff[:, None] + cv[None, :], mask=m2, other=0.0).to(tl.float32)
         if BWD:
-            yv = tl.load(y_ptr + voff[:, None] + cv[None, :], mask=m2, other=0.0).to(tl.float32)
             if NORMALIZE:
                 dn = tl.load(den_ptr + tok * H + hh, mask=tmask, other=1.0) + eps
                 yv = yv / dn[:, None]
@@ -155,27 +170,26 @@ def _delta_kernel(x_ptr, y_ptr, o_ptr, den_ptr, h_ptr, dS_ptr, dz_ptr, seg_ptr,
             else:
                 w = tl.zeros([C], dtype=tl.float32)
         else:
-            yv = tl.load(y_ptr + voff[:, None] + cv[None, :], mask=m2, other=0.0).to(tl.float32)
             w = tmask.to(tl.float32)
-        psiT = _psi_cols(x_ptr, xoff, tmask, fi, fj)                   # [F, C]
-        acc += _mm(psiT, yv, MM)
-        accz += tl.sum(psiT * w[None, :], 1)
+        xT = tl.load(x_ptr + xoff[None, :] + d[:, None], mask=tmask[None, :], other=0.0).to(tl.float32)
+        psiT = _outer_cols(xT * cp, C, DK)                                  # [F, C] = c_psi psi(x)^T
+        W = _col0(w, d)                                                      # [C, DK]
+        acc = _mm(psiT, yv, acc, MM)
+        accz = _mm(psiT, W, accz, MM)
         if BASED:
-            xT = tl.load(x_ptr + xoff[None, :] + d[:, None], mask=tmask[None, :], other=0.0).to(tl.float32)
-            acc1 += _mm(xT, yv, MM)
-            accz1 += tl.sum(xT * w[None, :], 1)
+            acc1 = _mm(xT * sq, yv, acc1, MM)
+            accz1 = _mm(xT * sq, W, accz1, MM)
             acc0 += tl.sum(yv, 0)
             accz0 += tl.sum(w[:, None], 0)
     base = (sid * H + hh) * FT
-    tl.store(dS_ptr + (base + f[:, None]) * DV + cv[None, :], acc * c_psi, mask=vmask[None, :])
+    tl.store(dS_ptr + (base + f[:, None]) * DV + cv[None, :], acc, mask=vmask[None, :])
     if vb == 0:
-        tl.store(dz_ptr + base + f, accz * c_psi)
+        tl.store(dz_ptr + base + f, tl.sum(accz, 1))
     if BASED:
-        sq = tl.sqrt(scale)
-        tl.store(dS_ptr + (base + F + d[:, None]) * DV + cv[None, :], acc1 * sq, mask=vmask[None, :])
+        tl.store(dS_ptr + (base + F + d[:, None]) * DV + cv[None, :], acc1, mask=vmask[None, :])
         tl.store(dS_ptr + (base + F + DK) * DV + cv, acc0, mask=vmask)
         if vb == 0:
-            tl.store(dz_ptr + base + F + d, accz1 * sq)
+            tl.store(dz_ptr + base + F + d, tl.sum(accz1, 1))
             tl.store(dz_ptr + base + F + DK + tl.arange(0, 1), accz0)
 
 
@@ -218,8 +232,6 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, den_ptr, S_ptr, z_ptr, Sf_ptr, zf_pt
     flags = tl.load(seg_ptr + sid * 4 + 3)
     F: tl.constexpr = DK * DK
     f = tl.arange(0, F)
-    fi = f // DK
-    fj = f % DK
     c = tl.arange(0, C)
     d = tl.arange(0, DK)
     cv = vb * BV + tl.arange(0, BV)
@@ -229,12 +241,13 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, den_ptr, S_ptr, z_ptr, Sf_ptr, zf_pt
     else:
         c2 = scale
     sq = tl.sqrt(scale)
+    sc2 = tl.sqrt(c2)
     base = (sid * H + hh) * FT
     S = tl.load(S_ptr + (base + f[:, None]) * DV + cv[None, :], mask=vmask[None, :], other=0.0)
-    z = tl.load(z_ptr + base + f)
+    Z = _col0(tl.load(z_ptr + base + f), d)                                   # [F, DK], z in column 0
     if BASED:
         S1 = tl.load(S_ptr + (base + F + d[:, None]) * DV + cv[None, :], mask=vmask[None, :], other=0.0)
-        z1 = tl.load(z_ptr + base + F + d)
+        Z1 = _col0(tl.load(z_ptr + base + F + d), d)
         S0 = tl.load(S_ptr + (base + F + DK) * DV + cv, mask=vmask, other=0.0)
         z0 = tl.sum(tl.load(z_ptr + base + F + DK + tl.arange(0, 1)), 0)
     causal = c[:, None] >= c[None, :]
@@ -247,19 +260,23 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, den_ptr, S_ptr, z_ptr, Sf_ptr, zf_pt
         qc = tl.load(q_ptr + xoff[:, None] + d[None, :], mask=tmask[:, None], other=0.0)
         kT = tl.load(k_ptr + xoff[None, :] + d[:, None], mask=tmask[None, :], other=0.0)
         vc = tl.load(v_ptr + voff[:, None] + cv[None, :], mask=m2, other=0.0)
-        x = _mm(qc, kT, MM) * scale                                         # [C, C]
+        x = _mm(qc, kT, tl.zeros([C, C], dtype=tl.float32), MM) * scale      # [C, C]
         if BASED:
             a = 1.0 + x + 0.5 * x * x
             a = tl.where(causal & tmask[None, :], a, 0.0)
         else:
             a = tl.where(causal, x * x, 0.0)
-        psiq = _psi_rows(q_ptr, xoff, tmask, fi, fj)                        # [C, F]
-        num = _mm(a, vc, MM) + c2 * _mm(psiq, S, MM)
-        dn = tl.sum(a, 1) + c2 * tl.sum(psiq * z[None, :], 1)
+        qf = qc.to(tl.float32)
+        psiq = _outer_rows(qf * sc2, C, DK)                                   # [C, F] = c2 psi(q)
+        num = _mm(a, vc, tl.zeros([C, BV], dtype=tl.float32), MM)
+        num = _mm(psiq, S, num, MM)
+        dnm = _mm(psiq, Z, tl.zeros([C, DK], dtype=tl.float32), MM)
         if BASED:
-            qf = qc.to(tl.float32)
-            num += sq * _mm(qf, S1, MM) + S0[None, :]
-            dn += sq * tl.sum(qf * z1[None, :], 1) + z0
+            num = _mm(qf * sq, S1, num, MM) + S0[None, :]
+            dnm = _mm(qf * sq, Z1, dnm, MM)
+        dn = tl.sum(a, 1) + tl.sum(dnm, 1)
+        if BASED:
+            dn += z0
         if NORMALIZE:
             out = num / (dn[:, None] + eps)
         else:
@@ -267,13 +284,14 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, den_ptr, S_ptr, z_ptr, Sf_ptr, zf_pt
         tl.store(o_ptr + voff[:, None] + cv[None, :], out.to(o_ptr.dtype.element_ty), mask=m2)
         if vb == 0:
             tl.store(den_ptr + tok * H + hh, dn, mask=tmask)
-        psikT = _psi_cols(k_ptr, xoff, tmask, fi, fj)                      # [F, C]
-        S += scale * _mm(psikT, vc, MM)
-        z += scale * tl.sum(psikT, 1)
+        kTs = kT.to(tl.float32) * sq
+        psikT = _outer_cols(kTs, C, DK)                                       # [F, C] = scale psi(k)^T
+        W = _col0(tmask.to(tl.float32), d)
+        S = _mm(psikT, vc, S, MM)
+        Z = _mm(psikT, W, Z, MM)
         if BASED:
-            kTf = kT.to(tl.float32)
-            S1 += sq * _mm(kTf, vc, MM)
-            z1 += sq * tl.sum(kTf, 1)
+            S1 = _mm(kTs, vc, S1, MM)
+            Z1 = _mm(kTs, W, Z1, MM)
             S0 += tl.sum(vc.to(tl.float32), 0)
             z0 += tl.sum(tmask.to(tl.float32), 0)
     if STORE_FINAL:
@@ -281,12 +299,12 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, den_ptr, S_ptr, z_ptr, Sf_ptr, zf_pt
             fb = (doc * H + hh) * FT
             tl.store(Sf_ptr + (fb + f[:, None]) * DV + cv[None, :], S, mask=vmask[None, :])
             if vb == 0:
-                tl.store(zf_ptr + fb + f, z)
+                tl.store(zf_ptr + fb + f, tl.sum(Z, 1))
             if BASED:
                 tl.store(Sf_ptr + (fb + F + d[:, None]) * DV + cv[None, :], S1, mask=vmask[None, :])
                 tl.store(Sf_ptr + (fb + F + DK) * DV + cv, S0, mask=vmask)
                 if vb == 0:
-                    tl.store(zf_ptr + fb + F + d, z1)
+                    tl.store(zf_ptr + fb + F + d, tl.sum(Z1, 1))
                     tl.store(zf_ptr + fb + F + DK + tl.arange(0, 1), tl.zeros([1], tl.float32) + z0)
 
 
@@ -303,8 +321,6 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, den_ptr, h_ptr, dq_ptr, S_ptr, z_ptr
     t1 = tl.load(seg_ptr + sid * 4 + 1)
     F: tl.constexpr = DK * DK
     f = tl.arange(0, F)
-    fi = f // DK
-    fj = f % DK
     c = tl.arange(0, C)
     d = tl.arange(0, DK)
     cv = vb * BV + tl.arange(0, BV)
@@ -315,13 +331,12 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, den_ptr, h_ptr, dq_ptr, S_ptr, z_ptr
         c2 = scale
     sq = tl.sqrt(scale)
     hw = (vb == 0).to(tl.float32)      # the h (normaliser) terms are added by one Dv block only
-    sel = (fi[:, None] == d[None, :]).to(tl.float32)                          # [F, DK]
     base = (sid * H + hh) * FT
     S = tl.load(S_ptr + (base + f[:, None]) * DV + cv[None, :], mask=vmask[None, :], other=0.0)
-    z = tl.load(z_ptr + base + f)
+    Z = _col0(tl.load(z_ptr + base + f), d)
     if BASED:
         S1 = tl.load(S_ptr + (base + F + d[:, None]) * DV + cv[None, :], mask=vmask[None, :], other=0.0)
-        z1 = tl.load(z_ptr + base + F + d)
+        Z1 = _col0(tl.load(z_ptr + base + F + d), d)
     causal = c[:, None] >= c[None, :]
     for ts in range(t0, t1, C):
         tok = ts + c
@@ -340,28 +355,33 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, den_ptr, h_ptr, dq_ptr, S_ptr, z_ptr
             hv = tl.load(h_ptr + tok * H + hh, mask=tmask, other=0.0) * hw
         else:
             hv = tl.zeros([C], dtype=tl.float32)
-        x = _mm(qc, kT, MM) * scale
-        dA = _mm(g, vT, MM) + hv[:, None]
+        Hm = _col0(hv, d)                                                    # [C, DK]
+        x = _mm(qc, kT, tl.zeros([C, C], dtype=tl.float32), MM) * scale
+        dA = _mm(g, vT, tl.zeros([C, C], dtype=tl.float32), MM) + hv[:, None]
         if BASED:
             dx = tl.where(causal & tmask[None, :], dA * (1.0 + x), 0.0) * scale
         else:
             dx = tl.where(causal, dA * x, 0.0) * (2.0 * scale)
-        dq = _mm(dx, kc, MM)
+        dq = _mm(dx, kc, tl.zeros([C, DK], dtype=tl.float32), MM)
         # inter-chunk: G[t, i*DK+j] = (S2 g_t + z2 h_t)[i, j]; dq_i += 2 c2 sum_j G[t, ij] q_tj
-        G = _mm(g, tl.trans(S), MM) + hv[:, None] * z[None, :]
-        qj = tl.load(q_ptr + xoff[:, None] + fj[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
-        dq += (2.0 * c2) * _mm(G * qj, sel, MM)
+        G = _mm(g, tl.trans(S), tl.zeros([C, F], dtype=tl.float32), MM)
+        G = _mm(Hm, tl.trans(Z), G, MM)
+        qf = qc.to(tl.float32)
+        dq += (2.0 * c2) * _contract_pairs(G, qf, C, DK)
         if BASED:
-            dq += sq * (_mm(g, tl.trans(S1), MM) + hv[:, None] * z1[None, :])
+            G1 = _mm(g, tl.trans(S1), tl.zeros([C, DK], dtype=tl.float32), MM)
+            G1 = _mm(Hm, tl.trans(Z1), G1, MM)
+            dq += sq * G1
         tl.store(dq_ptr + (vb * NTOK + tok * H + hh)[:, None] * DK + d[None, :], dq, mask=tmask[:, None])
-        psikT = _psi_cols(k_ptr, xoff, tmask, fi, fj)
+        kTs = kT.to(tl.float32) * sq
+        psikT = _outer_cols(kTs, C, DK)
         vc = tl.load(v_ptr + voff[:, None] + cv[None, :], mask=m2, other=0.0)
-        S += scale * _mm(psikT, vc, MM)
-        z += scale * tl.sum(psikT, 1)
+        W = _col0(tmask.to(tl.float32), d)
+        S = _mm(psikT, vc, S, MM)
+        Z = _mm(psikT, W, Z, MM)
         if BASED:
-            kTf = kT.to(tl.float32)
-            S1 += sq * _mm(kTf, vc, MM)
-            z1 += sq * tl.sum(kTf, 1)
+            S1 = _mm(kTs, vc, S1, MM)
+            Z1 = _mm(kTs, W, Z1, MM)
 
 
 @triton.jit
@@ -379,8 +399,6 @@ def _dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, den_ptr, h_ptr, dk_ptr, dv_ptr, R_p
     flags = tl.load(seg_ptr + sid * 4 + 3)
     F: tl.constexpr = DK * DK
     f = tl.arange(0, F)
-    fi = f // DK
-    fj = f % DK
     c = tl.arange(0, C)
     d = tl.arange(0, DK)
     cv = vb * BV + tl.arange(0, BV)
@@ -390,14 +408,14 @@ def _dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, den_ptr, h_ptr, dk_ptr, dv_ptr, R_p
     else:
         c2 = scale
     sq = tl.sqrt(scale)
+    sc2 = tl.sqrt(c2)
     hw = (vb == 0).to(tl.float32)
-    sel = (fi[:, None] == d[None, :]).to(tl.float32)
     base = (sid * H + hh) * FT
     R = tl.load(R_ptr + (base + f[:, None]) * DV + cv[None, :], mask=vmask[None, :], other=0.0)
-    r = tl.load(r_ptr + base + f)
+    Rz = _col0(tl.load(r_ptr + base + f), d)                                  # [F, DK], r in column 0
     if BASED:
         R1 = tl.load(R_ptr + (base + F + d[:, None]) * DV + cv[None, :], mask=vmask[None, :], other=0.0)
-        r1 = tl.load(r_ptr + base + F + d)
+        Rz1 = _col0(tl.load(r_ptr + base + F + d), d)
         R0 = tl.load(R_ptr + (base + F + DK) * DV + cv, mask=vmask, other=0.0)
         r0 = tl.sum(tl.load(r_ptr + base + F + DK + tl.arange(0, 1)), 0)
     # transposed intra-chunk layout: rows s (keys), columns t (queries); keep s <= t
@@ -424,36 +442,41 @@ def _dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, den_ptr, h_ptr, dk_ptr, dv_ptr, R_p
             hv = tl.load(h_ptr + tok * H + hh, mask=tmask, other=0.0)
         else:
             hv = tl.zeros([C], dtype=tl.float32)
-        xT = _mm(kc, qT, MM) * scale                                          # [s, t]
-        dAT = _mm(vc, gT, MM) + (hv * hw)[None, :]
+        xT = _mm(kc, qT, tl.zeros([C, C], dtype=tl.float32), MM) * scale      # [s, t]
+        dAT = _mm(vc, gT, tl.zeros([C, C], dtype=tl.float32), MM) + (hv * hw)[None, :]
         if BASED:
             aT = tl.where(causalT & tmask[:, None], 1.0 + xT + 0.5 * xT * xT, 0.0)
             dxT = tl.where(causalT & tmask[:, None], dAT * (1.0 + xT), 0.0) * scale
         else:
             aT = tl.where(causalT, xT * xT, 0.0)
             dxT = tl.where(causalT, dAT * xT, 0.0) * (2.0 * scale)
-        dv = _mm(aT, g, MM)
-        dk = _mm(dxT, qc, MM)
+        dv = _mm(aT, g, tl.zeros([C, BV], dtype=tl.float32), MM)
+        dk = _mm(dxT, qc, tl.zeros([C, DK], dtype=tl.float32), MM)
         # inter-chunk, from dL/dS after this chunk (R, r)
-        psik = _psi_rows(k_ptr, xoff, tmask, fi, fj)                          # [C, F]
-        dv += scale * _mm(psik, R, MM)
-        Gk = _mm(vc, tl.trans(R), MM) + hw * r[None, :]
-        kj = tl.load(k_ptr + xoff[:, None] + fj[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
-        dk += (2.0 * scale) * _mm(Gk * kj, sel, MM)
+        kf = kc.to(tl.float32)
+        psik = _outer_rows(kf * sq, C, DK)                                    # [C, F] = scale psi(k)
+        dv = _mm(psik, R, dv, MM)
+        ONE = _col0(tl.zeros([C], dtype=tl.float32) + hw, d)
+        Gk = _mm(vc, tl.trans(R), tl.zeros([C, F], dtype=tl.float32), MM)
+        Gk = _mm(ONE, tl.trans(Rz), Gk, MM)
+        dk += (2.0 * scale) * _contract_pairs(Gk, kf, C, DK)
         if BASED:
-            kf = kc.to(tl.float32)
-            dv += sq * _mm(kf, R1, MM) + R0[None, :]
-            dk += sq * (_mm(vc, tl.trans(R1), MM) + hw * r1[None, :])
+            dv = _mm(kf * sq, R1, dv, MM) + R0[None, :]
+            G1 = _mm(vc, tl.trans(R1), tl.zeros([C, DK], dtype=tl.float32), MM)
+            G1 = _mm(ONE, tl.trans(Rz1), G1, MM)
+            dk += sq * G1
         tl.store(dv_ptr + voff[:, None] + cv[None, :], dv.to(dv_ptr.dtype.element_ty), mask=m2)
         tl.store(dk_ptr + (vb * NTOK + tok * H + hh)[:, None] * DK + d[None, :], dk, mask=tmask[:, None])
         # accumulate dL/dS contributions of this chunk's queries
-        psiqT = _psi_cols(q_ptr, xoff, tmask, fi, fj)                        # [F, C]
-        R += c2 * _mm(psiqT, g, MM)
-        r += c2 * tl.sum(psiqT * hv[None, :], 1)
+        qTs = qT.to(tl.float32) * sc2
+        psiqT = _outer_cols(qTs, C, DK)                                       # [F, C] = c2 psi(q)^T
+        Hm = _col0(hv, d)
+        R = _mm(psiqT, g, R, MM)
+        Rz = _mm(psiqT, Hm, Rz, MM)
         if BASED:
-            qTf = qT.to(tl.float32)
-            R1 += sq * _mm(qTf, g, MM)
-            r1 += sq * tl.sum(qTf * hv[None, :], 1)
+            qTq = qT.to(tl.float32) * sq
+            R1 = _mm(qTq, g, R1, MM)
+            Rz1 = _mm(qTq, Hm, Rz1, MM)
             R0 += tl.sum(g, 0)
             r0 += tl.sum(hv, 0)
     if STORE_D0:
@@ -461,12 +484,12 @@ def _dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, den_ptr, h_ptr, dk_ptr, dv_ptr, R_p
             fb = (doc * H + hh) * FT
             tl.store(dS0_ptr + (fb + f[:, None]) * DV + cv[None, :], R, mask=vmask[None, :])
             if vb == 0:
-                tl.store(dz0_ptr + fb + f, r)
+                tl.store(dz0_ptr + fb + f, tl.sum(Rz, 1))
             if BASED:
                 tl.store(dS0_ptr + (fb + F + d[:, None]) * DV + cv[None, :], R1, mask=vmask[None, :])
                 tl.store(dS0_ptr + (fb + F + DK) * DV + cv, R0, mask=vmask)
                 if vb == 0:
-                    tl.store(dz0_ptr + fb + F + d, r1)
+                    tl.store(dz0_ptr + fb + F + d, tl.sum(Rz1, 1))
                     tl.store(dz0_ptr + fb + F + DK + tl.arange(0, 1), tl.zeros([1], tl.float32) + r0)
 
 
@@ -528,7 +551,7 @@ def _blocks(dv: int, which: str) -> Tuple[int, int, int]:
     dvp = max(16, triton.next_power_of_2(dv))
     bv = TUNING.get("bv_" + which) or min(dvp, 64)
     bv = min(bv, dvp)
-    warps = TUNING.get("warps_" + which) or (8 if bv >= 64 else 4)
+    warps = TUNING.get("warps_" + which) or 8
     return bv, dvp, warps
 
 
@@ -798,6 +821,8 @@ def chunk_linear_attention(kind: str, q, k, v, *, scale: float, eps: float = 1e-
     based = kind == "based"
     b, t, h, dk = q.shape
     chunk = chunk_size if chunk_size in (16, 32, 64, 128) else 64
+    if TUNING.get("chunk"):
+        chunk = int(TUNING["chunk"])
     n_docs = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
     seg_tokens = choose_seg_tokens(b * t, n_docs, h, chunk, q.device)
     S0 = z0 = None
