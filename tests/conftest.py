@@ -4,6 +4,16 @@ import os
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 
+# Triton decides at @triton.jit time whether a kernel runs in its interpreter, so the switch must be on before any
+# test module imports the kernels; on a machine without CUDA the Triton tests run interpreted (small shapes).
+try:
+    import torch as _torch
+
+    if not _torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:  # pragma: no cover
+    pass
+
 import pytest  # noqa: E402
 
 
