@@ -3,7 +3,7 @@
     python -m pretrain.evaluate --checkpoint CKPT --data PREFIX_OR_TEXT [--tokenizer tok.model] [options]
     python -m pretrain.evaluate compare results_a.json results_b.json ...
 
-CKPT is a consolidated export (a directory with ``model.safetensors`` and ``model_config.yaml``) or a training
+CKPT is a consolidated export (a directory with ``model.safetensors`` and ``config.yaml``) or a training
 run's checkpoint directory. Data is indexed token shards (``PREFIX`` of ``PREFIX.bin``/``PREFIX.idx``, a
 directory or glob of them) or raw ``.jsonl[.zst|.gz]`` text tokenized on the fly (then the tokenizer is needed,
 and the Pile's ``meta.pile_set_name`` gives a per-set breakdown). With shards, bits per byte needs the tokenizer
@@ -88,16 +88,25 @@ def _raw_documents(data: str, tokenizer, text_key: str, max_documents: int | Non
 
 
 def load_model(checkpoint: str, device):
-    """A model from a consolidated export or a training checkpoint, in eval mode."""
-    from pretrain.models import build_model
-    from pretrain.models.io import load_exported
+    """A model from a consolidated export or a training checkpoint (any strategy / world size), in eval mode."""
+    from pretrain.models.io import WEIGHTS, load_exported
 
     path = Path(checkpoint)
-    if (path / "model.safetensors").exists():
+    if (path / WEIGHTS).exists():
         return load_exported(path, device=device)
-    from pretrain.training.checkpoint import load_model_from_checkpoint
+    import tempfile
 
-    return load_model_from_checkpoint(path, device=device)
+    from pretrain.training.checkpoint import find_latest, is_complete
+    from pretrain.training.export import export_checkpoint
+
+    if not is_complete(str(path)):  # a run's checkpoint root: take its latest complete checkpoint
+        latest = find_latest(str(path))
+        if latest is None:
+            raise SystemExit(f"{path}: neither an export (model.safetensors) nor a complete checkpoint")
+        path = Path(latest)
+    with tempfile.TemporaryDirectory() as tmp:  # consolidate the sharded checkpoint, then load it
+        export_checkpoint(str(path), os.path.join(tmp, "export"))
+        return load_exported(os.path.join(tmp, "export"), device=device)
 
 
 def _dist():

@@ -1,5 +1,7 @@
-"""Consolidated model export: ``model.safetensors`` + ``model_config.yaml`` in one directory, loadable without
-the trainer (``load_exported``). Written to a temporary directory, fsynced, then renamed into place."""
+"""Consolidated model export: ``model.safetensors`` + ``config.yaml`` (the model config) in one directory,
+loadable without the trainer (``load_exported``). Written to a temporary directory, fsynced, then renamed.
+
+A tied LM head is stored once (as ``embed.weight``)."""
 
 from __future__ import annotations
 
@@ -9,11 +11,13 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_file
 
 from pretrain.config import from_dict, to_dict
 from pretrain.models.config import ModelConfig
 from pretrain.models.model import CausalLM
+
+WEIGHTS, CONFIG = "model.safetensors", "config.yaml"
 
 
 def _fsync(path: Path) -> None:
@@ -24,15 +28,19 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def export_model(model: CausalLM, out_dir: str | os.PathLike, metadata: dict | None = None) -> Path:
-    """Write ``model`` (full, unsharded weights on this process) to ``out_dir`` atomically."""
+def write_export(state_dict: dict[str, torch.Tensor], model_config: dict, out_dir: str | os.PathLike,
+                 metadata: dict | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Write full (unsharded) weights and the model config to ``out_dir`` atomically."""
     out = Path(out_dir)
+    state = dict(state_dict)
+    if model_config.get("tie_embeddings", True):
+        state.pop("lm_head.weight", None)
+    state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in state.items()}
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"),
-               metadata={k: str(v) for k, v in (metadata or {}).items()})  # tied weights are stored once
-    (tmp / "model_config.yaml").write_text(yaml.safe_dump(to_dict(model.config), sort_keys=False))
+    save_file(state, str(tmp / WEIGHTS), metadata={k: str(v) for k, v in (metadata or {}).items()})
+    (tmp / CONFIG).write_text(yaml.safe_dump(model_config, sort_keys=False))
     for f in tmp.iterdir():
         _fsync(f)
     _fsync(tmp)
@@ -43,16 +51,24 @@ def export_model(model: CausalLM, out_dir: str | os.PathLike, metadata: dict | N
     return out
 
 
+def export_model(model: CausalLM, out_dir: str | os.PathLike, metadata: dict | None = None) -> Path:
+    return write_export(model.state_dict(), to_dict(model.config), out_dir, metadata)
+
+
 def load_exported(path: str | os.PathLike, device="cpu", dtype: torch.dtype | None = None) -> CausalLM:
     path = Path(path)
-    cfg_path = path / "model_config.yaml"
+    cfg_path = path / CONFIG
     cfg = from_dict(ModelConfig, yaml.safe_load(cfg_path.read_text()), source=str(cfg_path))
     with torch.device("meta"):
         model = CausalLM(cfg)
     model = model.to_empty(device=device)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
-    load_model(model, str(path / "model.safetensors"), device=str(device))
+    state = load_file(str(path / WEIGHTS), device=str(device))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(f"{path / WEIGHTS}: missing {missing}, unexpected {unexpected}")
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()
