@@ -172,6 +172,12 @@ class Runs:
             self.cache[name] = out
         return self.cache[name]
 
+    def overrides(self, key: str) -> list[str]:
+        nproc, strategy, overrides = REFERENCE_RUNS[key]
+        if strategy == "deepspeed":
+            return [f"parallel.deepspeed_config={self.ds_config}", *overrides]
+        return list(overrides)
+
     def reference(self, key: str) -> Path:
         nproc, strategy, overrides = REFERENCE_RUNS[key]
         return self.get(f"ref_{key}", nproc, strategy, overrides)
