@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import sys
 
 import torch
@@ -74,7 +75,7 @@ class MetricsLogger:
         if os.path.isfile(id_file):
             run_id = open(id_file).read().strip()
         else:
-            run_id = wandb.util.generate_id()
+            run_id = secrets.token_hex(4)  # wandb ids: lowercase letters and digits
             with open(id_file, "w") as f:
                 f.write(run_id)
         kwargs = dict(project=wcfg.project, entity=wcfg.entity, name=wcfg.name or self.cfg.name, id=run_id,
