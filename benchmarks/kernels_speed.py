@@ -65,16 +65,16 @@ def make_inputs(T, dtype=torch.bfloat16, dv=DV):
     return q, k, v, do
 
 
-def time_linear(kind, T, dv=DV):
+def time_linear(kind, T, dv=DV, backend="triton"):
     q, k, v, do = make_inputs(T, dv=dv)
     f = kernels.rebased_attention if kind == "rebased" else kernels.based_attention
 
     def fwd():
         with torch.no_grad():
-            return f(q, k, v, backend="triton")[0]
+            return f(q, k, v, backend=backend)[0]
 
     def fwdbwd():
-        o = f(q, k, v, backend="triton")[0]
+        o = f(q, k, v, backend=backend)[0]
         return torch.autograd.grad(o, (q, k, v), do)
 
     return bench(fwd), bench(fwdbwd)
@@ -219,6 +219,11 @@ def main():
         r = {"T": T, "B": max(1, TOKENS // T), **fl}
         r["rebased_fwd_ms"], r["rebased_fwd_bwd_ms"] = time_linear("rebased", T)
         r["based_fwd_ms"], r["based_fwd_bwd_ms"] = time_linear("based", T)
+        try:  # the PyTorch chunked reference (what backend="torch" runs), for the dispatcher's choice
+            r["torch_rebased_fwd_ms"], r["torch_rebased_fwd_bwd_ms"] = time_linear("rebased", T, backend="torch")
+        except Exception as exc:  # pragma: no cover (out of memory at long T)
+            r["torch_rebased_error"] = repr(exc)[:200]
+        torch.cuda.empty_cache()
         try:
             r["sdpa_fwd_ms"], r["sdpa_fwd_bwd_ms"] = time_sdpa(T)
         except Exception as exc:  # pragma: no cover
@@ -236,8 +241,9 @@ def main():
              f"{TOKENS} tokens per call (B = {TOKENS}//T), H={HEADS}, Dk={DK}, Dv={DV}, bf16; SDPA head dim 64 causal "
              f"(flash). Times are medians of triton.testing.do_bench (ms). Tuning: {json.dumps(best or {})}.", "",
              "| T | B | ReBased fwd | ReBased fwd+bwd | Based fwd | Based fwd+bwd | SDPA fwd | SDPA fwd+bwd | "
-             "ReBased/SDPA fwd+bwd | Based/ReBased fwd+bwd | us/1k tok (ReBased fb) | floor fwd+bwd |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "ReBased/SDPA fwd+bwd | Based/ReBased fwd+bwd | us/1k tok (ReBased fb) | floor fwd+bwd | "
+             "torch-ref ReBased fwd+bwd |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         sd = r.get("sdpa_fwd_bwd_ms")
         ntok = r["B"] * r["T"]
@@ -246,7 +252,7 @@ def main():
             f"{r['based_fwd_bwd_ms']:.3f} | {r.get('sdpa_fwd_ms', float('nan')):.3f} | {sd if sd else float('nan'):.3f} | "
             f"{(r['rebased_fwd_bwd_ms'] / sd) if sd else float('nan'):.3f} | "
             f"{r['based_fwd_bwd_ms'] / r['rebased_fwd_bwd_ms']:.2f} | {1e3 * r['rebased_fwd_bwd_ms'] / ntok * 1e3:.2f} | "
-            f"{r['fwd_bwd_floor_ms']:.3f} |")
+            f"{r['fwd_bwd_floor_ms']:.3f} | {r.get('torch_rebased_fwd_bwd_ms', float('nan')):.3f} |")
     if any("short_conv" in r for r in rows):
         lines += ["", "Short conv (D=2048, K=4, bf16, bias), ms:", "",
                   "| T | ours fwd | conv1d fwd | ours fwd+bwd | conv1d fwd+bwd |", "|---|---|---|---|---|"]

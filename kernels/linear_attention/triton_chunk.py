@@ -57,6 +57,9 @@ TUNING = {
 }
 
 
+MAX_CHUNK = 32
+
+
 def supports(q: torch.Tensor, v: torch.Tensor) -> bool:
     return q.shape[-1] == 16 and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
 
@@ -820,7 +823,10 @@ def chunk_linear_attention(kind: str, q, k, v, *, scale: float, eps: float = 1e-
     """Triton (Re)Based attention with the public contract of ``kernels.rebased_attention``."""
     based = kind == "based"
     b, t, h, dk = q.shape
-    chunk = chunk_size if chunk_size in (16, 32, 64, 128) else 64
+    # Chunks above MAX_CHUNK are clamped: at C = 64 the backward delta kernel faults (illegal memory access) on
+    # an H100 with triton 3.6, and at C = 64 in fp32 compilation does not finish in 2 minutes; C = 16 and 32 pass
+    # the float64 checks there (benchmarks/results/kernels_diagnose_*.json). TUNING["chunk"] bypasses the clamp.
+    chunk = min(chunk_size if chunk_size in (16, 32, 64, 128) else MAX_CHUNK, MAX_CHUNK)
     if TUNING.get("chunk"):
         chunk = int(TUNING["chunk"])
     n_docs = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
