@@ -2,8 +2,16 @@
 # when pyproject.toml changed since the last install. Nothing is installed twice.
 #   TORCH_SPEC   what to pip-install when torch is missing (default: the CPU-only machine's torch==2.13.0 when
 #                no NVIDIA driver is present, else the newest torch from the index)
+#   REBASED_SKIP_INSTALL=1   use the python on PATH as it is (a prepared container or cluster module, offline
+#                nodes): no virtualenv, no pip; the repository goes on PYTHONPATH
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [ "${REBASED_SKIP_INSTALL:-0}" = 1 ]; then
+  export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+  export WANDB_MODE="${WANDB_MODE:-offline}"
+  cd "$ROOT"
+  return 0
+fi
 if [ -z "${VIRTUAL_ENV:-}" ]; then
   [ -x "$ROOT/.venv/bin/python" ] || python3 -m venv "$ROOT/.venv"
   # shellcheck disable=SC1091
