@@ -154,7 +154,7 @@ def evaluate(args) -> dict:
     bar.close()
     overall, by_set = totals_by_set(docs, per_doc)
     result = {
-        "checkpoint": str(args.checkpoint), "data": str(args.data), "seq_len": seq_len,
+        "name": args.name or model_name(args.checkpoint), "checkpoint": str(args.checkpoint), "data": str(args.data), "seq_len": seq_len,
         "windows": "non-overlapping" if args.stride is None else f"sliding, stride {args.stride}",
         "documents_layout": args.documents + (" (state reset per document)" if args.documents == "separate"
                                               else " (context crosses documents)"),
@@ -179,8 +179,14 @@ def _default_eod(args):
     raise SystemExit("give --tokenizer (or --eod-id) so the end-of-document id is known")
 
 
+def model_name(checkpoint: str) -> str:
+    """A short label: the run directory for ``RUN/export`` or ``RUN/checkpoints[/step_N]``, else the last part."""
+    parts = [p for p in Path(checkpoint).parts if p not in ("export", "checkpoints") and not p.startswith("step_")]
+    return parts[-1] if parts else str(checkpoint)
+
+
 def print_table(results: list[dict]) -> None:
-    names = [Path(r["checkpoint"]).name or r["checkpoint"] for r in results]
+    names = [r.get("name") or model_name(r["checkpoint"]) for r in results]
     width = max(12, *(len(n) for n in names))
     print(f"{'model':<{width}} {'tokens':>10} {'loss':>8} {'ppl':>10} {'bits/byte':>10}  windows / layout")
     for name, r in zip(names, results):
@@ -220,6 +226,7 @@ def main(argv=None):
     parser.add_argument("--text-key", default="text")
     parser.add_argument("--eod-id", type=int, help="end-of-document id when no tokenizer is given")
     parser.add_argument("--out", help="write the result JSON here")
+    parser.add_argument("--name", help="label in tables (default: the run directory's name)")
     args = parser.parse_args(argv)
     return evaluate(args)
 

@@ -50,3 +50,20 @@ def test_unreadable_and_invalid_yaml(tmp_path):
         load_config(ModelConfig, write(tmp_path, "a: [1,\n"))
     with pytest.raises(ConfigError, match="key.sub=value"):
         load_config(ModelConfig, write(tmp_path, GOOD), ["d_model"])
+
+
+def test_shipped_run_configs_load():
+    """Every configs/runs/*.yaml validates, and its model config (with its overrides) builds a config."""
+    from pathlib import Path
+
+    from pretrain.config import load_config
+    from pretrain.models.config import ModelConfig
+    from pretrain.training.config import RunConfig
+
+    root = Path(__file__).resolve().parents[1]
+    paths = sorted((root / "configs" / "runs").glob("*.yaml"))
+    assert len(paths) >= 4
+    for path in paths:
+        run = load_config(RunConfig, str(path), [])
+        model = load_config(ModelConfig, str(root / run.model), run.model_overrides)
+        assert model.vocab_size > 0, path
