@@ -157,6 +157,8 @@ class SoftmaxAttention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, Dh]
         if cu_seqlens is None and cache is None and self.window is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif cu_seqlens is None and cache is None and T > 2 * self.window:
+            o = _blocked_window_attention(q, k, v, self.window)
         else:
             mask = (q_pos[:, None] >= k_pos[None, :])
             if self.window is not None:
@@ -166,6 +168,34 @@ class SoftmaxAttention(nn.Module):
                 mask &= docs[:, None] == docs[None, :]
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, d))
+
+
+def _blocked_window_attention(q, k, v, window: int):
+    """Causal attention to the last ``window`` keys in O(T·W): queries in blocks of W see their own block and the
+    previous one (a dense T×T mask would make sliding-window layers as costly as full attention). [B, H, T, D]."""
+    B, H, T, D = q.shape
+    n = -(-T // window)
+    pad = n * window - T
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+
+    def blocks(t):  # [B, H, n*W, D] -> [B*n, H, W, D]
+        return t.view(B, H, n, window, D).transpose(1, 2).reshape(B * n, H, window, D)
+
+    def with_previous(t):  # keys of the previous block, then this block's: [B*n, H, 2W, D]
+        t = t.view(B, H, n, window, D)
+        prev = F.pad(t, (0, 0, 0, 0, 1, 0))[:, :, :n]
+        return torch.cat([prev, t], 3).transpose(1, 2).reshape(B * n, H, 2 * window, D)
+
+    i = torch.arange(window, device=q.device)
+    j = torch.arange(2 * window, device=q.device)
+    offset = j[None, :] - window - i[:, None]  # key position minus query position
+    mask = (offset <= 0) & (offset > -window)  # [W, 2W]
+    first = mask & (j[None, :] >= window)  # block 0 has no previous block
+    masks = torch.cat([first[None], mask[None].expand(n - 1, -1, -1)])  # [n, W, 2W]
+    masks = masks[None, :, None].expand(B, -1, 1, -1, -1).reshape(B * n, 1, window, 2 * window)
+    o = F.scaled_dot_product_attention(blocks(q), with_previous(k), with_previous(v), attn_mask=masks)
+    return o.view(B, n, H, window, D).transpose(1, 2).reshape(B, H, n * window, D)[:, :, :T]
 
 
 def build_mixer(cfg: ModelConfig, kind: str) -> nn.Module:

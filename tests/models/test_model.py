@@ -224,3 +224,24 @@ def test_export_round_trip(tmp_path, tie):
     ids = torch.randint(0, 97, (2, 7))
     assert torch.equal(loaded(ids), model(ids))
     assert (loaded.lm_head.weight is loaded.embed.weight) == tie
+
+
+@pytest.mark.parametrize("t,window", [(9, 4), (16, 4), (23, 5), (64, 8), (7, 3)])
+def test_blocked_window_attention_matches_dense_mask(t, window):
+    """The O(T·W) sliding-window path equals SDPA with the dense T×T window mask (float64, forward and grads)."""
+    import torch.nn.functional as F
+
+    from pretrain.models.mixers import _blocked_window_attention
+
+    torch.manual_seed(t)
+    q, k, v = (torch.randn(2, 3, t, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    pos = torch.arange(t)
+    mask = (pos[:, None] >= pos[None, :]) & (pos[:, None] - pos[None, :] < window)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    got = _blocked_window_attention(q, k, v, window)
+    assert torch.allclose(got, ref, rtol=1e-12, atol=1e-12)
+    w = torch.randn_like(ref)
+    g_ref = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    g = torch.autograd.grad((got * w).sum(), (q, k, v))
+    for a, b in zip(g, g_ref):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)

@@ -1,0 +1,167 @@
+"""Whole training steps on one GPU: the 360M ReBased hybrid vs the 360M Transformer++.
+
+Each step is forward, backward and AdamW on the same tokens per step at every sequence length (bf16 autocast over
+fp32 weights, the trainer's loss and activation-checkpointing hook), with and without activation checkpointing.
+Reports tokens/s, MFU from the model's honest FLOP count (pretrain.models.flops), peak memory, and the
+hybrid / Transformer++ ratio; results to benchmarks/results/model_speed_<device>_<date>.{json,md}.
+
+    python benchmarks/model_speed.py [--tokens 65536] [--lengths 2048,8192,16384,32768] [--steps 8] [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+
+from pretrain.models import build_model, flops_per_token, load_model_config  # noqa: E402
+from pretrain.train import make_checkpoint_fn  # noqa: E402
+from pretrain.training.metrics import peak_flops  # noqa: E402
+
+MODELS = {"rebased_360m": "configs/models/rebased_360m.yaml", "transformer_360m": "configs/models/transformer_360m.yaml"}
+
+
+def time_steps(name: str, seq_len: int, tokens: int, ac: str, steps: int, compile_blocks: bool) -> dict:
+    cfg = load_model_config(os.path.join(ROOT, MODELS[name]), [f"max_seq_len={seq_len}"])
+    torch.manual_seed(0)
+    model = build_model(cfg).cuda()
+    if compile_blocks:
+        for block in model.blocks:
+            block.compile()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    batch = max(1, tokens // seq_len)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), device="cuda")
+    ckpt = make_checkpoint_fn(model, ac, 2)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model.loss(ids[:, :-1], ids[:, 1:], checkpoint_fn=ckpt)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(3):  # warm-up: Triton/inductor compilation, allocator
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    sec = (time.perf_counter() - t0) / steps
+    tps = batch * seq_len / sec
+    peak = peak_flops(torch.device("cuda"))
+    fpt = flops_per_token(cfg, seq_len)["train"]
+    res = {"model": name, "seq_len": seq_len, "batch": batch, "activation_checkpointing": ac,
+           "step_ms": 1e3 * sec, "tokens_per_s": tps, "train_flops_per_token": fpt,
+           "mfu": fpt * tps / peak if peak else None, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+    del model, opt, ids
+    torch.cuda.empty_cache()
+    return res
+
+
+def profile_top(name: str, seq_len: int, tokens: int, top: int = 12) -> str:
+    """The top CUDA kernels of one training step (what to fuse next)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = load_model_config(os.path.join(ROOT, MODELS[name]), [f"max_seq_len={seq_len}"])
+    model = build_model(cfg).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    ids = torch.randint(0, cfg.vocab_size, (max(1, tokens // seq_len), seq_len + 1), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            model.loss(ids[:, :-1], ids[:, 1:]).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=60)
+    del model, opt
+    torch.cuda.empty_cache()
+    return table
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=65536, help="tokens per step at every length")
+    p.add_argument("--lengths", default="2048,8192,16384,32768")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--ac", default="none,full", help="activation checkpointing modes to time")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block")
+    p.add_argument("--profile", action="store_true", help="print the top CUDA kernels per model at 2048 and 16384")
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    args = p.parse_args()
+
+    device = torch.cuda.get_device_name()
+    meta = {"device": device, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join([os.path.basename(sys.executable), *sys.argv]), "torch": torch.__version__,
+            "tokens_per_step": args.tokens, "compile": args.compile, "precision": "bf16 autocast, fp32 weights",
+            "kernel_backend": os.environ.get("REBASED_KERNEL_BACKEND", "auto")}
+    print(meta, flush=True)
+    rows = []
+    for seq_len in [int(x) for x in args.lengths.split(",")]:
+        for ac in args.ac.split(","):
+            for name in MODELS:
+                try:
+                    r = time_steps(name, seq_len, args.tokens, ac, args.steps, args.compile)
+                except torch.OutOfMemoryError:
+                    r = {"model": name, "seq_len": seq_len, "activation_checkpointing": ac, "oom": True}
+                    torch.cuda.empty_cache()
+                print(json.dumps(r), flush=True)
+                rows.append(r)
+    profiles = {}
+    if args.profile:
+        for name in MODELS:
+            for seq_len in (2048, 16384):
+                profiles[f"{name}@{seq_len}"] = profile_top(name, seq_len, args.tokens)
+                print(f"--- {name} @ {seq_len}\n{profiles[f'{name}@{seq_len}']}", flush=True)
+
+    lines = [f"# Whole-model training step: {device}, {meta['date']}", "",
+             f"Command: `{meta['command']}`; torch {meta['torch']}; {args.tokens} tokens per step; "
+             f"{meta['precision']}; fused AdamW; compile={args.compile}; linear-attention kernels: "
+             f"{meta['kernel_backend']}.", "",
+             "| T | AC | hybrid tokens/s | Transformer++ tokens/s | hybrid / T++ | hybrid MFU | T++ MFU | "
+             "hybrid peak GiB | T++ peak GiB |", "|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda r, k, f: (f.format(r[k]) if r.get(k) is not None else "OOM" if r.get("oom") else "n/a")  # noqa: E731
+    for seq_len in sorted({r["seq_len"] for r in rows}):
+        for ac in args.ac.split(","):
+            h = next(r for r in rows if r["seq_len"] == seq_len and r["activation_checkpointing"] == ac
+                     and r["model"] == "rebased_360m")
+            t = next(r for r in rows if r["seq_len"] == seq_len and r["activation_checkpointing"] == ac
+                     and r["model"] == "transformer_360m")
+            ratio = f"{h['tokens_per_s'] / t['tokens_per_s']:.2f}x" if "tokens_per_s" in h and "tokens_per_s" in t \
+                else "n/a"
+            lines.append(f"| {seq_len} | {ac} | {fmt(h, 'tokens_per_s', '{:,.0f}')} | {fmt(t, 'tokens_per_s', '{:,.0f}')}"
+                         f" | {ratio} | {fmt(h, 'mfu', '{:.1%}')} | {fmt(t, 'mfu', '{:.1%}')} | "
+                         f"{fmt(h, 'peak_mem_gib', '{:.1f}')} | {fmt(t, 'peak_mem_gib', '{:.1f}')} |")
+    if profiles:
+        lines += ["", "Top CUDA kernels of one step (torch.profiler):", ""]
+        for key, table in profiles.items():
+            lines += [f"{key}:", "", "```", table, "```", ""]
+    md = "\n".join(lines) + "\n"
+    print(md)
+    os.makedirs(args.out, exist_ok=True)
+    tag = "".join(ch if ch.isalnum() else "_" for ch in device).strip("_")
+    stem = os.path.join(args.out, f"model_speed_{tag}_{meta['date'][:10]}")
+    with open(stem + ".json", "w") as f:
+        json.dump({"meta": meta, "rows": rows, "profiles": profiles}, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(md)
+
+
+if __name__ == "__main__":
+    main()
