@@ -102,6 +102,8 @@ class LinearAttention(nn.Module):
             v = v.repeat_interleave(H // self.value_heads, dim=2)
         if self.feature_map is not None:
             q, k = self.feature_map(q), self.feature_map(k)
+        # under autocast the LayerNorm of the feature map runs in fp32 while v is bf16: the kernels take one dtype
+        q, k = q.to(v.dtype), k.to(v.dtype)
         o, state = self.attention(
             q, k, v, eps=self.eps, cu_seqlens=cu_seqlens,
             initial_state=None if cache is None else cache.state, output_final_state=cache is not None,

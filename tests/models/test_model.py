@@ -245,3 +245,16 @@ def test_blocked_window_attention_matches_dense_mask(t, window):
     g = torch.autograd.grad((got * w).sum(), (q, k, v))
     for a, b in zip(g, g_ref):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mixer", ["rebased", "based"])
+def test_linear_attention_under_bf16_autocast(mixer):
+    """The trainer's single/ddp bf16 path runs the model under autocast (feature-map LayerNorm in fp32, v in bf16)."""
+    cfg = small_config(["short_conv", mixer])
+    model = make_model(cfg).float()
+    ids = torch.randint(0, 97, (2, 11))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(ids)
+    logits.float().sum().backward()
+    assert torch.isfinite(logits.float()).all()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
