@@ -252,6 +252,11 @@ def test_linear_attention_under_bf16_autocast(mixer):
     """The trainer's single/ddp bf16 path runs the model under autocast (feature-map LayerNorm in fp32, v in bf16)."""
     cfg = small_config(["short_conv", mixer])
     model = make_model(cfg).float()
+    attn = model.blocks[1].mixer
+    # CUDA autocast runs layer_norm in fp32 (CPU autocast does not): mimic it with an fp32 q/k path
+    module = attn.feature_map if attn.feature_map is not None else attn.q_proj
+    forward = module.forward
+    module.forward = lambda x: forward(x).float()
     ids = torch.randint(0, 97, (2, 11))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(ids)
