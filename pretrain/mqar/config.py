@@ -1,0 +1,143 @@
+"""The MQAR run configuration (one setting: mixer × d_model × seq_len × lr × seed), read with ``pretrain.config``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pretrain.config import load_config
+from pretrain.mqar.data import MQARSpec, default_num_kv_pairs
+
+MQARMixer = Literal["rebased", "based", "attention", "conv_attention"]
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# How each benchmark mixer maps onto the model zoo: the base model YAML and the overrides on top of it.
+# attention = two softmax-attention layers; conv_attention = short_conv then attention (the paper's baseline);
+# both use one head, as the paper's sweep (num_heads = 1 for attention).
+MIXER_MODELS: dict[str, tuple[str, list[str]]] = {
+    "rebased": ("configs/models/mqar_rebased.yaml", []),
+    "based": ("configs/models/mqar_based.yaml", []),
+    "attention": ("configs/models/mqar_rebased.yaml", ["layers=[attention,attention]", "attention.num_heads=1"]),
+    "conv_attention": ("configs/models/mqar_rebased.yaml", ["layers=[short_conv,attention]", "attention.num_heads=1"]),
+}
+
+
+@dataclass
+class DataSection:
+    seq_len: int = 512
+    num_kv_pairs: int | None = None  # None: 16 at seq_len 128, seq_len/4 otherwise (the paper's rule)
+    vocab_size: int = 8192
+    num_train: int = 100_000
+    num_test: int = 3_000
+    power_a: float = 0.01
+    random_non_queries: bool = False
+    seed: int = 42  # the data seed (test split: seed + 10); fixed across training seeds, as in the paper's sweep
+    cache_dir: str | None = ".cache/mqar"
+
+    def __post_init__(self):
+        self.spec()  # the generator's own checks (pairs fit the sequence and the vocabulary), at load time
+
+    def spec(self) -> MQARSpec:
+        n = self.num_kv_pairs if self.num_kv_pairs is not None else default_num_kv_pairs(self.seq_len)
+        return MQARSpec(seq_len=self.seq_len, num_kv_pairs=n, vocab_size=self.vocab_size, num_train=self.num_train,
+                        num_test=self.num_test, power_a=self.power_a, random_non_queries=self.random_non_queries,
+                        seed=self.seed)
+
+
+@dataclass
+class ModelSection:
+    mixer: MQARMixer = "rebased"
+    d_model: int = 128
+    config: str | None = None  # base model YAML; None: the mixer's default (MIXER_MODELS)
+    overrides: list[str] = field(default_factory=list)  # extra model overrides, applied last
+
+
+@dataclass
+class TrainSection:
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    batch_size: int = 512  # examples per optimizer step (the paper: 512)
+    micro_batch_size: int | None = None  # None: batch_size, capped at 256·512/seq_len from seq_len 512 (the paper)
+    eval_batch_size: int | None = None  # None: micro batch size
+    max_epochs: int = 64
+    early_stop_accuracy: float | None = 0.99  # stop once validation accuracy reaches this; null: never
+    schedule: Literal["cosine_epoch", "constant"] = "cosine_epoch"  # cosine over max_epochs, stepped per epoch
+    grad_clip: float | None = None  # the paper does not clip
+    seed: int = 0  # model init and batch order
+    device: str = "auto"  # auto: cuda when available
+    precision: Literal["fp32", "tf32", "bf16"] = "tf32"  # tf32 = fp32 weights/activations, TF32 matmuls on CUDA
+    max_steps: int | None = None  # stop after this many optimizer steps (smoke tests, time budgets)
+    time_limit_s: float | None = None  # stop after the epoch that crosses this wall time (recorded in the result)
+    eval_every_steps: int | None = None  # extra evaluations inside epochs (None: once per epoch)
+    num_threads: int | None = None  # CPU threads for torch (None: torch's default); 1 is fastest on a shared CPU
+
+    def __post_init__(self):
+        if self.lr <= 0 or self.batch_size < 1 or self.max_epochs < 1:
+            raise ValueError("lr, batch_size and max_epochs must be positive")
+        if self.micro_batch_size is not None and (self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size):
+            raise ValueError(f"micro_batch_size={self.micro_batch_size} must divide batch_size={self.batch_size}")
+        if len(self.betas) != 2:
+            raise ValueError("betas must be two numbers")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads={self.num_threads} must be >= 1")
+
+
+@dataclass
+class LogSection:
+    tqdm: bool = True
+    wandb: Literal["disabled", "offline", "online"] = "disabled"  # never needs an account unless 'online'
+    wandb_project: str = "rebased-mqar"
+    wandb_dir: str = "runs/wandb"
+
+
+@dataclass
+class MQARConfig:
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    log: LogSection = field(default_factory=LogSection)
+    output: str | None = None  # result JSON path; None: print only
+    name: str | None = None  # run name; None: derived from the setting
+
+    def run_name(self) -> str:
+        return self.name or setting_name(self.model.mixer, self.model.d_model, self.data.seq_len, self.train.lr,
+                                         self.train.seed)
+
+    def micro_batch_size(self) -> int:
+        if self.train.micro_batch_size is not None:
+            return self.train.micro_batch_size
+        mb = self.train.batch_size
+        if self.data.seq_len >= 512:
+            cap = max(1, 256 // (self.data.seq_len // 512))
+            while mb > cap or self.train.batch_size % mb:
+                mb -= 1
+        return mb
+
+    def model_overrides(self) -> tuple[str, list[str]]:
+        base, extra = MIXER_MODELS[self.model.mixer]
+        path = self.model.config or base
+        if not Path(path).is_absolute() and not Path(path).exists():
+            path = str(REPO_ROOT / path)
+        overrides = [f"d_model={self.model.d_model}", f"vocab_size={self.data.vocab_size}",
+                     f"max_seq_len={self.data.seq_len}", *extra, *self.model.overrides]
+        return path, overrides
+
+    def model_config(self):
+        from pretrain.models import load_model_config
+
+        path, overrides = self.model_overrides()
+        return load_model_config(path, overrides)
+
+
+def format_lr(lr: float) -> str:
+    return f"{lr:g}"
+
+
+def setting_name(mixer: str, d_model: int, seq_len: int, lr: float, seed: int) -> str:
+    return f"{mixer}_d{d_model}_L{seq_len}_lr{format_lr(lr)}_s{seed}"
+
+
+def load_mqar_config(path=None, overrides=None) -> MQARConfig:
+    return load_config(MQARConfig, path, overrides)

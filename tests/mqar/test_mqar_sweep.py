@@ -1,0 +1,240 @@
+"""The MQAR sweep: the grid, skipping finished settings, stale and failed runs, GPU pinning, the Slurm array.
+
+One test starts the real ``python -m pretrain.mqar`` (two one-step runs); the others replace the child command
+with a stand-in script that writes a result at once (``fake_runs``), so they test the bookkeeping in seconds.
+"""
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pretrain.mqar import sweep as mqar_sweep
+from pretrain.mqar.results import SCHEMA, read_result, write_json_atomic
+from pretrain.mqar.sweep import (Sweep, compress_indices, enumerate_settings, log_path, main, result_path,
+                                 split_overrides, worker_slots)
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = str(REPO / "configs/mqar/tiny_cpu.yaml")
+GRID = ["--config", TINY, "--mixers", "rebased", "--d-models", "64", "--seq-lens", "32", "--lrs", "0.01",
+        "--seeds", "0", "1", "2"]
+SETTING_LINE = re.compile(r"^\s*\d+\s+rebased_\S+\s+(\w+)")
+NAMES = ["rebased_d64_L32_lr0.01_s0", "rebased_d64_L32_lr0.01_s1", "rebased_d64_L32_lr0.01_s2"]
+
+FAKE_RUN = textwrap.dedent("""
+    import json, os, sys, time
+    out, config = sys.argv[1], json.load(open(sys.argv[2]))
+    print("fake run", out)
+    time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
+    rc = int(os.environ.get("FAKE_RC", "0"))
+    if rc == 0:
+        json.dump({"schema": "mqar-result/1", "best_accuracy": 0.5, "config": config,
+                   "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}, open(out, "w"))
+    sys.exit(rc)
+""")
+
+
+def sweep_for(out, overrides=("train.max_steps=1",)) -> Sweep:
+    settings = enumerate_settings(["rebased"], [64], [32], [0.01], [0, 1, 2])
+    return Sweep(TINY, out, settings, list(overrides))
+
+
+def write_done(sweep: Sweep, index: int, **changes) -> Path:
+    """A finished result for setting ``index`` as the sweep expects it (``changes``: dotted config keys altered)."""
+    setting = sweep.settings[index]
+    config = json.loads(json.dumps(sweep.expected_config(setting)))
+    for dotted, value in changes.items():
+        *parents, last = dotted.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    path = result_path(sweep.out_dir, setting)
+    write_json_atomic(path, {"schema": SCHEMA, "name": setting.name, "best_accuracy": 0.25, "config": config})
+    return path
+
+
+@pytest.fixture
+def fake_runs(tmp_path, monkeypatch):
+    """Children run FAKE_RUN instead of training: it writes a result with the expected config (FAKE_RC=n fails)."""
+    script = tmp_path / "fake_run.py"
+    script.write_text(FAKE_RUN)
+
+    def command(self, setting):
+        config = tmp_path / f"expected_{setting.name}.json"
+        config.write_text(json.dumps(self.expected_config(setting)))
+        return [sys.executable, str(script), str(result_path(self.out_dir, setting)), str(config)]
+
+    monkeypatch.setattr(Sweep, "command", command)
+    return monkeypatch
+
+
+def dry_run_states(out, capsys, *extra) -> list[str]:
+    assert main(["--out", str(out), *GRID, "train.max_steps=1", "--dry-run", *extra]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    return [m.group(1) for m in map(SETTING_LINE.match, lines) if m]
+
+
+def test_default_grid_is_the_papers(tmp_path, capsys):
+    settings = enumerate_settings(*(mqar_sweep.DEFAULT_MIXERS, mqar_sweep.DEFAULT_D_MODELS,
+                                    mqar_sweep.DEFAULT_SEQ_LENS, mqar_sweep.DEFAULT_LRS, mqar_sweep.DEFAULT_SEEDS))
+    assert len(settings) == 2 * 2 * 4 * 4 * 2 == 128
+    assert [s.index for s in settings] == list(range(128))
+    assert settings[0].name == "rebased_d64_L256_lr0.0005_s0" and settings[1].name == "rebased_d64_L256_lr0.0005_s1"
+    assert settings[2].name == "rebased_d64_L256_lr0.001_s0" and settings[-1].name == "based_d128_L2048_lr0.01_s1"
+    assert len({s.name for s in settings}) == 128
+    assert main(["--out", str(tmp_path / "r"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "128 settings: 0 done, 128 pending, 0 failed, 0 stale" in out
+    assert "  17  rebased_d64_L1024_lr0.0005_s1 " in out
+    assert not (tmp_path / "r").exists(), "a dry run writes nothing"
+
+
+def test_overrides_may_stand_anywhere():
+    parser = mqar_sweep.build_parser()
+    flags, overrides = split_overrides(parser, ["--seeds", "0", "1", "train.max_epochs=4", "--slurm-opt",
+                                                "partition=gpu", "--out", "a=b", "--", "data.seed=3"])
+    assert overrides == ["train.max_epochs=4", "data.seed=3"]
+    args = parser.parse_args(flags)
+    assert args.seeds == [0, 1] and args.slurm_opt == ["partition=gpu"] and args.out == "a=b"
+
+
+def test_grid_keys_cannot_be_overridden(tmp_path, capsys):
+    assert main(["--out", str(tmp_path), *GRID, "train.seed=5", "--dry-run"]) == 2
+    assert "'train.seed' is set by the sweep" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path), *GRID, "train.max_epoch=5", "--dry-run"]) == 2
+    assert "tiny_cpu.yaml: unknown key 'train.max_epoch'" in capsys.readouterr().err
+
+
+def test_real_runs_skip_finished_settings(tmp_path, capsys):
+    out = tmp_path / "results"
+    sweep = sweep_for(out)
+    done_path = write_done(sweep, 1)
+    done_bytes = done_path.read_bytes()
+    torn = result_path(out, sweep.settings[2])
+    torn.write_text('{"schema": "mqar-result/1", "best_acc')  # an interrupted write: not a result
+    assert dry_run_states(out, capsys) == ["pending", "done", "pending"]
+
+    assert main(["--out", str(out), *GRID, "train.max_steps=1", "--workers", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "3 settings, 1 done, 2 to run on 2 CPU worker(s)" in printed
+    assert "2 finished, 0 failed, 1 were already done" in printed
+    assert done_path.read_bytes() == done_bytes, "a finished setting is not run again"
+    assert not log_path(out, sweep.settings[1]).exists()
+    for i in (0, 2):
+        result = read_result(result_path(out, sweep.settings[i]))
+        assert result is not None and result["name"] == NAMES[i] and result["steps"] == 1
+        assert result["stopped_by"] == "max_steps" and result["config"]["train"]["seed"] == i
+        log = log_path(out, sweep.settings[i]).read_text()
+        assert "-m pretrain.mqar --config" in log and "best valid accuracy" in log
+        assert log.rstrip().splitlines()[-1].startswith("=== exit code 0")
+    assert dry_run_states(out, capsys) == ["done", "done", "done"]
+
+    mtimes = [result_path(out, s).stat().st_mtime_ns for s in sweep.settings]
+    assert main(["--out", str(out), *GRID, "train.max_steps=1"]) == 0
+    assert "all 3 settings are done" in capsys.readouterr().out
+    assert [result_path(out, s).stat().st_mtime_ns for s in sweep.settings] == mtimes
+
+
+def test_stale_results_are_refused_unless_asked(tmp_path, capsys, fake_runs):
+    out = tmp_path / "results"
+    sweep = sweep_for(out)
+    stale = write_done(sweep, 0, **{"train.max_steps": 7})
+    write_done(sweep, 1, **{"log.tqdm": True, "data.cache_dir": "/elsewhere"})  # no effect on the result
+    assert dry_run_states(out, capsys) == ["stale", "done", "pending"]
+    assert main(["--out", str(out), *GRID, "train.max_steps=1", "--dry-run"]) == 0
+    assert "train.max_steps: 7 -> 1" in capsys.readouterr().out
+
+    assert main(["--out", str(out), *GRID, "train.max_steps=1"]) == 2
+    assert "--rerun-stale" in capsys.readouterr().err
+    assert read_result(stale)["best_accuracy"] == 0.25 and not result_path(out, sweep.settings[2]).exists()
+
+    assert main(["--out", str(out), *GRID, "train.max_steps=1", "--rerun-stale"]) == 0
+    assert read_result(stale)["best_accuracy"] == 0.5 and read_result(stale)["config"]["train"]["max_steps"] == 1
+    assert dry_run_states(out, capsys) == ["done", "done", "done"]
+
+
+def test_failed_runs_are_reported_and_retried(tmp_path, capsys, fake_runs):
+    out = tmp_path / "results"
+    fake_runs.setenv("FAKE_RC", "3")
+    assert main(["--out", str(out), *GRID, "train.max_steps=1", "--seeds", "0"]) == 1
+    assert "FAILED #0 rebased_d64_L32_lr0.01_s0: exit code 3" in capsys.readouterr().out
+    log = (out / f"{NAMES[0]}.log").read_text()
+    assert "fake run" in log and log.rstrip().splitlines()[-1].startswith("=== exit code 3")
+    assert not (out / f"{NAMES[0]}.json").exists()
+    assert dry_run_states(out, capsys)[0] == "failed"
+
+    fake_runs.setenv("FAKE_RC", "0")
+    assert main(["--out", str(out), *GRID, "train.max_steps=1", "--seeds", "0"]) == 0
+    log = (out / f"{NAMES[0]}.log").read_text()
+    assert log.count("=== start") == 2 and log.rstrip().splitlines()[-1].startswith("=== exit code 0")
+    assert dry_run_states(out, capsys)[0] == "done"
+
+
+def test_one_worker_per_gpu_pins_each_run(tmp_path, fake_runs):
+    assert worker_slots("0,1", None, 2) == [{"CUDA_VISIBLE_DEVICES": d} for d in ("0", "0", "1", "1")]
+    fake_runs.delenv("OMP_NUM_THREADS", raising=False)
+    cores = os.cpu_count()
+    assert worker_slots("none", 2, 1) == [{"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(max(1, cores // 2))}] * 2
+    assert worker_slots("none", None, 1) == [{"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(cores)}]
+    assert worker_slots("", 3, 1)[0]["OMP_NUM_THREADS"] == str(max(1, cores // 3))
+
+    fake_runs.setenv("FAKE_SLEEP", "0.5")  # both workers get work before either finishes
+    settings = enumerate_settings(["rebased", "based"], [64], [32], [0.01], [0, 1])
+    sweep = Sweep(TINY, tmp_path / "results", settings, ["train.max_steps=1"])
+    outcome = mqar_sweep.run_parallel(sweep, settings, worker_slots("0,1", None, 1), log=lambda m: None)
+    assert len(outcome["done"]) == 4 and not outcome["failed"]
+    devices = [read_result(result_path(sweep.out_dir, s))["visible_devices"] for s in settings]
+    assert set(devices) == {"0", "1"}
+    for s, d in zip(settings, devices):
+        assert f"CUDA_VISIBLE_DEVICES='{d}'" in log_path(sweep.out_dir, s).read_text()
+
+
+def test_compress_indices():
+    assert compress_indices([]) == ""
+    assert compress_indices([4]) == "4"
+    assert compress_indices([0, 1, 2, 5, 7, 8, 127]) == "0-2,5,7-8,127"
+    assert compress_indices([3, 1, 2, 2]) == "1-3"
+
+
+def test_slurm_array_covers_the_unfinished_settings(tmp_path, capsys, fake_runs):
+    out = tmp_path / "results"
+    write_done(sweep_for(out), 1)
+    args = ["--out", str(out), *GRID, "train.max_steps=1"]
+    assert main([*args, "--slurm-array", "--max-concurrent", "2", "--slurm-opt", "partition=gpu",
+                 "--slurm-opt", "gpus=", "--slurm-opt", "gres=gpu:1"]) == 0
+    script_path = out / "slurm" / "mqar_sweep.sbatch"
+    script = script_path.read_text()
+    assert script in capsys.readouterr().out
+    assert "#SBATCH --array=0,2%2\n" in script and "#SBATCH --partition=gpu\n" in script
+    assert "#SBATCH --gres=gpu:1\n" in script and "#SBATCH --gpus" not in script
+    assert f"#SBATCH --output={out}/slurm/" in script
+    subprocess.run(["bash", "-n", str(script_path)], check=True)
+
+    # the task's command line, as the array runs it: a valid sweep invocation naming setting i
+    exec_line = next(line for line in script.splitlines() if line.startswith("exec "))
+    words = shlex.split(exec_line)
+    task_args = words[words.index("pretrain.mqar.sweep") + 1:]
+    assert "train.max_steps=1" in task_args and "--task-index" in task_args
+    task_args = [("2" if w == "$SLURM_ARRAY_TASK_ID" else w) for w in task_args]
+    assert main(task_args) == 0
+    assert f"running setting #2 {NAMES[2]}" in capsys.readouterr().out
+    assert read_result(result_path(out, enumerate_settings(["rebased"], [64], [32], [0.01], [0, 1, 2])[2]))
+    assert not result_path(out, sweep_for(out).settings[0]).exists(), "--task-index runs that setting only"
+
+    assert main([*args, "--task-index", "1"]) == 0
+    assert "is done" in capsys.readouterr().out
+    assert main([*args, "--task-index", "3"]) == 2
+    assert "outside the grid's 0..2" in capsys.readouterr().err
+
+    # once everything is done there is nothing to submit
+    assert main([*args, "--task-index", "0"]) == 0
+    capsys.readouterr()
+    assert main([*args, "--slurm-array"]) == 0
+    assert "all 3 settings are done" in capsys.readouterr().out
