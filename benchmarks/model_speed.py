@@ -69,17 +69,18 @@ def time_steps(name: str, seq_len: int, tokens: int, ac: str, steps: int, compil
 
 
 def profile_top(name: str, seq_len: int, tokens: int, top: int = 12) -> str:
-    """The top CUDA kernels of one training step (what to fuse next)."""
+    """The top CUDA kernels of one training step with full activation checkpointing (what to fuse next)."""
     from torch.profiler import ProfilerActivity, profile
 
     cfg = load_model_config(os.path.join(ROOT, MODELS[name]), [f"max_seq_len={seq_len}"])
     model = build_model(cfg).cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     ids = torch.randint(0, cfg.vocab_size, (max(1, tokens // seq_len), seq_len + 1), device="cuda")
+    ckpt = make_checkpoint_fn(model, "full", 2)
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            model.loss(ids[:, :-1], ids[:, 1:]).backward()
+            model.loss(ids[:, :-1], ids[:, 1:], checkpoint_fn=ckpt).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -123,13 +124,6 @@ def main():
                     torch.cuda.empty_cache()
                 print(json.dumps(r), flush=True)
                 rows.append(r)
-    profiles = {}
-    if args.profile:
-        for name in MODELS:
-            for seq_len in (2048, 16384):
-                profiles[f"{name}@{seq_len}"] = profile_top(name, seq_len, args.tokens)
-                print(f"--- {name} @ {seq_len}\n{profiles[f'{name}@{seq_len}']}", flush=True)
-
     lines = [f"# Whole-model training step: {device}, {meta['date']}", "",
              f"Command: `{meta['command']}`; torch {meta['torch']}; {args.tokens} tokens per step; "
              f"{meta['precision']}; fused AdamW; compile={args.compile}; linear-attention kernels: "
@@ -148,19 +142,31 @@ def main():
             lines.append(f"| {seq_len} | {ac} | {fmt(h, 'tokens_per_s', '{:,.0f}')} | {fmt(t, 'tokens_per_s', '{:,.0f}')}"
                          f" | {ratio} | {fmt(h, 'mfu', '{:.1%}')} | {fmt(t, 'mfu', '{:.1%}')} | "
                          f"{fmt(h, 'peak_mem_gib', '{:.1f}')} | {fmt(t, 'peak_mem_gib', '{:.1f}')} |")
-    if profiles:
-        lines += ["", "Top CUDA kernels of one step (torch.profiler):", ""]
-        for key, table in profiles.items():
-            lines += [f"{key}:", "", "```", table, "```", ""]
     md = "\n".join(lines) + "\n"
     print(md)
     os.makedirs(args.out, exist_ok=True)
     tag = "".join(ch if ch.isalnum() else "_" for ch in device).strip("_")
     stem = os.path.join(args.out, f"model_speed_{tag}_{meta['date'][:10]}")
     with open(stem + ".json", "w") as f:
-        json.dump({"meta": meta, "rows": rows, "profiles": profiles}, f, indent=1)
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
     with open(stem + ".md", "w") as f:
         f.write(md)
+    if args.profile:
+        profiles = {}
+        for name in MODELS:
+            for seq_len in (2048, 16384):
+                try:
+                    profiles[f"{name}@{seq_len}"] = profile_top(name, seq_len, args.tokens)
+                except torch.OutOfMemoryError:
+                    profiles[f"{name}@{seq_len}"] = "out of memory"
+                    torch.cuda.empty_cache()
+                print(f"--- {name} @ {seq_len}\n{profiles[f'{name}@{seq_len}']}", flush=True)
+        with open(stem + ".md", "a") as f:
+            f.write("\nTop CUDA kernels of one step (torch.profiler, full activation checkpointing):\n\n")
+            for key, table in profiles.items():
+                f.write(f"{key}:\n\n```\n{table}\n```\n\n")
+        with open(stem + ".json", "w") as f:
+            json.dump({"meta": meta, "rows": rows, "profiles": profiles}, f, indent=1)
 
 
 if __name__ == "__main__":
