@@ -397,6 +397,7 @@ class Trainer:
                 self.tokens_seen += tokens_per_step
                 window_tokens += tokens_per_step
                 window_wait += out["data_wait_s"]
+                too_many_nonfinite = False
                 if out["applied"]:
                     self.nonfinite_in_a_row = 0
                 else:
@@ -405,12 +406,9 @@ class Trainer:
                     metrics.info(f"step {self.step}: non-finite loss/gradient (loss={out['loss']}, grad_norm="
                                  f"{out['grad_norm']}); update skipped ({self.nonfinite_in_a_row} in a row, "
                                  f"{self.skipped_steps} total)")
-                    if self.nonfinite_in_a_row >= t.max_nonfinite_in_a_row:
-                        raise NonFiniteError(
-                            f"stopping at step {self.step}: {self.nonfinite_in_a_row} non-finite steps in a row "
-                            f"(training.max_nonfinite_in_a_row={t.max_nonfinite_in_a_row}); the last checkpoint "
-                            f"is {ckpt.find_latest(self.ckpt_root)}. Lower the lr, raise warmup or check the data.")
-                log_now = self.step % cfg.logging.every == 0 or self.step == t.max_steps
+                    too_many_nonfinite = self.nonfinite_in_a_row >= t.max_nonfinite_in_a_row
+                # the step that stops the run is always recorded, so metrics show why it stopped
+                log_now = self.step % cfg.logging.every == 0 or self.step == t.max_steps or too_many_nonfinite
                 if log_now:
                     if self.device.type == "cuda":
                         torch.cuda.synchronize(self.device)
@@ -425,6 +423,11 @@ class Trainer:
                         rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                     metrics.log(rec)
                     window_t0, window_tokens, window_wait = time.perf_counter(), 0, 0.0
+                if too_many_nonfinite:
+                    raise NonFiniteError(
+                        f"stopping at step {self.step}: {self.nonfinite_in_a_row} non-finite steps in a row "
+                        f"(training.max_nonfinite_in_a_row={t.max_nonfinite_in_a_row}); the last checkpoint "
+                        f"is {ckpt.find_latest(self.ckpt_root)}. Lower the lr, raise warmup or check the data.")
                 metrics.advance(1, loss=out["loss"])
                 if cfg.data.valid and t.eval_every and self.step % t.eval_every == 0:
                     metrics.log({"step": self.step, **self.evaluate()})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -70,8 +71,9 @@ def base_config(shards: Path, out_dir: Path, **extra) -> dict:
     return cfg
 
 
-def command(config_path: Path, nproc: int, strategy: str, overrides=()) -> list[str]:
-    args = ["-m", "pretrain.train", "--config", str(config_path), f"parallel.strategy={strategy}", *overrides]
+def command(config_path: Path, nproc: int, strategy: str, overrides=(), entry=("-m", "pretrain.train")) -> list[str]:
+    """``entry``: how Python starts the trainer; a test may pass ``("-c", code)`` to patch it before ``main()``."""
+    args = [*entry, "--config", str(config_path), f"parallel.strategy={strategy}", *overrides]
     if nproc == 1 and strategy == "single":
         return [sys.executable, *args]
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
@@ -94,9 +96,9 @@ def write_config(shards, out_dir: Path, **extra) -> Path:
 
 
 def run(shards, out_dir: Path, nproc: int, strategy: str, overrides=(), timeout=240, extra_env=None,
-        check=True, **cfg_extra) -> subprocess.CompletedProcess:
+        check=True, entry=("-m", "pretrain.train"), **cfg_extra) -> subprocess.CompletedProcess:
     path = write_config(shards, out_dir, **cfg_extra)
-    p = subprocess.run(command(path, nproc, strategy, overrides), cwd=REPO, env=env(**(extra_env or {})),
+    p = subprocess.run(command(path, nproc, strategy, overrides, entry), cwd=REPO, env=env(**(extra_env or {})),
                        capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"run failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
@@ -135,6 +137,37 @@ def wait_for_step(out_dir: Path, step: int, proc, timeout=180) -> int:
             raise AssertionError(f"run ended (rc={proc.returncode}) before step {step}")
         time.sleep(0.05)
     raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def torchrun_workers(launcher_pid: int) -> dict[int, int]:
+    """{rank: pid} of the worker processes a torchrun launcher started (its children with RANK set; Linux /proc),
+    to signal one rank on its own as a scheduler's per-task signal would."""
+    workers = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue  # ended meanwhile, or not ours
+        rank = [v[5:] for v in environ if v.startswith(b"RANK=")]
+        if parent == launcher_pid and rank:
+            workers[int(rank[0])] = int(entry.name)
+    return workers
+
+
+def kill_run(proc, sig=signal.SIGKILL):
+    """Signal a run started by ``start``, workers included, and reap it. torchrun starts every worker in a session
+    of its own, so signalling the launcher's process group alone would leave the workers running (and training)."""
+    workers = torchrun_workers(proc.pid)
+    os.killpg(proc.pid, sig)
+    for pid in workers.values():
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            pass
+    proc.wait()
 
 
 def as_float(v) -> float:

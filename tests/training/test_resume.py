@@ -5,11 +5,10 @@ per-step batch fingerprints match) and the same losses within the float toleranc
 
 import os
 import random
-import signal
 
 import pytest
 
-from conftest import REFERENCE_RUNS, STEPS, losses, max_rel_diff, run, start, wait_for_step
+from conftest import REFERENCE_RUNS, STEPS, kill_run, losses, max_rel_diff, run, start, wait_for_step
 from test_equivalence import LOSS_RTOL
 
 
@@ -24,8 +23,7 @@ def test_kill9_then_resume_auto_is_exact(runs, shards, tmp_path, key):
     try:
         wait_for_step(out, kill_at, proc)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_run(proc)  # the launcher and every torchrun worker (each runs in a session of its own)
     before = max(losses(out))
     assert before < STEPS, f"run finished before the kill (seed {seed})"
     p = run(shards, out, nproc, strategy, runs.overrides(key))

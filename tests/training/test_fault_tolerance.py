@@ -1,0 +1,264 @@
+"""Fault tolerance of the trainer (CPU, gloo; the tiny runs of conftest: 20 steps, checkpoints every 5).
+
+* A checkpoint interrupted mid-save is never resumed: ``find_latest`` trusts only ``step_<n>`` directories holding
+  ``COMPLETE`` (written last, before the rename), the stale temp dir is removed on the next start, and that run
+  resumes from the previous complete checkpoint and ends with the uninterrupted run's losses, bit for bit.
+* SIGTERM / SIGUSR1 finish the step, save and exit 0; ``resume: auto`` continues from that step, bit for bit. On 2
+  processes a signal that reaches one rank only still makes every rank save the same step and exit.
+* A non-finite loss or gradient skips the update and is counted (``skipped_steps`` in metrics.jsonl);
+  ``training.max_nonfinite_in_a_row`` consecutive ones stop the run with exit code 3 and a message naming the limit.
+
+Step numbers: metrics.jsonl records the step count after the step (1..20), ``training.inject_nan_at_steps`` takes
+the count before it, so injecting at 3 poisons the step recorded as 4.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+
+from conftest import REPO, STEPS, kill_run, losses, run, start, torchrun_workers, wait_for_step
+from pretrain.training import checkpoint as ckpt
+
+CRASH_STEP = 10  # a periodic save (every 5) that is interrupted; step 5 is the last complete checkpoint
+SLOW_STEPS = {"REBASED_TEST_STEP_SLEEP": "0.25"}  # leaves time to signal the run mid-training
+
+
+def _assert_same_as_reference(got: dict, ref: dict, context: str):
+    assert sorted(got) == list(range(1, STEPS + 1)), context
+    mismatched = [s for s in got if got[s]["loss"] != ref[s]["loss"] or got[s]["batch_fp"] != ref[s]["batch_fp"]]
+    assert not mismatched, f"{context}: steps {mismatched} differ from the uninterrupted run"
+
+
+def _make_complete(root, step: int, keep_last: int = 0):
+    """A complete checkpoint through the real commit protocol (the payload does not matter here)."""
+    tmp = root / ckpt.temp_dir_name(step)
+    tmp.mkdir(parents=True)
+    (tmp / "payload").write_text("x")
+    return ckpt.commit(str(root), str(tmp), step, {"step": step}, keep_last)
+
+
+# --- completeness: which directory `resume: auto` may pick ------------------------------------------------------
+def test_find_latest_ignores_incomplete_checkpoints(tmp_path):
+    root = tmp_path / "checkpoints"
+    _make_complete(root, 5)
+    newest_complete = _make_complete(root, 10)
+    assert ckpt.find_latest(str(root)) == newest_complete
+
+    # killed after COMPLETE was written but before the rename: still a temp dir, never picked
+    died_before_rename = root / "step_00000030.tmp-123-456"
+    died_before_rename.mkdir()
+    (died_before_rename / "meta.json").write_text("{}")
+    (died_before_rename / ckpt.COMPLETE).write_text("30\n")
+    # a final-named directory without the marker (e.g. copied in part) that `latest` even points at
+    unmarked = root / "step_00000020"
+    unmarked.mkdir()
+    (unmarked / "meta.json").write_text("{}")
+    (root / ckpt.LATEST).write_text("step_00000020\n")
+    assert not ckpt.is_complete(str(unmarked))
+    assert ckpt.find_latest(str(root)) == newest_complete
+    assert [step for step, _ in ckpt.list_complete(str(root))] == [5, 10]
+
+    # a pointer to an older complete checkpoint, or garbage, never hides a newer complete one
+    (root / ckpt.LATEST).write_text("step_00000005\n")
+    assert ckpt.find_latest(str(root)) == newest_complete
+    (root / ckpt.LATEST).write_text("../elsewhere\n")
+    assert ckpt.find_latest(str(root)) == newest_complete
+
+    ckpt.remove_stale_temps(str(root))
+    assert not died_before_rename.exists() and (root / "step_00000010").is_dir()
+
+
+# A real kill -9 inside the save: the model/optimizer shards of step CRASH_STEP are on disk, the RNG states,
+# meta.json and COMPLETE are not (the trainer calls checkpoint.save_rng right after the strategy's DCP write).
+KILL_AFTER_MODEL_FILES = f"""
+import os, signal, sys
+from pretrain import train
+from pretrain.training import checkpoint
+
+real_save_rng = checkpoint.save_rng
+
+def save_rng_or_die(tmp, rank):
+    if os.path.basename(tmp).startswith(checkpoint.step_dir_name({CRASH_STEP}) + ".tmp-"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save_rng(tmp, rank)
+
+checkpoint.save_rng = save_rng_or_die
+sys.exit(train.main())
+"""
+
+
+@pytest.mark.parametrize("crash", ["sigkill_after_model_files", "exit_before_complete_marker"])
+def test_checkpoint_interrupted_mid_save_is_never_resumed(runs, shards, tmp_path, crash):
+    ref = losses(runs.reference("single"))
+    out = tmp_path / "run"
+    root = out / "checkpoints"
+    if crash == "sigkill_after_model_files":
+        p = run(shards, out, 1, "single", check=False, entry=("-c", KILL_AFTER_MODEL_FILES))
+        assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
+    else:  # the trainer's own fault hook: everything incl. meta.json is written and fsynced, COMPLETE is not
+        p = run(shards, out, 1, "single", check=False,
+                extra_env={"REBASED_TEST_CRASH_BEFORE_COMPLETE": CRASH_STEP})
+        assert p.returncode == 17, p.stderr[-3000:]
+    assert max(losses(out)) == CRASH_STEP, "the run must have died while saving step 10"
+
+    partial = [root / name for name in os.listdir(root) if name.startswith("step_00000010.tmp-")]
+    assert len(partial) == 1, os.listdir(root)
+    assert (partial[0] / "dcp" / ".metadata").is_file(), "the model/optimizer files were written"
+    assert (partial[0] / "meta.json").is_file() == (crash == "exit_before_complete_marker")
+    assert not ckpt.is_complete(str(partial[0]))
+    assert [step for step, _ in ckpt.list_complete(str(root))] == [5]
+    assert (root / ckpt.LATEST).read_text().strip() == "step_00000005"
+    assert ckpt.find_latest(str(root)) == str(root / "step_00000005")
+
+    p = run(shards, out, 1, "single")
+    assert f"resumed from {root / 'step_00000005'} (step 5" in p.stderr, p.stderr[-3000:]
+    assert not [name for name in os.listdir(root) if ".tmp-" in name], "the stale temp dir must be removed"
+    _assert_same_as_reference(losses(out), ref, crash)
+
+
+# --- SIGTERM / SIGUSR1 -------------------------------------------------------------------------------------------
+def _only_checkpoint_is_the_signal_one(out, signalled_after: int, world_size: int) -> str:
+    """With periodic saves off, the one complete checkpoint is the signal's: at or after the step seen before the
+    signal, with every rank's RNG state; no step was trained past it."""
+    complete = ckpt.list_complete(str(out / "checkpoints"))
+    assert len(complete) == 1, complete
+    step, path = complete[0]
+    meta = ckpt.read_meta(path)
+    assert meta["reason"] == "signal" and meta["step"] == step and meta["world_size"] == world_size
+    assert signalled_after <= step < STEPS
+    assert max(losses(out)) == step
+    assert sorted(os.listdir(os.path.join(path, "rng"))) == [f"rank_{r:05d}.pt" for r in range(world_size)]
+    log = (out.parent / f"{out.name}.log").read_text()
+    assert f"signal received: saving at step {step} and exiting" in log
+    return path
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_signal_saves_exits_0_and_resume_is_exact(runs, shards, tmp_path, signum):
+    ref = losses(runs.reference("single"))
+    out = tmp_path / "run"
+    no_periodic = ["checkpoint.every=0"]  # the signal's checkpoint is then the only one a resume can use
+    proc = start(shards, out, 1, "single", no_periodic, extra_env=SLOW_STEPS)
+    try:
+        signalled_after = wait_for_step(out, 6, proc)
+        os.kill(proc.pid, signum)
+        returncode = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:  # only when the test failed: never leave a run behind
+            kill_run(proc)
+    assert returncode == 0, (out.parent / f"{out.name}.log").read_text()[-3000:]
+    saved = _only_checkpoint_is_the_signal_one(out, signalled_after, world_size=1)
+
+    p = run(shards, out, 1, "single", no_periodic)
+    assert f"resumed from {saved} " in p.stderr, p.stderr[-3000:]
+    _assert_same_as_reference(losses(out), ref, f"signal {signum} after step {signalled_after}")
+
+
+def test_signal_to_one_rank_saves_on_every_rank(runs, shards, tmp_path):
+    """DDP on 2 processes, SIGUSR1 to rank 1 only (rank 0 writes the metadata and never gets it): the ranks agree
+    on it, both save the same step and exit 0, and the resume matches the uninterrupted DDP run bit for bit."""
+    ref = losses(runs.reference("ddp"))
+    out = tmp_path / "run"
+    no_periodic = ["checkpoint.every=0"]
+    proc = start(shards, out, 2, "ddp", no_periodic, extra_env=SLOW_STEPS)
+    try:
+        signalled_after = wait_for_step(out, 6, proc)
+        workers = torchrun_workers(proc.pid)
+        assert sorted(workers) == [0, 1], workers
+        os.kill(workers[1], signal.SIGUSR1)
+        returncode = proc.wait(timeout=90)
+    finally:
+        if proc.poll() is None:  # only when the test failed: never leave a run behind
+            kill_run(proc)
+    assert returncode == 0, (out.parent / f"{out.name}.log").read_text()[-3000:]
+    saved = _only_checkpoint_is_the_signal_one(out, signalled_after, world_size=2)
+
+    p = run(shards, out, 2, "ddp", no_periodic)
+    assert f"resumed from {saved} " in p.stderr, p.stderr[-3000:]
+    _assert_same_as_reference(losses(out), ref, f"SIGUSR1 to rank 1 after step {signalled_after}")
+
+
+# --- non-finite losses -------------------------------------------------------------------------------------------
+def test_nonfinite_steps_are_skipped_and_counted(shards, tmp_path):
+    """NaN at recorded steps 4, 7 and 8 with max_nonfinite_in_a_row=3: three skips in all but at most two in a row,
+    so the run goes on (the limit counts consecutive steps, a good step resets it) and ends with 3 skipped."""
+    out = tmp_path / "run"
+    p = run(shards, out, 1, "single", ["training.inject_nan_at_steps=[3,6,7]", "training.max_nonfinite_in_a_row=3",
+                                       "checkpoint.every=0", "checkpoint.save_final=false"])
+    got = losses(out)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    nonfinite = [s for s in got if not math.isfinite(float(got[s]["loss"]))]
+    assert nonfinite == [4, 7, 8]
+    assert all(got[s]["loss"] == "nan" and got[s]["grad_norm"] == "nan" for s in nonfinite)
+    assert [got[s]["skipped_steps"] for s in range(1, STEPS + 1)] == \
+        [0, 0, 0, 1, 1, 1, 2, 3] + [3] * (STEPS - 8)
+    # an applied NaN update would poison every weight: all later losses must stay finite and the loss must fall
+    assert all(math.isfinite(got[s]["loss"]) for s in range(9, STEPS + 1))
+    assert got[STEPS]["loss"] < got[1]["loss"] - 0.1
+    assert "step 8: non-finite loss/gradient" in p.stdout and "(2 in a row, 3 total)" in p.stdout
+
+
+def test_skipped_step_leaves_weights_and_optimizer_state_untouched():
+    """In-process, through the trainer's Strategy.step: after a skipped step (non-finite loss flagged by the
+    trainer, or a non-finite gradient with a finite loss) parameters and AdamW state are unchanged and the gradients
+    are cleared; a finite step then applies normally."""
+    from pretrain.models import build_model, load_model_config
+    from pretrain.training.config import RunConfig
+    from pretrain.training.parallel import SingleStrategy
+
+    model_config = str(REPO / "configs/models/tiny_rebased.yaml")
+    torch.manual_seed(0)
+    strategy = SingleStrategy(build_model(load_model_config(model_config)), RunConfig(model=model_config),
+                              torch.device("cpu"), torch.float32, 1)
+    strategy.set_lr(1e-3)
+    ids = torch.randint(0, 1024, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def backward():
+        strategy.backward(strategy.model.loss(ids, ids), True)
+
+    backward()
+    assert strategy.step(skip=False)[1], "a finite step must apply"  # so that AdamW has state to protect
+    for case in ("nonfinite_loss", "nonfinite_gradient"):
+        before = {n: p.detach().clone() for n, p in strategy.model.named_parameters()}
+        optim_before = {id(p): {k: v.clone() for k, v in s.items()} for p, s in strategy.optimizer.state.items()}
+        backward()
+        if case == "nonfinite_gradient":
+            next(strategy.model.parameters()).grad[0, 0] = float("inf")
+        grad_norm, applied = strategy.step(skip=case == "nonfinite_loss")
+        assert not applied, case
+        assert case == "nonfinite_loss" or not math.isfinite(grad_norm)
+        assert all(torch.equal(p, before[n]) for n, p in strategy.model.named_parameters()), case
+        for p, s in strategy.optimizer.state.items():
+            assert all(torch.equal(v, optim_before[id(p)][k]) for k, v in s.items()), case
+        assert all(p.grad is None for p in strategy.model.parameters()), "gradients must be cleared"
+    backward()
+    assert strategy.step(skip=False)[1]
+    assert not all(torch.equal(p, before[n]) for n, p in strategy.model.named_parameters())
+
+
+@pytest.mark.parametrize("nproc,strategy", [(1, "single"), (2, "fsdp")])
+def test_too_many_nonfinite_steps_in_a_row_stop_the_run(shards, tmp_path, nproc, strategy):
+    """NaN at recorded steps 10, 11, 12 with max_nonfinite_in_a_row=3: the run stops after step 12 with exit code 3
+    (torchrun reports the failed workers with its own non-zero code), names the limit and the last checkpoint,
+    records the stopping step in metrics.jsonl and saves nothing more (no final checkpoint of a diverged run)."""
+    out = tmp_path / "run"
+    p = run(shards, out, nproc, strategy, ["training.inject_nan_at_steps=[9,10,11]",
+                                           "training.max_nonfinite_in_a_row=3"], check=False, timeout=120)
+    root = out / "checkpoints"
+    if nproc == 1:
+        assert p.returncode == 3, p.stderr[-3000:]
+    else:
+        assert p.returncode != 0 and "exitcode  : 3" in p.stderr, p.stderr[-3000:]
+    assert ("stopping at step 12: 3 non-finite steps in a row (training.max_nonfinite_in_a_row=3); the last "
+            f"checkpoint is {root / 'step_00000010'}") in p.stdout
+    got = losses(out)
+    assert sorted(got) == list(range(1, 13)), "nothing after the stopping step"
+    assert [got[s]["skipped_steps"] for s in (9, 10, 11, 12)] == [0, 1, 2, 3]
+    assert [step for step, _ in ckpt.list_complete(str(root))] == [5, 10]
+    assert json.loads((root / "step_00000010" / "meta.json").read_text())["nonfinite_in_a_row"] == 1
