@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The main job on an embedded default, offline: see README.md ("Set-up: two commands").
+# The main job on the embedded default, offline: sample corpus -> tokenizer -> shards -> pretrain a tiny ReBased
+# hybrid and a tiny Transformer++ -> evaluate both -> comparison table and loss-curve plot (see README.md).
 set -euo pipefail
 . "$(dirname "$0")/env.sh"
-python -m pretrain.recall_demo "$@"
+python -m pretrain.demo "$@"
