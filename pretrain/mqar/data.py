@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pretrain.mqar.results import FILE_MODE
+from pretrain.mqar.results import write_file_atomic
 
 GENERATOR_VERSION = 1
 IGNORE_INDEX = -100
@@ -183,19 +182,7 @@ class MQARDataset:
 
 
 def _atomic_save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, FILE_MODE)  # a shared cache: the permissions of a plain open(), not mkstemp's 0600
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_file_atomic(path, lambda f: np.savez(f, **arrays), binary=True)
 
 
 def generate_arrays(spec: MQARSpec) -> dict[str, np.ndarray]:

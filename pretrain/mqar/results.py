@@ -20,15 +20,16 @@ def _process_umask() -> int:
 FILE_MODE = 0o666 & ~_process_umask()
 
 
-def write_json_atomic(path: str | os.PathLike, data) -> Path:
+def write_file_atomic(path: str | os.PathLike, write, binary: bool = False) -> Path:
+    """Create ``path`` with ``write(file)``: temp file in the same folder, fsync, rename, fsync the folder.
+    Readers never see a partial file; the permissions are those of a plain open() (the file is for sharing)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, FILE_MODE)
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=False)
-            f.write("\n")
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -45,6 +46,10 @@ def write_json_atomic(path: str | os.PathLike, data) -> Path:
     except OSError:
         pass
     return path
+
+
+def write_json_atomic(path: str | os.PathLike, data) -> Path:
+    return write_file_atomic(path, lambda f: f.write(json.dumps(data, indent=1) + "\n"))
 
 
 def read_result(path: str | os.PathLike) -> dict | None:
