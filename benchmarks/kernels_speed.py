@@ -40,7 +40,7 @@ def bench(fn, warmup=25, rep=100):
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
-def floor(t_tokens, heads, dv, chunk=64, feat=136, peak_flops=700e12, bw=3.0e12):
+def floor(t_tokens, heads, dv, chunk=tc.MAX_CHUNK, feat=136, peak_flops=700e12, bw=3.0e12):
     # per token and head (notes): fwd = 2*2*feat*dv (state read + update) + 2*C*(dk + dv); bwd ~ 2x fwd
     fwd_flops = (4 * feat * dv + 2 * chunk * (DK + dv)) * t_tokens * heads
     total_flops = 3 * fwd_flops

@@ -68,7 +68,7 @@ def time_steps(name: str, seq_len: int, tokens: int, ac: str, steps: int, compil
     return res
 
 
-def profile_top(name: str, seq_len: int, tokens: int, top: int = 12) -> str:
+def profile_top(name: str, seq_len: int, tokens: int, top: int = 30) -> str:
     """The top CUDA kernels of one training step with full activation checkpointing (what to fuse next)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -90,7 +90,7 @@ def profile_top(name: str, seq_len: int, tokens: int, top: int = 12) -> str:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=60)
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=top, max_name_column_width=90)
     del model, opt
     torch.cuda.empty_cache()
     return table
