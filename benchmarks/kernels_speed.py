@@ -26,6 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import kernels  # noqa: E402
+from results_io import save_results  # noqa: E402
 from kernels.linear_attention import triton_chunk as tc  # noqa: E402
 
 TOKENS = 32768
@@ -266,13 +267,8 @@ def main():
         lines += [f"- {json.dumps(s)}" for s in sweep_rows]
     md = "\n".join(lines) + "\n"
     print(md)
-    os.makedirs(args.out, exist_ok=True)
-    tag = "".join(ch if ch.isalnum() else "_" for ch in dev_name).strip("_")
-    stem = os.path.join(args.out, f"kernels_speed_{tag}_{date}")
-    with open(stem + ".json", "w") as fh:
-        json.dump({"meta": meta, "tuning": best, "rows": rows, "sweep": sweep_rows}, fh, indent=1)
-    with open(stem + ".md", "w") as fh:
-        fh.write(md)
+    stem = save_results(args.out, "kernels_speed", dev_name, date,
+                        {"meta": meta, "tuning": best, "rows": rows, "sweep": sweep_rows}, md)
     print("wrote", stem + ".{json,md}")
 
 

@@ -25,6 +25,7 @@ sys.path.insert(0, ROOT)
 from pretrain.models import build_model, flops_per_token, load_model_config  # noqa: E402
 from pretrain.train import make_checkpoint_fn  # noqa: E402
 from pretrain.training.metrics import peak_flops  # noqa: E402
+from results_io import save_results  # noqa: E402
 
 MODELS = {"rebased_360m": "configs/models/rebased_360m.yaml", "transformer_360m": "configs/models/transformer_360m.yaml"}
 
@@ -144,14 +145,9 @@ def main():
                          f"{fmt(h, 'peak_mem_gib', '{:.1f}')} | {fmt(t, 'peak_mem_gib', '{:.1f}')} |")
     md = "\n".join(lines) + "\n"
     print(md)
-    os.makedirs(args.out, exist_ok=True)
-    tag = "".join(ch if ch.isalnum() else "_" for ch in device).strip("_")
-    stem = os.path.join(args.out, f"model_speed_{tag}_{meta['date'][:10]}")
-    with open(stem + ".json", "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write(md)
-    if args.profile:
+    date = meta["date"][:10]
+    save_results(args.out, "model_speed", device, date, {"meta": meta, "rows": rows}, md)
+    if args.profile:  # after the table is saved: a failure here loses no timing
         profiles = {}
         for name in MODELS:
             for seq_len in (2048, 16384):
@@ -161,12 +157,9 @@ def main():
                     profiles[f"{name}@{seq_len}"] = "out of memory"
                     torch.cuda.empty_cache()
                 print(f"--- {name} @ {seq_len}\n{profiles[f'{name}@{seq_len}']}", flush=True)
-        with open(stem + ".md", "a") as f:
-            f.write("\nTop CUDA kernels of one step (torch.profiler, full activation checkpointing):\n\n")
-            for key, table in profiles.items():
-                f.write(f"{key}:\n\n```\n{table}\n```\n\n")
-        with open(stem + ".json", "w") as f:
-            json.dump({"meta": meta, "rows": rows, "profiles": profiles}, f, indent=1)
+        md += "\nTop CUDA kernels of one step (torch.profiler, full activation checkpointing):\n\n"
+        md += "".join(f"{key}:\n\n```\n{table}\n```\n\n" for key, table in profiles.items())
+        save_results(args.out, "model_speed", device, date, {"meta": meta, "rows": rows, "profiles": profiles}, md)
 
 
 if __name__ == "__main__":

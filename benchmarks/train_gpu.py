@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
+from results_io import save_results
 
 ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = ("deepspeed", "fsdp")
@@ -99,14 +100,10 @@ def main():
 def write_results(results: list[dict], args, device: str, date: str) -> None:
     import torch
 
-    tag = device.replace(" ", "_")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     meta = {"device": device, "date": date, "command": " ".join([sys.executable, *sys.argv]),
             "torch": torch.__version__, "seq_len": args.seq_len, "global_batch": args.batch,
             "micro_batch": args.micro, "steps": args.steps, "precision": "bf16",
             "activation_checkpointing": "full", "world_size": 1}
-    (out / f"train_gpu_{tag}_{date}.json").write_text(json.dumps({**meta, "runs": results}, indent=1))
     lines = [f"# Training on one GPU: {device}, {date}", "",
              f"Command: `{meta['command']}`  ", f"torch {meta['torch']}; seq_len {args.seq_len}, global batch "
              f"{args.batch} x {args.seq_len} tokens (micro {args.micro}), {args.steps} steps, bf16, full "
@@ -122,7 +119,7 @@ def write_results(results: list[dict], args, device: str, date: str) -> None:
                      f"{r['first_loss']:.3f} → {r['last_loss']:.3f} | "
                      f"{', '.join(f'{v:.3f}' for v in r['val_loss'])} | {r['tokens_per_s']:,.0f} | {mfu} | "
                      f"{r['peak_mem_gib']:.1f} | {r.get('date', date)} |")
-    (out / f"train_gpu_{tag}_{date}.md").write_text("\n".join(lines) + "\n")
+    save_results(args.out, "train_gpu", device, date, {**meta, "runs": results}, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
