@@ -5,18 +5,8 @@ Runs on CUDA when available (real shapes added), else on the CPU through the Tri
 kernels run (``triton_chunk.set_poison``), so an element a kernel fails to write fails the test.
 """
 
-import os
-
-try:
-    import torch as _torch_probe
-    _HAS_CUDA = _torch_probe.cuda.is_available()
-except Exception:  # pragma: no cover
-    _HAS_CUDA = False
-if not _HAS_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 triton = pytest.importorskip("triton")
 
@@ -24,6 +14,7 @@ import kernels  # noqa: E402
 from kernels import backend as kbackend  # noqa: E402
 from kernels.linear_attention import triton_chunk as tc  # noqa: E402
 
+_HAS_CUDA = torch.cuda.is_available()  # without CUDA, tests/conftest.py has switched Triton to its interpreter
 DEV = "cuda" if _HAS_CUDA else "cpu"
 F64 = torch.float64
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}

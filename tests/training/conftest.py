@@ -127,6 +127,13 @@ def losses(out_dir: Path) -> dict[int, dict]:
     return out
 
 
+def assert_same_losses(got: dict, ref: dict, context: str):
+    """Every step 1..STEPS present, with the reference run's loss and batch fingerprint to the last bit."""
+    assert sorted(got) == list(range(1, STEPS + 1)), context
+    mismatched = [s for s in got if got[s]["loss"] != ref[s]["loss"] or got[s]["batch_fp"] != ref[s]["batch_fp"]]
+    assert not mismatched, f"{context}: steps {mismatched} differ from the uninterrupted run"
+
+
 def wait_for_step(out_dir: Path, step: int, proc, timeout=180) -> int:
     t0 = time.time()
     while time.time() - t0 < timeout:

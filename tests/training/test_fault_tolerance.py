@@ -22,17 +22,12 @@ import signal
 import pytest
 import torch
 
-from conftest import REPO, STEPS, kill_run, losses, run, start, torchrun_workers, wait_for_step
+from conftest import (REFERENCE_RUNS, REPO, STEPS, assert_same_losses, kill_run, losses, run, start,
+                      torchrun_workers, wait_for_step)
 from pretrain.training import checkpoint as ckpt
 
 CRASH_STEP = 10  # a periodic save (every 5) that is interrupted; step 5 is the last complete checkpoint
 SLOW_STEPS = {"REBASED_TEST_STEP_SLEEP": "0.25"}  # leaves time to signal the run mid-training
-
-
-def _assert_same_as_reference(got: dict, ref: dict, context: str):
-    assert sorted(got) == list(range(1, STEPS + 1)), context
-    mismatched = [s for s in got if got[s]["loss"] != ref[s]["loss"] or got[s]["batch_fp"] != ref[s]["batch_fp"]]
-    assert not mismatched, f"{context}: steps {mismatched} differ from the uninterrupted run"
 
 
 def _make_complete(root, step: int, keep_last: int = 0):
@@ -119,7 +114,7 @@ def test_checkpoint_interrupted_mid_save_is_never_resumed(runs, shards, tmp_path
     p = run(shards, out, 1, "single")
     assert f"resumed from {root / 'step_00000005'} (step 5" in p.stderr, p.stderr[-3000:]
     assert not [name for name in os.listdir(root) if ".tmp-" in name], "the stale temp dir must be removed"
-    _assert_same_as_reference(losses(out), ref, crash)
+    assert_same_losses(losses(out), ref, crash)
 
 
 # --- SIGTERM / SIGUSR1 -------------------------------------------------------------------------------------------
@@ -139,49 +134,43 @@ def _only_checkpoint_is_the_signal_one(out, signalled_after: int, world_size: in
     return path
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
-def test_signal_saves_exits_0_and_resume_is_exact(runs, shards, tmp_path, signum):
-    ref = losses(runs.reference("single"))
+def _signal_then_resume(runs, shards, tmp_path, key: str, send_signal, context: str):
+    """Run the reference config ``key`` with periodic saves off, call ``send_signal(proc)`` after step 6: the run
+    must save once and exit 0, and ``resume: auto`` must end with the uninterrupted run's losses, bit for bit."""
+    nproc, strategy, _ = REFERENCE_RUNS[key]
+    ref = losses(runs.reference(key))
     out = tmp_path / "run"
     no_periodic = ["checkpoint.every=0"]  # the signal's checkpoint is then the only one a resume can use
-    proc = start(shards, out, 1, "single", no_periodic, extra_env=SLOW_STEPS)
+    proc = start(shards, out, nproc, strategy, no_periodic, extra_env=SLOW_STEPS)
     try:
         signalled_after = wait_for_step(out, 6, proc)
-        os.kill(proc.pid, signum)
-        returncode = proc.wait(timeout=60)
+        send_signal(proc)
+        returncode = proc.wait(timeout=30 + 30 * nproc)
     finally:
         if proc.poll() is None:  # only when the test failed: never leave a run behind
             kill_run(proc)
     assert returncode == 0, (out.parent / f"{out.name}.log").read_text()[-3000:]
-    saved = _only_checkpoint_is_the_signal_one(out, signalled_after, world_size=1)
+    saved = _only_checkpoint_is_the_signal_one(out, signalled_after, world_size=nproc)
 
-    p = run(shards, out, 1, "single", no_periodic)
+    p = run(shards, out, nproc, strategy, no_periodic)
     assert f"resumed from {saved} " in p.stderr, p.stderr[-3000:]
-    _assert_same_as_reference(losses(out), ref, f"signal {signum} after step {signalled_after}")
+    assert_same_losses(losses(out), ref, f"{context} after step {signalled_after}")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_signal_saves_exits_0_and_resume_is_exact(runs, shards, tmp_path, signum):
+    _signal_then_resume(runs, shards, tmp_path, "single", lambda proc: os.kill(proc.pid, signum), f"signal {signum}")
 
 
 def test_signal_to_one_rank_saves_on_every_rank(runs, shards, tmp_path):
     """DDP on 2 processes, SIGUSR1 to rank 1 only (rank 0 writes the metadata and never gets it): the ranks agree
     on it, both save the same step and exit 0, and the resume matches the uninterrupted DDP run bit for bit."""
-    ref = losses(runs.reference("ddp"))
-    out = tmp_path / "run"
-    no_periodic = ["checkpoint.every=0"]
-    proc = start(shards, out, 2, "ddp", no_periodic, extra_env=SLOW_STEPS)
-    try:
-        signalled_after = wait_for_step(out, 6, proc)
+    def signal_rank_1(proc):
         workers = torchrun_workers(proc.pid)
         assert sorted(workers) == [0, 1], workers
         os.kill(workers[1], signal.SIGUSR1)
-        returncode = proc.wait(timeout=90)
-    finally:
-        if proc.poll() is None:  # only when the test failed: never leave a run behind
-            kill_run(proc)
-    assert returncode == 0, (out.parent / f"{out.name}.log").read_text()[-3000:]
-    saved = _only_checkpoint_is_the_signal_one(out, signalled_after, world_size=2)
 
-    p = run(shards, out, 2, "ddp", no_periodic)
-    assert f"resumed from {saved} " in p.stderr, p.stderr[-3000:]
-    _assert_same_as_reference(losses(out), ref, f"SIGUSR1 to rank 1 after step {signalled_after}")
+    _signal_then_resume(runs, shards, tmp_path, "ddp", signal_rank_1, "SIGUSR1 to rank 1")
 
 
 # --- non-finite losses -------------------------------------------------------------------------------------------

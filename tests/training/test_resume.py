@@ -8,7 +8,8 @@ import random
 
 import pytest
 
-from conftest import REFERENCE_RUNS, STEPS, kill_run, losses, max_rel_diff, run, start, wait_for_step
+from conftest import (REFERENCE_RUNS, STEPS, assert_same_losses, kill_run, losses, max_rel_diff, run, start,
+                      wait_for_step)
 from test_equivalence import LOSS_RTOL
 
 
@@ -28,10 +29,7 @@ def test_kill9_then_resume_auto_is_exact(runs, shards, tmp_path, key):
     assert before < STEPS, f"run finished before the kill (seed {seed})"
     p = run(shards, out, nproc, strategy, runs.overrides(key))
     assert "resumed from" in p.stdout + p.stderr, f"no resume after kill at step {before} (seed {seed})"
-    got = losses(out)
-    assert sorted(got) == list(range(1, STEPS + 1))
-    mismatched = [s for s in got if got[s]["loss"] != ref[s]["loss"] or got[s]["batch_fp"] != ref[s]["batch_fp"]]
-    assert not mismatched, f"steps {mismatched} differ after kill at step {before} (seed {seed})"
+    assert_same_losses(losses(out), ref, f"kill at step {before} (seed {seed})")
 
 
 def _resume_elsewhere(runs, shards, tmp_path, src: str, nproc: int, strategy: str, extra=()):
