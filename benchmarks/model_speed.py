@@ -27,7 +27,7 @@ from pretrain.train import make_checkpoint_fn  # noqa: E402
 from pretrain.training.metrics import peak_flops  # noqa: E402
 from results_io import save_results  # noqa: E402
 
-MODELS = {"rebased_360m": "configs/models/rebased_360m.yaml", "transformer_360m": "configs/models/transformer_360m.yaml"}
+MODELS = {name: f"configs/models/{name}.yaml" for name in ("rebased_360m", "transformer_360m")}
 
 
 def time_steps(name: str, seq_len: int, tokens: int, ac: str, steps: int, compile_blocks: bool) -> dict:
@@ -140,8 +140,9 @@ def main():
                      and r["model"] == "transformer_360m")
             ratio = f"{h['tokens_per_s'] / t['tokens_per_s']:.2f}x" if "tokens_per_s" in h and "tokens_per_s" in t \
                 else "n/a"
-            lines.append(f"| {seq_len} | {ac} | {fmt(h, 'tokens_per_s', '{:,.0f}')} | {fmt(t, 'tokens_per_s', '{:,.0f}')}"
-                         f" | {ratio} | {fmt(h, 'mfu', '{:.1%}')} | {fmt(t, 'mfu', '{:.1%}')} | "
+            lines.append(f"| {seq_len} | {ac} | {fmt(h, 'tokens_per_s', '{:,.0f}')} | "
+                         f"{fmt(t, 'tokens_per_s', '{:,.0f}')} | {ratio} | {fmt(h, 'mfu', '{:.1%}')} | "
+                         f"{fmt(t, 'mfu', '{:.1%}')} | "
                          f"{fmt(h, 'peak_mem_gib', '{:.1f}')} | {fmt(t, 'peak_mem_gib', '{:.1f}')} |")
     md = "\n".join(lines) + "\n"
     print(md)

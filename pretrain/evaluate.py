@@ -154,7 +154,8 @@ def evaluate(args) -> dict:
     bar.close()
     overall, by_set = totals_by_set(docs, per_doc)
     result = {
-        "name": args.name or model_name(args.checkpoint), "checkpoint": str(args.checkpoint), "data": str(args.data), "seq_len": seq_len,
+        "name": args.name or model_name(args.checkpoint), "checkpoint": str(args.checkpoint), "data": str(args.data),
+        "seq_len": seq_len,
         "windows": "non-overlapping" if args.stride is None else f"sliding, stride {args.stride}",
         "documents_layout": args.documents + (" (state reset per document)" if args.documents == "separate"
                                               else " (context crosses documents)"),
