@@ -5,6 +5,7 @@ A tied LM head is stored once (as ``embed.weight``)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -29,8 +30,10 @@ def _fsync(path: Path) -> None:
 
 
 def write_export(state_dict: dict[str, torch.Tensor], model_config: dict, out_dir: str | os.PathLike,
-                 metadata: dict | None = None, dtype: torch.dtype | None = None) -> Path:
-    """Write full (unsharded) weights and the model config to ``out_dir`` atomically."""
+                 metadata: dict | None = None, dtype: torch.dtype | None = None,
+                 provenance: dict | None = None) -> Path:
+    """Write full (unsharded) weights and the model config to ``out_dir`` atomically; ``provenance`` (where the
+    weights came from) goes to ``export.json`` beside them."""
     out = Path(out_dir)
     state = dict(state_dict)
     if model_config.get("tie_embeddings", True):
@@ -41,6 +44,8 @@ def write_export(state_dict: dict[str, torch.Tensor], model_config: dict, out_di
     tmp.mkdir(parents=True)
     save_file(state, str(tmp / WEIGHTS), metadata={k: str(v) for k, v in (metadata or {}).items()})
     (tmp / CONFIG).write_text(yaml.safe_dump(model_config, sort_keys=False))
+    if provenance is not None:
+        (tmp / "export.json").write_text(json.dumps(provenance, indent=1))
     for f in tmp.iterdir():
         _fsync(f)
     _fsync(tmp)
