@@ -7,6 +7,8 @@ Public API (layout [B, T, H, D]; see each function's docstring for the full cont
     based_attention(...same...) -> (o, final_state)
     short_conv(x, weight, bias=None, *, gate=None, residual=False, cu_seqlens=None, cache=None,
                output_final_state=False, backend=None, mode=None) -> (y, final_cache)
+    linear_attention_step(kind, q, k, v, state, *, scale=None, eps=1e-6, normalize=True, backend=None) -> o
+        (one decoding token, T == 1; advances state in place)
 
     rebased_feature_map(x, scale=None), based_feature_map(x, scale=None), state_size(kind, dk)
 
@@ -21,12 +23,13 @@ import importlib.util
 from .backend import (BACKEND_ENV_VAR, BackendUnavailableError, get_triton_impl, register_triton_impl,
                       registered_triton_ops, resolve_backend)
 from .based import based_attention, based_attention_torch
+from .linear_attention.api import linear_attention_step
 from .linear_attention.feature_maps import based_feature_map, rebased_feature_map, state_size, zero_state
 from .rebased import rebased_attention, rebased_attention_torch
 from .short_conv import short_conv, short_conv_torch
 
 __all__ = [
-    "rebased_attention", "based_attention", "short_conv",
+    "rebased_attention", "based_attention", "short_conv", "linear_attention_step",
     "rebased_feature_map", "based_feature_map", "state_size", "zero_state",
     "rebased_attention_torch", "based_attention_torch", "short_conv_torch",
     "register_triton_impl", "get_triton_impl", "registered_triton_ops", "resolve_backend",

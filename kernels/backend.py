@@ -1,6 +1,7 @@
 """Backend selection for the ``kernels`` package.
 
-Every public op (``rebased_attention``, ``based_attention``, ``short_conv``) has a pure PyTorch
+Every public op (``rebased_attention``, ``based_attention``, ``short_conv``, and the decoding step
+``linear_attention_step``, registered per kind as ``<kind>_attention_step``) has a pure PyTorch
 reference implementation (backend ``"torch"``) and may have a Triton implementation registered at
 import time by ``kernels/<family>/triton_ops.py`` via :func:`register_triton_impl`.
 
@@ -20,7 +21,8 @@ resolves ``scale`` to a float and then calls ``fn(*tensors, **kwargs)`` with exa
 keyword arguments minus ``backend`` (e.g. for attention: ``fn(q, k, v, scale=..., eps=...,
 normalize=..., cu_seqlens=..., initial_state=..., output_final_state=..., mode=..., chunk_size=...)``;
 ``mode`` is the caller's value, possibly ``None``, and may be ignored). It must return the same
-``(output, final_state_or_cache)`` pair as the reference.
+``(output, final_state_or_cache)`` pair as the reference. The step ops are called as
+``fn(q, k, v, state, scale=..., eps=..., normalize=...)``, update ``state`` in place and return the output.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ __all__ = [
 
 BACKEND_ENV_VAR = "REBASED_KERNEL_BACKEND"
 BACKENDS = ("auto", "torch", "triton")
-KNOWN_OPS = ("rebased_attention", "based_attention", "short_conv")
+KNOWN_OPS = ("rebased_attention", "based_attention", "short_conv", "rebased_attention_step", "based_attention_step")
 
 _TRITON_IMPLS: Dict[str, Callable] = {}
 

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from .feature_maps import KINDS, default_scale, feature_map, kernel_from_dot, state_size
 from .varlen import check_cu_seqlens, pack_documents, unpack_documents
 
-__all__ = ["MODES", "compute_dtype", "validate_attention_inputs", "linear_attention_reference"]
+__all__ = ["MODES", "compute_dtype", "validate_attention_inputs", "linear_attention_reference",
+           "linear_attention_step_reference"]
 
 MODES = ("quadratic", "chunk", "recurrent")
 
@@ -217,3 +218,14 @@ def linear_attention_reference(kind: str, q: torch.Tensor, k: torch.Tensor, v: t
     o = num / (den[..., None] + eps) if normalize else num
     o = unpack_documents(o, valid, offsets).to(out_dtype)
     return o, (state if output_final_state else None)
+
+
+def linear_attention_step_reference(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state, *,
+                                    scale: float, eps: float = 1e-6, normalize: bool = True) -> torch.Tensor:
+    """One-token step on validated inputs: the recurrent reference, its final state copied into ``state``."""
+    o, (kv, z) = linear_attention_reference(kind, q, k, v, scale=scale, eps=eps, normalize=normalize,
+                                            initial_state=state, output_final_state=True, mode="recurrent",
+                                            _validated=True)
+    state[0].copy_(kv)
+    state[1].copy_(z)
+    return o

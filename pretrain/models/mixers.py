@@ -104,12 +104,17 @@ class LinearAttention(nn.Module):
             q, k = self.feature_map(q), self.feature_map(k)
         # under autocast the LayerNorm of the feature map runs in fp32 while v is bf16: the kernels take one dtype
         q, k = q.to(v.dtype), k.to(v.dtype)
-        o, state = self.attention(
-            q, k, v, eps=self.eps, cu_seqlens=cu_seqlens,
-            initial_state=None if cache is None else cache.state, output_final_state=cache is not None,
-        )
-        if cache is not None:
-            cache.state = state
+        decoding = cache is not None and cache.state is not None and T == 1
+        if decoding and not any(t.requires_grad for t in (q, k, v, *cache.state)):
+            # one token without autograd: advance the cached state in place (fused kernel on CUDA)
+            o = kernels.linear_attention_step(self.kind, q, k, v, cache.state, eps=self.eps)
+        else:
+            o, state = self.attention(
+                q, k, v, eps=self.eps, cu_seqlens=cu_seqlens,
+                initial_state=None if cache is None else cache.state, output_final_state=cache is not None,
+            )
+            if cache is not None:  # own, dense storage that later steps can update in place
+                cache.state = tuple(s.contiguous() for s in state)
         return self.o_proj(o.reshape(B, T, -1))
 
 

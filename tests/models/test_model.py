@@ -1,11 +1,13 @@
 """Model zoo: incremental decoding equals the full forward, documents stay separate, flags and configs work."""
 
+import functools
 import itertools
 from pathlib import Path
 
 import pytest
 import torch
 
+import kernels
 from pretrain.models import CausalLM, ModelConfig, build_model, count_parameters, flops_per_token, load_model_config
 from pretrain.models.mixers import KVCache, RecurrentCache
 
@@ -104,6 +106,45 @@ def test_greedy_generation_follows_full_forward_argmax():
     out = model.generate(prompt, max_new_tokens=5, temperature=0)
     for t in range(5, 10):
         assert torch.equal(model(out[:, :t])[:, -1].argmax(-1), out[:, t])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_generate_steps_states_in_place_like_the_functional_path(backend, monkeypatch):
+    """generate() decodes rebased/based layers with kernels.linear_attention_step (state updated in place); its
+    greedy tokens and the per-token logits equal the functional path (a new state per token), which a forward
+    with autograd on still takes."""
+    device = "cpu"
+    if backend == "triton":  # on the CPU through the Triton interpreter (tests/conftest.py)
+        pytest.importorskip("triton")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        monkeypatch.setattr(kernels, "linear_attention_step",
+                            functools.partial(kernels.linear_attention_step, backend="triton"))
+    heads = {"num_heads": 2, "feature_dim": 16}
+    cfg = small_config(["short_conv", "rebased", "sliding_window", "based"], rebased=heads, based=heads)
+    model = make_model(cfg).float().to(device)
+    prompt_len, new_tokens = 6, 8
+    prompt = torch.randint(0, 97, (3, prompt_len)).to(device)
+    out = model.generate(prompt, max_new_tokens=new_tokens, temperature=0)
+
+    def decode(in_place: bool):
+        cache = model.init_cache()
+        with torch.set_grad_enabled(not in_place):
+            logits = [model(out[:, :prompt_len], cache=cache)[:, -1]]
+            prefill_states = [cache.layers[i].state for i in (1, 3)]
+            for t in range(prompt_len, out.shape[1] - 1):
+                logits.append(model(out[:, t:t + 1], cache=cache)[:, -1])
+        kept = all(cache.layers[i].state[0] is s[0] and cache.layers[i].state[1] is s[1]
+                   for i, s in zip((1, 3), prefill_states))
+        return torch.stack(logits, 1).detach(), kept
+
+    functional, functional_kept = decode(in_place=False)
+    in_place, in_place_kept = decode(in_place=True)
+    assert in_place_kept and not functional_kept
+    assert torch.equal(functional.argmax(-1), out[:, prompt_len:])
+    if backend == "torch":  # the torch step is the reference recurrence itself
+        assert torch.equal(in_place, functional)
+    else:
+        assert_close(in_place, functional, tol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["hybrid", "attention", "sliding_window"])
