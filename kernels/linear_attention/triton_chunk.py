@@ -3,17 +3,18 @@
 Algorithm (see /work/shared/notes/rebased-math.md for the math)
 -----------------------------------------------------------------
 Inside the kernels the second-order features are the *full* outer product psi(x) = vec(x x^T) (Dk^2 = 256
-for Dk = 16), built per chunk in registers from two gathered loads of the 16-wide rows (never stored in HBM).
+for Dk = 16), built per chunk in registers from the 16-wide rows (never stored in HBM).
 The internal state per (document, head) is, in float32,
 
     rebased: S2 = scale * sum_s psi(k_s) v_s^T        [Dk^2, Dv]         (z2 likewise with v == 1)
     based:   S2 as above, S1 = sqrt(scale) * sum_s k_s v_s^T [Dk, Dv], S0 = sum_s v_s [Dv]
 
 stacked as rows [S2; S1; S0] of one [FT, Dv] matrix (FT = Dk^2 for rebased, Dk^2 + Dk + 1 for based),
-and z = the same with v == 1 ([FT]). Output: num_t = c2 psi(q_t).S2 + sqrt(s) q_t.S1 + S0 + intra-chunk,
-c2 = scale (rebased) or scale / 2 (based). The public (contract) state layout of
-``kernels.rebased_feature_map`` / ``based_feature_map`` is converted to and from this one in PyTorch
-(differentiable) by :func:`state_to_internal` / :func:`state_from_internal`.
+and z = the same with v == 1 ([FT]; its second-order part is used as the Dk x Dk matrix Zm, so the normaliser
+term psi(q).z2 = q^T Zm q is a 16-wide product in fp32).
+Output: num_t = c2 psi(q_t).S2 + sqrt(s) q_t.S1 + S0 + intra-chunk, c2 = scale (rebased) or scale / 2 (based).
+The public (contract) state layout of ``kernels.rebased_feature_map`` / ``based_feature_map`` is converted to and
+from this one in PyTorch (differentiable) by :func:`state_to_internal` / :func:`state_from_internal`.
 
 Work decomposition: every document (a batch row, or a cu_seqlens document) is cut into *segments* of
 ``seg_tokens`` tokens (a multiple of the chunk size C, chosen to give enough programs to fill the GPU);
@@ -27,6 +28,10 @@ backward: _delta_kernel in "backward" mode (per-segment increments of dL/dS from
           h_t = -(do_t.o_t)/(den_t+eps)), reverse _scan_kernel (starting at dL/dS_final),
           _dq_kernel (forward order, recomputes the state from the saved segment starts),
           _dkv_kernel (reverse order over chunks, reverse state in registers); writes dL/dS_initial.
+
+Tuning (H100, bf16, Dv 64; benchmarks/kernels_tune.py): chunk 64, Dv block 64, 8 warps, one dk/dv launch and
+register outer products are the fastest measured; the kernels are bound by register spills and layout
+shuffles, not by tensor-core FLOPs (benchmarks/results/kernels_tune_*.json lists registers and spills).
 """
 
 from __future__ import annotations
@@ -49,15 +54,18 @@ TUNING = {
     "seg_tokens": None,      # tokens per segment (multiple of the chunk)
     "target_programs": None,  # wanted number of (segment, head) programs
     "bv_fwd": None,           # Dv block of the forward kernel
-    "bv_bwd": None,           # Dv block of the backward kernels
+    "bv_bwd": None,           # Dv block of the backward kernels ("bv_dq" / "bv_dkv" override it for one)
     "warps_fwd": None,
-    "warps_bwd": None,
+    "warps_bwd": None,        # likewise "warps_dq" / "warps_dkv"
     "stages": None,
     "chunk": None,            # chunk length override (16, 32, 64, 128)
+    "split_dkv": None,        # dv and dk in two launches (True) or one (default)
+    "spread": None,           # build psi with spreading products (True) or a register outer product (False);
+                              # "spread_<kernel>" overrides it for one kernel (fwd, delta, dq, dkv)
 }
 
 
-MAX_CHUNK = 32
+MAX_CHUNK = 64
 
 
 def supports(q: torch.Tensor, v: torch.Tensor) -> bool:
@@ -74,10 +82,11 @@ def _mm_mode(dtype: torch.dtype) -> int:
 
 
 # ----------------------------------------------------------------------------------- Triton kernels
-# Register economy: expanded-feature tiles ([C, Dk^2]) are only ever used as tensor-core operands; sums over
-# them (normaliser terms) are done as small matrix products with a [C, 16] / [Dk^2, 16] matrix whose column 0
-# holds the weights ("col0" matrices), so no second copy in another register layout is needed. Scale factors
-# are folded into the 16-wide rows before the outer product (psi(sqrt(c) x) = c psi(x)).
+# Layout economy: the second-order features psi(x)[i*DK + j] = x_i x_j are never reshaped in registers. Two exact
+# 0/1 matrix products spread x over the F = DK^2 feature columns (x_i, x_j), so psi = x_i * x_j is born in the
+# matmul accumulator layout and feeds the next tensor-core product directly; the same spreading turns the
+# contraction sum_j G[t, i*DK + j] x_tj of the backward into one product. The normaliser state z (F values) is
+# handled as the DK x DK matrix Zm[i, j] = z[i*DK + j], so psi(q).z = q^T Zm q: a 16-wide product, kept in fp32.
 
 
 @triton.jit
@@ -99,27 +108,70 @@ def _mm(a, b, acc, MM: tl.constexpr):
 
 
 @triton.jit
-def _outer_rows(x, C: tl.constexpr, DK: tl.constexpr):
-    # x [C, DK] (fp32) -> [C, DK*DK] with out[t, i*DK + j] = x[t, i] x[t, j], built in registers
-    return tl.reshape(x[:, :, None] * x[:, None, :], (C, DK * DK))
+def _spread_rows(x, C: tl.constexpr, DK: tl.constexpr, SECOND: tl.constexpr, MM: tl.constexpr):
+    # x [C, DK] -> [C, DK*DK]: out[t, i*DK + j] = x[t, i] (SECOND=False) or x[t, j] (SECOND=True); exact
+    F: tl.constexpr = DK * DK
+    r = tl.arange(0, DK)
+    f = tl.arange(0, F)
+    if SECOND:
+        e = (f[None, :] % DK == r[:, None]).to(tl.float32)
+    else:
+        e = (f[None, :] // DK == r[:, None]).to(tl.float32)
+    return _mm(x, e, tl.zeros([C, F], dtype=tl.float32), MM)
 
 
 @triton.jit
-def _outer_cols(xT, C: tl.constexpr, DK: tl.constexpr):
-    # xT [DK, C] (fp32) -> [DK*DK, C] (transpose of _outer_rows)
-    return tl.reshape(xT[:, None, :] * xT[None, :, :], (DK * DK, C))
+def _spread_cols(xT, C: tl.constexpr, DK: tl.constexpr, SECOND: tl.constexpr, MM: tl.constexpr):
+    # xT [DK, C] -> [DK*DK, C], the transpose of _spread_rows(x)
+    F: tl.constexpr = DK * DK
+    r = tl.arange(0, DK)
+    f = tl.arange(0, F)
+    if SECOND:
+        e = (f[:, None] % DK == r[None, :]).to(tl.float32)
+    else:
+        e = (f[:, None] // DK == r[None, :]).to(tl.float32)
+    return _mm(e, xT, tl.zeros([F, C], dtype=tl.float32), MM)
 
 
 @triton.jit
-def _col0(w, d):
-    # [N] -> [N, 16] with w in column 0, zeros elsewhere
-    return tl.where(d[None, :] == 0, w[:, None], 0.0)
+def _psi_rows(x, C: tl.constexpr, DK: tl.constexpr, MM: tl.constexpr, SPREAD: tl.constexpr):
+    # [C, DK*DK] second-order features of the rows of x, fp32. SPREAD: born in the accumulator layout from two
+    # spreading products; else a broadcast outer product reshaped in registers (the compiler picks the layouts)
+    if SPREAD:
+        return _spread_rows(x, C, DK, False, MM) * _spread_rows(x, C, DK, True, MM)
+    else:
+        xf = x.to(tl.float32)
+        return tl.reshape(xf[:, :, None] * xf[:, None, :], (C, DK * DK))
 
 
 @triton.jit
-def _contract_pairs(G, x, C: tl.constexpr, DK: tl.constexpr):
-    # out[t, i] = sum_j G[t, i*DK + j] x[t, j]
-    return tl.sum(tl.reshape(G, (C, DK, DK)) * x[:, None, :], 2)
+def _psi_cols(xT, C: tl.constexpr, DK: tl.constexpr, MM: tl.constexpr, SPREAD: tl.constexpr):
+    # [DK*DK, C] second-order features of the columns of xT
+    if SPREAD:
+        return _spread_cols(xT, C, DK, False, MM) * _spread_cols(xT, C, DK, True, MM)
+    else:
+        xf = xT.to(tl.float32)
+        return tl.reshape(xf[:, None, :] * xf[None, :, :], (DK * DK, C))
+
+
+@triton.jit
+def _gather_pairs(G, x, C: tl.constexpr, DK: tl.constexpr, MM: tl.constexpr, SPREAD: tl.constexpr):
+    # out[t, i] = sum_j G[t, i*DK + j] x[t, j]   (G [C, DK*DK], x [C, DK])
+    if SPREAD:
+        F: tl.constexpr = DK * DK
+        r = tl.arange(0, DK)
+        f = tl.arange(0, F)
+        e_iT = (f[:, None] // DK == r[None, :]).to(tl.float32)
+        return _mm(G * _spread_rows(x, C, DK, True, MM), e_iT, tl.zeros([C, DK], dtype=tl.float32), MM)
+    else:
+        return tl.sum(tl.reshape(G, (C, DK, DK)) * x.to(tl.float32)[:, None, :], 2)
+
+
+@triton.jit
+def _quad(x, M, C: tl.constexpr, DK: tl.constexpr):
+    # [C]: x_t^T M x_t in fp32 (the normaliser's second-order term)
+    xf = x.to(tl.float32)
+    return tl.sum(_mm(xf, M, tl.zeros([C, DK], dtype=tl.float32), 0) * xf, 1)
 
 
 @triton.jit
@@ -127,7 +179,7 @@ def _delta_kernel(x_ptr, y_ptr, o_ptr, den_ptr, h_ptr, dS_ptr, dz_ptr, seg_ptr,
                   H, scale, c_psi, eps,
                   DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, DVP: tl.constexpr, C: tl.constexpr,
                   FT: tl.constexpr, BWD: tl.constexpr, NORMALIZE: tl.constexpr, BASED: tl.constexpr,
-                  MM: tl.constexpr):
+                  MM: tl.constexpr, SPREAD: tl.constexpr):
     """Per segment: dS = sum_t [c_psi psi(x_t); sqrt(s) x_t; 1] y_t^T and dz = same with w_t.
 
     forward  (BWD=False): x = k, y = v, w = 1.
@@ -144,14 +196,13 @@ def _delta_kernel(x_ptr, y_ptr, o_ptr, den_ptr, h_ptr, dS_ptr, dz_ptr, seg_ptr,
     d = tl.arange(0, DK)
     cv = vb * BV + tl.arange(0, BV)
     vmask = cv < DV
-    cp = tl.sqrt(c_psi)
     sq = tl.sqrt(scale)
     acc = tl.zeros([F, BV], dtype=tl.float32)
-    accz = tl.zeros([F, DK], dtype=tl.float32)
+    zm = tl.zeros([DK, DK], dtype=tl.float32)
     acc1 = tl.zeros([DK, BV], dtype=tl.float32)
-    accz1 = tl.zeros([DK, DK], dtype=tl.float32)
+    z1 = tl.zeros([DK], dtype=tl.float32)
     acc0 = tl.zeros([BV], dtype=tl.float32)
-    accz0 = tl.zeros([1], dtype=tl.float32)
+    z0 = tl.zeros([1], dtype=tl.float32)
     for ts in range(t0, t1, C):
         tok = ts + c
         tmask = tok < t1
@@ -174,26 +225,25 @@ def _delta_kernel(x_ptr, y_ptr, o_ptr, den_ptr, h_ptr, dS_ptr, dz_ptr, seg_ptr,
                 w = tl.zeros([C], dtype=tl.float32)
         else:
             w = tmask.to(tl.float32)
-        xT = tl.load(x_ptr + xoff[None, :] + d[:, None], mask=tmask[None, :], other=0.0).to(tl.float32)
-        psiT = _outer_cols(xT * cp, C, DK)                                  # [F, C] = c_psi psi(x)^T
-        W = _col0(w, d)                                                      # [C, DK]
-        acc = _mm(psiT, yv, acc, MM)
-        accz = _mm(psiT, W, accz, MM)
+        xT = tl.load(x_ptr + xoff[None, :] + d[:, None], mask=tmask[None, :], other=0.0)
+        xc = tl.load(x_ptr + xoff[:, None] + d[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
+        acc = _mm(_psi_cols(xT, C, DK, MM, SPREAD) * c_psi, yv, acc, MM)
+        zm = _mm(xT.to(tl.float32) * (w * c_psi)[None, :], xc, zm, 0)
         if BASED:
-            acc1 = _mm(xT * sq, yv, acc1, MM)
-            accz1 = _mm(xT * sq, W, accz1, MM)
+            acc1 = _mm(xT.to(tl.float32) * sq, yv, acc1, MM)
+            z1 += sq * tl.sum(xc * w[:, None], 0)
             acc0 += tl.sum(yv, 0)
-            accz0 += tl.sum(w[:, None], 0)
+            z0 += tl.sum(w, 0)
     base = (sid * H + hh) * FT
     tl.store(dS_ptr + (base + f[:, None]) * DV + cv[None, :], acc, mask=vmask[None, :])
     if vb == 0:
-        tl.store(dz_ptr + base + f, tl.sum(accz, 1))
+        tl.store(dz_ptr + base + d[:, None] * DK + d[None, :], zm)
     if BASED:
         tl.store(dS_ptr + (base + F + d[:, None]) * DV + cv[None, :], acc1, mask=vmask[None, :])
         tl.store(dS_ptr + (base + F + DK) * DV + cv, acc0, mask=vmask)
         if vb == 0:
-            tl.store(dz_ptr + base + F + d, tl.sum(accz1, 1))
-            tl.store(dz_ptr + base + F + DK + tl.arange(0, 1), accz0)
+            tl.store(dz_ptr + base + F + d, z1)
+            tl.store(dz_ptr + base + F + DK + tl.arange(0, 1), z0)
 
 
 @triton.jit
@@ -225,7 +275,8 @@ def _scan_kernel(delta_ptr, start_ptr, init_ptr, doc_ptr, H, M,
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, den_ptr, S_ptr, z_ptr, Sf_ptr, zf_ptr, seg_ptr,
                 H, scale, eps,
                 DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, FT: tl.constexpr,
-                NORMALIZE: tl.constexpr, STORE_FINAL: tl.constexpr, BASED: tl.constexpr, MM: tl.constexpr):
+                NORMALIZE: tl.constexpr, STORE_FINAL: tl.constexpr, BASED: tl.constexpr, MM: tl.constexpr,
+                SPREAD: tl.constexpr):
     sid = tl.program_id(0)
     hh = tl.program_id(1)
     vb = tl.program_id(2)
@@ -244,15 +295,14 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, den_ptr, S_ptr, z_ptr, Sf_ptr, zf_pt
     else:
         c2 = scale
     sq = tl.sqrt(scale)
-    sc2 = tl.sqrt(c2)
     base = (sid * H + hh) * FT
     S = tl.load(S_ptr + (base + f[:, None]) * DV + cv[None, :], mask=vmask[None, :], other=0.0)
-    Z = _col0(tl.load(z_ptr + base + f), d)                                   # [F, DK], z in column 0
+    Zm = tl.load(z_ptr + base + d[:, None] * DK + d[None, :])
     if BASED:
         S1 = tl.load(S_ptr + (base + F + d[:, None]) * DV + cv[None, :], mask=vmask[None, :], other=0.0)
-        Z1 = _col0(tl.load(z_ptr + base + F + d), d)
+        z1 = tl.load(z_ptr + base + F + d)
         S0 = tl.load(S_ptr + (base + F + DK) * DV + cv, mask=vmask, other=0.0)
-        z0 = tl.sum(tl.load(z_ptr + base + F + DK + tl.arange(0, 1)), 0)
+        z0 = tl.load(z_ptr + base + F + DK + tl.arange(0, 1))
     causal = c[:, None] >= c[None, :]
     for ts in range(t0, t1, C):
         tok = ts + c
@@ -262,6 +312,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, den_ptr, S_ptr, z_ptr, Sf_ptr, zf_pt
         m2 = tmask[:, None] & vmask[None, :]
         qc = tl.load(q_ptr + xoff[:, None] + d[None, :], mask=tmask[:, None], other=0.0)
         kT = tl.load(k_ptr + xoff[None, :] + d[:, None], mask=tmask[None, :], other=0.0)
+        kc = tl.load(k_ptr + xoff[:, None] + d[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
         vc = tl.load(v_ptr + voff[:, None] + cv[None, :], mask=m2, other=0.0)
         x = _mm(qc, kT, tl.zeros([C, C], dtype=tl.float32), MM) * scale      # [C, C]
         if BASED:
@@ -269,17 +320,13 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, den_ptr, S_ptr, z_ptr, Sf_ptr, zf_pt
             a = tl.where(causal & tmask[None, :], a, 0.0)
         else:
             a = tl.where(causal, x * x, 0.0)
-        qf = qc.to(tl.float32)
-        psiq = _outer_rows(qf * sc2, C, DK)                                   # [C, F] = c2 psi(q)
         num = _mm(a, vc, tl.zeros([C, BV], dtype=tl.float32), MM)
-        num = _mm(psiq, S, num, MM)
-        dnm = _mm(psiq, Z, tl.zeros([C, DK], dtype=tl.float32), MM)
+        num = _mm(_psi_rows(qc, C, DK, MM, SPREAD) * c2, S, num, MM)
+        dn = tl.sum(a, 1) + c2 * _quad(qc, Zm, C, DK)
         if BASED:
+            qf = qc.to(tl.float32)
             num = _mm(qf * sq, S1, num, MM) + S0[None, :]
-            dnm = _mm(qf * sq, Z1, dnm, MM)
-        dn = tl.sum(a, 1) + tl.sum(dnm, 1)
-        if BASED:
-            dn += z0
+            dn += sq * tl.sum(qf * z1[None, :], 1) + z0
         if NORMALIZE:
             out = num / (dn[:, None] + eps)
         else:
@@ -287,14 +334,11 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, den_ptr, S_ptr, z_ptr, Sf_ptr, zf_pt
         tl.store(o_ptr + voff[:, None] + cv[None, :], out.to(o_ptr.dtype.element_ty), mask=m2)
         if vb == 0:
             tl.store(den_ptr + tok * H + hh, dn, mask=tmask)
-        kTs = kT.to(tl.float32) * sq
-        psikT = _outer_cols(kTs, C, DK)                                       # [F, C] = scale psi(k)^T
-        W = _col0(tmask.to(tl.float32), d)
-        S = _mm(psikT, vc, S, MM)
-        Z = _mm(psikT, W, Z, MM)
+        S = _mm(_psi_cols(kT, C, DK, MM, SPREAD) * scale, vc, S, MM)
+        Zm = _mm(kT.to(tl.float32) * scale, kc, Zm, 0)
         if BASED:
-            S1 = _mm(kTs, vc, S1, MM)
-            Z1 = _mm(kTs, W, Z1, MM)
+            S1 = _mm(kT.to(tl.float32) * sq, vc, S1, MM)
+            z1 += sq * tl.sum(kc, 0)
             S0 += tl.sum(vc.to(tl.float32), 0)
             z0 += tl.sum(tmask.to(tl.float32), 0)
     if STORE_FINAL:
@@ -302,20 +346,20 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, den_ptr, S_ptr, z_ptr, Sf_ptr, zf_pt
             fb = (doc * H + hh) * FT
             tl.store(Sf_ptr + (fb + f[:, None]) * DV + cv[None, :], S, mask=vmask[None, :])
             if vb == 0:
-                tl.store(zf_ptr + fb + f, tl.sum(Z, 1))
+                tl.store(zf_ptr + fb + d[:, None] * DK + d[None, :], Zm)
             if BASED:
                 tl.store(Sf_ptr + (fb + F + d[:, None]) * DV + cv[None, :], S1, mask=vmask[None, :])
                 tl.store(Sf_ptr + (fb + F + DK) * DV + cv, S0, mask=vmask)
                 if vb == 0:
-                    tl.store(zf_ptr + fb + F + d, tl.sum(Z1, 1))
-                    tl.store(zf_ptr + fb + F + DK + tl.arange(0, 1), tl.zeros([1], tl.float32) + z0)
+                    tl.store(zf_ptr + fb + F + d, z1)
+                    tl.store(zf_ptr + fb + F + DK + tl.arange(0, 1), z0)
 
 
 @triton.jit
 def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, den_ptr, h_ptr, dq_ptr, S_ptr, z_ptr, seg_ptr,
                H, NTOK, scale, eps,
                DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, FT: tl.constexpr,
-               NORMALIZE: tl.constexpr, BASED: tl.constexpr, MM: tl.constexpr):
+               NORMALIZE: tl.constexpr, BASED: tl.constexpr, MM: tl.constexpr, SPREAD: tl.constexpr):
     """dq (partial over the Dv block vb, written to dq_ptr[vb]) in forward chunk order."""
     sid = tl.program_id(0)
     hh = tl.program_id(1)
@@ -336,10 +380,10 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, den_ptr, h_ptr, dq_ptr, S_ptr, z_ptr
     hw = (vb == 0).to(tl.float32)      # the h (normaliser) terms are added by one Dv block only
     base = (sid * H + hh) * FT
     S = tl.load(S_ptr + (base + f[:, None]) * DV + cv[None, :], mask=vmask[None, :], other=0.0)
-    Z = _col0(tl.load(z_ptr + base + f), d)
+    Zm = tl.load(z_ptr + base + d[:, None] * DK + d[None, :])
     if BASED:
         S1 = tl.load(S_ptr + (base + F + d[:, None]) * DV + cv[None, :], mask=vmask[None, :], other=0.0)
-        Z1 = _col0(tl.load(z_ptr + base + F + d), d)
+        z1 = tl.load(z_ptr + base + F + d)
     causal = c[:, None] >= c[None, :]
     for ts in range(t0, t1, C):
         tok = ts + c
@@ -358,7 +402,6 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, den_ptr, h_ptr, dq_ptr, S_ptr, z_ptr
             hv = tl.load(h_ptr + tok * H + hh, mask=tmask, other=0.0) * hw
         else:
             hv = tl.zeros([C], dtype=tl.float32)
-        Hm = _col0(hv, d)                                                    # [C, DK]
         x = _mm(qc, kT, tl.zeros([C, C], dtype=tl.float32), MM) * scale
         dA = _mm(g, vT, tl.zeros([C, C], dtype=tl.float32), MM) + hv[:, None]
         if BASED:
@@ -366,33 +409,35 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, den_ptr, h_ptr, dq_ptr, S_ptr, z_ptr
         else:
             dx = tl.where(causal, dA * x, 0.0) * (2.0 * scale)
         dq = _mm(dx, kc, tl.zeros([C, DK], dtype=tl.float32), MM)
-        # inter-chunk: G[t, i*DK+j] = (S2 g_t + z2 h_t)[i, j]; dq_i += 2 c2 sum_j G[t, ij] q_tj
+        # inter-chunk: d/dq_t of c2 psi(q_t).(S2 g_t + z2 h_t) = 2 c2 sum_j (S2 g_t + z2 h_t)[i, j] q_tj
         G = _mm(g, tl.trans(S), tl.zeros([C, F], dtype=tl.float32), MM)
-        G = _mm(Hm, tl.trans(Z), G, MM)
         qf = qc.to(tl.float32)
-        dq += (2.0 * c2) * _contract_pairs(G, qf, C, DK)
+        dq += (2.0 * c2) * _gather_pairs(G, qc, C, DK, MM, SPREAD)
+        dq += (2.0 * c2) * hv[:, None] * _mm(qf, Zm, tl.zeros([C, DK], dtype=tl.float32), 0)
         if BASED:
-            G1 = _mm(g, tl.trans(S1), tl.zeros([C, DK], dtype=tl.float32), MM)
-            G1 = _mm(Hm, tl.trans(Z1), G1, MM)
-            dq += sq * G1
+            dq += sq * (_mm(g, tl.trans(S1), tl.zeros([C, DK], dtype=tl.float32), MM) + hv[:, None] * z1[None, :])
         tl.store(dq_ptr + (vb * NTOK + tok * H + hh)[:, None] * DK + d[None, :], dq, mask=tmask[:, None])
-        kTs = kT.to(tl.float32) * sq
-        psikT = _outer_cols(kTs, C, DK)
         vc = tl.load(v_ptr + voff[:, None] + cv[None, :], mask=m2, other=0.0)
-        W = _col0(tmask.to(tl.float32), d)
-        S = _mm(psikT, vc, S, MM)
-        Z = _mm(psikT, W, Z, MM)
+        S = _mm(_psi_cols(kT, C, DK, MM, SPREAD) * scale, vc, S, MM)
+        Zm = _mm(kT.to(tl.float32) * scale, kc.to(tl.float32), Zm, 0)
         if BASED:
-            S1 = _mm(kTs, vc, S1, MM)
-            Z1 = _mm(kTs, W, Z1, MM)
+            S1 = _mm(kT.to(tl.float32) * sq, vc, S1, MM)
+            z1 += sq * tl.sum(kc.to(tl.float32), 0)
 
 
 @triton.jit
 def _dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, den_ptr, h_ptr, dk_ptr, dv_ptr, R_ptr, r_ptr, dS0_ptr, dz0_ptr,
                 seg_ptr, H, NTOK, scale, eps,
                 DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, FT: tl.constexpr,
-                NORMALIZE: tl.constexpr, STORE_D0: tl.constexpr, BASED: tl.constexpr, MM: tl.constexpr):
-    """dk (partial over the Dv block, into dk_ptr[vb]) and dv, in reverse chunk order; dL/dS_initial."""
+                NORMALIZE: tl.constexpr, STORE_D0: tl.constexpr, BASED: tl.constexpr, MM: tl.constexpr,
+                SPREAD: tl.constexpr, PART: tl.constexpr):
+    """dk (partial over the Dv block, into dk_ptr[vb]) and dv, in reverse chunk order; dL/dS_initial.
+
+    PART: 0 -> dk and dv; 1 -> dv only; 2 -> dk and dL/dS_initial only. Two launches (1 and 2) each carry the
+    reverse state but hold fewer chunk-sized temporaries; on an H100 one launch (0) measured faster.
+    """
+    DO_DV: tl.constexpr = PART != 2
+    DO_DK: tl.constexpr = PART != 1
     sid = tl.program_id(0)
     hh = tl.program_id(1)
     vb = tl.program_id(2)
@@ -411,16 +456,16 @@ def _dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, den_ptr, h_ptr, dk_ptr, dv_ptr, R_p
     else:
         c2 = scale
     sq = tl.sqrt(scale)
-    sc2 = tl.sqrt(c2)
     hw = (vb == 0).to(tl.float32)
     base = (sid * H + hh) * FT
+    # R, Rm (r as a DK x DK matrix): dL/dS, dL/dz from the tokens after the current chunk
     R = tl.load(R_ptr + (base + f[:, None]) * DV + cv[None, :], mask=vmask[None, :], other=0.0)
-    Rz = _col0(tl.load(r_ptr + base + f), d)                                  # [F, DK], r in column 0
+    Rm = tl.load(r_ptr + base + d[:, None] * DK + d[None, :])
     if BASED:
         R1 = tl.load(R_ptr + (base + F + d[:, None]) * DV + cv[None, :], mask=vmask[None, :], other=0.0)
-        Rz1 = _col0(tl.load(r_ptr + base + F + d), d)
+        r1 = tl.load(r_ptr + base + F + d)
         R0 = tl.load(R_ptr + (base + F + DK) * DV + cv, mask=vmask, other=0.0)
-        r0 = tl.sum(tl.load(r_ptr + base + F + DK + tl.arange(0, 1)), 0)
+        r0 = tl.load(r_ptr + base + F + DK + tl.arange(0, 1))
     # transposed intra-chunk layout: rows s (keys), columns t (queries); keep s <= t
     causalT = c[:, None] <= c[None, :]
     nch = tl.cdiv(t1 - t0, C)
@@ -446,54 +491,54 @@ def _dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, den_ptr, h_ptr, dk_ptr, dv_ptr, R_p
         else:
             hv = tl.zeros([C], dtype=tl.float32)
         xT = _mm(kc, qT, tl.zeros([C, C], dtype=tl.float32), MM) * scale      # [s, t]
-        dAT = _mm(vc, gT, tl.zeros([C, C], dtype=tl.float32), MM) + (hv * hw)[None, :]
         if BASED:
             aT = tl.where(causalT & tmask[:, None], 1.0 + xT + 0.5 * xT * xT, 0.0)
-            dxT = tl.where(causalT & tmask[:, None], dAT * (1.0 + xT), 0.0) * scale
         else:
             aT = tl.where(causalT, xT * xT, 0.0)
-            dxT = tl.where(causalT, dAT * xT, 0.0) * (2.0 * scale)
-        dv = _mm(aT, g, tl.zeros([C, BV], dtype=tl.float32), MM)
-        dk = _mm(dxT, qc, tl.zeros([C, DK], dtype=tl.float32), MM)
-        # inter-chunk, from dL/dS after this chunk (R, r)
+        if DO_DK:
+            dAT = _mm(vc, gT, tl.zeros([C, C], dtype=tl.float32), MM) + (hv * hw)[None, :]
+            if BASED:
+                dxT = tl.where(causalT & tmask[:, None], dAT * (1.0 + xT), 0.0) * scale
+            else:
+                dxT = tl.where(causalT, dAT * xT, 0.0) * (2.0 * scale)
         kf = kc.to(tl.float32)
-        psik = _outer_rows(kf * sq, C, DK)                                    # [C, F] = scale psi(k)
-        dv = _mm(psik, R, dv, MM)
-        ONE = _col0(tl.zeros([C], dtype=tl.float32) + hw, d)
-        Gk = _mm(vc, tl.trans(R), tl.zeros([C, F], dtype=tl.float32), MM)
-        Gk = _mm(ONE, tl.trans(Rz), Gk, MM)
-        dk += (2.0 * scale) * _contract_pairs(Gk, kf, C, DK)
+        if DO_DV:
+            dv = _mm(aT, g, tl.zeros([C, BV], dtype=tl.float32), MM)
+            dv = _mm(_psi_rows(kc, C, DK, MM, SPREAD) * scale, R, dv, MM)
+            if BASED:
+                dv = _mm(kf * sq, R1, dv, MM) + R0[None, :]
+            tl.store(dv_ptr + voff[:, None] + cv[None, :], dv.to(dv_ptr.dtype.element_ty), mask=m2)
+        if DO_DK:
+            dk = _mm(dxT, qc, tl.zeros([C, DK], dtype=tl.float32), MM)
+            # inter-chunk, from dL/dS after this chunk: d/dk_s of scale psi(k_s).(R v_s + r) = 2 scale (..)[i, j] k_sj
+            Gk = _mm(vc, tl.trans(R), tl.zeros([C, F], dtype=tl.float32), MM)
+            dk += (2.0 * scale) * _gather_pairs(Gk, kc, C, DK, MM, SPREAD)
+            dk += (2.0 * scale * hw) * _mm(kf, Rm, tl.zeros([C, DK], dtype=tl.float32), 0)
+            if BASED:
+                dk += sq * (_mm(vc, tl.trans(R1), tl.zeros([C, DK], dtype=tl.float32), MM) + hw * r1[None, :])
+            tl.store(dk_ptr + (vb * NTOK + tok * H + hh)[:, None] * DK + d[None, :], dk, mask=tmask[:, None])
+        # add this chunk's queries to dL/dS
+        qTf = qT.to(tl.float32)
+        R = _mm(_psi_cols(qT, C, DK, MM, SPREAD) * c2, g, R, MM)
+        if DO_DK:
+            Rm = _mm(qTf * (hv * c2)[None, :], qc.to(tl.float32), Rm, 0)
         if BASED:
-            dv = _mm(kf * sq, R1, dv, MM) + R0[None, :]
-            G1 = _mm(vc, tl.trans(R1), tl.zeros([C, DK], dtype=tl.float32), MM)
-            G1 = _mm(ONE, tl.trans(Rz1), G1, MM)
-            dk += sq * G1
-        tl.store(dv_ptr + voff[:, None] + cv[None, :], dv.to(dv_ptr.dtype.element_ty), mask=m2)
-        tl.store(dk_ptr + (vb * NTOK + tok * H + hh)[:, None] * DK + d[None, :], dk, mask=tmask[:, None])
-        # accumulate dL/dS contributions of this chunk's queries
-        qTs = qT.to(tl.float32) * sc2
-        psiqT = _outer_cols(qTs, C, DK)                                       # [F, C] = c2 psi(q)^T
-        Hm = _col0(hv, d)
-        R = _mm(psiqT, g, R, MM)
-        Rz = _mm(psiqT, Hm, Rz, MM)
-        if BASED:
-            qTq = qT.to(tl.float32) * sq
-            R1 = _mm(qTq, g, R1, MM)
-            Rz1 = _mm(qTq, Hm, Rz1, MM)
+            R1 = _mm(qTf * sq, g, R1, MM)
+            r1 += sq * tl.sum(qc.to(tl.float32) * hv[:, None], 0)
             R0 += tl.sum(g, 0)
             r0 += tl.sum(hv, 0)
-    if STORE_D0:
+    if STORE_D0 and DO_DK:
         if (flags & 1) != 0:
             fb = (doc * H + hh) * FT
             tl.store(dS0_ptr + (fb + f[:, None]) * DV + cv[None, :], R, mask=vmask[None, :])
             if vb == 0:
-                tl.store(dz0_ptr + fb + f, tl.sum(Rz, 1))
+                tl.store(dz0_ptr + fb + d[:, None] * DK + d[None, :], Rm)
             if BASED:
                 tl.store(dS0_ptr + (fb + F + d[:, None]) * DV + cv[None, :], R1, mask=vmask[None, :])
                 tl.store(dS0_ptr + (fb + F + DK) * DV + cv, R0, mask=vmask)
                 if vb == 0:
-                    tl.store(dz0_ptr + fb + F + d, tl.sum(Rz1, 1))
-                    tl.store(dz0_ptr + fb + F + DK + tl.arange(0, 1), tl.zeros([1], tl.float32) + r0)
+                    tl.store(dz0_ptr + fb + F + d, r1)
+                    tl.store(dz0_ptr + fb + F + DK + tl.arange(0, 1), r0)
 
 
 # ----------------------------------------------------------------------------------- host side
@@ -551,10 +596,11 @@ def _ns_max(total_tokens: int, n_docs: int, seg_tokens: int) -> int:
 
 
 def _blocks(dv: int, which: str) -> Tuple[int, int, int]:
+    # which: "fwd" | "bwd" (backward delta) | "dq" | "dkv" (the last two fall back to the "bwd" settings)
     dvp = max(16, triton.next_power_of_2(dv))
-    bv = TUNING.get("bv_" + which) or min(dvp, 64)
+    bv = TUNING.get("bv_" + which) or TUNING.get("bv_bwd" if which in ("dq", "dkv") else "") or min(dvp, 64)
     bv = min(bv, dvp)
-    warps = TUNING.get("warps_" + which) or 8
+    warps = TUNING.get("warps_" + which) or TUNING.get("warps_bwd" if which in ("dq", "dkv") else "") or 8
     return bv, dvp, warps
 
 
@@ -606,17 +652,21 @@ def _fwd_impl(q, k, v, cu_seqlens, S0, z0, scale, eps, normalize, based, chunk, 
         dS = torch.zeros(ns_max, h, ft, dv, dtype=torch.float32, device=dev)
         dz = torch.zeros(ns_max, h, ft, dtype=torch.float32, device=dev)
         _delta_kernel[(ns_max, h, triton.cdiv(dv, bv))](
-            k, v, v, den, den, dS, dz, seg, h, scale, scale, eps,
-            DK=dk, DV=dv, BV=bv, DVP=dvp, C=chunk, FT=ft, BWD=False, NORMALIZE=normalize, BASED=based, MM=mm,
-            num_warps=warps)
+            k, v, v, den, den, dS, dz, seg, h, scale, scale, eps, DK=dk, DV=dv, BV=bv, DVP=dvp, C=chunk, FT=ft,
+            BWD=False, NORMALIZE=normalize, BASED=based, MM=mm, SPREAD=_spread("delta"), num_warps=warps)
         _launch_scan(dS, S_start, S0.contiguous() if has_init else None, doc, n_docs, h, ft * dv, False)
         _launch_scan(dz, z_start, z0.contiguous() if has_init else None, doc, n_docs, h, ft, False)
     bv, dvp, warps = _blocks(dv, "fwd")
     _fwd_kernel[(ns_max, h, triton.cdiv(dv, bv))](
         q, k, v, o, den, S_start, z_start, S_fin, z_fin, seg, h, scale, eps,
         DK=dk, DV=dv, BV=bv, C=chunk, FT=ft, NORMALIZE=normalize, STORE_FINAL=store_final, BASED=based, MM=mm,
-        num_warps=warps, **_stages())
+        SPREAD=_spread("fwd"), num_warps=warps, **_stages())
     return o, den, S_start, z_start, S_fin, z_fin
+
+
+def _spread(kernel: str) -> bool:
+    # how the second-order features are built in `kernel` (see _psi_rows); per-kernel override for tuning
+    return bool(TUNING.get("spread_" + kernel, TUNING.get("spread") or False))
 
 
 def _stages():
@@ -638,21 +688,23 @@ def _bwd_impl(q, k, v, o, den, S_start, z_start, do, dSf, dzf, cu_seqlens, has_i
     mm = _mm_mode(q.dtype)
     do = do.contiguous()
     bv, dvp, warps = _blocks(dv, "bwd")
-    nvb = triton.cdiv(dv, bv)
     hbuf = torch.empty(b, t, h, dtype=torch.float32, device=dev)
     dR = torch.zeros(ns_max, h, ft, dv, dtype=torch.float32, device=dev)
     dr = torch.zeros(ns_max, h, ft, dtype=torch.float32, device=dev)
     c2 = scale * 0.5 if based else scale
-    _delta_kernel[(ns_max, h, nvb)](
-        q, do, o, den, hbuf, dR, dr, seg, h, scale, c2, eps,
-        DK=dk, DV=dv, BV=bv, DVP=dvp, C=chunk, FT=ft, BWD=True, NORMALIZE=normalize, BASED=based, MM=mm,
-        num_warps=warps)
+    flags = dict(DK=dk, DV=dv, C=chunk, FT=ft, NORMALIZE=normalize, BASED=based, MM=mm)
+    _delta_kernel[(ns_max, h, triton.cdiv(dv, bv))](
+        q, do, o, den, hbuf, dR, dr, seg, h, scale, c2, eps, BV=bv, DVP=dvp, BWD=True, SPREAD=_spread("delta"),
+        num_warps=warps, **flags)
     R_start = torch.empty(ns_max, h, ft, dv, dtype=torch.float32, device=dev)
     r_start = torch.empty(ns_max, h, ft, dtype=torch.float32, device=dev)
     _launch_scan(dR, R_start, dSf.contiguous() if dSf is not None else None, doc, n_docs, h, ft * dv, True)
     _launch_scan(dr, r_start, dzf.contiguous() if dzf is not None else None, doc, n_docs, h, ft, True)
-    dq_p = torch.empty(nvb, b, t, h, dk, dtype=torch.float32, device=dev)
-    dk_p = torch.empty(nvb, b, t, h, dk, dtype=torch.float32, device=dev)
+    bv_q, _, warps_q = _blocks(dv, "dq")
+    bv_k, _, warps_k = _blocks(dv, "dkv")
+    nvb_q, nvb_k = triton.cdiv(dv, bv_q), triton.cdiv(dv, bv_k)
+    dq_p = torch.empty(nvb_q, b, t, h, dk, dtype=torch.float32, device=dev)
+    dk_p = torch.empty(nvb_k, b, t, h, dk, dtype=torch.float32, device=dev)
     dv_ = torch.empty_like(v)
     dS0 = torch.empty(n_docs if has_init else 0, h, ft, dv, dtype=torch.float32, device=dev)
     dz0 = torch.empty(n_docs if has_init else 0, h, ft, dtype=torch.float32, device=dev)
@@ -660,16 +712,15 @@ def _bwd_impl(q, k, v, o, den, S_start, z_start, do, dSf, dzf, cu_seqlens, has_i
         for x in (dq_p, dk_p, dv_, dS0, dz0):
             x.fill_(float("nan"))
     ntok = total * h
-    _dq_kernel[(ns_max, h, nvb)](
-        q, k, v, do, den, hbuf, dq_p, S_start, z_start, seg, h, ntok, scale, eps,
-        DK=dk, DV=dv, BV=bv, C=chunk, FT=ft, NORMALIZE=normalize, BASED=based, MM=mm, num_warps=warps,
-        **_stages())
-    _dkv_kernel[(ns_max, h, nvb)](
-        q, k, v, do, den, hbuf, dk_p, dv_, R_start, r_start, dS0, dz0, seg, h, ntok, scale, eps,
-        DK=dk, DV=dv, BV=bv, C=chunk, FT=ft, NORMALIZE=normalize, STORE_D0=has_init, BASED=based, MM=mm,
-        num_warps=warps, **_stages())
-    dq = dq_p.sum(0) if nvb > 1 else dq_p[0]
-    dkk = dk_p.sum(0) if nvb > 1 else dk_p[0]
+    _dq_kernel[(ns_max, h, nvb_q)](
+        q, k, v, do, den, hbuf, dq_p, S_start, z_start, seg, h, ntok, scale, eps, BV=bv_q, SPREAD=_spread("dq"),
+        num_warps=warps_q, **flags, **_stages())
+    for part in ((1, 2) if TUNING.get("split_dkv") else (0,)):  # see _dkv_kernel's PART
+        _dkv_kernel[(ns_max, h, nvb_k)](
+            q, k, v, do, den, hbuf, dk_p, dv_, R_start, r_start, dS0, dz0, seg, h, ntok, scale, eps, BV=bv_k,
+            STORE_D0=has_init, SPREAD=_spread("dkv"), PART=part, num_warps=warps_k, **flags, **_stages())
+    dq = dq_p.sum(0) if nvb_q > 1 else dq_p[0]
+    dkk = dk_p.sum(0) if nvb_k > 1 else dk_p[0]
     return dq.to(q.dtype), dkk.to(k.dtype), dv_, dS0, dz0
 
 
@@ -823,9 +874,8 @@ def chunk_linear_attention(kind: str, q, k, v, *, scale: float, eps: float = 1e-
     """Triton (Re)Based attention with the public contract of ``kernels.rebased_attention``."""
     based = kind == "based"
     b, t, h, dk = q.shape
-    # Chunks above MAX_CHUNK are clamped: at C = 64 the backward delta kernel faults (illegal memory access) on
-    # an H100 with triton 3.6, and at C = 64 in fp32 compilation does not finish in 2 minutes; C = 16 and 32 pass
-    # the float64 checks there (benchmarks/results/kernels_diagnose_*.json). TUNING["chunk"] bypasses the clamp.
+    # Chunks above MAX_CHUNK are clamped: C = 64 is the fastest measured on an H100 (benchmarks/kernels_tune.py)
+    # and C = 128 has not been checked on a GPU; TUNING["chunk"] bypasses the clamp.
     chunk = min(chunk_size if chunk_size in (16, 32, 64, 128) else MAX_CHUNK, MAX_CHUNK)
     if TUNING.get("chunk"):
         chunk = int(TUNING["chunk"])
