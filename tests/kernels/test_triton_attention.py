@@ -138,6 +138,13 @@ def test_varlen_documents(kind, case):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_tuning_variants(kind):
+    """The alternative code paths the tuner can pick (spread features, split dk/dv launch) are exact too."""
+    tc.TUNING.update(spread=True, split_dkv=True, bv_dq=16, bv_dkv=32)
+    run_case(kind, 2, 37, 2, 32, torch.float32, init=True, final=True, chunk=16, seg=16)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_continuation_matches_single_call(kind):
     """Splitting a sequence in two calls with the returned state equals one call (fp32)."""
     tc.TUNING["seg_tokens"] = 16
