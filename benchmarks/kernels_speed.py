@@ -5,10 +5,11 @@ at least 1), 16 heads, Dk 16, Dv 64, bf16; SDPA with head dim 64 (flash backend 
 Prints a table with ratios and writes benchmarks/results/kernels_speed_<device>_<date>.{json,md} (or --out DIR)
 with the device, date, command, and the floor (FLOPs and bytes, see /work/shared/notes/rebased-math.md).
 
-    python benchmarks/kernels_speed.py [--sweep] [--quick] [--out DIR]
+    python benchmarks/kernels_speed.py [--quick] [--decode-only] [--out DIR]
 
-``--sweep`` first times several tuning variants (kernels.linear_attention.triton_chunk.TUNING) at a few
-lengths and uses the fastest fwd+bwd variant for the main table.
+Tuning variants of the attention kernels are compared by benchmarks/kernels_tune.py. Also timed: the peak memory of
+a ReBased forward+backward, the short convolution, and one decoding token (B = 16, 64)
+through the fused in-place Triton step vs the PyTorch functional recurrent call; ``--decode-only`` times just that.
 """
 
 from __future__ import annotations
@@ -34,11 +35,26 @@ HEADS = 16
 DK = 16
 DV = 64
 LENGTHS = [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
+DECODE_BATCHES = [16, 64]
 
 
 def bench(fn, warmup=25, rep=100):
     import triton.testing
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def bench_graph(fn, calls=20):
+    """GPU time of one call of fn without the Python and launch overhead: `calls` calls replayed as a CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # compile and warm up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return bench(graph.replay) / calls
 
 
 def floor(t_tokens, heads, dv, chunk=tc.MAX_CHUNK, feat=136, peak_flops=700e12, bw=3.0e12):
@@ -79,6 +95,18 @@ def time_linear(kind, T, dv=DV, backend="triton"):
         return torch.autograd.grad(o, (q, k, v), do)
 
     return bench(fwd), bench(fwdbwd)
+
+
+def peak_memory_mib(kind, T, dv=DV):
+    """Extra memory one forward+backward allocates at its peak (beyond its inputs), MiB."""
+    q, k, v, do = make_inputs(T, dv=dv)
+    f = kernels.rebased_attention if kind == "rebased" else kernels.based_attention
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    torch.autograd.grad(f(q, k, v, backend="triton")[0], (q, k, v), do)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
 
 
 def time_sdpa(T):
@@ -128,52 +156,76 @@ def time_fla(T):
         return None, None
 
 
-def time_short_conv(T, D=2048, K=4):
-    if "short_conv" not in kernels.registered_triton_ops():
+def time_short_conv(T, D=1024, K=4):
+    """Our Triton short conv as the model calls it (gate + residual) vs a depthwise F.conv1d (groups=D, padding K-1,
+    truncated), plain and with the gate multiply and residual add in torch (like for like); bf16, forward and
+    forward+backward (gradients of every input). None without CUDA or without the Triton implementation."""
+    if not torch.cuda.is_available() or "short_conv" not in kernels.registered_triton_ops():
         return None
     B = max(1, TOKENS // T)
-    x = torch.randn(B, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    w = torch.randn(D, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    bias = torch.randn(D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    dy = torch.randn_like(x)
+    g = torch.Generator(device="cuda").manual_seed(T)
+    x, gate, dy = (torch.randn(B, T, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    w = torch.randn(D, K, device="cuda", dtype=torch.bfloat16, generator=g) * K ** -0.5
+    bias = torch.randn(D, device="cuda", dtype=torch.bfloat16, generator=g)
+    for t in (x, gate, w, bias):
+        t.requires_grad_()
 
-    def ours_fb():
-        y = kernels.short_conv(x, w, bias, backend="triton")[0]
-        return torch.autograd.grad(y, (x, w, bias), dy)
+    def ours():
+        return kernels.short_conv(x, w, bias, gate=gate, residual=True, backend="triton")[0]
 
-    def conv_fb():
-        y = F.conv1d(x.transpose(1, 2), w.unsqueeze(1), bias, padding=K - 1, groups=D)[..., :T].transpose(1, 2)
-        return torch.autograd.grad(y, (x, w, bias), dy)
+    def conv1d():
+        return F.conv1d(x.transpose(1, 2), w.unsqueeze(1), bias, padding=K - 1, groups=D)[..., :T].transpose(1, 2)
 
-    def ours_f():
-        with torch.no_grad():
-            return kernels.short_conv(x, w, bias, backend="triton")[0]
+    def conv1d_gated():
+        return conv1d() * gate + x
 
-    def conv_f():
-        with torch.no_grad():
-            return F.conv1d(x.transpose(1, 2), w.unsqueeze(1), bias, padding=K - 1, groups=D)[..., :T].transpose(1, 2)
+    def fwd(f):
+        def run():
+            with torch.no_grad():
+                return f()
+        return run
 
-    return {"ours_fwd": bench(ours_f), "ours_fwd_bwd": bench(ours_fb), "conv1d_fwd": bench(conv_f),
-            "conv1d_fwd_bwd": bench(conv_fb), "D": D, "K": K}
+    def fwd_bwd(f, inputs):
+        return lambda: torch.autograd.grad(f(), inputs, dy)
+
+    every = (x, w, bias, gate)
+    r = {"D": D, "K": K, "tokens": B * T,
+         "ours_fwd": bench(fwd(ours)), "ours_fwd_bwd": bench(fwd_bwd(ours, every)),
+         "conv1d_fwd": bench(fwd(conv1d)), "conv1d_fwd_bwd": bench(fwd_bwd(conv1d, (x, w, bias))),
+         "conv1d_gated_fwd": bench(fwd(conv1d_gated)), "conv1d_gated_fwd_bwd": bench(fwd_bwd(conv1d_gated, every))}
+    r["ours_vs_conv1d_gated_fwd"] = r["ours_fwd"] / r["conv1d_gated_fwd"]
+    r["ours_vs_conv1d_gated_fwd_bwd"] = r["ours_fwd_bwd"] / r["conv1d_gated_fwd_bwd"]
+    return r
 
 
-SWEEP = [
-    {},
-    {"bv_fwd": 32, "bv_bwd": 32},
-    {"bv_bwd": 32, "stages": 1},
-    {"chunk": 32, "bv_bwd": 32},
-    {"bv_fwd": 32, "bv_bwd": 32, "warps_fwd": 4, "warps_bwd": 4},
-    {"bv_bwd": 32, "target_programs": 264},
-    {"bv_bwd": 32, "target_programs": 1056},
-]
+def time_decode_step(kind, batch, dv=DV, bw=3.0e12):
+    """One token (bf16 q, k, v; fp32 state): kernels.linear_attention_step (Triton, in place) vs the functional
+    torch recurrent call that returns a new state (what decoding ran before the fused step)."""
+    g = torch.Generator(device="cuda").manual_seed(batch)
+    q, k = (torch.randn(batch, 1, HEADS, DK, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    v = torch.randn(batch, 1, HEADS, dv, device="cuda", dtype=torch.bfloat16, generator=g)
+    state = kernels.zero_state(kind, batch, HEADS, DK, dv, device="cuda")
+    attention = kernels.rebased_attention if kind == "rebased" else kernels.based_attention
+
+    @torch.no_grad()
+    def fused():
+        return kernels.linear_attention_step(kind, q, k, v, state, backend="triton")
+
+    @torch.no_grad()
+    def functional():
+        return attention(q, k, v, initial_state=state, output_final_state=True, backend="torch", mode="recurrent")
+
+    state_bytes = 4 * kernels.state_size(kind, DK) * (dv + 1) * batch * HEADS  # kv and z, fp32
+    return {"kind": kind, "B": batch, "H": HEADS, "dv": dv, "triton_step_ms": bench(fused),
+            "torch_functional_ms": bench(functional), "triton_step_graph_ms": bench_graph(fused),
+            "torch_functional_graph_ms": bench_graph(functional), "floor_ms": 2 * state_bytes / bw * 1e3}
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--quick", action="store_true", help="only T = 2048, 8192, 32768")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    ap.add_argument("--sweep-lengths", default="2048,8192,32768")
+    ap.add_argument("--decode-only", action="store_true", help="only the one-token decoding step")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     import triton
@@ -183,36 +235,7 @@ def main():
             "command": "python " + " ".join(sys.argv), "torch": torch.__version__, "triton": triton.__version__,
             "tokens_per_call": TOKENS, "heads": HEADS, "dk": DK, "dv": DV, "dtype": "bfloat16"}
     print(meta, flush=True)
-    lengths = [2048, 8192, 32768] if args.quick else LENGTHS
-
-    sweep_rows = []
-    best = {}
-    if args.sweep:
-        base = dict(tc.TUNING)
-        sl = [int(x) for x in args.sweep_lengths.split(",")]
-        best_score = None
-        for cfg in SWEEP:
-            tc.TUNING.clear()
-            tc.TUNING.update(base)
-            tc.TUNING.update(cfg)
-            row = {"cfg": cfg}
-            score = 0.0
-            try:
-                for T in sl:
-                    f_ms, fb_ms = time_linear("rebased", T)
-                    row[f"T{T}"] = (round(f_ms, 4), round(fb_ms, 4))
-                    score += fb_ms / T
-            except Exception as exc:
-                row["error"] = repr(exc)[:300]
-                score = float("inf")
-            print("sweep", row, flush=True)
-            sweep_rows.append(row)
-            if best_score is None or score < best_score:
-                best_score, best = score, cfg
-        tc.TUNING.clear()
-        tc.TUNING.update(base)
-        tc.TUNING.update(best)
-        print("best variant", best, flush=True)
+    lengths = [] if args.decode_only else [2048, 8192, 32768] if args.quick else LENGTHS
 
     rows = []
     for T in lengths:
@@ -220,6 +243,7 @@ def main():
         r = {"T": T, "B": max(1, TOKENS // T), **fl}
         r["rebased_fwd_ms"], r["rebased_fwd_bwd_ms"] = time_linear("rebased", T)
         r["based_fwd_ms"], r["based_fwd_bwd_ms"] = time_linear("based", T)
+        r["rebased_fwd_bwd_peak_mib"] = peak_memory_mib("rebased", T)
         try:  # the PyTorch chunked reference (what backend="torch" runs), for the dispatcher's choice
             r["torch_rebased_fwd_ms"], r["torch_rebased_fwd_bwd_ms"] = time_linear("rebased", T, backend="torch")
         except Exception as exc:  # pragma: no cover (out of memory at long T)
@@ -237,38 +261,64 @@ def main():
         rows.append(r)
         torch.cuda.empty_cache()
 
+    decode_rows = []
+    if "rebased_attention_step" in kernels.registered_triton_ops():
+        for kind in ("rebased", "based"):
+            for batch in DECODE_BATCHES:
+                decode_rows.append(time_decode_step(kind, batch))
+                print(decode_rows[-1], flush=True)
+
+    tuning = {key: val for key, val in tc.TUNING.items() if val is not None}
     lines = [f"# Kernel speed: {dev_name}, {meta['date_utc']}", "",
              f"Command: `{meta['command']}`; torch {meta['torch']}, triton {meta['triton']}; "
              f"{TOKENS} tokens per call (B = {TOKENS}//T), H={HEADS}, Dk={DK}, Dv={DV}, bf16; SDPA head dim 64 causal "
-             f"(flash). Times are medians of triton.testing.do_bench (ms). Tuning: {json.dumps(best or {})}.", "",
+             f"(flash). Times are medians of triton.testing.do_bench (ms). Tuning overrides: {json.dumps(tuning)} "
+             f"(chunk {tc.MAX_CHUNK} by default).", "",
              "| T | B | ReBased fwd | ReBased fwd+bwd | Based fwd | Based fwd+bwd | SDPA fwd | SDPA fwd+bwd | "
              "ReBased/SDPA fwd+bwd | Based/ReBased fwd+bwd | us/1k tok (ReBased fb) | floor fwd+bwd | "
-             "torch-ref ReBased fwd+bwd |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "torch-ref ReBased fwd+bwd | ReBased fwd+bwd extra peak MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         sd = r.get("sdpa_fwd_bwd_ms")
         ntok = r["B"] * r["T"]
         lines.append(
-            f"| {r['T']} | {r['B']} | {r['rebased_fwd_ms']:.3f} | {r['rebased_fwd_bwd_ms']:.3f} | {r['based_fwd_ms']:.3f} | "
-            f"{r['based_fwd_bwd_ms']:.3f} | {r.get('sdpa_fwd_ms', float('nan')):.3f} | {sd if sd else float('nan'):.3f} | "
+            f"| {r['T']} | {r['B']} | {r['rebased_fwd_ms']:.3f} | {r['rebased_fwd_bwd_ms']:.3f} | "
+            f"{r['based_fwd_ms']:.3f} | {r['based_fwd_bwd_ms']:.3f} | {r.get('sdpa_fwd_ms', float('nan')):.3f} | "
+            f"{sd if sd else float('nan'):.3f} | "
             f"{(r['rebased_fwd_bwd_ms'] / sd) if sd else float('nan'):.3f} | "
-            f"{r['based_fwd_bwd_ms'] / r['rebased_fwd_bwd_ms']:.2f} | {1e3 * r['rebased_fwd_bwd_ms'] / ntok * 1e3:.2f} | "
-            f"{r['fwd_bwd_floor_ms']:.3f} | {r.get('torch_rebased_fwd_bwd_ms', float('nan')):.3f} |")
-    if any("short_conv" in r for r in rows):
-        lines += ["", "Short conv (D=2048, K=4, bf16, bias), ms:", "",
-                  "| T | ours fwd | conv1d fwd | ours fwd+bwd | conv1d fwd+bwd |", "|---|---|---|---|---|"]
-        for r in rows:
-            if "short_conv" in r:
-                s = r["short_conv"]
-                lines.append(f"| {r['T']} | {s['ours_fwd']:.3f} | {s['conv1d_fwd']:.3f} | {s['ours_fwd_bwd']:.3f} | "
-                             f"{s['conv1d_fwd_bwd']:.3f} |")
-    if sweep_rows:
-        lines += ["", "Tuning sweep (ReBased, (fwd, fwd+bwd) ms):", ""]
-        lines += [f"- {json.dumps(s)}" for s in sweep_rows]
+            f"{r['based_fwd_bwd_ms'] / r['rebased_fwd_bwd_ms']:.2f} | "
+            f"{1e3 * r['rebased_fwd_bwd_ms'] / ntok * 1e3:.2f} | "
+            f"{r['fwd_bwd_floor_ms']:.3f} | {r.get('torch_rebased_fwd_bwd_ms', float('nan')):.3f} | "
+            f"{r['rebased_fwd_bwd_peak_mib']:.0f} |")
+    short_conv_rows = [r for r in rows if "short_conv" in r]
+    if short_conv_rows:
+        first = short_conv_rows[0]["short_conv"]
+        lines += ["", f"Short conv (D={first['D']}, K={first['K']}, bf16, bias; ours with the gate and residual fused, "
+                  "as the model calls it; conv1d + gate + res = the same in torch), ms; ratio = ours / "
+                  "(conv1d + gate + res):", "",
+                  "| T | ours fwd | conv1d fwd | conv1d + gate + res fwd | ratio fwd | ours fwd+bwd | conv1d fwd+bwd | "
+                  "conv1d + gate + res fwd+bwd | ratio fwd+bwd |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in short_conv_rows:
+            s = r["short_conv"]
+            lines.append(f"| {r['T']} | {s['ours_fwd']:.3f} | {s['conv1d_fwd']:.3f} | {s['conv1d_gated_fwd']:.3f} | "
+                         f"{s['ours_vs_conv1d_gated_fwd']:.2f} | {s['ours_fwd_bwd']:.3f} | {s['conv1d_fwd_bwd']:.3f} | "
+                         f"{s['conv1d_gated_fwd_bwd']:.3f} | {s['ours_vs_conv1d_gated_fwd_bwd']:.2f} |")
+    if decode_rows:
+        lines += ["", f"Decoding step (one token, H={HEADS}, Dk={DK}, Dv={DV}, bf16 q/k/v, fp32 state), ms: fused "
+                  "Triton step updating the state in place vs the PyTorch functional recurrent call (new state); "
+                  "eager = as generate calls it (Python checks and launches included), graph = GPU time (20 calls "
+                  "replayed as a CUDA graph); floor = reading and writing the fp32 state at 3 TB/s.", "",
+                  "| kind | B | Triton eager | torch eager | Triton graph | torch graph | speed-up (graph) | floor |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in decode_rows:
+            lines.append(f"| {r['kind']} | {r['B']} | {r['triton_step_ms']:.4f} | {r['torch_functional_ms']:.4f} | "
+                         f"{r['triton_step_graph_ms']:.4f} | {r['torch_functional_graph_ms']:.4f} | "
+                         f"{r['torch_functional_graph_ms'] / r['triton_step_graph_ms']:.1f} | {r['floor_ms']:.4f} |")
     md = "\n".join(lines) + "\n"
     print(md)
     stem = save_results(args.out, "kernels_speed", dev_name, date,
-                        {"meta": meta, "tuning": best, "rows": rows, "sweep": sweep_rows}, md)
+                        {"meta": meta, "tuning": tuning, "rows": rows, "decode_step": decode_rows},
+                        md)
     print("wrote", stem + ".{json,md}")
 
 
