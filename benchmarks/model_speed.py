@@ -6,6 +6,7 @@ Reports tokens/s, MFU from the model's honest FLOP count (pretrain.models.flops)
 hybrid / Transformer++ ratio; results to benchmarks/results/model_speed_<device>_<date>.{json,md}.
 
     python benchmarks/model_speed.py [--tokens 65536] [--lengths 2048,8192,16384,32768] [--steps 8] [--compile]
+    python benchmarks/model_speed.py --plot RESULT.json [RESULT.json ...]   # tokens/s vs length, PNG
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def time_steps(name: str, seq_len: int, tokens: int, ac: str, steps: int, compil
     torch.manual_seed(0)
     model = build_model(cfg).cuda()
     if compile_blocks:
+        torch._dynamo.reset()  # each (model, length) is a new shape: without this the recompile limit is hit
         for block in model.blocks:
             block.compile()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -97,6 +99,32 @@ def profile_top(name: str, seq_len: int, tokens: int, top: int = 30) -> str:
     return table
 
 
+def plot(result_files: list, out_png: str) -> None:
+    """Tokens/s against sequence length (no activation checkpointing) for each saved result file."""
+    from matplotlib.figure import Figure  # the object API: no pyplot state, no display needed
+
+    fig = Figure(figsize=(6.5, 4.2))
+    ax = fig.subplots()
+    for path in result_files:
+        with open(path) as f:
+            result = json.load(f)
+        label = "torch.compile" if result["meta"].get("compile") else "eager"
+        for model, style in (("rebased_360m", "o-"), ("transformer_360m", "s--")):
+            rows = sorted((r for r in result["rows"] if r["model"] == model and "tokens_per_s" in r
+                           and r["activation_checkpointing"] == "none" and not r.get("ran_eager")),
+                          key=lambda r: r["seq_len"])
+            ax.plot([r["seq_len"] for r in rows], [r["tokens_per_s"] / 1e3 for r in rows], style,
+                    label=f"{'ReBased hybrid' if model.startswith('rebased') else 'Transformer++'} ({label})")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length (tokens per step fixed)")
+    ax.set_ylabel("training tokens/s (thousands)")
+    ax.set_title(f"360M models, one {result['meta']['device']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=65536, help="tokens per step at every length")
@@ -106,7 +134,12 @@ def main():
     p.add_argument("--compile", action="store_true", help="torch.compile each block")
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels per model at 2048 and 16384")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    p.add_argument("--plot", nargs="+", metavar="RESULT_JSON", help="only draw tokens/s vs length from saved "
+                   "results into OUT/model_speed.png")
     args = p.parse_args()
+    if args.plot:
+        plot(args.plot, os.path.join(args.out, "model_speed.png"))
+        return
 
     device = torch.cuda.get_device_name()
     meta = {"device": device, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -147,7 +180,8 @@ def main():
     md = "\n".join(lines) + "\n"
     print(md)
     date = meta["date"][:10]
-    save_results(args.out, "model_speed", device, date, {"meta": meta, "rows": rows}, md)
+    stem = "model_speed_compiled" if args.compile else "model_speed"  # both kinds of run kept side by side
+    save_results(args.out, stem, device, date, {"meta": meta, "rows": rows}, md)
     if args.profile:  # after the table is saved: a failure here loses no timing
         profiles = {}
         for name in MODELS:
@@ -160,7 +194,7 @@ def main():
                 print(f"--- {name} @ {seq_len}\n{profiles[f'{name}@{seq_len}']}", flush=True)
         md += "\nTop CUDA kernels of one step (torch.profiler, full activation checkpointing):\n\n"
         md += "".join(f"{key}:\n\n```\n{table}\n```\n\n" for key, table in profiles.items())
-        save_results(args.out, "model_speed", device, date, {"meta": meta, "rows": rows, "profiles": profiles}, md)
+        save_results(args.out, stem, device, date, {"meta": meta, "rows": rows, "profiles": profiles}, md)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,7 @@ TUNING = {
 
 
 MAX_CHUNK = 64
+MAX_CHUNK_FP32 = 32  # fp32 operands at C = 64, Dv 128 need 263 KB of shared memory; an H100 has 227 KB
 
 
 def supports(q: torch.Tensor, v: torch.Tensor) -> bool:
@@ -876,7 +877,8 @@ def chunk_linear_attention(kind: str, q, k, v, *, scale: float, eps: float = 1e-
     b, t, h, dk = q.shape
     # Chunks above MAX_CHUNK are clamped: C = 64 is the fastest measured on an H100 (benchmarks/kernels_tune.py)
     # and C = 128 has not been checked on a GPU; TUNING["chunk"] bypasses the clamp.
-    chunk = min(chunk_size if chunk_size in (16, 32, 64, 128) else MAX_CHUNK, MAX_CHUNK)
+    max_chunk = MAX_CHUNK_FP32 if q.dtype == torch.float32 else MAX_CHUNK
+    chunk = min(chunk_size if chunk_size in (16, 32, 64, 128) else max_chunk, max_chunk)
     if TUNING.get("chunk"):
         chunk = int(TUNING["chunk"])
     n_docs = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
