@@ -12,6 +12,7 @@ Exit codes: 0 finished or saved after SIGTERM/SIGUSR1; 3 stopped after too many 
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import math
 import os
@@ -488,6 +489,10 @@ def main(argv=None) -> int:
         logging.getLogger("pretrain").setLevel(logging.WARNING)
     code = trainer.run()
     if dist.is_initialized():
+        # free the wrapped model (it holds the process group) while Python is still up: a group torn down only at
+        # interpreter exit can abort the process ("terminate called without an active exception") after a clean run
+        del trainer
+        gc.collect()
         dist.destroy_process_group()
     return code
 

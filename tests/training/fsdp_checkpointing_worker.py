@@ -8,6 +8,7 @@ gradient shards differ from the no-checkpointing ones on any rank, and how often
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -64,6 +65,7 @@ def main(result_path: str):
                                     else [g["calls"][m] for g in gathered]) for m in recompute_calls},
         }
         Path(result_path).write_text(json.dumps(result))
+    gc.collect()  # free the sharded models (and their hold on the process group) before the group goes
     dist.destroy_process_group()
 
 
