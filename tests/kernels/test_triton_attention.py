@@ -13,6 +13,7 @@ triton = pytest.importorskip("triton")
 import kernels  # noqa: E402
 from kernels import backend as kbackend  # noqa: E402
 from kernels.linear_attention import triton_chunk as tc  # noqa: E402
+from triton_checks import plausible_state, rel  # noqa: E402
 
 _HAS_CUDA = torch.cuda.is_available()  # without CUDA, tests/conftest.py has switched Triton to its interpreter
 DEV = "cuda" if _HAS_CUDA else "cpu"
@@ -37,24 +38,6 @@ def attn(kind):
     return kernels.rebased_attention if kind == "rebased" else kernels.based_attention
 
 
-def fmap(kind):
-    return kernels.rebased_feature_map if kind == "rebased" else kernels.based_feature_map
-
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    assert torch.isfinite(a).all(), "non-finite values (unwritten poisoned output?)"
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
-
-
-def plausible_state(kind, n, h, dk, dv):
-    """Sums of features of a few random keys (keeps the normaliser positive)."""
-    kk = torch.randn(n, 6, h, dk, dtype=F64, device=DEV)
-    vv = torch.randn(n, 6, h, dv, dtype=F64, device=DEV)
-    phi = fmap(kind)(kk, dk ** -0.5)
-    return torch.einsum("nshf,nshv->nhfv", phi, vv).float(), phi.sum(1).float()
-
-
 def run_case(kind, b, t, h, dv, dtype, *, normalize=True, init=False, final=False, chunk=16, seg=None,
              cu_seqlens=None, dk=16):
     if seg is not None:
@@ -65,7 +48,7 @@ def run_case(kind, b, t, h, dv, dtype, *, normalize=True, init=False, final=Fals
     v = torch.randn(b, t, h, dv, device=DEV).to(dtype)
     leaves = [q, k, v]
     if init:
-        leaves += list(plausible_state(kind, n, h, dk, dv))
+        leaves += list(plausible_state(kind, n, h, dk, dv, DEV))
     ours = [x.clone().requires_grad_(True) for x in leaves]
     ref = [x.detach().to(F64).requires_grad_(True) for x in leaves]
     kw = dict(normalize=normalize, cu_seqlens=cu_seqlens, output_final_state=final)

@@ -13,6 +13,7 @@ import kernels  # noqa: E402
 from kernels import backend as kbackend  # noqa: E402
 from kernels.linear_attention import linear_attention_reference  # noqa: E402
 from kernels.linear_attention import triton_recurrent as tr  # noqa: E402
+from triton_checks import plausible_state, rel  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 F64 = torch.float64
@@ -28,20 +29,6 @@ def _setup(monkeypatch):
     torch.manual_seed(0)
     yield
     tr.set_poison(False)
-
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    assert torch.isfinite(a).all(), "non-finite values (unwritten poisoned output?)"
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
-
-
-def plausible_state(kind, b, h, dk, dv):
-    """fp32 sums of the features of a few random keys (keeps the normaliser positive)."""
-    keys = torch.randn(b, 6, h, dk, dtype=F64, device=DEV)
-    values = torch.randn(b, 6, h, dv, dtype=F64, device=DEV)
-    phi = (kernels.rebased_feature_map if kind == "rebased" else kernels.based_feature_map)(keys)
-    return torch.einsum("bshf,bshv->bhfv", phi, values).float(), phi.sum(1).float()
 
 
 def token(b, h, dv, dtype, dk=16):
@@ -64,7 +51,7 @@ CASES = [
 def test_step_matches_float64_reference(kind, case):
     b, h, dv, dtype, normalize = case
     q, k, v = token(b, h, dv, dtype)
-    state = plausible_state(kind, b, h, 16, dv)
+    state = plausible_state(kind, b, h, 16, dv, DEV)
     o_ref, (kv_ref, z_ref) = linear_attention_reference(
         kind, q.to(F64), k.to(F64), v.to(F64), normalize=normalize, initial_state=tuple(s.to(F64) for s in state),
         output_final_state=True, mode="recurrent")
@@ -83,7 +70,7 @@ def test_steps_equal_one_chunked_call(kind):
     b, h, dv, n = 2, 2, 32, 5
     q, k = torch.randn(2, b, n, h, 16, device=DEV).unbind(0)
     v = torch.randn(b, n, h, dv, device=DEV)
-    state = plausible_state(kind, b, h, 16, dv)
+    state = plausible_state(kind, b, h, 16, dv, DEV)
     o_ref, (kv_ref, z_ref) = linear_attention_reference(
         kind, q.to(F64), k.to(F64), v.to(F64), initial_state=tuple(s.to(F64) for s in state),
         output_final_state=True, mode="chunk", chunk_size=2)
@@ -96,7 +83,7 @@ def test_steps_equal_one_chunked_call(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_torch_backend_updates_in_place_like_the_functional_call(kind):
     q, k, v = token(2, 3, 24, torch.float32, dk=8)
-    state = plausible_state(kind, 2, 3, 8, 24)
+    state = plausible_state(kind, 2, 3, 8, 24, DEV)
     attention = kernels.rebased_attention if kind == "rebased" else kernels.based_attention
     o_ref, (kv_ref, z_ref) = attention(q, k, v, initial_state=state, output_final_state=True, backend="torch")
     kv, z = state
@@ -108,7 +95,7 @@ def test_torch_backend_updates_in_place_like_the_functional_call(kind):
 def test_small_feature_dim_and_float64_fallback():
     """Dk = 8 (the tests' tiny models) runs the kernel; float64 inputs take the torch step on backend="triton"."""
     q, k, v = token(2, 2, 16, torch.float32, dk=8)
-    state = plausible_state("based", 2, 2, 8, 16)
+    state = plausible_state("based", 2, 2, 8, 16, DEV)
     expected = tuple(s.clone() for s in state)
     o_ref = kernels.linear_attention_step("based", q, k, v, expected, scale=0.3, backend="torch")
     o = kernels.linear_attention_step("based", q, k, v, state, scale=0.3, backend="triton")

@@ -14,6 +14,7 @@ triton = pytest.importorskip("triton")
 import kernels  # noqa: E402
 from kernels import backend as kbackend  # noqa: E402
 from kernels.short_conv import triton_ops as sc  # noqa: E402
+from triton_checks import rel  # noqa: E402
 
 _HAS_CUDA = torch.cuda.is_available()  # without CUDA, tests/conftest.py has switched Triton to its interpreter
 DEV = "cuda" if _HAS_CUDA else "cpu"
@@ -35,12 +36,6 @@ def _setup(monkeypatch):
     sc.TUNING.clear()
     sc.TUNING.update(saved)
     sc.set_poison(False)
-
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    assert torch.isfinite(a).all(), "non-finite values (unwritten poisoned output?)"
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
 def documents(lengths):
