@@ -44,6 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..poison import poison
+
 __all__ = [
     "chunk_linear_attention", "state_to_internal", "state_from_internal", "internal_state_rows",
     "TUNING", "supports",
@@ -633,9 +635,7 @@ def _fwd_impl(q, k, v, cu_seqlens, S0, z0, scale, eps, normalize, based, chunk, 
     z_start = torch.empty(ns_max, h, ft, dtype=torch.float32, device=dev)
     S_fin = torch.empty(n_docs if store_final else 0, h, ft, dv, dtype=torch.float32, device=dev)
     z_fin = torch.empty(n_docs if store_final else 0, h, ft, dtype=torch.float32, device=dev)
-    if _POISON:
-        for x in (o, den, S_fin, z_fin):
-            x.fill_(float("nan"))
+    poison(o, den, S_fin, z_fin)
     seg, doc, max_per_doc = _segments(offsets, seg_tokens, ns_max, dev)
     mm = _mm_mode(q.dtype)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -709,9 +709,7 @@ def _bwd_impl(q, k, v, o, den, S_start, z_start, do, dSf, dzf, cu_seqlens, has_i
     dv_ = torch.empty_like(v)
     dS0 = torch.empty(n_docs if has_init else 0, h, ft, dv, dtype=torch.float32, device=dev)
     dz0 = torch.empty(n_docs if has_init else 0, h, ft, dtype=torch.float32, device=dev)
-    if _POISON:
-        for x in (dq_p, dk_p, dv_, dS0, dz0):
-            x.fill_(float("nan"))
+    poison(dq_p, dk_p, dv_, dS0, dz0)
     ntok = total * h
     _dq_kernel[(ns_max, h, nvb_q)](
         q, k, v, do, den, hbuf, dq_p, S_start, z_start, seg, h, ntok, scale, eps, BV=bv_q, SPREAD=_spread("dq"),
@@ -723,15 +721,6 @@ def _bwd_impl(q, k, v, o, den, S_start, z_start, do, dSf, dzf, cu_seqlens, has_i
     dq = dq_p.sum(0) if nvb_q > 1 else dq_p[0]
     dkk = dk_p.sum(0) if nvb_k > 1 else dk_p[0]
     return dq.to(q.dtype), dkk.to(k.dtype), dv_, dS0, dz0
-
-
-_POISON = os.environ.get("REBASED_TRITON_POISON", "0") == "1"
-
-
-def set_poison(flag: bool) -> None:
-    """Test mode: fill every output buffer with NaN before the kernels run (unwritten elements then fail)."""
-    global _POISON
-    _POISON = bool(flag)
 
 
 # ----------------------------------------------------------------------------------- custom ops

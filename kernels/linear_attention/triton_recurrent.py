@@ -13,16 +13,16 @@ Dv over programs would let one program read z after another had already updated 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ..poison import poison
 from .feature_maps import state_size
 from .reference import linear_attention_step_reference
 
-__all__ = ["recurrent_step", "supports_step", "set_poison"]
+__all__ = ["recurrent_step", "supports_step"]
 
 # Most features the kernel builds in registers (padded to a power of two): Dk up to 32.
 MAX_PADDED_FEATURES = 1024
@@ -102,15 +102,6 @@ def _recurrent_step_kernel(q_ptr, k_ptr, v_ptr, o_ptr, kv_ptr, z_ptr, c_first, c
         tl.store(o_ptr + bh * DV + cv, o.to(o_ptr.dtype.element_ty), mask=in_v)
 
 
-_POISON = os.environ.get("REBASED_TRITON_POISON", "0") == "1"
-
-
-def set_poison(flag: bool) -> None:
-    """Test mode: fill the output with NaN before the kernel runs (unwritten elements then fail)."""
-    global _POISON
-    _POISON = bool(flag)
-
-
 def supports_step(kind: str, q: torch.Tensor, state) -> bool:
     """Whether the kernel covers these (validated) inputs: fp32/bf16/fp16 q, k, v, fp32 state, Dk up to 32."""
     return (q.dtype in (torch.float32, torch.bfloat16, torch.float16) and state[0].dtype == torch.float32
@@ -130,8 +121,7 @@ def recurrent_step(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     padded = triton.next_power_of_2(n_features)
     block_v = min(triton.next_power_of_2(dv), max(16, TILE_ELEMENTS // padded))
     o = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    if _POISON:
-        o.fill_(float("nan"))
+    poison(o)
     if b * h == 0:
         return o
     based = kind == "based"

@@ -17,7 +17,6 @@ Inputs the kernels do not cover (float64, K > MAX_K) fall back to the torch refe
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -25,9 +24,10 @@ import triton
 import triton.language as tl
 
 from ..backend import register_triton_impl
+from ..poison import poison
 from .naive import short_conv_torch
 
-__all__ = ["short_conv_triton", "supports", "set_poison", "TUNING", "MAX_K"]
+__all__ = ["short_conv_triton", "supports", "TUNING", "MAX_K"]
 
 MAX_K = 8
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -282,21 +282,6 @@ def _step_kernel(x_ptr, w_ptr, bias_ptr, gate_ptr, cache_ptr, y_ptr, new_cache_p
 
 # ----------------------------------------------------------------------------------- launchers
 
-_POISON = os.environ.get("REBASED_TRITON_POISON", "0") == "1"
-
-
-def set_poison(flag: bool) -> None:
-    """Test mode: fill every output buffer with NaN before the kernels run (unwritten elements then fail)."""
-    global _POISON
-    _POISON = bool(flag)
-
-
-def _poison(*buffers: torch.Tensor) -> None:
-    if _POISON:
-        for buf in buffers:
-            buf.fill_(float("nan"))
-
-
 def _blocks(d: int, which: str) -> Tuple[int, int, int]:
     block_t, block_d, warps = _DEFAULT_BLOCKS[which]
     block_t = TUNING.get("block_t_" + which) or block_t
@@ -348,7 +333,7 @@ def _fwd_impl(x, weight, bias, gate, cache, cu_seqlens, residual, store_final):
     n_docs = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
     y = torch.empty_like(x)
     final = x.new_empty(n_docs if store_final else 0, d, k - 1)
-    _poison(y, final)
+    poison(y, final)
     cu, doc_of_token = _documents(cu_seqlens, t, x.device)
     block_t, block_d, warps = _blocks(d, "fwd")
     if y.numel():
@@ -379,7 +364,7 @@ def _bwd_impl(x, weight, bias, gate, cache, cu_seqlens, dy, dfinal, residual):
     dcache = torch.empty_like(cache) if cache is not None else x.new_empty(0)
     dw_part = torch.empty(b * t_programs, d, k, dtype=f32, device=x.device)
     dbias_part = torch.empty(b * t_programs if bias is not None else 0, d, dtype=f32, device=x.device)
-    _poison(dx, dgate, dcache, dw_part, dbias_part)
+    poison(dx, dgate, dcache, dw_part, dbias_part)
     cu, doc_of_token = _documents(cu_seqlens, t, x.device)
     if dx.numel():
         _bwd_kernel[(t_programs, d_tiles, b)](
@@ -404,7 +389,7 @@ def _step_impl(x, weight, bias, gate, cache, residual, store_cache):
     x, weight, bias, gate, cache = (_contiguous(v) for v in (x, weight, bias, gate, cache))
     y = torch.empty_like(x)
     new_cache = x.new_empty(b if store_cache else 0, d, k - 1)
-    _poison(y, new_cache)
+    poison(y, new_cache)
     _, block_d, warps = _blocks(d, "fwd")
     if y.numel():
         _step_kernel[(triton.cdiv(d, block_d), b)](

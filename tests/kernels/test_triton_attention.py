@@ -2,7 +2,7 @@
 
 Runs on CUDA when available (real shapes added), else on the CPU through the Triton interpreter
 (TRITON_INTERPRET=1, tiny shapes). Every output buffer of the Triton path is poisoned with NaN before the
-kernels run (``triton_chunk.set_poison``), so an element a kernel fails to write fails the test.
+kernels run (``kernels.poison.set_poison``), so an element a kernel fails to write fails the test.
 """
 
 import pytest
@@ -13,6 +13,7 @@ triton = pytest.importorskip("triton")
 import kernels  # noqa: E402
 from kernels import backend as kbackend  # noqa: E402
 from kernels.linear_attention import triton_chunk as tc  # noqa: E402
+from kernels.poison import set_poison  # noqa: E402
 from triton_checks import plausible_state, rel  # noqa: E402
 
 _HAS_CUDA = torch.cuda.is_available()  # without CUDA, tests/conftest.py has switched Triton to its interpreter
@@ -25,13 +26,13 @@ KINDS = ("rebased", "based")
 @pytest.fixture(autouse=True)
 def _setup(monkeypatch):
     monkeypatch.delenv(kbackend.BACKEND_ENV_VAR, raising=False)
-    tc.set_poison(True)
+    set_poison(True)
     saved = dict(tc.TUNING)
     torch.manual_seed(0)
     yield
     tc.TUNING.clear()
     tc.TUNING.update(saved)
-    tc.set_poison(False)
+    set_poison(False)
 
 
 def attn(kind):

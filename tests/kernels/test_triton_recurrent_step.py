@@ -1,7 +1,7 @@
 """The fused one-token decoding step (kernels.linear_attention_step) vs the float64 recurrent reference.
 
 Runs on CUDA when available, else on the CPU through the Triton interpreter (tests/conftest.py). The output is
-poisoned with NaN before the kernel runs (``triton_recurrent.set_poison``), so an element it fails to write fails.
+poisoned with NaN before the kernel runs (``kernels.poison.set_poison``), so an element it fails to write fails.
 """
 
 import pytest
@@ -13,6 +13,7 @@ import kernels  # noqa: E402
 from kernels import backend as kbackend  # noqa: E402
 from kernels.linear_attention import linear_attention_reference  # noqa: E402
 from kernels.linear_attention import triton_recurrent as tr  # noqa: E402
+from kernels.poison import set_poison  # noqa: E402
 from triton_checks import plausible_state, rel  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -25,10 +26,10 @@ KINDS = ("rebased", "based")
 @pytest.fixture(autouse=True)
 def _setup(monkeypatch):
     monkeypatch.delenv(kbackend.BACKEND_ENV_VAR, raising=False)
-    tr.set_poison(True)
+    set_poison(True)
     torch.manual_seed(0)
     yield
-    tr.set_poison(False)
+    set_poison(False)
 
 
 def token(b, h, dv, dtype, dk=16):

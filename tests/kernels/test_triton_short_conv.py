@@ -2,7 +2,7 @@
 
 Runs on CUDA when available (real shapes added), else on the CPU through the Triton interpreter
 (TRITON_INTERPRET=1, tiny shapes and tiles, so that T and D both span several partial tiles). Every output buffer of
-the Triton path is poisoned with NaN before the kernels run (``triton_ops.set_poison``), so an element a kernel
+the Triton path is poisoned with NaN before the kernels run (``kernels.poison.set_poison``), so an element a kernel
 fails to write fails the test.
 """
 
@@ -14,6 +14,7 @@ triton = pytest.importorskip("triton")
 import kernels  # noqa: E402
 from kernels import backend as kbackend  # noqa: E402
 from kernels.short_conv import triton_ops as sc  # noqa: E402
+from kernels.poison import set_poison  # noqa: E402
 from triton_checks import rel  # noqa: E402
 
 _HAS_CUDA = torch.cuda.is_available()  # without CUDA, tests/conftest.py has switched Triton to its interpreter
@@ -27,7 +28,7 @@ NAMES = ("x", "weight", "bias", "gate", "cache")
 @pytest.fixture(autouse=True)
 def _setup(monkeypatch):
     monkeypatch.delenv(kbackend.BACKEND_ENV_VAR, raising=False)
-    sc.set_poison(True)
+    set_poison(True)
     saved = dict(sc.TUNING)
     if not _HAS_CUDA:  # small tiles: several (partial) tiles even at interpreter-sized shapes
         sc.TUNING.update(block_t_fwd=8, block_d_fwd=16, block_t_bwd=8, block_d_bwd=16)
@@ -35,7 +36,7 @@ def _setup(monkeypatch):
     yield
     sc.TUNING.clear()
     sc.TUNING.update(saved)
-    sc.set_poison(False)
+    set_poison(False)
 
 
 def documents(lengths):
