@@ -39,12 +39,12 @@ VARIANTS = [
 TOKENS, HEADS, DK, DV = 32768, 16, 16, 64
 
 
-def _inputs(kind_b, t, h, dv, dtype, seed=0):
+def _inputs(batch, t, h, dv, dtype, seed=0):
     import torch
     g = torch.Generator(device="cuda").manual_seed(seed)
-    q, k = (torch.randn(kind_b, t, h, DK, device="cuda", generator=g).to(dtype).requires_grad_() for _ in range(2))
-    v = torch.randn(kind_b, t, h, dv, device="cuda", generator=g).to(dtype).requires_grad_()
-    do = torch.randn(kind_b, t, h, dv, device="cuda", generator=g).to(dtype)
+    q, k = (torch.randn(batch, t, h, DK, device="cuda", generator=g).to(dtype).requires_grad_() for _ in range(2))
+    v = torch.randn(batch, t, h, dv, device="cuda", generator=g).to(dtype).requires_grad_()
+    do = torch.randn(batch, t, h, dv, device="cuda", generator=g).to(dtype)
     return q, k, v, do
 
 
