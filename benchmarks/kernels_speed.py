@@ -137,7 +137,8 @@ def time_sdpa(T):
 def time_fla(T):
     try:
         from fla.ops.rebased import parallel_rebased  # type: ignore
-    except Exception:
+    except Exception as exc:
+        print("FLA not importable:", repr(exc)[:200])
         return None, None
     q, k, v, do = make_inputs(T)
     try:

@@ -26,15 +26,14 @@ from results_io import save_results
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
-VARIANTS = [
-    {"chunk": 64},
-    {"chunk": 64, "split_dkv": False},
-    {"chunk": 64, "bv_dq": 32, "bv_dkv": 32},
-    {"chunk": 64, "bv_dq": 32, "warps_dq": 4, "bv_dkv": 32, "warps_dkv": 4},
-    {"chunk": 64, "warps_dkv": 4},
-    {"chunk": 64, "bv_bwd": 32, "warps_bwd": 4},
-    {"chunk": 32, "bv_bwd": 32, "warps_bwd": 4},
-    {"chunk": 32, "bv_fwd": 32, "warps_fwd": 4, "bv_bwd": 32, "warps_bwd": 4},
+VARIANTS = [  # around the defaults of triton_chunk (each key overrides one)
+    {},
+    {"save_states": False},
+    {"warps_state": 4},
+    {"stages_state": 1},
+    {"stages_out": 3, "stages_grad": 3},
+    {"bk_out": 128},
+    {"chunk": 128, "warps_out": 8, "warps_grad": 8},
 ]
 TOKENS, HEADS, DK, DV = 32768, 16, 16, 64
 
@@ -113,7 +112,7 @@ def kernel_stats(dump_dir=None) -> list:
     """Registers, spills, shared memory and layout conversions of every compiled chunk kernel (ttgir dumped)."""
     from kernels.linear_attention import triton_chunk as tc
     rows = []
-    for name in ("_fwd_kernel", "_delta_kernel", "_dq_kernel", "_dkv_kernel"):
+    for name in ("_state_kernel", "_out_kernel", "_grad_kernel"):
         for entry in getattr(tc, name).device_caches.values():
             for i, ck in enumerate(entry[0].values()):
                 ttgir = ck.asm.get("ttgir", "")

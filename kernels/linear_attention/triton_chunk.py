@@ -16,22 +16,27 @@ Output: num_t = c2 psi(q_t).S2 + sqrt(s) q_t.S1 + S0 + intra-chunk, c2 = scale (
 The public (contract) state layout of ``kernels.rebased_feature_map`` / ``based_feature_map`` is converted to and
 from this one in PyTorch (differentiable) by :func:`state_to_internal` / :func:`state_from_internal`.
 
-Work decomposition: every document (a batch row, or a cu_seqlens document) is cut into *segments* of
-``seg_tokens`` tokens (a multiple of the chunk size C, chosen to give enough programs to fill the GPU);
-segments are cut into chunks of C tokens, so no chunk straddles a document boundary.
+Work decomposition (chunk-parallel): every document (a batch row, or a cu_seqlens document) is cut into
+*segments* of ``seg_tokens`` tokens (a multiple of the chunk size C), segments into chunks of C tokens, so no
+chunk straddles a document boundary. Only the state kernel walks chunks in order, and it holds one
+[BK, BV] block of the state (BK of the 256 feature rows) in registers; every chunk's state goes to HBM
+(bf16 for bf16 inputs, as the tensor cores would round it anyway; fp32 otherwise) and the output and gradient
+kernels run one program per chunk.
 
-forward:  [if any document has > 1 segment] _delta_kernel (per-segment state increments)
-          + _scan_kernel (exclusive prefix over a document's segments, starting at the initial state);
-          _fwd_kernel: per segment, state in registers, loop over its chunks: output (inter + masked intra
-          C x C part, normaliser in fp32, fused division), state update; writes the final state.
-backward: _delta_kernel in "backward" mode (per-segment increments of dL/dS from later tokens, and
-          h_t = -(do_t.o_t)/(den_t+eps)), reverse _scan_kernel (starting at dL/dS_final),
-          _dq_kernel (forward order, recomputes the state from the saved segment starts),
-          _dkv_kernel (reverse order over chunks, reverse state in registers); writes dL/dS_initial.
+forward:  [documents of > 1 segment: _state_kernel per-segment increments + _scan_kernel, an exclusive prefix
+          over a document's segments from the initial state]
+          _state_kernel: per segment, the state before each chunk -> Hc, Zc (and the final state);
+          _out_kernel: per chunk, inter-chunk psi(q) Hc + masked intra C x C part, normaliser in fp32, division.
+backward: [Hc not kept by the forward: _state_kernel again, from the saved segment starts]
+          [> 1 segment: reverse increments + reverse _scan_kernel from dL/dS_final]
+          _state_kernel in reverse: dL/dS after each chunk (from the later queries) -> dHc, dZc, and
+          h_t = -(do_t.o_t)/(den_t+eps); dL/dS_initial;
+          _grad_kernel: per chunk, dq, dk, dv from Hc, dHc and the intra-chunk part.
 
-Tuning (H100, bf16, Dv 64; benchmarks/kernels_tune.py): chunk 64, Dv block 64, 8 warps, one dk/dv launch and
-register outer products are the fastest measured; the kernels are bound by register spills and layout
-shuffles, not by tensor-core FLOPs (benchmarks/results/kernels_tune_*.json lists registers and spills).
+Defaults from benchmarks/kernels_tune.py on an H100 (bf16, Dv 64; results in benchmarks/results/kernels_tune_*.md):
+C = 64, 64 feature rows x 64 Dv per state program with 2 warps (4 for Based), 4 warps and 2 pipeline stages for the output and
+gradient kernels, and the forward's per-chunk states kept for the backward (without cu_seqlens; 512 bytes per token
+and head in bf16) instead of a third state pass.
 """
 
 from __future__ import annotations
@@ -51,19 +56,21 @@ __all__ = [
     "TUNING", "supports",
 ]
 
-# Tunables (the benchmark script sweeps these). None -> heuristic.
+# Tunables (benchmarks/kernels_tune.py sweeps these). None -> default.
 TUNING = {
-    "seg_tokens": None,      # tokens per segment (multiple of the chunk)
-    "target_programs": None,  # wanted number of (segment, head) programs
-    "bv_fwd": None,           # Dv block of the forward kernel
-    "bv_bwd": None,           # Dv block of the backward kernels ("bv_dq" / "bv_dkv" override it for one)
-    "warps_fwd": None,
-    "warps_bwd": None,        # likewise "warps_dq" / "warps_dkv"
-    "stages": None,
     "chunk": None,            # chunk length override (16, 32, 64, 128)
-    "split_dkv": None,        # dv and dk in two launches (True) or one (default)
-    "spread": None,           # build psi with spreading products (True) or a register outer product (False);
-                              # "spread_<kernel>" overrides it for one kernel (fwd, delta, dq, dkv)
+    "seg_tokens": None,       # tokens per segment (multiple of the chunk)
+    "target_programs": None,  # wanted number of state-kernel programs (segments x heads x blocks)
+    "bk_state": None,         # feature rows per state-kernel program (16 ... 256)
+    "bk_out": None,           # feature rows per step of the output / gradient kernels' loop
+    "bv_state": None,         # Dv block of the state kernel
+    "bv_out": None,           # Dv block of the output kernel
+    "bv_grad": None,          # Dv block of the gradient kernel
+    "warps_state": None,
+    "warps_out": None,
+    "warps_grad": None,
+    "stages": None,           # software-pipelining stages of every kernel ("stages_<kernel>" for one)
+    "save_states": None,      # keep the forward's per-chunk states for the backward (default; no cu_seqlens only)
 }
 
 
@@ -85,11 +92,6 @@ def _mm_mode(dtype: torch.dtype) -> int:
 
 
 # ----------------------------------------------------------------------------------- Triton kernels
-# Layout economy: the second-order features psi(x)[i*DK + j] = x_i x_j are never reshaped in registers. Two exact
-# 0/1 matrix products spread x over the F = DK^2 feature columns (x_i, x_j), so psi = x_i * x_j is born in the
-# matmul accumulator layout and feeds the next tensor-core product directly; the same spreading turns the
-# contraction sum_j G[t, i*DK + j] x_tj of the backward into one product. The normaliser state z (F values) is
-# handled as the DK x DK matrix Zm[i, j] = z[i*DK + j], so psi(q).z = q^T Zm q: a 16-wide product, kept in fp32.
 
 
 @triton.jit
@@ -111,63 +113,37 @@ def _mm(a, b, acc, MM: tl.constexpr):
 
 
 @triton.jit
-def _spread_rows(x, C: tl.constexpr, DK: tl.constexpr, SECOND: tl.constexpr, MM: tl.constexpr):
-    # x [C, DK] -> [C, DK*DK]: out[t, i*DK + j] = x[t, i] (SECOND=False) or x[t, j] (SECOND=True); exact
-    F: tl.constexpr = DK * DK
-    r = tl.arange(0, DK)
-    f = tl.arange(0, F)
-    if SECOND:
-        e = (f[None, :] % DK == r[:, None]).to(tl.float32)
-    else:
-        e = (f[None, :] // DK == r[:, None]).to(tl.float32)
-    return _mm(x, e, tl.zeros([C, F], dtype=tl.float32), MM)
+def _psi_block(x_ptr, xoff, tmask, fb, C: tl.constexpr, DK: tl.constexpr, BK: tl.constexpr):
+    # [C, BK] fp32: feature columns fb*BK ... of psi(x_t), i.e. x_ti x_tj for (i, j) = divmod(f, DK). The BK / DK
+    # rows' x_i are loaded as their own columns (L1 hits), so the block is a broadcast product, no register gather
+    NI: tl.constexpr = BK // DK
+    i = fb * NI + tl.arange(0, NI)
+    d = tl.arange(0, DK)
+    xi = tl.load(x_ptr + xoff[:, None] + i[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + xoff[:, None] + d[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
+    return tl.reshape(xi[:, :, None] * x[:, None, :], (C, BK))
 
 
 @triton.jit
-def _spread_cols(xT, C: tl.constexpr, DK: tl.constexpr, SECOND: tl.constexpr, MM: tl.constexpr):
-    # xT [DK, C] -> [DK*DK, C], the transpose of _spread_rows(x)
-    F: tl.constexpr = DK * DK
-    r = tl.arange(0, DK)
-    f = tl.arange(0, F)
-    if SECOND:
-        e = (f[:, None] % DK == r[None, :]).to(tl.float32)
-    else:
-        e = (f[:, None] // DK == r[None, :]).to(tl.float32)
-    return _mm(e, xT, tl.zeros([F, C], dtype=tl.float32), MM)
+def _psi_block_t(x_ptr, xoff, tmask, fb, C: tl.constexpr, DK: tl.constexpr, BK: tl.constexpr):
+    # [BK, C]: the transpose of _psi_block
+    NI: tl.constexpr = BK // DK
+    i = fb * NI + tl.arange(0, NI)
+    d = tl.arange(0, DK)
+    xi = tl.load(x_ptr + xoff[None, :] + i[:, None], mask=tmask[None, :], other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + xoff[None, :] + d[:, None], mask=tmask[None, :], other=0.0).to(tl.float32)
+    return tl.reshape(xi[:, None, :] * x[None, :, :], (BK, C))
 
 
 @triton.jit
-def _psi_rows(x, C: tl.constexpr, DK: tl.constexpr, MM: tl.constexpr, SPREAD: tl.constexpr):
-    # [C, DK*DK] second-order features of the rows of x, fp32. SPREAD: born in the accumulator layout from two
-    # spreading products; else a broadcast outer product reshaped in registers (the compiler picks the layouts)
-    if SPREAD:
-        return _spread_rows(x, C, DK, False, MM) * _spread_rows(x, C, DK, True, MM)
-    else:
-        xf = x.to(tl.float32)
-        return tl.reshape(xf[:, :, None] * xf[:, None, :], (C, DK * DK))
-
-
-@triton.jit
-def _psi_cols(xT, C: tl.constexpr, DK: tl.constexpr, MM: tl.constexpr, SPREAD: tl.constexpr):
-    # [DK*DK, C] second-order features of the columns of xT
-    if SPREAD:
-        return _spread_cols(xT, C, DK, False, MM) * _spread_cols(xT, C, DK, True, MM)
-    else:
-        xf = xT.to(tl.float32)
-        return tl.reshape(xf[:, None, :] * xf[None, :, :], (DK * DK, C))
-
-
-@triton.jit
-def _gather_pairs(G, x, C: tl.constexpr, DK: tl.constexpr, MM: tl.constexpr, SPREAD: tl.constexpr):
-    # out[t, i] = sum_j G[t, i*DK + j] x[t, j]   (G [C, DK*DK], x [C, DK])
-    if SPREAD:
-        F: tl.constexpr = DK * DK
-        r = tl.arange(0, DK)
-        f = tl.arange(0, F)
-        e_iT = (f[:, None] // DK == r[None, :]).to(tl.float32)
-        return _mm(G * _spread_rows(x, C, DK, True, MM), e_iT, tl.zeros([C, DK], dtype=tl.float32), MM)
-    else:
-        return tl.sum(tl.reshape(G, (C, DK, DK)) * x.to(tl.float32)[:, None, :], 2)
+def _contract_block(G, x_ptr, xoff, tmask, fb, C: tl.constexpr, DK: tl.constexpr, BK: tl.constexpr):
+    # [C, DK]: out[t, j] = sum_{i in block fb} x_ti G[t, i*DK + j]. With G = y psi-rows of a symmetric state
+    # (G[t, (i, j)] = G[t, (j, i)]), summing this over all blocks gives sum_j G[t, (i, j)] x_tj, so the
+    # derivative of psi(x).y needs no transpose of the block.
+    NI: tl.constexpr = BK // DK
+    i = fb * NI + tl.arange(0, NI)
+    xi = tl.load(x_ptr + xoff[:, None] + i[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
+    return tl.sum(tl.reshape(G, (C, NI, DK)) * xi[:, :, None], 1)
 
 
 @triton.jit
@@ -178,75 +154,118 @@ def _quad(x, M, C: tl.constexpr, DK: tl.constexpr):
 
 
 @triton.jit
-def _delta_kernel(x_ptr, y_ptr, o_ptr, den_ptr, h_ptr, dS_ptr, dz_ptr, seg_ptr,
-                  H, scale, c_psi, eps,
-                  DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, DVP: tl.constexpr, C: tl.constexpr,
-                  FT: tl.constexpr, BWD: tl.constexpr, NORMALIZE: tl.constexpr, BASED: tl.constexpr,
-                  MM: tl.constexpr, SPREAD: tl.constexpr):
-    """Per segment: dS = sum_t [c_psi psi(x_t); sqrt(s) x_t; 1] y_t^T and dz = same with w_t.
+def _state_kernel(x_ptr, y_ptr, den_ptr, h_ptr, seg_ptr, start_ptr, startz_ptr, ch_ptr, chz_ptr,
+                  end_ptr, endz_ptr, H, scale, c_psi, eps,
+                  DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, NVB: tl.constexpr, BK: tl.constexpr,
+                  C: tl.constexpr, FT: tl.constexpr, REVERSE: tl.constexpr,
+                  NORMALIZE: tl.constexpr, BASED: tl.constexpr, MM: tl.constexpr, HAS_START: tl.constexpr,
+                  STORE_CHUNKS: tl.constexpr, END_MODE: tl.constexpr, END_FLAG: tl.constexpr):
+    """One segment's state S = sum_t phi(x_t) y_t^T (feature rows fb*BK..., Dv block vb) and z = sum_t phi(x_t) w_t.
 
-    forward  (BWD=False): x = k, y = v, w = 1.
-    backward (BWD=True):  x = q, y = g = do/(den+eps), w = h = -(do.o)/(den+eps) (also stored to h_ptr).
+    forward (REVERSE=False): x = k, y = v, w = 1, chunks in order; stores the state *before* each chunk.
+    reverse (REVERSE=True):  x = q, y = g = do/(den+eps), w = h = -(do.o)/(den+eps) (from _h_kernel), chunks in
+                             reverse; stores the state *after* each chunk.
+    The block fb == 0 also carries Based's first/zeroth-order rows; fb == 0, vb == 0 carries z.
+    END_MODE: 0 nothing; 1 the end state to row `segment`; 2 to row `document` if flags & END_FLAG.
     """
     sid = tl.program_id(0)
     hh = tl.program_id(1)
-    vb = tl.program_id(2)
-    t0 = tl.load(seg_ptr + sid * 4 + 0)
-    t1 = tl.load(seg_ptr + sid * 4 + 1)
+    fb = tl.program_id(2) // NVB
+    vb = tl.program_id(2) % NVB
+    t0 = tl.load(seg_ptr + sid * 5 + 0)
+    t1 = tl.load(seg_ptr + sid * 5 + 1)
+    doc = tl.load(seg_ptr + sid * 5 + 2)
+    flags = tl.load(seg_ptr + sid * 5 + 3)
+    cbase = tl.load(seg_ptr + sid * 5 + 4)
     F: tl.constexpr = DK * DK
-    f = tl.arange(0, F)
+    rk = fb * BK + tl.arange(0, BK)
     c = tl.arange(0, C)
     d = tl.arange(0, DK)
     cv = vb * BV + tl.arange(0, BV)
     vmask = cv < DV
     sq = tl.sqrt(scale)
-    acc = tl.zeros([F, BV], dtype=tl.float32)
+    lead = fb == 0
+    own_z = (fb == 0) & (vb == 0)
+    base = (sid * H + hh) * FT
+    S = tl.zeros([BK, BV], dtype=tl.float32)
     zm = tl.zeros([DK, DK], dtype=tl.float32)
-    acc1 = tl.zeros([DK, BV], dtype=tl.float32)
+    S1 = tl.zeros([DK, BV], dtype=tl.float32)
+    S0 = tl.zeros([BV], dtype=tl.float32)
     z1 = tl.zeros([DK], dtype=tl.float32)
-    acc0 = tl.zeros([BV], dtype=tl.float32)
     z0 = tl.zeros([1], dtype=tl.float32)
-    for ts in range(t0, t1, C):
-        tok = ts + c
+    if HAS_START:
+        S = tl.load(start_ptr + (base + rk[:, None]) * DV + cv[None, :], mask=vmask[None, :], other=0.0)
+        zm = tl.load(startz_ptr + base + d[:, None] * DK + d[None, :])
+        if BASED:
+            S1 = tl.load(start_ptr + (base + F + d[:, None]) * DV + cv[None, :], mask=vmask[None, :], other=0.0)
+            S0 = tl.load(start_ptr + (base + F + DK) * DV + cv, mask=vmask, other=0.0)
+            z1 = tl.load(startz_ptr + base + F + d)
+            z0 = tl.load(startz_ptr + base + F + DK + tl.arange(0, 1))
+    nch = tl.cdiv(t1 - t0, C)
+    for it in range(nch):
+        if REVERSE:
+            j = nch - 1 - it
+        else:
+            j = it
+        if STORE_CHUNKS:
+            cb = ((cbase + j) * H + hh) * FT
+            tl.store(ch_ptr + (cb + rk[:, None]) * DV + cv[None, :], S.to(ch_ptr.dtype.element_ty),
+                     mask=vmask[None, :])
+            if BASED:
+                if lead:
+                    tl.store(ch_ptr + (cb + F + d[:, None]) * DV + cv[None, :], S1.to(ch_ptr.dtype.element_ty),
+                             mask=vmask[None, :])
+                    tl.store(ch_ptr + (cb + F + DK) * DV + cv, S0.to(ch_ptr.dtype.element_ty), mask=vmask)
+            if own_z:
+                tl.store(chz_ptr + cb + d[:, None] * DK + d[None, :], zm)
+                if BASED:
+                    tl.store(chz_ptr + cb + F + d, z1)
+                    tl.store(chz_ptr + cb + F + DK + tl.arange(0, 1), z0)
+        tok = t0 + j * C + c
         tmask = tok < t1
         xoff = (tok * H + hh) * DK
         voff = (tok * H + hh) * DV
-        m2 = tmask[:, None] & vmask[None, :]
-        yv = tl.load(y_ptr + voff[:, None] + cv[None, :], mask=m2, other=0.0).to(tl.float32)
-        if BWD:
+        yv = tl.load(y_ptr + voff[:, None] + cv[None, :], mask=tmask[:, None] & vmask[None, :],
+                     other=0.0).to(tl.float32)
+        if REVERSE:
+            w = tl.zeros([C], dtype=tl.float32)
             if NORMALIZE:
                 dn = tl.load(den_ptr + tok * H + hh, mask=tmask, other=1.0) + eps
                 yv = yv / dn[:, None]
-                cf = tl.arange(0, DVP)
-                mf = tmask[:, None] & (cf < DV)[None, :]
-                dof = tl.load(y_ptr + voff[:, None] + cf[None, :], mask=mf, other=0.0).to(tl.float32)
-                of = tl.load(o_ptr + voff[:, None] + cf[None, :], mask=mf, other=0.0).to(tl.float32)
-                w = -tl.sum(dof * of, 1) / dn
-                if vb == 0:
-                    tl.store(h_ptr + tok * H + hh, w, mask=tmask)
-            else:
-                w = tl.zeros([C], dtype=tl.float32)
+                if own_z:
+                    w = tl.load(h_ptr + tok * H + hh, mask=tmask, other=0.0)
         else:
             w = tmask.to(tl.float32)
-        xT = tl.load(x_ptr + xoff[None, :] + d[:, None], mask=tmask[None, :], other=0.0)
-        xc = tl.load(x_ptr + xoff[:, None] + d[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
-        acc = _mm(_psi_cols(xT, C, DK, MM, SPREAD) * c_psi, yv, acc, MM)
-        zm = _mm(xT.to(tl.float32) * (w * c_psi)[None, :], xc, zm, 0)
-        if BASED:
-            acc1 = _mm(xT.to(tl.float32) * sq, yv, acc1, MM)
-            z1 += sq * tl.sum(xc * w[:, None], 0)
-            acc0 += tl.sum(yv, 0)
-            z0 += tl.sum(w, 0)
-    base = (sid * H + hh) * FT
-    tl.store(dS_ptr + (base + f[:, None]) * DV + cv[None, :], acc, mask=vmask[None, :])
-    if vb == 0:
-        tl.store(dz_ptr + base + d[:, None] * DK + d[None, :], zm)
-    if BASED:
-        tl.store(dS_ptr + (base + F + d[:, None]) * DV + cv[None, :], acc1, mask=vmask[None, :])
-        tl.store(dS_ptr + (base + F + DK) * DV + cv, acc0, mask=vmask)
-        if vb == 0:
-            tl.store(dz_ptr + base + F + d, z1)
-            tl.store(dz_ptr + base + F + DK + tl.arange(0, 1), z0)
+        S = _mm(_psi_block_t(x_ptr, xoff, tmask, fb, C, DK, BK) * c_psi, yv, S, MM)
+        if lead:
+            xT = tl.load(x_ptr + xoff[None, :] + d[:, None], mask=tmask[None, :], other=0.0).to(tl.float32)
+            if own_z:
+                xc = tl.load(x_ptr + xoff[:, None] + d[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
+                zm = _mm(xT * (w * c_psi)[None, :], xc, zm, 0)
+                if BASED:
+                    z1 += sq * tl.sum(xT * w[None, :], 1)
+                    z0 += tl.sum(w, 0)
+            if BASED:
+                S1 = _mm(xT * sq, yv, S1, MM)
+                S0 += tl.sum(yv, 0)
+    if END_MODE != 0:
+        if END_MODE == 1:
+            eb = base
+            go = True
+        else:
+            eb = (doc * H + hh) * FT
+            go = (flags & END_FLAG) != 0
+        if go:
+            tl.store(end_ptr + (eb + rk[:, None]) * DV + cv[None, :], S, mask=vmask[None, :])
+            if BASED:
+                if lead:
+                    tl.store(end_ptr + (eb + F + d[:, None]) * DV + cv[None, :], S1, mask=vmask[None, :])
+                    tl.store(end_ptr + (eb + F + DK) * DV + cv, S0, mask=vmask)
+            if own_z:
+                tl.store(endz_ptr + eb + d[:, None] * DK + d[None, :], zm)
+                if BASED:
+                    tl.store(endz_ptr + eb + F + d, z1)
+                    tl.store(endz_ptr + eb + F + DK + tl.arange(0, 1), z0)
 
 
 @triton.jit
@@ -275,22 +294,37 @@ def _scan_kernel(delta_ptr, start_ptr, init_ptr, doc_ptr, H, M,
 
 
 @triton.jit
-def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, den_ptr, S_ptr, z_ptr, Sf_ptr, zf_ptr, seg_ptr,
-                H, scale, eps,
-                DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, FT: tl.constexpr,
-                NORMALIZE: tl.constexpr, STORE_FINAL: tl.constexpr, BASED: tl.constexpr, MM: tl.constexpr,
-                SPREAD: tl.constexpr):
+def _h_kernel(do_ptr, o_ptr, den_ptr, h_ptr, NTOK, eps, DV: tl.constexpr, DVP: tl.constexpr, BT: tl.constexpr):
+    """h = -(do.o) / (den + eps) per (token, head) row: the gradient that reaches the normaliser."""
+    r = tl.program_id(0) * BT + tl.arange(0, BT)
+    rmask = r < NTOK
+    cf = tl.arange(0, DVP)
+    m = rmask[:, None] & (cf < DV)[None, :]
+    dof = tl.load(do_ptr + r[:, None] * DV + cf[None, :], mask=m, other=0.0).to(tl.float32)
+    of = tl.load(o_ptr + r[:, None] * DV + cf[None, :], mask=m, other=0.0).to(tl.float32)
+    dn = tl.load(den_ptr + r, mask=rmask, other=1.0) + eps
+    tl.store(h_ptr + r, -tl.sum(dof * of, 1) / dn, mask=rmask)
+
+
+@triton.jit
+def _out_kernel(q_ptr, k_ptr, v_ptr, o_ptr, den_ptr, hc_ptr, hz_ptr, seg_ptr, H, scale, eps,
+                DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, NVB: tl.constexpr, BK: tl.constexpr,
+                C: tl.constexpr, FT: tl.constexpr, NORMALIZE: tl.constexpr, BASED: tl.constexpr,
+                MM: tl.constexpr):
+    """One chunk's output: inter-chunk psi(q) S_c (S_c from the state kernel) + the masked intra C x C part."""
     sid = tl.program_id(0)
-    hh = tl.program_id(1)
-    vb = tl.program_id(2)
-    t0 = tl.load(seg_ptr + sid * 4 + 0)
-    t1 = tl.load(seg_ptr + sid * 4 + 1)
-    doc = tl.load(seg_ptr + sid * 4 + 2)
-    flags = tl.load(seg_ptr + sid * 4 + 3)
+    j = tl.program_id(1)
+    hh = tl.program_id(2) // NVB
+    vb = tl.program_id(2) % NVB
+    t0 = tl.load(seg_ptr + sid * 5 + 0) + j * C
+    t1 = tl.load(seg_ptr + sid * 5 + 1)
+    if t0 >= t1:
+        return
+    cb = ((tl.load(seg_ptr + sid * 5 + 4) + j) * H + hh) * FT
     F: tl.constexpr = DK * DK
-    f = tl.arange(0, F)
     c = tl.arange(0, C)
     d = tl.arange(0, DK)
+    rk = tl.arange(0, BK)
     cv = vb * BV + tl.arange(0, BV)
     vmask = cv < DV
     if BASED:
@@ -298,81 +332,68 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, den_ptr, S_ptr, z_ptr, Sf_ptr, zf_pt
     else:
         c2 = scale
     sq = tl.sqrt(scale)
-    base = (sid * H + hh) * FT
-    S = tl.load(S_ptr + (base + f[:, None]) * DV + cv[None, :], mask=vmask[None, :], other=0.0)
-    Zm = tl.load(z_ptr + base + d[:, None] * DK + d[None, :])
-    if BASED:
-        S1 = tl.load(S_ptr + (base + F + d[:, None]) * DV + cv[None, :], mask=vmask[None, :], other=0.0)
-        z1 = tl.load(z_ptr + base + F + d)
-        S0 = tl.load(S_ptr + (base + F + DK) * DV + cv, mask=vmask, other=0.0)
-        z0 = tl.load(z_ptr + base + F + DK + tl.arange(0, 1))
+    tok = t0 + c
+    tmask = tok < t1
+    xoff = (tok * H + hh) * DK
+    voff = (tok * H + hh) * DV
+    m2 = tmask[:, None] & vmask[None, :]
+    qc = tl.load(q_ptr + xoff[:, None] + d[None, :], mask=tmask[:, None], other=0.0)
+    kT = tl.load(k_ptr + xoff[None, :] + d[:, None], mask=tmask[None, :], other=0.0)
+    vc = tl.load(v_ptr + voff[:, None] + cv[None, :], mask=m2, other=0.0)
+    x = _mm(qc, kT, tl.zeros([C, C], dtype=tl.float32), MM) * scale
     causal = c[:, None] >= c[None, :]
-    for ts in range(t0, t1, C):
-        tok = ts + c
-        tmask = tok < t1
-        xoff = (tok * H + hh) * DK
-        voff = (tok * H + hh) * DV
-        m2 = tmask[:, None] & vmask[None, :]
-        qc = tl.load(q_ptr + xoff[:, None] + d[None, :], mask=tmask[:, None], other=0.0)
-        kT = tl.load(k_ptr + xoff[None, :] + d[:, None], mask=tmask[None, :], other=0.0)
-        kc = tl.load(k_ptr + xoff[:, None] + d[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
-        vc = tl.load(v_ptr + voff[:, None] + cv[None, :], mask=m2, other=0.0)
-        x = _mm(qc, kT, tl.zeros([C, C], dtype=tl.float32), MM) * scale      # [C, C]
+    if BASED:
+        a = tl.where(causal & tmask[None, :], 1.0 + x + 0.5 * x * x, 0.0)
+    else:
+        a = tl.where(causal, x * x, 0.0)
+    num = _mm(a, vc, tl.zeros([C, BV], dtype=tl.float32), MM)
+    for fb in range(F // BK):
+        hblk = tl.load(hc_ptr + (cb + fb * BK + rk[:, None]) * DV + cv[None, :], mask=vmask[None, :], other=0.0)
+        num = _mm(_psi_block(q_ptr, xoff, tmask, fb, C, DK, BK) * c2, hblk, num, MM)
+    qf = qc.to(tl.float32)
+    if BASED:
+        S1 = tl.load(hc_ptr + (cb + F + d[:, None]) * DV + cv[None, :], mask=vmask[None, :], other=0.0)
+        S0 = tl.load(hc_ptr + (cb + F + DK) * DV + cv, mask=vmask, other=0.0).to(tl.float32)
+        num = _mm(qf * sq, S1, num, MM) + S0[None, :]
+    if NORMALIZE:
+        zm = tl.load(hz_ptr + cb + d[:, None] * DK + d[None, :])
+        dn = tl.sum(a, 1) + c2 * _quad(qf, zm, C, DK)
         if BASED:
-            a = 1.0 + x + 0.5 * x * x
-            a = tl.where(causal & tmask[None, :], a, 0.0)
-        else:
-            a = tl.where(causal, x * x, 0.0)
-        num = _mm(a, vc, tl.zeros([C, BV], dtype=tl.float32), MM)
-        num = _mm(_psi_rows(qc, C, DK, MM, SPREAD) * c2, S, num, MM)
-        dn = tl.sum(a, 1) + c2 * _quad(qc, Zm, C, DK)
-        if BASED:
-            qf = qc.to(tl.float32)
-            num = _mm(qf * sq, S1, num, MM) + S0[None, :]
+            z1 = tl.load(hz_ptr + cb + F + d)
+            z0 = tl.load(hz_ptr + cb + F + DK + tl.arange(0, 1))
             dn += sq * tl.sum(qf * z1[None, :], 1) + z0
-        if NORMALIZE:
-            out = num / (dn[:, None] + eps)
-        else:
-            out = num
-        tl.store(o_ptr + voff[:, None] + cv[None, :], out.to(o_ptr.dtype.element_ty), mask=m2)
+        out = num / (dn[:, None] + eps)
         if vb == 0:
             tl.store(den_ptr + tok * H + hh, dn, mask=tmask)
-        S = _mm(_psi_cols(kT, C, DK, MM, SPREAD) * scale, vc, S, MM)
-        Zm = _mm(kT.to(tl.float32) * scale, kc, Zm, 0)
-        if BASED:
-            S1 = _mm(kT.to(tl.float32) * sq, vc, S1, MM)
-            z1 += sq * tl.sum(kc, 0)
-            S0 += tl.sum(vc.to(tl.float32), 0)
-            z0 += tl.sum(tmask.to(tl.float32), 0)
-    if STORE_FINAL:
-        if (flags & 2) != 0:
-            fb = (doc * H + hh) * FT
-            tl.store(Sf_ptr + (fb + f[:, None]) * DV + cv[None, :], S, mask=vmask[None, :])
-            if vb == 0:
-                tl.store(zf_ptr + fb + d[:, None] * DK + d[None, :], Zm)
-            if BASED:
-                tl.store(Sf_ptr + (fb + F + d[:, None]) * DV + cv[None, :], S1, mask=vmask[None, :])
-                tl.store(Sf_ptr + (fb + F + DK) * DV + cv, S0, mask=vmask)
-                if vb == 0:
-                    tl.store(zf_ptr + fb + F + d, z1)
-                    tl.store(zf_ptr + fb + F + DK + tl.arange(0, 1), z0)
+    else:
+        out = num
+    tl.store(o_ptr + voff[:, None] + cv[None, :], out.to(o_ptr.dtype.element_ty), mask=m2)
 
 
 @triton.jit
-def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, den_ptr, h_ptr, dq_ptr, S_ptr, z_ptr, seg_ptr,
-               H, NTOK, scale, eps,
-               DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, FT: tl.constexpr,
-               NORMALIZE: tl.constexpr, BASED: tl.constexpr, MM: tl.constexpr, SPREAD: tl.constexpr):
-    """dq (partial over the Dv block vb, written to dq_ptr[vb]) in forward chunk order."""
+def _grad_kernel(q_ptr, k_ptr, v_ptr, do_ptr, den_ptr, h_ptr, hc_ptr, hz_ptr, rc_ptr, rz_ptr, dq_ptr, dk_ptr,
+                 dv_ptr, seg_ptr, H, NTOK, scale, eps,
+                 DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, NVB: tl.constexpr, BK: tl.constexpr,
+                 C: tl.constexpr, FT: tl.constexpr, NORMALIZE: tl.constexpr, BASED: tl.constexpr,
+                 MM: tl.constexpr):
+    """One chunk's dq, dk (partial over the Dv block vb, into dq_ptr[vb], dk_ptr[vb]) and dv.
+
+    S_c (hc) is the state before the chunk, R_c (rc) dL/dS from the tokens after it; both are symmetric in the
+    (i, j) feature pairs, which _contract_block relies on.
+    """
     sid = tl.program_id(0)
-    hh = tl.program_id(1)
-    vb = tl.program_id(2)
-    t0 = tl.load(seg_ptr + sid * 4 + 0)
-    t1 = tl.load(seg_ptr + sid * 4 + 1)
+    j = tl.program_id(1)
+    hh = tl.program_id(2) // NVB
+    vb = tl.program_id(2) % NVB
+    t0 = tl.load(seg_ptr + sid * 5 + 0) + j * C
+    t1 = tl.load(seg_ptr + sid * 5 + 1)
+    if t0 >= t1:
+        return
+    cb = ((tl.load(seg_ptr + sid * 5 + 4) + j) * H + hh) * FT
     F: tl.constexpr = DK * DK
-    f = tl.arange(0, F)
     c = tl.arange(0, C)
     d = tl.arange(0, DK)
+    rk = tl.arange(0, BK)
     cv = vb * BV + tl.arange(0, BV)
     vmask = cv < DV
     if BASED:
@@ -381,167 +402,65 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, den_ptr, h_ptr, dq_ptr, S_ptr, z_ptr
         c2 = scale
     sq = tl.sqrt(scale)
     hw = (vb == 0).to(tl.float32)      # the h (normaliser) terms are added by one Dv block only
-    base = (sid * H + hh) * FT
-    S = tl.load(S_ptr + (base + f[:, None]) * DV + cv[None, :], mask=vmask[None, :], other=0.0)
-    Zm = tl.load(z_ptr + base + d[:, None] * DK + d[None, :])
-    if BASED:
-        S1 = tl.load(S_ptr + (base + F + d[:, None]) * DV + cv[None, :], mask=vmask[None, :], other=0.0)
-        z1 = tl.load(z_ptr + base + F + d)
-    causal = c[:, None] >= c[None, :]
-    for ts in range(t0, t1, C):
-        tok = ts + c
-        tmask = tok < t1
-        xoff = (tok * H + hh) * DK
-        voff = (tok * H + hh) * DV
-        m2 = tmask[:, None] & vmask[None, :]
-        qc = tl.load(q_ptr + xoff[:, None] + d[None, :], mask=tmask[:, None], other=0.0)
-        kT = tl.load(k_ptr + xoff[None, :] + d[:, None], mask=tmask[None, :], other=0.0)
-        kc = tl.load(k_ptr + xoff[:, None] + d[None, :], mask=tmask[:, None], other=0.0)
-        vT = tl.load(v_ptr + voff[None, :] + cv[:, None], mask=tmask[None, :] & vmask[:, None], other=0.0)
-        g = tl.load(do_ptr + voff[:, None] + cv[None, :], mask=m2, other=0.0).to(tl.float32)
-        if NORMALIZE:
-            dn = tl.load(den_ptr + tok * H + hh, mask=tmask, other=1.0) + eps
-            g = g / dn[:, None]
-            hv = tl.load(h_ptr + tok * H + hh, mask=tmask, other=0.0) * hw
-        else:
-            hv = tl.zeros([C], dtype=tl.float32)
-        x = _mm(qc, kT, tl.zeros([C, C], dtype=tl.float32), MM) * scale
-        dA = _mm(g, vT, tl.zeros([C, C], dtype=tl.float32), MM) + hv[:, None]
-        if BASED:
-            dx = tl.where(causal & tmask[None, :], dA * (1.0 + x), 0.0) * scale
-        else:
-            dx = tl.where(causal, dA * x, 0.0) * (2.0 * scale)
-        dq = _mm(dx, kc, tl.zeros([C, DK], dtype=tl.float32), MM)
-        # inter-chunk: d/dq_t of c2 psi(q_t).(S2 g_t + z2 h_t) = 2 c2 sum_j (S2 g_t + z2 h_t)[i, j] q_tj
-        G = _mm(g, tl.trans(S), tl.zeros([C, F], dtype=tl.float32), MM)
-        qf = qc.to(tl.float32)
-        dq += (2.0 * c2) * _gather_pairs(G, qc, C, DK, MM, SPREAD)
-        dq += (2.0 * c2) * hv[:, None] * _mm(qf, Zm, tl.zeros([C, DK], dtype=tl.float32), 0)
-        if BASED:
-            dq += sq * (_mm(g, tl.trans(S1), tl.zeros([C, DK], dtype=tl.float32), MM) + hv[:, None] * z1[None, :])
-        tl.store(dq_ptr + (vb * NTOK + tok * H + hh)[:, None] * DK + d[None, :], dq, mask=tmask[:, None])
-        vc = tl.load(v_ptr + voff[:, None] + cv[None, :], mask=m2, other=0.0)
-        S = _mm(_psi_cols(kT, C, DK, MM, SPREAD) * scale, vc, S, MM)
-        Zm = _mm(kT.to(tl.float32) * scale, kc.to(tl.float32), Zm, 0)
-        if BASED:
-            S1 = _mm(kT.to(tl.float32) * sq, vc, S1, MM)
-            z1 += sq * tl.sum(kc.to(tl.float32), 0)
-
-
-@triton.jit
-def _dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, den_ptr, h_ptr, dk_ptr, dv_ptr, R_ptr, r_ptr, dS0_ptr, dz0_ptr,
-                seg_ptr, H, NTOK, scale, eps,
-                DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, FT: tl.constexpr,
-                NORMALIZE: tl.constexpr, STORE_D0: tl.constexpr, BASED: tl.constexpr, MM: tl.constexpr,
-                SPREAD: tl.constexpr, PART: tl.constexpr):
-    """dk (partial over the Dv block, into dk_ptr[vb]) and dv, in reverse chunk order; dL/dS_initial.
-
-    PART: 0 -> dk and dv; 1 -> dv only; 2 -> dk and dL/dS_initial only. Two launches (1 and 2) each carry the
-    reverse state but hold fewer chunk-sized temporaries; on an H100 one launch (0) measured faster.
-    """
-    DO_DV: tl.constexpr = PART != 2
-    DO_DK: tl.constexpr = PART != 1
-    sid = tl.program_id(0)
-    hh = tl.program_id(1)
-    vb = tl.program_id(2)
-    t0 = tl.load(seg_ptr + sid * 4 + 0)
-    t1 = tl.load(seg_ptr + sid * 4 + 1)
-    doc = tl.load(seg_ptr + sid * 4 + 2)
-    flags = tl.load(seg_ptr + sid * 4 + 3)
-    F: tl.constexpr = DK * DK
-    f = tl.arange(0, F)
-    c = tl.arange(0, C)
-    d = tl.arange(0, DK)
-    cv = vb * BV + tl.arange(0, BV)
-    vmask = cv < DV
-    if BASED:
-        c2 = scale * 0.5
+    tok = t0 + c
+    tmask = tok < t1
+    xoff = (tok * H + hh) * DK
+    voff = (tok * H + hh) * DV
+    m2 = tmask[:, None] & vmask[None, :]
+    qc = tl.load(q_ptr + xoff[:, None] + d[None, :], mask=tmask[:, None], other=0.0)
+    kc = tl.load(k_ptr + xoff[:, None] + d[None, :], mask=tmask[:, None], other=0.0)
+    vc = tl.load(v_ptr + voff[:, None] + cv[None, :], mask=m2, other=0.0)
+    g = tl.load(do_ptr + voff[:, None] + cv[None, :], mask=m2, other=0.0).to(tl.float32)
+    if NORMALIZE:
+        dn = tl.load(den_ptr + tok * H + hh, mask=tmask, other=1.0) + eps
+        g = g / dn[:, None]
+        hv = tl.load(h_ptr + tok * H + hh, mask=tmask, other=0.0) * hw
     else:
-        c2 = scale
-    sq = tl.sqrt(scale)
-    hw = (vb == 0).to(tl.float32)
-    base = (sid * H + hh) * FT
-    # R, Rm (r as a DK x DK matrix): dL/dS, dL/dz from the tokens after the current chunk
-    R = tl.load(R_ptr + (base + f[:, None]) * DV + cv[None, :], mask=vmask[None, :], other=0.0)
-    Rm = tl.load(r_ptr + base + d[:, None] * DK + d[None, :])
+        hv = tl.zeros([C], dtype=tl.float32)
+    # intra-chunk, rows t (queries), columns s (keys), s <= t
+    causal = c[:, None] >= c[None, :]
+    x = _mm(qc, tl.trans(kc), tl.zeros([C, C], dtype=tl.float32), MM) * scale
+    dA = _mm(g, tl.trans(vc), tl.zeros([C, C], dtype=tl.float32), MM) + hv[:, None]
     if BASED:
-        R1 = tl.load(R_ptr + (base + F + d[:, None]) * DV + cv[None, :], mask=vmask[None, :], other=0.0)
-        r1 = tl.load(r_ptr + base + F + d)
-        R0 = tl.load(R_ptr + (base + F + DK) * DV + cv, mask=vmask, other=0.0)
-        r0 = tl.load(r_ptr + base + F + DK + tl.arange(0, 1))
-    # transposed intra-chunk layout: rows s (keys), columns t (queries); keep s <= t
-    causalT = c[:, None] <= c[None, :]
-    nch = tl.cdiv(t1 - t0, C)
-    for i in range(nch):
-        ts = t0 + (nch - 1 - i) * C
-        tok = ts + c
-        tmask = tok < t1
-        xoff = (tok * H + hh) * DK
-        voff = (tok * H + hh) * DV
-        m2 = tmask[:, None] & vmask[None, :]
-        qc = tl.load(q_ptr + xoff[:, None] + d[None, :], mask=tmask[:, None], other=0.0)
-        qT = tl.load(q_ptr + xoff[None, :] + d[:, None], mask=tmask[None, :], other=0.0)
-        kc = tl.load(k_ptr + xoff[:, None] + d[None, :], mask=tmask[:, None], other=0.0)
-        vc = tl.load(v_ptr + voff[:, None] + cv[None, :], mask=m2, other=0.0)
-        g = tl.load(do_ptr + voff[:, None] + cv[None, :], mask=m2, other=0.0).to(tl.float32)
-        gT = tl.load(do_ptr + voff[None, :] + cv[:, None], mask=tmask[None, :] & vmask[:, None],
-                     other=0.0).to(tl.float32)
-        if NORMALIZE:
-            dn = tl.load(den_ptr + tok * H + hh, mask=tmask, other=1.0) + eps
-            g = g / dn[:, None]
-            gT = gT / dn[None, :]
-            hv = tl.load(h_ptr + tok * H + hh, mask=tmask, other=0.0)
-        else:
-            hv = tl.zeros([C], dtype=tl.float32)
-        xT = _mm(kc, qT, tl.zeros([C, C], dtype=tl.float32), MM) * scale      # [s, t]
+        a = tl.where(causal & tmask[None, :], 1.0 + x + 0.5 * x * x, 0.0)
+        dx = tl.where(causal & tmask[None, :], dA * (1.0 + x), 0.0) * scale
+    else:
+        a = tl.where(causal, x * x, 0.0)
+        dx = tl.where(causal, dA * x, 0.0) * (2.0 * scale)
+    dv = _mm(tl.trans(a), g, tl.zeros([C, BV], dtype=tl.float32), MM)
+    dq = _mm(dx, kc, tl.zeros([C, DK], dtype=tl.float32), MM)
+    dk = _mm(tl.trans(dx), qc, tl.zeros([C, DK], dtype=tl.float32), MM)
+    # inter-chunk, feature block by block: dq_t from c2 psi(q_t).(S g_t), dk_s and dv_s from scale psi(k_s).(R v_s)
+    for fb in range(F // BK):
+        hblk = tl.load(hc_ptr + (cb + fb * BK + rk[:, None]) * DV + cv[None, :], mask=vmask[None, :], other=0.0)
+        rblk = tl.load(rc_ptr + (cb + fb * BK + rk[:, None]) * DV + cv[None, :], mask=vmask[None, :], other=0.0)
+        G = _mm(g, tl.trans(hblk), tl.zeros([C, BK], dtype=tl.float32), MM)
+        dq += (2.0 * c2) * _contract_block(G, q_ptr, xoff, tmask, fb, C, DK, BK)
+        Gk = _mm(vc, tl.trans(rblk), tl.zeros([C, BK], dtype=tl.float32), MM)
+        dk += (2.0 * scale) * _contract_block(Gk, k_ptr, xoff, tmask, fb, C, DK, BK)
+        dv = _mm(_psi_block(k_ptr, xoff, tmask, fb, C, DK, BK) * scale, rblk, dv, MM)
+    qf = qc.to(tl.float32)
+    kf = kc.to(tl.float32)
+    if BASED:
+        S1 = tl.load(hc_ptr + (cb + F + d[:, None]) * DV + cv[None, :], mask=vmask[None, :], other=0.0)
+        R1 = tl.load(rc_ptr + (cb + F + d[:, None]) * DV + cv[None, :], mask=vmask[None, :], other=0.0)
+        R0 = tl.load(rc_ptr + (cb + F + DK) * DV + cv, mask=vmask, other=0.0).to(tl.float32)
+        dq += sq * _mm(g, tl.trans(S1), tl.zeros([C, DK], dtype=tl.float32), MM)
+        dk += sq * _mm(vc, tl.trans(R1), tl.zeros([C, DK], dtype=tl.float32), MM)
+        dv = _mm(kf * sq, R1, dv, MM) + R0[None, :]
+    # normaliser: dq through z (h terms; zero without normalising), dk through dL/dz (also fed by a final z)
+    rm = tl.load(rz_ptr + cb + d[:, None] * DK + d[None, :])
+    dk += (2.0 * scale * hw) * _mm(kf, rm, tl.zeros([C, DK], dtype=tl.float32), 0)
+    if BASED:
+        dk += (sq * hw) * tl.load(rz_ptr + cb + F + d)[None, :]
+    if NORMALIZE:
+        zm = tl.load(hz_ptr + cb + d[:, None] * DK + d[None, :])
+        dq += (2.0 * c2) * hv[:, None] * _mm(qf, zm, tl.zeros([C, DK], dtype=tl.float32), 0)
         if BASED:
-            aT = tl.where(causalT & tmask[:, None], 1.0 + xT + 0.5 * xT * xT, 0.0)
-        else:
-            aT = tl.where(causalT, xT * xT, 0.0)
-        if DO_DK:
-            dAT = _mm(vc, gT, tl.zeros([C, C], dtype=tl.float32), MM) + (hv * hw)[None, :]
-            if BASED:
-                dxT = tl.where(causalT & tmask[:, None], dAT * (1.0 + xT), 0.0) * scale
-            else:
-                dxT = tl.where(causalT, dAT * xT, 0.0) * (2.0 * scale)
-        kf = kc.to(tl.float32)
-        if DO_DV:
-            dv = _mm(aT, g, tl.zeros([C, BV], dtype=tl.float32), MM)
-            dv = _mm(_psi_rows(kc, C, DK, MM, SPREAD) * scale, R, dv, MM)
-            if BASED:
-                dv = _mm(kf * sq, R1, dv, MM) + R0[None, :]
-            tl.store(dv_ptr + voff[:, None] + cv[None, :], dv.to(dv_ptr.dtype.element_ty), mask=m2)
-        if DO_DK:
-            dk = _mm(dxT, qc, tl.zeros([C, DK], dtype=tl.float32), MM)
-            # inter-chunk, from dL/dS after this chunk: d/dk_s of scale psi(k_s).(R v_s + r) = 2 scale (..)[i, j] k_sj
-            Gk = _mm(vc, tl.trans(R), tl.zeros([C, F], dtype=tl.float32), MM)
-            dk += (2.0 * scale) * _gather_pairs(Gk, kc, C, DK, MM, SPREAD)
-            dk += (2.0 * scale * hw) * _mm(kf, Rm, tl.zeros([C, DK], dtype=tl.float32), 0)
-            if BASED:
-                dk += sq * (_mm(vc, tl.trans(R1), tl.zeros([C, DK], dtype=tl.float32), MM) + hw * r1[None, :])
-            tl.store(dk_ptr + (vb * NTOK + tok * H + hh)[:, None] * DK + d[None, :], dk, mask=tmask[:, None])
-        # add this chunk's queries to dL/dS
-        qTf = qT.to(tl.float32)
-        R = _mm(_psi_cols(qT, C, DK, MM, SPREAD) * c2, g, R, MM)
-        if DO_DK:
-            Rm = _mm(qTf * (hv * c2)[None, :], qc.to(tl.float32), Rm, 0)
-        if BASED:
-            R1 = _mm(qTf * sq, g, R1, MM)
-            r1 += sq * tl.sum(qc.to(tl.float32) * hv[:, None], 0)
-            R0 += tl.sum(g, 0)
-            r0 += tl.sum(hv, 0)
-    if STORE_D0 and DO_DK:
-        if (flags & 1) != 0:
-            fb = (doc * H + hh) * FT
-            tl.store(dS0_ptr + (fb + f[:, None]) * DV + cv[None, :], R, mask=vmask[None, :])
-            if vb == 0:
-                tl.store(dz0_ptr + fb + d[:, None] * DK + d[None, :], Rm)
-            if BASED:
-                tl.store(dS0_ptr + (fb + F + d[:, None]) * DV + cv[None, :], R1, mask=vmask[None, :])
-                tl.store(dS0_ptr + (fb + F + DK) * DV + cv, R0, mask=vmask)
-                if vb == 0:
-                    tl.store(dz0_ptr + fb + F + d, r1)
-                    tl.store(dz0_ptr + fb + F + DK + tl.arange(0, 1), r0)
+            dq += sq * hv[:, None] * tl.load(hz_ptr + cb + F + d)[None, :]
+    tl.store(dq_ptr + (vb * NTOK + tok * H + hh)[:, None] * DK + d[None, :], dq, mask=tmask[:, None])
+    tl.store(dk_ptr + (vb * NTOK + tok * H + hh)[:, None] * DK + d[None, :], dk, mask=tmask[:, None])
+    tl.store(dv_ptr + voff[:, None] + cv[None, :], dv.to(dv_ptr.dtype.element_ty), mask=m2)
 
 
 # ----------------------------------------------------------------------------------- host side
@@ -557,28 +476,33 @@ def _num_sms(device: torch.device) -> int:
     return 4
 
 
-def choose_seg_tokens(total_tokens: int, n_docs: int, heads: int, chunk: int, device: torch.device) -> int:
-    """Tokens per segment: a multiple of ``chunk`` giving about ``target_programs`` (segment, head) programs."""
+def choose_seg_tokens(total_tokens: int, n_docs: int, heads: int, chunk: int, device: torch.device,
+                      blocks: int = 1) -> int:
+    """Tokens per segment: a multiple of ``chunk`` giving about ``target_programs`` state-kernel programs
+    (segments x heads x ``blocks`` state blocks). Documents longer than one segment cost an extra state pass."""
     if TUNING.get("seg_tokens"):
         return max(chunk, (int(TUNING["seg_tokens"]) // chunk) * chunk)
     target = TUNING.get("target_programs") or 4 * _num_sms(device)
-    per = max(1, total_tokens * heads // max(1, target))
+    per = max(1, total_tokens * heads * blocks // max(1, target))
     seg = chunk
     while seg * 2 <= per and seg < 16384:
         seg *= 2
     return seg
 
 
-def _segments(offsets: List[int], seg_tokens: int, ns_max: int, device):
-    """Segment table int32 [ns_max, 4] = (start, end, doc, flags: 1 first, 2 last) and doc table [N, 2]."""
+def _segments(offsets: List[int], seg_tokens: int, ns_max: int, chunk: int, device):
+    """Segment table int32 [ns_max, 5] = (start, end, doc, flags: 1 first, 2 last, first chunk index), doc table
+    [N, 2] = (first segment, segments); also the number of chunks and the most chunks in one segment."""
     rows, docs = [], []
+    n_chunks = 0
     for n in range(len(offsets) - 1):
         a, b = offsets[n], offsets[n + 1]
         first = len(rows)
         s = a
         while True:
             e = min(b, s + seg_tokens)
-            rows.append([s, e, n, 0])
+            rows.append([s, e, n, 0, n_chunks])
+            n_chunks += -(-(e - s) // chunk)
             s = e
             if s >= b:
                 break
@@ -587,30 +511,65 @@ def _segments(offsets: List[int], seg_tokens: int, ns_max: int, device):
         docs.append([first, len(rows) - first])
     nseg = len(rows)
     assert nseg <= ns_max, (nseg, ns_max)
-    rows.extend([[0, 0, 0, 0]] * (ns_max - nseg))
+    max_chunks = max(-(-(r[1] - r[0]) // chunk) for r in rows)
+    rows.extend([[0, 0, 0, 0, 0]] * (ns_max - nseg))
     seg = torch.tensor(rows, dtype=torch.int32).to(device, non_blocking=True)
     doc = torch.tensor(docs, dtype=torch.int32).to(device, non_blocking=True)
     max_per_doc = max(cnt for _, cnt in docs)
-    return seg, doc, max_per_doc
+    return seg, doc, max_per_doc, n_chunks, max_chunks
+
+
+_TABLES: dict = {}
+
+
+def _segment_tables(cu_seqlens, b, t, seg_tokens, ns_max, chunk, device):
+    """_segments for this call. Without cu_seqlens the tables depend only on the shapes: cached, so a call costs
+    no host work and no host-to-device copy (a pageable copy would also wait for the GPU queue to drain)."""
+    if cu_seqlens is not None:
+        return _segments(_offsets_of(cu_seqlens, b, t), seg_tokens, ns_max, chunk, device)
+    key = (b, t, seg_tokens, ns_max, chunk, str(device))
+    if key not in _TABLES:
+        if len(_TABLES) > 64:
+            _TABLES.clear()
+        _TABLES[key] = _segments(_offsets_of(None, b, t), seg_tokens, ns_max, chunk, device)
+    return _TABLES[key]
+
+
+def _saved_chunks(save_states: bool, b: int, t: int, chunk: int) -> int:
+    # rows of the per-chunk states the forward returns for the backward: every chunk when saving (no cu_seqlens,
+    # so the count follows from the shapes, as the custom op's fake needs), else none
+    return b * -(-t // chunk) if save_states else 0
 
 
 def _ns_max(total_tokens: int, n_docs: int, seg_tokens: int) -> int:
     return total_tokens // seg_tokens + n_docs
 
 
-def _blocks(dv: int, which: str) -> Tuple[int, int, int]:
-    # which: "fwd" | "bwd" (backward delta) | "dq" | "dkv" (the last two fall back to the "bwd" settings)
+def _cfg(which: str, dv: int, dk: int, based: bool = False) -> Tuple[int, int, int, int]:
+    """(feature rows per block, Dv block, Dv blocks, warps) of kernel `which` ("state" | "out" | "grad")."""
     dvp = max(16, triton.next_power_of_2(dv))
-    bv = TUNING.get("bv_" + which) or TUNING.get("bv_bwd" if which in ("dq", "dkv") else "") or min(dvp, 64)
-    bv = min(bv, dvp)
-    warps = TUNING.get("warps_" + which) or TUNING.get("warps_bwd" if which in ("dq", "dkv") else "") or 8
-    return bv, dvp, warps
+    bk_key = "bk_state" if which == "state" else "bk_out"
+    bk = min(max(dk, TUNING.get(bk_key) or 64), dk * dk)
+    bv = min(TUNING.get("bv_" + which) or 64, dvp)
+    # 2 warps suit ReBased's state programs; Based's leading block also carries S1 and S0 and wants 4
+    warps = TUNING.get("warps_" + which) or (2 if which == "state" and not based else 4)
+    return bk, bv, triton.cdiv(dv, bv), warps
+
+
+def _state_blocks(dv: int, dk: int) -> int:
+    bk, _, nvb, _ = _cfg("state", dv, dk)
+    return (dk * dk // bk) * nvb
 
 
 def _offsets_of(cu_seqlens: Optional[torch.Tensor], b: int, t: int) -> List[int]:
     if cu_seqlens is None:
         return [i * t for i in range(b + 1)]
     return [int(x) for x in cu_seqlens.tolist()]
+
+
+def _stages(which: str):
+    s = TUNING.get("stages_" + which) or TUNING.get("stages") or (2 if which in ("out", "grad") else None)
+    return {"num_stages": s} if s else {}
 
 
 def _launch_scan(delta, start, init, doc, n_docs, h, m, reverse):
@@ -620,23 +579,53 @@ def _launch_scan(delta, start, init, doc, n_docs, h, m, reverse):
                        BLK=blk, REVERSE=reverse, HAS_INIT=init is not None)
 
 
-def _fwd_impl(q, k, v, cu_seqlens, S0, z0, scale, eps, normalize, based, chunk, seg_tokens, store_final):
+def _launch_state(x, y, den, hbuf, seg, start, start_z, ch, ch_z, end, end_z, *, ns_max, h, scale, c_psi, eps,
+                  dk, dv, ft, chunk, reverse, normalize, based, mm, end_mode, end_flag=0):
+    bk, bv, nvb, warps = _cfg("state", dv, dk, based)
+    dummy = den
+    _state_kernel[(ns_max, h, (dk * dk // bk) * nvb)](
+        x, y, den, hbuf if hbuf is not None else dummy, seg,
+        start if start is not None else dummy, start_z if start_z is not None else dummy,
+        ch if ch is not None else dummy, ch_z if ch_z is not None else dummy,
+        end if end is not None else dummy, end_z if end_z is not None else dummy,
+        h, scale, c_psi, eps, DK=dk, DV=dv, BV=bv, NVB=nvb, BK=bk, C=chunk, FT=ft, REVERSE=reverse,
+        NORMALIZE=normalize, BASED=based, MM=mm, HAS_START=start is not None, STORE_CHUNKS=ch is not None,
+        END_MODE=end_mode, END_FLAG=end_flag, num_warps=warps, **_stages("state"))
+
+
+def _chunk_states(q, k, v, den, seg, S_start, z_start, ns_max, n_chunks, scale, eps, based, chunk, mm,
+                  S_fin=None, z_fin=None):
+    """The state before every chunk (Hc, Zc) from the segments' start states; the final states if asked."""
+    b, t, h, dk = q.shape
+    dv = v.shape[-1]
+    ft = internal_state_rows(based, dk)
+    hdt = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
+    hc = torch.empty(n_chunks, h, ft, dv, dtype=hdt, device=q.device)
+    hz = torch.empty(n_chunks, h, ft, dtype=torch.float32, device=q.device)
+    poison(hc, hz)
+    _launch_state(k, v, den, None, seg, S_start, z_start, hc, hz, S_fin, z_fin, ns_max=ns_max, h=h,
+                  scale=scale, c_psi=scale, eps=eps, dk=dk, dv=dv, ft=ft, chunk=chunk, reverse=False,
+                  normalize=True, based=based, mm=mm, end_mode=2 if S_fin is not None else 0, end_flag=2)
+    return hc, hz
+
+
+def _fwd_impl(q, k, v, cu_seqlens, S0, z0, scale, eps, normalize, based, chunk, seg_tokens, store_final,
+              save_states):
     b, t, h, dk = q.shape
     dv = v.shape[-1]
     total = b * t
-    offsets = _offsets_of(cu_seqlens, b, t)
-    n_docs = len(offsets) - 1
+    n_docs = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
     ft = internal_state_rows(based, dk)
     ns_max = _ns_max(total, n_docs, seg_tokens)
     dev = q.device
-    o = torch.empty_like(v)
+    o = torch.empty_like(v, memory_format=torch.contiguous_format)
     den = torch.empty(b, t, h, dtype=torch.float32, device=dev)
     S_start = torch.empty(ns_max, h, ft, dv, dtype=torch.float32, device=dev)
     z_start = torch.empty(ns_max, h, ft, dtype=torch.float32, device=dev)
     S_fin = torch.empty(n_docs if store_final else 0, h, ft, dv, dtype=torch.float32, device=dev)
     z_fin = torch.empty(n_docs if store_final else 0, h, ft, dtype=torch.float32, device=dev)
     poison(o, den, S_fin, z_fin)
-    seg, doc, max_per_doc = _segments(offsets, seg_tokens, ns_max, dev)
+    seg, doc, max_per_doc, n_chunks, max_chunks = _segment_tables(cu_seqlens, b, t, seg_tokens, ns_max, chunk, dev)
     mm = _mm_mode(q.dtype)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     has_init = S0 is not None
@@ -649,77 +638,80 @@ def _fwd_impl(q, k, v, cu_seqlens, S0, z0, scale, eps, normalize, based, chunk, 
             S_start.zero_()
             z_start.zero_()
     else:
-        bv, dvp, warps = _blocks(dv, "bwd")
         dS = torch.zeros(ns_max, h, ft, dv, dtype=torch.float32, device=dev)
         dz = torch.zeros(ns_max, h, ft, dtype=torch.float32, device=dev)
-        _delta_kernel[(ns_max, h, triton.cdiv(dv, bv))](
-            k, v, v, den, den, dS, dz, seg, h, scale, scale, eps, DK=dk, DV=dv, BV=bv, DVP=dvp, C=chunk, FT=ft,
-            BWD=False, NORMALIZE=normalize, BASED=based, MM=mm, SPREAD=_spread("delta"), num_warps=warps)
+        _launch_state(k, v, den, None, seg, None, None, None, None, dS, dz, ns_max=ns_max, h=h, scale=scale,
+                      c_psi=scale, eps=eps, dk=dk, dv=dv, ft=ft, chunk=chunk, reverse=False, normalize=normalize,
+                      based=based, mm=mm, end_mode=1)
         _launch_scan(dS, S_start, S0.contiguous() if has_init else None, doc, n_docs, h, ft * dv, False)
         _launch_scan(dz, z_start, z0.contiguous() if has_init else None, doc, n_docs, h, ft, False)
-    bv, dvp, warps = _blocks(dv, "fwd")
-    _fwd_kernel[(ns_max, h, triton.cdiv(dv, bv))](
-        q, k, v, o, den, S_start, z_start, S_fin, z_fin, seg, h, scale, eps,
-        DK=dk, DV=dv, BV=bv, C=chunk, FT=ft, NORMALIZE=normalize, STORE_FINAL=store_final, BASED=based, MM=mm,
-        SPREAD=_spread("fwd"), num_warps=warps, **_stages())
-    return o, den, S_start, z_start, S_fin, z_fin
+    hc, hz = _chunk_states(q, k, v, den, seg, S_start, z_start, ns_max, n_chunks, scale, eps, based, chunk, mm,
+                           S_fin if store_final else None, z_fin if store_final else None)
+    bk, bv, nvb, warps = _cfg("out", dv, dk)
+    _out_kernel[(ns_max, max_chunks, h * nvb)](
+        q, k, v, o, den, hc, hz, seg, h, scale, eps, DK=dk, DV=dv, BV=bv, NVB=nvb, BK=bk, C=chunk, FT=ft,
+        NORMALIZE=normalize, BASED=based, MM=mm, num_warps=warps, **_stages("out"))
+    if not save_states:
+        hc, hz = hc[:0], hz[:0]
+    return o, den, S_start, z_start, S_fin, z_fin, hc, hz
 
 
-def _spread(kernel: str) -> bool:
-    # how the second-order features are built in `kernel` (see _psi_rows); per-kernel override for tuning
-    return bool(TUNING.get("spread_" + kernel, TUNING.get("spread") or False))
-
-
-def _stages():
-    s = TUNING.get("stages")
-    return {"num_stages": s} if s else {}
-
-
-def _bwd_impl(q, k, v, o, den, S_start, z_start, do, dSf, dzf, cu_seqlens, has_init, scale, eps, normalize,
-              based, chunk, seg_tokens):
+def _bwd_impl(q, k, v, o, den, S_start, z_start, hc, hz, do, dSf, dzf, cu_seqlens, has_init, scale, eps,
+              normalize, based, chunk, seg_tokens):
     b, t, h, dk = q.shape
     dv = v.shape[-1]
     total = b * t
-    offsets = _offsets_of(cu_seqlens, b, t)
-    n_docs = len(offsets) - 1
+    n_docs = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
     ft = internal_state_rows(based, dk)
     ns_max = _ns_max(total, n_docs, seg_tokens)
     dev = q.device
-    seg, doc, max_per_doc = _segments(offsets, seg_tokens, ns_max, dev)
+    seg, doc, max_per_doc, n_chunks, max_chunks = _segment_tables(cu_seqlens, b, t, seg_tokens, ns_max, chunk, dev)
     mm = _mm_mode(q.dtype)
-    do = do.contiguous()
-    bv, dvp, warps = _blocks(dv, "bwd")
-    hbuf = torch.empty(b, t, h, dtype=torch.float32, device=dev)
-    dR = torch.zeros(ns_max, h, ft, dv, dtype=torch.float32, device=dev)
-    dr = torch.zeros(ns_max, h, ft, dtype=torch.float32, device=dev)
+    do, o = do.contiguous(), o.contiguous()
     c2 = scale * 0.5 if based else scale
-    flags = dict(DK=dk, DV=dv, C=chunk, FT=ft, NORMALIZE=normalize, BASED=based, MM=mm)
-    _delta_kernel[(ns_max, h, triton.cdiv(dv, bv))](
-        q, do, o, den, hbuf, dR, dr, seg, h, scale, c2, eps, BV=bv, DVP=dvp, BWD=True, SPREAD=_spread("delta"),
-        num_warps=warps, **flags)
-    R_start = torch.empty(ns_max, h, ft, dv, dtype=torch.float32, device=dev)
-    r_start = torch.empty(ns_max, h, ft, dtype=torch.float32, device=dev)
-    _launch_scan(dR, R_start, dSf.contiguous() if dSf is not None else None, doc, n_docs, h, ft * dv, True)
-    _launch_scan(dr, r_start, dzf.contiguous() if dzf is not None else None, doc, n_docs, h, ft, True)
-    bv_q, _, warps_q = _blocks(dv, "dq")
-    bv_k, _, warps_k = _blocks(dv, "dkv")
-    nvb_q, nvb_k = triton.cdiv(dv, bv_q), triton.cdiv(dv, bv_k)
-    dq_p = torch.empty(nvb_q, b, t, h, dk, dtype=torch.float32, device=dev)
-    dk_p = torch.empty(nvb_k, b, t, h, dk, dtype=torch.float32, device=dev)
-    dv_ = torch.empty_like(v)
+    if hc.shape[0] != n_chunks:  # not saved by the forward: recompute
+        hc, hz = _chunk_states(q, k, v, den, seg, S_start, z_start, ns_max, n_chunks, scale, eps, based, chunk, mm)
+    hbuf = torch.empty(b, t, h, dtype=torch.float32, device=dev)
+    poison(hbuf)
+    if normalize:
+        bt = 64
+        _h_kernel[(triton.cdiv(total * h, bt),)](do, o, den, hbuf, total * h, eps, DV=dv,
+                                                 DVP=max(16, triton.next_power_of_2(dv)), BT=bt, num_warps=4)
+    common = dict(ns_max=ns_max, h=h, scale=scale, c_psi=c2, eps=eps, dk=dk, dv=dv, ft=ft, chunk=chunk,
+                  reverse=True, normalize=normalize, based=based, mm=mm)
+    R_start = r_start = None
+    if max_per_doc > 1:
+        dR = torch.zeros(ns_max, h, ft, dv, dtype=torch.float32, device=dev)
+        dr = torch.zeros(ns_max, h, ft, dtype=torch.float32, device=dev)
+        _launch_state(q, do, den, hbuf, seg, None, None, None, None, dR, dr, end_mode=1, **common)
+        R_start = torch.empty(ns_max, h, ft, dv, dtype=torch.float32, device=dev)
+        r_start = torch.empty(ns_max, h, ft, dtype=torch.float32, device=dev)
+        _launch_scan(dR, R_start, dSf.contiguous() if dSf is not None else None, doc, n_docs, h, ft * dv, True)
+        _launch_scan(dr, r_start, dzf.contiguous() if dzf is not None else None, doc, n_docs, h, ft, True)
+    elif dSf is not None:
+        # each document is one segment: its reverse start is the final state's gradient
+        R_start = torch.zeros(ns_max, h, ft, dv, dtype=torch.float32, device=dev)
+        r_start = torch.zeros(ns_max, h, ft, dtype=torch.float32, device=dev)
+        R_start[:n_docs].copy_(dSf)
+        r_start[:n_docs].copy_(dzf)
+    rc = torch.empty_like(hc)
+    rz = torch.empty_like(hz)
     dS0 = torch.empty(n_docs if has_init else 0, h, ft, dv, dtype=torch.float32, device=dev)
     dz0 = torch.empty(n_docs if has_init else 0, h, ft, dtype=torch.float32, device=dev)
-    poison(dq_p, dk_p, dv_, dS0, dz0)
-    ntok = total * h
-    _dq_kernel[(ns_max, h, nvb_q)](
-        q, k, v, do, den, hbuf, dq_p, S_start, z_start, seg, h, ntok, scale, eps, BV=bv_q, SPREAD=_spread("dq"),
-        num_warps=warps_q, **flags, **_stages())
-    for part in ((1, 2) if TUNING.get("split_dkv") else (0,)):  # see _dkv_kernel's PART
-        _dkv_kernel[(ns_max, h, nvb_k)](
-            q, k, v, do, den, hbuf, dk_p, dv_, R_start, r_start, dS0, dz0, seg, h, ntok, scale, eps, BV=bv_k,
-            STORE_D0=has_init, SPREAD=_spread("dkv"), PART=part, num_warps=warps_k, **flags, **_stages())
-    dq = dq_p.sum(0) if nvb_q > 1 else dq_p[0]
-    dkk = dk_p.sum(0) if nvb_k > 1 else dk_p[0]
+    poison(rc, rz, dS0, dz0)
+    _launch_state(q, do, den, hbuf, seg, R_start, r_start, rc, rz, dS0 if has_init else None,
+                  dz0 if has_init else None, end_mode=2 if has_init else 0, end_flag=1, **common)
+    bk, bv, nvb, warps = _cfg("grad", dv, dk)
+    dq_p = torch.empty(nvb, b, t, h, dk, dtype=torch.float32, device=dev)
+    dk_p = torch.empty(nvb, b, t, h, dk, dtype=torch.float32, device=dev)
+    dv_ = torch.empty_like(v)
+    poison(dq_p, dk_p, dv_)
+    _grad_kernel[(ns_max, max_chunks, h * nvb)](
+        q, k, v, do, den, hbuf, hc, hz, rc, rz, dq_p, dk_p, dv_, seg, h, total * h, scale, eps,
+        DK=dk, DV=dv, BV=bv, NVB=nvb, BK=bk, C=chunk, FT=ft, NORMALIZE=normalize, BASED=based, MM=mm,
+        num_warps=warps, **_stages("grad"))
+    dq = dq_p.sum(0) if nvb > 1 else dq_p[0]
+    dkk = dk_p.sum(0) if nvb > 1 else dk_p[0]
     return dq.to(q.dtype), dkk.to(k.dtype), dv_, dS0, dz0
 
 
@@ -731,38 +723,44 @@ _LIB = "rebased_kernels"
 @torch.library.custom_op(f"{_LIB}::la_chunk_fwd", mutates_args=())
 def _op_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: Optional[torch.Tensor],
             S0: Optional[torch.Tensor], z0: Optional[torch.Tensor], scale: float, eps: float, normalize: bool,
-            based: bool, chunk: int, seg_tokens: int, store_final: bool
-            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _fwd_impl(q, k, v, cu_seqlens, S0, z0, scale, eps, normalize, based, chunk, seg_tokens, store_final)
+            based: bool, chunk: int, seg_tokens: int, store_final: bool, save_states: bool
+            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                       torch.Tensor, torch.Tensor]:
+    return _fwd_impl(q, k, v, cu_seqlens, S0, z0, scale, eps, normalize, based, chunk, seg_tokens, store_final,
+                     save_states)
 
 
 @_op_fwd.register_fake
-def _op_fwd_fake(q, k, v, cu_seqlens, S0, z0, scale, eps, normalize, based, chunk, seg_tokens, store_final):
+def _op_fwd_fake(q, k, v, cu_seqlens, S0, z0, scale, eps, normalize, based, chunk, seg_tokens, store_final,
+                 save_states):
     b, t, h, dk = q.shape
     dv = v.shape[-1]
     n_docs = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
     ft = internal_state_rows(based, dk)
     ns_max = _ns_max(b * t, n_docs, seg_tokens)
     nf = n_docs if store_final else 0
+    nc = _saved_chunks(save_states, b, t, chunk)
     f32 = torch.float32
-    return (torch.empty_like(v), q.new_empty(b, t, h, dtype=f32), q.new_empty(ns_max, h, ft, dv, dtype=f32),
-            q.new_empty(ns_max, h, ft, dtype=f32), q.new_empty(nf, h, ft, dv, dtype=f32),
-            q.new_empty(nf, h, ft, dtype=f32))
+    hdt = torch.bfloat16 if q.dtype == torch.bfloat16 else f32
+    return (torch.empty_like(v, memory_format=torch.contiguous_format), q.new_empty(b, t, h, dtype=f32),
+            q.new_empty(ns_max, h, ft, dv, dtype=f32), q.new_empty(ns_max, h, ft, dtype=f32),
+            q.new_empty(nf, h, ft, dv, dtype=f32), q.new_empty(nf, h, ft, dtype=f32),
+            q.new_empty(nc, h, ft, dv, dtype=hdt), q.new_empty(nc, h, ft, dtype=f32))
 
 
 @torch.library.custom_op(f"{_LIB}::la_chunk_bwd", mutates_args=())
 def _op_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, den: torch.Tensor,
-            S_start: torch.Tensor, z_start: torch.Tensor, do: torch.Tensor, dSf: Optional[torch.Tensor],
-            dzf: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], has_init: bool, scale: float,
-            eps: float, normalize: bool, based: bool, chunk: int, seg_tokens: int
+            S_start: torch.Tensor, z_start: torch.Tensor, hc: torch.Tensor, hz: torch.Tensor, do: torch.Tensor,
+            dSf: Optional[torch.Tensor], dzf: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+            has_init: bool, scale: float, eps: float, normalize: bool, based: bool, chunk: int, seg_tokens: int
             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _bwd_impl(q, k, v, o, den, S_start, z_start, do, dSf, dzf, cu_seqlens, has_init, scale, eps, normalize,
-                     based, chunk, seg_tokens)
+    return _bwd_impl(q, k, v, o, den, S_start, z_start, hc, hz, do, dSf, dzf, cu_seqlens, has_init, scale, eps,
+                     normalize, based, chunk, seg_tokens)
 
 
 @_op_bwd.register_fake
-def _op_bwd_fake(q, k, v, o, den, S_start, z_start, do, dSf, dzf, cu_seqlens, has_init, scale, eps, normalize,
-                 based, chunk, seg_tokens):
+def _op_bwd_fake(q, k, v, o, den, S_start, z_start, hc, hz, do, dSf, dzf, cu_seqlens, has_init, scale, eps,
+                 normalize, based, chunk, seg_tokens):
     b, t, h, dk = q.shape
     dv = v.shape[-1]
     n_docs = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
@@ -774,14 +772,14 @@ def _op_bwd_fake(q, k, v, o, den, S_start, z_start, do, dSf, dzf, cu_seqlens, ha
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens, S0, z0, scale, eps, normalize, based, chunk, seg_tokens, store_final = inputs
-    o, den, S_start, z_start, _, _ = output
-    ctx.save_for_backward(q, k, v, o, den, S_start, z_start, cu_seqlens)
+    q, k, v, cu_seqlens, S0, z0, scale, eps, normalize, based, chunk, seg_tokens, store_final, _ = inputs
+    o, den, S_start, z_start, _, _, hc, hz = output
+    ctx.save_for_backward(q, k, v, o, den, S_start, z_start, hc, hz, cu_seqlens)
     ctx.meta = (S0 is not None, scale, eps, normalize, based, chunk, seg_tokens, store_final)
 
 
-def _backward(ctx, do, dden, dSs, dzs, dSf, dzf):
-    q, k, v, o, den, S_start, z_start, cu_seqlens = ctx.saved_tensors
+def _backward(ctx, do, dden, dSs, dzs, dSf, dzf, dhc, dhz):
+    q, k, v, o, den, S_start, z_start, hc, hz, cu_seqlens = ctx.saved_tensors
     has_init, scale, eps, normalize, based, chunk, seg_tokens, store_final = ctx.meta
     if do is None:
         do = torch.zeros_like(o)
@@ -793,11 +791,11 @@ def _backward(ctx, do, dden, dSs, dzs, dSf, dzf):
         if dzf is None:
             dzf = torch.zeros(dSf.shape[:-1], dtype=torch.float32, device=q.device)
         dSf, dzf = dSf.float(), dzf.float()
-    dq, dk, dv, dS0, dz0 = _op_bwd(q, k, v, o, den, S_start, z_start, do, dSf, dzf, cu_seqlens, has_init, scale,
-                                   eps, normalize, based, chunk, seg_tokens)
+    dq, dk, dv, dS0, dz0 = _op_bwd(q, k, v, o, den, S_start, z_start, hc, hz, do, dSf, dzf, cu_seqlens, has_init,
+                                   scale, eps, normalize, based, chunk, seg_tokens)
     if not has_init:
         dS0 = dz0 = None
-    return dq, dk, dv, None, dS0, dz0, None, None, None, None, None, None, None
+    return dq, dk, dv, None, dS0, dz0, None, None, None, None, None, None, None, None
 
 
 _op_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -871,13 +869,14 @@ def chunk_linear_attention(kind: str, q, k, v, *, scale: float, eps: float = 1e-
     if TUNING.get("chunk"):
         chunk = int(TUNING["chunk"])
     n_docs = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    seg_tokens = choose_seg_tokens(b * t, n_docs, h, chunk, q.device)
+    seg_tokens = choose_seg_tokens(b * t, n_docs, h, chunk, q.device, _state_blocks(v.shape[-1], dk))
     S0 = z0 = None
     if initial_state is not None:
         S0, z0 = state_to_internal(kind, initial_state[0], initial_state[1], dk)
-    o, den, S_start, z_start, S_fin, z_fin = _op_fwd(q, k, v, cu_seqlens, S0, z0, float(scale), float(eps),
-                                                     bool(normalize), based, chunk, seg_tokens,
-                                                     bool(output_final_state))
+    save = TUNING.get("save_states") is not False and cu_seqlens is None
+    o, den, S_start, z_start, S_fin, z_fin, _, _ = _op_fwd(q, k, v, cu_seqlens, S0, z0, float(scale), float(eps),
+                                                           bool(normalize), based, chunk, seg_tokens,
+                                                           bool(output_final_state), save)
     final = None
     if output_final_state:
         final = state_from_internal(kind, S_fin, z_fin, dk)

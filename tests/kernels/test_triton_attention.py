@@ -121,10 +121,18 @@ def test_varlen_documents(kind, case):
     run_case(kind, 1, sum(lengths), 2, dv, dtype, init=True, final=True, chunk=chunk, seg=seg, cu_seqlens=cu)
 
 
+TUNINGS = [
+    # feature rows per state program / per output-gradient step, Dv blocks; per-chunk states recomputed in the backward
+    dict(bk_state=16, bk_out=32, bv_state=16, bv_out=16, bv_grad=32, save_states=False, warps_state=4),
+    dict(bk_state=256, bk_out=256, bv_state=32, bv_out=32, bv_grad=16),
+]
+
+
 @pytest.mark.parametrize("kind", KINDS)
-def test_tuning_variants(kind):
-    """The alternative code paths the tuner can pick (spread features, split dk/dv launch) are exact too."""
-    tc.TUNING.update(spread=True, split_dkv=True, bv_dq=16, bv_dkv=32)
+@pytest.mark.parametrize("tuning", TUNINGS, ids=lambda t: f"bk{t['bk_state']}-{t['bk_out']}")
+def test_tuning_variants(kind, tuning):
+    """The block shapes the tuner can pick are exact too."""
+    tc.TUNING.update(tuning)
     run_case(kind, 2, 37, 2, 32, torch.float32, init=True, final=True, chunk=16, seg=16)
 
 
