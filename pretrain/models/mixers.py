@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 import kernels
 from pretrain.models.config import ModelConfig
@@ -144,7 +145,8 @@ def _document_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
 
 
 class SoftmaxAttention(nn.Module):
-    """Causal softmax attention through SDPA with rotary positions; ``window`` restricts it to the last W tokens."""
+    """Causal softmax attention with rotary positions; ``window`` restricts it to the last W tokens. SDPA (flash) for
+    full attention, FlexAttention on CUDA for windows and documents, blocked or dense-mask SDPA otherwise."""
 
     def __init__(self, cfg: ModelConfig, window: int | None):
         super().__init__()
@@ -164,17 +166,68 @@ class SoftmaxAttention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, Dh]
         if cu_seqlens is None and cache is None and self.window is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif cache is None and q.is_cuda and torch.is_grad_enabled():
+            # training, windows and documents: block-sparse, no dense T×T mask. Not under no_grad: evaluation
+            # (lm_eval) sends a new T per request, and each would compile the kernels anew
+            o = _flex_causal_attention(q, k, v, self.window, cu_seqlens)
         elif cu_seqlens is None and cache is None and T > 2 * self.window:
             o = _blocked_window_attention(q, k, v, self.window)
         else:
-            mask = (q_pos[:, None] >= k_pos[None, :])
-            if self.window is not None:
-                mask &= (q_pos[:, None] - k_pos[None, :]) < self.window
-            if cu_seqlens is not None:  # positions restart per document, so compare document ids too
-                docs = _document_ids(cu_seqlens, T)
-                mask &= docs[:, None] == docs[None, :]
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=_dense_mask(q_pos, k_pos, self.window, cu_seqlens))
         return self.o_proj(o.transpose(1, 2).reshape(B, T, d))
+
+
+def _dense_mask(q_pos, k_pos, window: int | None, cu_seqlens=None) -> torch.Tensor:
+    """[Tq, Tk] boolean mask from absolute positions (decoding with a KV cache, short windows, documents on CPU)."""
+    mask = q_pos[:, None] >= k_pos[None, :]
+    if window is not None:
+        mask &= (q_pos[:, None] - k_pos[None, :]) < window
+    if cu_seqlens is not None:  # positions restart per document, so compare document ids too
+        docs = _document_ids(cu_seqlens, len(q_pos))
+        mask &= docs[:, None] == docs[None, :]
+    return mask
+
+
+# Eager flex_attention materialises the T×T scores and eager create_block_mask T×T index tensors (8 GiB at 32k):
+# both run compiled. dynamic=False: a new T compiles anew (past torch._dynamo's recompile limit it runs eager).
+_compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+_compiled_create_block_mask = torch.compile(create_block_mask, dynamic=False)
+_BLOCK_MASKS: dict = {}  # (T, window, device, packed) -> (cu_seqlens, its version, BlockMask) of the latest call
+
+
+@torch.compiler.disable  # built and cached eagerly, also inside a compiled block (a graph break)
+def _block_mask(T: int, window: int | None, cu_seqlens: torch.Tensor | None, device: torch.device) -> BlockMask:
+    """Causal mask (sliding-window when ``window``; within documents when ``cu_seqlens``) for FlexAttention.
+
+    Reused while the same cu_seqlens tensor comes back unmodified: the layers of one forward (and the activation
+    checkpointing recompute) share it; a new batch is a new tensor, so its mask is rebuilt."""
+    key = (T, window, device, cu_seqlens is not None)
+    version = None if cu_seqlens is None else cu_seqlens._version
+    hit = _BLOCK_MASKS.get(key)
+    if hit is not None and hit[0] is cu_seqlens and hit[1] == version:
+        return hit[2]
+    docs = None if cu_seqlens is None else _document_ids(cu_seqlens, T)
+
+    def mask_mod(b, h, q_idx, kv_idx):  # within a document, index distance = position distance
+        keep = q_idx >= kv_idx
+        if window is not None:
+            keep = keep & (q_idx - kv_idx < window)
+        if docs is not None:
+            keep = keep & (docs[q_idx] == docs[kv_idx])
+        return keep
+
+    build = _compiled_create_block_mask if device.type == "cuda" else create_block_mask
+    mask = build(mask_mod, None, None, T, T, device=device)
+    _BLOCK_MASKS[key] = (cu_seqlens, version, mask)
+    return mask
+
+
+def _flex_causal_attention(q, k, v, window: int | None, cu_seqlens=None):
+    """Causal attention [B, H, T, D] (to the last ``window`` keys; within documents) through FlexAttention, which
+    skips the 128×128 blocks the mask empties: O(T·W) for windows, O(Σ len²) for documents."""
+    mask = _block_mask(q.shape[2], window, cu_seqlens, q.device)
+    attend = _compiled_flex_attention if q.is_cuda else flex_attention  # eager on CPU: the tests' reference check
+    return attend(q, k, v, block_mask=mask)
 
 
 def _blocked_window_attention(q, k, v, window: int):

@@ -288,6 +288,121 @@ def test_blocked_window_attention_matches_dense_mask(t, window):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.fixture
+def flex_backward_on_cpu(monkeypatch):
+    """FlexAttention runs on the CPU eagerly (unfused, from the materialised scores), but its entry check refuses
+    inputs that need gradients there; the autograd formula behind it is not device-specific, so lift the check."""
+    from torch.nn.attention import flex_attention as flex
+
+    monkeypatch.setattr(flex, "_validate_device", lambda *tensors: None)
+
+
+def _packed_cu(t):  # uneven documents: one of 2 tokens (shorter than the smallest window), one of t/2 or more
+    return torch.tensor(sorted({0, 2, t // 3, t // 2 + 1, t}), dtype=torch.int32)
+
+
+def _cpu_attention(q, k, v, window, cu):
+    """What the mixer runs on the CPU: blocked SDPA for a window alone, SDPA with the dense mask for documents."""
+    import torch.nn.functional as F
+
+    from pretrain.models.mixers import _blocked_window_attention, _dense_mask
+
+    if cu is None:
+        return _blocked_window_attention(q, k, v, window)
+    pos = torch.arange(q.shape[2]) - cu[:-1].repeat_interleave(cu.diff())  # restarting per document, as the model's
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=_dense_mask(pos, pos, window, cu))
+
+
+def _qkv(t, seed, requires_grad=True):
+    torch.manual_seed(seed)
+    return [torch.randn(2, 3, t, 8, dtype=torch.float64, requires_grad=requires_grad) for _ in range(3)]
+
+
+@pytest.mark.parametrize("t", [9, 100, 130, 257])
+@pytest.mark.parametrize("window,packed", [(3, False), (16, False), (64, False), (3, True), (16, True), (64, True),
+                                          (None, True)])
+def test_flex_attention_matches_the_cpu_paths(t, window, packed, flex_backward_on_cpu):
+    """The FlexAttention path (CUDA, block mask from create_block_mask) equals the blocked / dense-mask paths, forward
+    and gradients, float64; run eagerly on the CPU. T is not a multiple of 128 or of the window, or is below it."""
+    from pretrain.models.mixers import _flex_causal_attention
+
+    cu = _packed_cu(t) if packed else None
+    q, k, v = _qkv(t, seed=t)
+    ref = _cpu_attention(q, k, v, window, cu)
+    got = _flex_causal_attention(q, k, v, window, cu)
+    assert torch.allclose(got, ref, rtol=1e-12, atol=1e-12)
+    w = torch.randn_like(ref)
+    g_ref = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    g = torch.autograd.grad((got * w).sum(), (q, k, v))
+    for a, b in zip(g, g_ref):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_flex_attention_check_sees_a_wrong_mask(packed):
+    """The comparison above can fail: a window one too long or too short, or the documents ignored, all differ."""
+    from pretrain.models.mixers import _flex_causal_attention
+
+    t, window = 257, 16
+    cu = _packed_cu(t) if packed else None
+    q, k, v = _qkv(t, seed=1, requires_grad=False)
+    ref = _cpu_attention(q, k, v, window, cu)
+    assert torch.allclose(_flex_causal_attention(q, k, v, window, cu), ref, rtol=1e-12, atol=1e-12)
+    wrong = [_flex_causal_attention(q, k, v, window + 1, cu), _flex_causal_attention(q, k, v, window - 1, cu)]
+    if packed:
+        wrong.append(_flex_causal_attention(q, k, v, window, None))
+    for o in wrong:
+        assert not torch.allclose(o, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_flex_block_mask_is_cached_per_length_window_and_cu_seqlens_tensor():
+    """The layers of one forward share a mask; a new cu_seqlens tensor (next batch) or one changed in place gets a
+    new one, equal to the dense mask."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    from pretrain.models.mixers import _block_mask, _dense_mask
+
+    cpu, t = torch.device("cpu"), 200
+    assert _block_mask(t, 16, None, cpu) is _block_mask(t, 16, None, cpu)
+    assert _block_mask(t, 8, None, cpu) is not _block_mask(t, 16, None, cpu)
+    cu = torch.tensor([0, 50, t], dtype=torch.int32)
+    mask = _block_mask(t, 16, cu, cpu)
+    assert _block_mask(t, 16, cu, cpu) is mask and _block_mask(t, None, cu, cpu) is not mask
+    cu[1] = 120
+    changed = _block_mask(t, 16, cu, cpu)
+    assert changed is not mask and _block_mask(t, 16, cu.clone(), cpu) is not changed
+    pos = torch.arange(t) - cu[:-1].repeat_interleave(cu.diff())
+    assert torch.equal(create_mask(changed.mask_mod, 1, 1, t, t, cpu)[0, 0], _dense_mask(pos, pos, 16, cu))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the FlexAttention path is taken on CUDA")
+@pytest.mark.parametrize("layers,packed", [(["sliding_window"], False), (["sliding_window"], True),
+                                           (["attention"], True)])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_flex_attention_on_cuda_matches_the_cpu_model(layers, packed, compiled):
+    """The model on CUDA (FlexAttention, compiled; each block compiled as by training.compile) equals the float64
+    CPU model (blocked / dense-mask SDPA), logits and gradients; head dim 64, T = 300."""
+    import copy
+
+    heads = {"num_heads": 2, "window": 64} if layers == ["sliding_window"] else {"num_heads": 2}
+    cfg = small_config(layers, d_model=128, **{layers[0]: heads})
+    model = make_model(cfg).train()
+    ids = torch.randint(0, 97, (1 if packed else 2, 300))
+    cu = _packed_cu(300) if packed else None
+    gpu = copy.deepcopy(model).float().cuda()
+    if compiled:
+        for block in gpu.blocks:
+            block.compile()
+    ref = model(ids, cu_seqlens=cu)
+    got = gpu(ids.cuda(), cu_seqlens=None if cu is None else cu.cuda())
+    assert_close(got.double().cpu(), ref, tol=1e-4)
+    w = torch.randn_like(ref)
+    (ref * w).sum().backward()
+    (got * w.cuda().float()).sum().backward()
+    for p, p_gpu in zip(model.parameters(), gpu.parameters()):
+        assert_close(p_gpu.grad.double().cpu(), p.grad, tol=1e-4)
+
+
 @pytest.mark.parametrize("mixer", ["rebased", "based"])
 def test_linear_attention_under_bf16_autocast(mixer):
     """The trainer's single/ddp bf16 path runs the model under autocast (feature-map LayerNorm in fp32, v in bf16)."""
