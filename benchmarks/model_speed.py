@@ -1,11 +1,13 @@
 """Whole training steps on one GPU: the 360M ReBased hybrid vs the 360M Transformer++.
 
 Each step is forward, backward and AdamW on the same tokens per step at every sequence length (bf16 autocast over
-fp32 weights, the trainer's loss and activation-checkpointing hook), with and without activation checkpointing.
+fp32 weights; the trainer's loss, the chunked LM head + cross-entropy of training.loss_chunk_tokens, and its
+activation-checkpointing hook), with and without activation checkpointing.
 Reports tokens/s, MFU from the model's honest FLOP count (pretrain.models.flops), peak memory, and the
 hybrid / Transformer++ ratio; results to benchmarks/results/model_speed_<device>_<date>.{json,md}.
 
     python benchmarks/model_speed.py [--tokens 65536] [--lengths 2048,8192,16384,32768] [--steps 8] [--compile]
+                                     [--loss-chunk-tokens N]   # 0: full logits and F.cross_entropy
     python benchmarks/model_speed.py --plot RESULT.json [RESULT.json ...]   # tokens/s vs length, PNG
 """
 
@@ -25,13 +27,20 @@ sys.path.insert(0, ROOT)
 
 from pretrain.models import build_model, flops_per_token, load_model_config  # noqa: E402
 from pretrain.train import make_checkpoint_fn  # noqa: E402
+from pretrain.training.config import TrainingConfig  # noqa: E402
 from pretrain.training.metrics import peak_flops  # noqa: E402
 from results_io import save_results  # noqa: E402
 
 MODELS = {name: f"configs/models/{name}.yaml" for name in ("rebased_360m", "transformer_360m")}
 
 
-def time_steps(name: str, seq_len: int, tokens: int, ac: str, steps: int, compile_blocks: bool) -> dict:
+def train_loss(model, ids, checkpoint_fn, loss_chunk_tokens: int):
+    """The trainer's loss call (pretrain/train.py: Trainer.train_step) on next-token labels."""
+    return model(ids[:, :-1], labels=ids[:, 1:], checkpoint_fn=checkpoint_fn, loss_chunk_tokens=loss_chunk_tokens)
+
+
+def time_steps(name: str, seq_len: int, tokens: int, ac: str, steps: int, compile_blocks: bool,
+               loss_chunk_tokens: int) -> dict:
     cfg = load_model_config(os.path.join(ROOT, MODELS[name]), [f"max_seq_len={seq_len}"])
     torch.manual_seed(0)
     model = build_model(cfg).cuda()
@@ -46,7 +55,7 @@ def time_steps(name: str, seq_len: int, tokens: int, ac: str, steps: int, compil
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model.loss(ids[:, :-1], ids[:, 1:], checkpoint_fn=ckpt)
+            loss = train_loss(model, ids, ckpt, loss_chunk_tokens)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -71,7 +80,7 @@ def time_steps(name: str, seq_len: int, tokens: int, ac: str, steps: int, compil
     return res
 
 
-def profile_top(name: str, seq_len: int, tokens: int, top: int = 30) -> str:
+def profile_top(name: str, seq_len: int, tokens: int, loss_chunk_tokens: int, top: int = 30) -> str:
     """The top CUDA kernels of one training step with full activation checkpointing (what to fuse next)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -83,7 +92,7 @@ def profile_top(name: str, seq_len: int, tokens: int, top: int = 30) -> str:
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            model.loss(ids[:, :-1], ids[:, 1:], checkpoint_fn=ckpt).backward()
+            train_loss(model, ids, ckpt, loss_chunk_tokens).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -132,6 +141,9 @@ def main():
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--ac", default="none,full", help="activation checkpointing modes to time")
     p.add_argument("--compile", action="store_true", help="torch.compile each block")
+    p.add_argument("--loss-chunk-tokens", type=int, default=TrainingConfig.loss_chunk_tokens,
+                   help="tokens per chunk of the LM head + cross-entropy, as training.loss_chunk_tokens (default "
+                   "%(default)s, the trainer's); 0: full logits and F.cross_entropy")
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels per model at 2048 and 16384")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     p.add_argument("--plot", nargs="+", metavar="RESULT_JSON", help="only draw tokens/s vs length from saved "
@@ -145,6 +157,7 @@ def main():
     meta = {"device": device, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join([os.path.basename(sys.executable), *sys.argv]), "torch": torch.__version__,
             "tokens_per_step": args.tokens, "compile": args.compile, "precision": "bf16 autocast, fp32 weights",
+            "loss_chunk_tokens": args.loss_chunk_tokens,
             "kernel_backend": os.environ.get("REBASED_KERNEL_BACKEND", "auto")}
     print(meta, flush=True)
     rows = []
@@ -152,7 +165,7 @@ def main():
         for ac in args.ac.split(","):
             for name in MODELS:
                 try:
-                    r = time_steps(name, seq_len, args.tokens, ac, args.steps, args.compile)
+                    r = time_steps(name, seq_len, args.tokens, ac, args.steps, args.compile, args.loss_chunk_tokens)
                 except torch.OutOfMemoryError:
                     r = {"model": name, "seq_len": seq_len, "activation_checkpointing": ac, "oom": True}
                     torch.cuda.empty_cache()
@@ -160,8 +173,8 @@ def main():
                 rows.append(r)
     lines = [f"# Whole-model training step: {device}, {meta['date']}", "",
              f"Command: `{meta['command']}`; torch {meta['torch']}; {args.tokens} tokens per step; "
-             f"{meta['precision']}; fused AdamW; compile={args.compile}; linear-attention kernels: "
-             f"{meta['kernel_backend']}.", "",
+             f"{meta['precision']}; fused AdamW; compile={args.compile}; loss_chunk_tokens="
+             f"{args.loss_chunk_tokens}; linear-attention kernels: {meta['kernel_backend']}.", "",
              "| T | AC | hybrid tokens/s | Transformer++ tokens/s | hybrid / T++ | hybrid MFU | T++ MFU | "
              "hybrid peak GiB | T++ peak GiB |", "|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda r, k, f: (f.format(r[k]) if r.get(k) is not None else "OOM" if r.get("oom") else "n/a")  # noqa: E731
@@ -187,7 +200,7 @@ def main():
         for name in MODELS:
             for seq_len in (2048, 16384):
                 try:
-                    profiles[f"{name}@{seq_len}"] = profile_top(name, seq_len, args.tokens)
+                    profiles[f"{name}@{seq_len}"] = profile_top(name, seq_len, args.tokens, args.loss_chunk_tokens)
                 except torch.OutOfMemoryError:
                     profiles[f"{name}@{seq_len}"] = "out of memory"
                     torch.cuda.empty_cache()

@@ -25,7 +25,6 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from pretrain.config import ConfigError, load_config, to_dict
 from pretrain.training import checkpoint as ckpt
@@ -302,8 +301,9 @@ class Trainer:
             ids, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
             cu = batch.get("cu_seqlens")
             with self.strategy.autocast():
-                logits = model(ids, cu_seqlens=cu.to(self.device) if cu is not None else None)
-            total[0] += F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum").double()
+                nll = model(ids, cu_seqlens=cu.to(self.device) if cu is not None else None, labels=labels,
+                            reduction="sum", loss_chunk_tokens=t.loss_chunk_tokens)
+            total[0] += nll.double()
             total[1] += labels.numel()
         model.train()
         all_reduce(total)
@@ -346,9 +346,9 @@ class Trainer:
             cu = batch.get("cu_seqlens")
             cu = cu.to(self.device) if cu is not None else None
             with s.sync_context(last):
-                with s.autocast():
-                    logits = s.model(ids, cu_seqlens=cu, checkpoint_fn=self.checkpoint_fn)
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+                with s.autocast():  # the loss is computed inside the wrapper's forward (it gathers the LM head)
+                    loss = s.model(ids, cu_seqlens=cu, checkpoint_fn=self.checkpoint_fn, labels=labels,
+                                   loss_chunk_tokens=t.loss_chunk_tokens)
                 if self.step in t.inject_nan_at_steps and micro == 0:
                     loss = loss * float("nan")
                 loss_sum += loss.detach().double()

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from pretrain.models.config import ModelConfig
 from pretrain.models.layers import build_mlp, build_norm
+from pretrain.models.loss import DEFAULT_CHUNK_TOKENS, chunked_cross_entropy
 from pretrain.models.mixers import build_mixer, new_cache
 
 
@@ -38,6 +39,23 @@ class Block(nn.Module):
         return x
 
 
+class LMHead(nn.Linear):
+    """The vocabulary projection; given labels, its forward returns the cross-entropy instead of the logits. The
+    loss runs inside this module's forward because DeepSpeed ZeRO-3 gathers a module's weight only around its
+    forward: the weight read by the loss must be gathered there."""
+
+    def forward(self, x, labels=None, *, ignore_index: int = -100, reduction: str = "mean",
+                chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
+        if labels is None:
+            return super().forward(x)
+        if chunk_tokens == 0:
+            logits = super().forward(x)
+            return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=ignore_index,
+                                   reduction=reduction)
+        return chunked_cross_entropy(x, self.weight, labels, ignore_index=ignore_index, chunk_tokens=chunk_tokens,
+                                     reduction=reduction)
+
+
 class CausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -46,7 +64,7 @@ class CausalLM(nn.Module):
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.learned_positions else None
         self.blocks = nn.ModuleList(Block(cfg, kind) for kind in cfg.layers)
         self.final_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.d_model, cfg.vocab_size, bias=False)
         self.reset_parameters()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -76,13 +94,25 @@ class CausalLM(nn.Module):
         return positions
 
     def forward(self, input_ids: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None,
-                cache: ModelCache | None = None, checkpoint_fn=None) -> torch.Tensor:
-        """Logits [B, T, vocab] for input_ids [B, T].
+                cache: ModelCache | None = None, checkpoint_fn=None, labels: torch.Tensor | None = None,
+                ignore_index: int = -100, reduction: str = "mean",
+                loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+        """Logits [B, T, vocab] for input_ids [B, T]; given labels [B, T], the cross-entropy instead.
 
         cu_seqlens: document offsets for a packed batch of one ([1, T] input); nothing mixes across documents.
         cache: decoding state from ``init_cache``; it is advanced in place past these tokens.
         checkpoint_fn: optional wrapper ``fn(block, *args)`` the trainer uses for activation checkpointing.
+        labels: the loss is computed here, not by the caller, so that a wrapper's forward (FSDP2, DeepSpeed) has
+            the LM head's weight gathered for it. ``reduction``: mean over the labels that are not
+            ``ignore_index``, or sum. ``loss_chunk_tokens``: tokens per chunk of ``chunked_cross_entropy`` (the
+            full logits never exist); 0: the full logits and ``F.cross_entropy``.
         """
+        x = self.hidden_states(input_ids, cu_seqlens=cu_seqlens, cache=cache, checkpoint_fn=checkpoint_fn)
+        return self.lm_head(x, labels, ignore_index=ignore_index, reduction=reduction, chunk_tokens=loss_chunk_tokens)
+
+    def hidden_states(self, input_ids: torch.Tensor, *, cu_seqlens=None, cache: ModelCache | None = None,
+                      checkpoint_fn=None) -> torch.Tensor:
+        """The final-norm output [B, T, d_model] that the LM head reads (arguments as ``forward``)."""
         B, T = input_ids.shape
         if cu_seqlens is not None and (B != 1 or cache is not None):
             raise ValueError("cu_seqlens needs a packed batch of one ([1, T] input_ids) and no cache")
@@ -101,11 +131,13 @@ class CausalLM(nn.Module):
                 x = block(x, positions, cu_seqlens, layer_cache)
         if cache is not None:
             cache.seen_tokens += T
-        return self.lm_head(self.final_norm(x))
+        return self.final_norm(x)
 
-    def loss(self, input_ids, labels, *, cu_seqlens=None, ignore_index: int = -100, checkpoint_fn=None):
-        logits = self(input_ids, cu_seqlens=cu_seqlens, checkpoint_fn=checkpoint_fn)
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=ignore_index)
+    def loss(self, input_ids, labels, *, cu_seqlens=None, ignore_index: int = -100, checkpoint_fn=None,
+             loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
+        """Mean cross-entropy, through ``forward`` (the trainer's path)."""
+        return self(input_ids, cu_seqlens=cu_seqlens, checkpoint_fn=checkpoint_fn, labels=labels,
+                    ignore_index=ignore_index, loss_chunk_tokens=loss_chunk_tokens)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

@@ -49,6 +49,9 @@ class TrainingConfig:
     activation_checkpointing: Literal["none", "full", "every_k"] = "none"
     activation_checkpointing_every: int = 2  # with every_k: blocks 0, k, 2k, ... are recomputed
     compile: bool = False  # torch.compile each block
+    # Tokens per chunk of the LM head + cross-entropy (pretrain/models/loss.py, which says why 8192): the
+    # [tokens, vocab] logits never exist, only one chunk's. 0: full logits and F.cross_entropy (same loss).
+    loss_chunk_tokens: int = 8192
     seed: int = 1234
     eval_every: int = 0  # steps between validation passes (0 = only at the end when valid data is given)
     eval_samples: int = 64  # validation sequences per pass (split over ranks)
@@ -60,6 +63,8 @@ class TrainingConfig:
             raise ValueError("max_steps >= 0, global_batch_size >= 1 and micro_batch_size >= 1 are required")
         if self.activation_checkpointing_every < 1:
             raise ValueError("activation_checkpointing_every must be >= 1")
+        if self.loss_chunk_tokens < 0:
+            raise ValueError("loss_chunk_tokens must be >= 0 (0: full logits)")
 
 
 @dataclass

@@ -37,8 +37,7 @@ def gradients(mode: str, rank: int):
     generator = torch.Generator().manual_seed(100 + rank)  # each rank its own data, as in training
     input_ids = torch.randint(0, 1024, (2, 48), generator=generator)
     labels = torch.randint(0, 1024, (2, 48), generator=generator)
-    logits = strategy.model(input_ids, checkpoint_fn=checkpoint_fn)
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+    loss = strategy.model(input_ids, checkpoint_fn=checkpoint_fn, labels=labels)  # the trainer's loss path
     strategy.backward(loss, True)
     grads = {name: p.grad.to_local().clone() for name, p in strategy.model.named_parameters()}
     sharded = all(hasattr(p.grad, "to_local") for p in strategy.model.parameters())

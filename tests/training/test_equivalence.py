@@ -12,7 +12,7 @@ Step 4 has a NaN injected in every run: all strategies must skip that update the
 
 import pytest
 
-from conftest import STEPS, losses, max_rel_diff, run
+from conftest import REFERENCE_RUNS, STEPS, losses, max_rel_diff, records, run
 
 LOSS_RTOL = 2e-6
 GRAD_RTOL = 1e-4
@@ -36,3 +36,29 @@ def test_tolerance_catches_a_real_divergence(runs, shards, tmp_path):
     out = tmp_path / "lr_plus_1pct"
     run(shards, out, 1, "single", ["optim.lr=0.00303", "checkpoint.every=0", "checkpoint.save_final=false"])
     assert max_rel_diff(losses(out), ref) > 20 * LOSS_RTOL
+
+
+@pytest.mark.parametrize("key,chunk", [("single", 0), ("single", 24), ("fsdp", 24), ("zero3", 24)])
+def test_loss_chunking_changes_nothing(runs, shards, key, chunk):
+    """training.loss_chunk_tokens: the reference runs use the default (8192 tokens, more than a micro batch's 64:
+    one chunk); 0 is the full logits and F.cross_entropy, 24 three chunks (24, 24, 16), also under FSDP2 and ZeRO-3,
+    whose forward hooks must gather the LM head (tied to the embedding) for the loss. The same losses and gradient
+    norms as the reference, within the tolerance across strategies. The single runs also evaluate (the validation
+    loss is a chunked sum too): both agree to fp32 rounding."""
+    nproc, strategy, overrides = REFERENCE_RUNS[key]
+    ref = losses(runs.reference(key))
+    evaluate = {"data.valid": [{"path": str(shards / "valid")}], "training.eval_every": 10} if key == "single" else {}
+    out = runs.get(f"{key}_loss_chunk_{chunk}", nproc, strategy, [*overrides, f"training.loss_chunk_tokens={chunk}"],
+                   **evaluate)
+    got = losses(out)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert max_rel_diff(got, ref, "loss") <= LOSS_RTOL
+    assert max_rel_diff(got, ref, "grad_norm") <= GRAD_RTOL
+    if key == "single":
+        val = {r["step"]: r["val_loss"] for r in records(out) if "val_loss" in r}
+        assert sorted(val) == [10, 20]
+        other_chunk = 24 if chunk == 0 else 0
+        other = runs.get(f"single_loss_chunk_{other_chunk}", 1, "single",
+                         [f"training.loss_chunk_tokens={other_chunk}"], **evaluate)
+        other_val = {r["step"]: r["val_loss"] for r in records(other) if "val_loss" in r}
+        assert all(abs(val[s] - other_val[s]) <= 1e-6 * val[s] for s in val), (val, other_val)
