@@ -134,6 +134,29 @@ def plot(result_files: list, out_png: str) -> None:
     fig.savefig(out_png, dpi=120)
 
 
+
+def table(meta: dict, args, rows: list) -> str:
+    lines = [f"# Whole-model training step: {meta['device']}, {meta['date']}", "",
+             f"Command: `{meta['command']}`; torch {meta['torch']}; {args.tokens} tokens per step; "
+             f"{meta['precision']}; fused AdamW; compile={args.compile}; loss_chunk_tokens="
+             f"{args.loss_chunk_tokens}; linear-attention kernels: {meta['kernel_backend']}.", "",
+             "| T | AC | hybrid tokens/s | Transformer++ tokens/s | hybrid / T++ | hybrid MFU | T++ MFU | "
+             "hybrid peak GiB | T++ peak GiB |", "|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda r, k, f: (f.format(r[k]) if r.get(k) is not None else "OOM" if r.get("oom") else "n/a")  # noqa: E731
+    for seq_len in sorted({r["seq_len"] for r in rows}):
+        for ac in args.ac.split(","):
+            pair = {r["model"]: r for r in rows if r["seq_len"] == seq_len and r["activation_checkpointing"] == ac}
+            if len(pair) < 2:
+                continue
+            h, t = pair["rebased_360m"], pair["transformer_360m"]
+            ratio = f"{h['tokens_per_s'] / t['tokens_per_s']:.2f}x" if "tokens_per_s" in h and "tokens_per_s" in t \
+                else "n/a"
+            lines.append(f"| {seq_len} | {ac} | {fmt(h, 'tokens_per_s', '{:,.0f}')} | "
+                         f"{fmt(t, 'tokens_per_s', '{:,.0f}')} | {ratio} | {fmt(h, 'mfu', '{:.1%}')} | "
+                         f"{fmt(t, 'mfu', '{:.1%}')} | "
+                         f"{fmt(h, 'peak_mem_gib', '{:.1f}')} | {fmt(t, 'peak_mem_gib', '{:.1f}')} |")
+    return "\n".join(lines) + "\n"
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=65536, help="tokens per step at every length")
@@ -161,6 +184,8 @@ def main():
             "kernel_backend": os.environ.get("REBASED_KERNEL_BACKEND", "auto")}
     print(meta, flush=True)
     rows = []
+    date = meta["date"][:10]
+    stem = "model_speed_compiled" if args.compile else "model_speed"  # both kinds of run kept side by side
     for seq_len in [int(x) for x in args.lengths.split(",")]:
         for ac in args.ac.split(","):
             for name in MODELS:
@@ -171,30 +196,9 @@ def main():
                     torch.cuda.empty_cache()
                 print(json.dumps(r), flush=True)
                 rows.append(r)
-    lines = [f"# Whole-model training step: {device}, {meta['date']}", "",
-             f"Command: `{meta['command']}`; torch {meta['torch']}; {args.tokens} tokens per step; "
-             f"{meta['precision']}; fused AdamW; compile={args.compile}; loss_chunk_tokens="
-             f"{args.loss_chunk_tokens}; linear-attention kernels: {meta['kernel_backend']}.", "",
-             "| T | AC | hybrid tokens/s | Transformer++ tokens/s | hybrid / T++ | hybrid MFU | T++ MFU | "
-             "hybrid peak GiB | T++ peak GiB |", "|---|---|---|---|---|---|---|---|---|"]
-    fmt = lambda r, k, f: (f.format(r[k]) if r.get(k) is not None else "OOM" if r.get("oom") else "n/a")  # noqa: E731
-    for seq_len in sorted({r["seq_len"] for r in rows}):
-        for ac in args.ac.split(","):
-            h = next(r for r in rows if r["seq_len"] == seq_len and r["activation_checkpointing"] == ac
-                     and r["model"] == "rebased_360m")
-            t = next(r for r in rows if r["seq_len"] == seq_len and r["activation_checkpointing"] == ac
-                     and r["model"] == "transformer_360m")
-            ratio = f"{h['tokens_per_s'] / t['tokens_per_s']:.2f}x" if "tokens_per_s" in h and "tokens_per_s" in t \
-                else "n/a"
-            lines.append(f"| {seq_len} | {ac} | {fmt(h, 'tokens_per_s', '{:,.0f}')} | "
-                         f"{fmt(t, 'tokens_per_s', '{:,.0f}')} | {ratio} | {fmt(h, 'mfu', '{:.1%}')} | "
-                         f"{fmt(t, 'mfu', '{:.1%}')} | "
-                         f"{fmt(h, 'peak_mem_gib', '{:.1f}')} | {fmt(t, 'peak_mem_gib', '{:.1f}')} |")
-    md = "\n".join(lines) + "\n"
+            md = table(meta, args, rows)  # saved after every pair: a run cut short keeps what it measured
+            save_results(args.out, stem, device, date, {"meta": meta, "rows": rows}, md)
     print(md)
-    date = meta["date"][:10]
-    stem = "model_speed_compiled" if args.compile else "model_speed"  # both kinds of run kept side by side
-    save_results(args.out, stem, device, date, {"meta": meta, "rows": rows}, md)
     if args.profile:  # after the table is saved: a failure here loses no timing
         profiles = {}
         for name in MODELS:
@@ -206,7 +210,7 @@ def main():
                     torch.cuda.empty_cache()
                 print(f"--- {name} @ {seq_len}\n{profiles[f'{name}@{seq_len}']}", flush=True)
         md += "\nTop CUDA kernels of one step (torch.profiler, full activation checkpointing):\n\n"
-        md += "".join(f"{key}:\n\n```\n{table}\n```\n\n" for key, table in profiles.items())
+        md += "".join(f"{key}:\n\n```\n{top}\n```\n\n" for key, top in profiles.items())
         save_results(args.out, stem, device, date, {"meta": meta, "rows": rows, "profiles": profiles}, md)
 
 
