@@ -39,8 +39,8 @@ def train_loss(model, ids, checkpoint_fn, loss_chunk_tokens: int):
     return model(ids[:, :-1], labels=ids[:, 1:], checkpoint_fn=checkpoint_fn, loss_chunk_tokens=loss_chunk_tokens)
 
 
-def time_steps(name: str, seq_len: int, tokens: int, ac: str, steps: int, compile_blocks: bool,
-               loss_chunk_tokens: int) -> dict:
+def setup(name: str, seq_len: int, tokens: int, ac: str, compile_blocks: bool):
+    """(config, model on the GPU, fused AdamW, random ids [tokens // seq_len, seq_len + 1], checkpoint hook)."""
     cfg = load_model_config(os.path.join(ROOT, MODELS[name]), [f"max_seq_len={seq_len}"])
     torch.manual_seed(0)
     model = build_model(cfg).cuda()
@@ -49,9 +49,14 @@ def time_steps(name: str, seq_len: int, tokens: int, ac: str, steps: int, compil
         for block in model.blocks:
             block.compile()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    batch = max(1, tokens // seq_len)
-    ids = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), device="cuda")
-    ckpt = make_checkpoint_fn(model, ac, 2)
+    ids = torch.randint(0, cfg.vocab_size, (max(1, tokens // seq_len), seq_len + 1), device="cuda")
+    return cfg, model, opt, ids, make_checkpoint_fn(model, ac, 2)
+
+
+def time_steps(name: str, seq_len: int, tokens: int, ac: str, steps: int, compile_blocks: bool,
+               loss_chunk_tokens: int) -> dict:
+    cfg, model, opt, ids, ckpt = setup(name, seq_len, tokens, ac, compile_blocks)
+    batch = ids.shape[0]
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -80,15 +85,12 @@ def time_steps(name: str, seq_len: int, tokens: int, ac: str, steps: int, compil
     return res
 
 
-def profile_top(name: str, seq_len: int, tokens: int, loss_chunk_tokens: int, top: int = 30) -> str:
-    """The top CUDA kernels of one training step with full activation checkpointing (what to fuse next)."""
+def profile_top(name: str, seq_len: int, tokens: int, loss_chunk_tokens: int, ac: str, compile_blocks: bool,
+                top: int = 30) -> str:
+    """The top CUDA kernels of one training step (what to fuse next)."""
     from torch.profiler import ProfilerActivity, profile
 
-    cfg = load_model_config(os.path.join(ROOT, MODELS[name]), [f"max_seq_len={seq_len}"])
-    model = build_model(cfg).cuda()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    ids = torch.randint(0, cfg.vocab_size, (max(1, tokens // seq_len), seq_len + 1), device="cuda")
-    ckpt = make_checkpoint_fn(model, "full", 2)
+    cfg, model, opt, ids, ckpt = setup(name, seq_len, tokens, ac, compile_blocks)
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -204,12 +206,14 @@ def main():
         for name in MODELS:
             for seq_len in (2048, 16384):
                 try:
-                    profiles[f"{name}@{seq_len}"] = profile_top(name, seq_len, args.tokens, args.loss_chunk_tokens)
+                    profiles[f"{name}@{seq_len}"] = profile_top(name, seq_len, args.tokens, args.loss_chunk_tokens,
+                                                                args.ac.split(",")[0], args.compile)
                 except torch.OutOfMemoryError:
                     profiles[f"{name}@{seq_len}"] = "out of memory"
                     torch.cuda.empty_cache()
                 print(f"--- {name} @ {seq_len}\n{profiles[f'{name}@{seq_len}']}", flush=True)
-        md += "\nTop CUDA kernels of one step (torch.profiler, full activation checkpointing):\n\n"
+        md += (f"\nTop CUDA kernels of one step (torch.profiler; activation checkpointing {args.ac.split(',')[0]}, "
+               f"compile={args.compile}):\n\n")
         md += "".join(f"{key}:\n\n```\n{top}\n```\n\n" for key, top in profiles.items())
         save_results(args.out, stem, device, date, {"meta": meta, "rows": rows, "profiles": profiles}, md)
 
