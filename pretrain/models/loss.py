@@ -18,6 +18,22 @@ import torch
 DEFAULT_CHUNK_TOKENS = 8192
 
 
+def _chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, row_scale: torch.Tensor):
+    """Per-row cross-entropy and d loss / d logits = (softmax - onehot(target)) · row_scale, in the logits' dtype;
+    the math in fp32 (fp64 stays fp64)."""
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    lse = torch.logsumexp(x, dim=1, keepdim=True)
+    loss = (lse - x.gather(1, targets[:, None])).squeeze(1)
+    probs = torch.exp(x - lse)
+    grad = probs.scatter_add(1, targets[:, None], probs.new_full((len(targets), 1), -1.0))
+    return loss, (grad * row_scale[:, None]).to(logits.dtype)
+
+
+# On CUDA the chunk's softmax, loss and gradient are one compiled pass over the logits instead of about ten eager
+# passes over an fp32 copy (measured: 15% of a 360M training step at 32k tokens). Elsewhere eager: the same math.
+_compiled_chunk_loss_and_grad = torch.compile(_chunk_loss_and_grad)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Both gradients are computed in the forward, chunk by chunk while that chunk's logits exist; the backward
     only scales them by grad_output. Keeping logits for the backward would hold all of them at once, and
@@ -38,24 +54,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         row_loss = torch.empty(labels.shape, dtype=acc_dtype, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=acc_dtype) if need_weight else None
+        loss_and_grad = _compiled_chunk_loss_and_grad if hidden.is_cuda else _chunk_loss_and_grad
         for start in range(0, hidden.shape[0], chunk_tokens):
             rows = slice(start, start + chunk_tokens)
             h = hidden[rows].to(compute_dtype)
-            t = targets[rows, None]
-            logits = (h @ w.T).to(acc_dtype)  # no copy when already fp32: it is only worked on in place below
-            target_logit = logits.gather(1, t).squeeze(1)
-            top = logits.amax(1, keepdim=True)
-            probs = logits.sub_(top).exp_()
-            total = probs.sum(1, keepdim=True)
-            row_loss[rows] = (top + total.log()).squeeze(1) - target_logit
-            if need_hidden or need_weight:
-                # d loss / d logits = (softmax - onehot(target)) · row_scale
-                g = probs.div_(total).scatter_add_(1, t, probs.new_full(t.shape, -1.0))
-                g = g.mul_(row_scale[rows, None]).to(compute_dtype)
-                if need_hidden:
-                    grad_hidden[rows] = g @ w
-                if need_weight:
-                    grad_weight += g.T @ h
+            row_loss[rows], g = loss_and_grad(h @ w.T, targets[rows], row_scale[rows])
+            if need_hidden:
+                grad_hidden[rows] = g @ w
+            if need_weight:
+                grad_weight += g.T @ h
         loss = row_loss.where(valid, 0).sum()
         if reduction == "mean":
             loss = loss / n_valid  # NaN when every label is ignored, as F.cross_entropy
