@@ -34,6 +34,8 @@ VARIANTS = [  # around the defaults of triton_chunk (each key overrides one)
     {"stages_out": 3, "stages_grad": 3},
     {"bk_out": 128},
     {"chunk": 128, "warps_out": 8, "warps_grad": 8},
+    {"target_programs": 264},
+    {"target_programs": 132},
 ]
 TOKENS, HEADS, DK, DV = 32768, 16, 16, 64
 
