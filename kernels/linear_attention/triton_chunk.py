@@ -307,20 +307,28 @@ def _h_kernel(do_ptr, o_ptr, den_ptr, h_ptr, NTOK, eps, DV: tl.constexpr, DVP: t
 
 
 @triton.jit
-def _out_kernel(q_ptr, k_ptr, v_ptr, o_ptr, den_ptr, hc_ptr, hz_ptr, seg_ptr, H, scale, eps,
-                DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, NVB: tl.constexpr, BK: tl.constexpr,
-                C: tl.constexpr, FT: tl.constexpr, NORMALIZE: tl.constexpr, BASED: tl.constexpr,
-                MM: tl.constexpr):
-    """One chunk's output: inter-chunk psi(q) S_c (S_c from the state kernel) + the masked intra C x C part."""
+def _chunk_program(seg_ptr, H, C: tl.constexpr, FT: tl.constexpr, NVB: tl.constexpr):
+    # an output / gradient program's chunk: (first token, end of its segment, offset of the chunk's state rows,
+    # head, Dv block); grid (segment, chunk of the segment, head x Dv block)
     sid = tl.program_id(0)
     j = tl.program_id(1)
     hh = tl.program_id(2) // NVB
     vb = tl.program_id(2) % NVB
     t0 = tl.load(seg_ptr + sid * 5 + 0) + j * C
     t1 = tl.load(seg_ptr + sid * 5 + 1)
+    cb = ((tl.load(seg_ptr + sid * 5 + 4) + j) * H + hh) * FT
+    return t0, t1, cb, hh, vb
+
+
+@triton.jit
+def _out_kernel(q_ptr, k_ptr, v_ptr, o_ptr, den_ptr, hc_ptr, hz_ptr, seg_ptr, H, scale, eps,
+                DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, NVB: tl.constexpr, BK: tl.constexpr,
+                C: tl.constexpr, FT: tl.constexpr, NORMALIZE: tl.constexpr, BASED: tl.constexpr,
+                MM: tl.constexpr):
+    """One chunk's output: inter-chunk psi(q) S_c (S_c from the state kernel) + the masked intra C x C part."""
+    t0, t1, cb, hh, vb = _chunk_program(seg_ptr, H, C, FT, NVB)
     if t0 >= t1:
         return
-    cb = ((tl.load(seg_ptr + sid * 5 + 4) + j) * H + hh) * FT
     F: tl.constexpr = DK * DK
     c = tl.arange(0, C)
     d = tl.arange(0, DK)
@@ -381,15 +389,9 @@ def _grad_kernel(q_ptr, k_ptr, v_ptr, do_ptr, den_ptr, h_ptr, hc_ptr, hz_ptr, rc
     S_c (hc) is the state before the chunk, R_c (rc) dL/dS from the tokens after it; both are symmetric in the
     (i, j) feature pairs, which _contract_block relies on.
     """
-    sid = tl.program_id(0)
-    j = tl.program_id(1)
-    hh = tl.program_id(2) // NVB
-    vb = tl.program_id(2) % NVB
-    t0 = tl.load(seg_ptr + sid * 5 + 0) + j * C
-    t1 = tl.load(seg_ptr + sid * 5 + 1)
+    t0, t1, cb, hh, vb = _chunk_program(seg_ptr, H, C, FT, NVB)
     if t0 >= t1:
         return
-    cb = ((tl.load(seg_ptr + sid * 5 + 4) + j) * H + hh) * FT
     F: tl.constexpr = DK * DK
     c = tl.arange(0, C)
     d = tl.arange(0, DK)

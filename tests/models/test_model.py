@@ -279,13 +279,16 @@ def test_blocked_window_attention_matches_dense_mask(t, window):
     pos = torch.arange(t)
     mask = (pos[:, None] >= pos[None, :]) & (pos[:, None] - pos[None, :] < window)
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    got = _blocked_window_attention(q, k, v, window)
-    assert torch.allclose(got, ref, rtol=1e-12, atol=1e-12)
+    assert_same_output_and_grads(_blocked_window_attention(q, k, v, window), ref, (q, k, v))
+
+
+def assert_same_output_and_grads(got, ref, inputs, tol=1e-12):
+    assert torch.allclose(got, ref, rtol=tol, atol=tol)
     w = torch.randn_like(ref)
-    g_ref = torch.autograd.grad((ref * w).sum(), (q, k, v))
-    g = torch.autograd.grad((got * w).sum(), (q, k, v))
+    g_ref = torch.autograd.grad((ref * w).sum(), inputs)
+    g = torch.autograd.grad((got * w).sum(), inputs)
     for a, b in zip(g, g_ref):
-        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+        assert torch.allclose(a, b, rtol=tol, atol=tol)
 
 
 @pytest.fixture
@@ -329,13 +332,7 @@ def test_flex_attention_matches_the_cpu_paths(t, window, packed, flex_backward_o
     cu = _packed_cu(t) if packed else None
     q, k, v = _qkv(t, seed=t)
     ref = _cpu_attention(q, k, v, window, cu)
-    got = _flex_causal_attention(q, k, v, window, cu)
-    assert torch.allclose(got, ref, rtol=1e-12, atol=1e-12)
-    w = torch.randn_like(ref)
-    g_ref = torch.autograd.grad((ref * w).sum(), (q, k, v))
-    g = torch.autograd.grad((got * w).sum(), (q, k, v))
-    for a, b in zip(g, g_ref):
-        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+    assert_same_output_and_grads(_flex_causal_attention(q, k, v, window, cu), ref, (q, k, v))
 
 
 @pytest.mark.parametrize("packed", [False, True])
