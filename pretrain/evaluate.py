@@ -17,6 +17,7 @@ recorded in the output JSON.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -229,7 +230,15 @@ def main(argv=None):
     parser.add_argument("--out", help="write the result JSON here")
     parser.add_argument("--name", help="label in tables (default: the run directory's name)")
     args = parser.parse_args(argv)
-    return evaluate(args)
+    try:
+        return evaluate(args)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():  # released here, not at interpreter exit (gloo can abort the process there)
+            gc.collect()
+            dist.barrier()  # no rank tears the group down while another is still in a collective
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -69,12 +69,12 @@ def test_torchrun_data_parallel_equals_single_process(workspace, extra):
             "--batch-size", "3", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = workspace / f"single{len(extra)}.json"
-    subprocess.run([sys.executable, *args, "--out", str(single)], check=True, cwd=ROOT, env=env,
-                   capture_output=True)
+    for cmd, out in (([sys.executable, *args], single),
+                     ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                       f"--master_port={_free_port()}", *args], workspace / f"parallel{len(extra)}.json")):
+        proc = subprocess.run([*cmd, "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-4000:]
     parallel = workspace / f"parallel{len(extra)}.json"
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                    f"--master_port={_free_port()}", *args, "--out", str(parallel)],
-                   check=True, cwd=ROOT, env=env, capture_output=True)
     a, b = json.loads(single.read_text()), json.loads(parallel.read_text())
     assert b["world_size"] == 2 and a["world_size"] == 1
     for key in ("nll_sum", "tokens", "bytes", "perplexity", "bits_per_byte"):
