@@ -321,6 +321,20 @@ def _chunk_program(seg_ptr, H, C: tl.constexpr, FT: tl.constexpr, NVB: tl.conste
 
 
 @triton.jit
+def _chunk_rows(t0, t1, hh, vb, H, scale, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                BASED: tl.constexpr):
+    # the chunk's tokens and their validity, row offsets into the [.., H, DK] and [.., H, DV] inputs, the Dv block's
+    # columns and validity; c2 (the second-order features' coefficient) and sqrt(scale)
+    tok = t0 + tl.arange(0, C)
+    cv = vb * BV + tl.arange(0, BV)
+    if BASED:
+        c2 = scale * 0.5
+    else:
+        c2 = scale
+    return tok, tok < t1, (tok * H + hh) * DK, (tok * H + hh) * DV, cv, cv < DV, c2, tl.sqrt(scale)
+
+
+@triton.jit
 def _out_kernel(q_ptr, k_ptr, v_ptr, o_ptr, den_ptr, hc_ptr, hz_ptr, seg_ptr, H, scale, eps,
                 DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, NVB: tl.constexpr, BK: tl.constexpr,
                 C: tl.constexpr, FT: tl.constexpr, NORMALIZE: tl.constexpr, BASED: tl.constexpr,
@@ -333,17 +347,7 @@ def _out_kernel(q_ptr, k_ptr, v_ptr, o_ptr, den_ptr, hc_ptr, hz_ptr, seg_ptr, H,
     c = tl.arange(0, C)
     d = tl.arange(0, DK)
     rk = tl.arange(0, BK)
-    cv = vb * BV + tl.arange(0, BV)
-    vmask = cv < DV
-    if BASED:
-        c2 = scale * 0.5
-    else:
-        c2 = scale
-    sq = tl.sqrt(scale)
-    tok = t0 + c
-    tmask = tok < t1
-    xoff = (tok * H + hh) * DK
-    voff = (tok * H + hh) * DV
+    tok, tmask, xoff, voff, cv, vmask, c2, sq = _chunk_rows(t0, t1, hh, vb, H, scale, DK, DV, BV, C, BASED)
     m2 = tmask[:, None] & vmask[None, :]
     qc = tl.load(q_ptr + xoff[:, None] + d[None, :], mask=tmask[:, None], other=0.0)
     kT = tl.load(k_ptr + xoff[None, :] + d[:, None], mask=tmask[None, :], other=0.0)
@@ -396,18 +400,8 @@ def _grad_kernel(q_ptr, k_ptr, v_ptr, do_ptr, den_ptr, h_ptr, hc_ptr, hz_ptr, rc
     c = tl.arange(0, C)
     d = tl.arange(0, DK)
     rk = tl.arange(0, BK)
-    cv = vb * BV + tl.arange(0, BV)
-    vmask = cv < DV
-    if BASED:
-        c2 = scale * 0.5
-    else:
-        c2 = scale
-    sq = tl.sqrt(scale)
+    tok, tmask, xoff, voff, cv, vmask, c2, sq = _chunk_rows(t0, t1, hh, vb, H, scale, DK, DV, BV, C, BASED)
     hw = (vb == 0).to(tl.float32)      # the h (normaliser) terms are added by one Dv block only
-    tok = t0 + c
-    tmask = tok < t1
-    xoff = (tok * H + hh) * DK
-    voff = (tok * H + hh) * DV
     m2 = tmask[:, None] & vmask[None, :]
     qc = tl.load(q_ptr + xoff[:, None] + d[None, :], mask=tmask[:, None], other=0.0)
     kc = tl.load(k_ptr + xoff[:, None] + d[None, :], mask=tmask[:, None], other=0.0)
