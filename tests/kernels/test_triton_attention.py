@@ -13,8 +13,7 @@ triton = pytest.importorskip("triton")
 import kernels  # noqa: E402
 from kernels import backend as kbackend  # noqa: E402
 from kernels.linear_attention import triton_chunk as tc  # noqa: E402
-from kernels.poison import set_poison  # noqa: E402
-from triton_checks import plausible_state, rel  # noqa: E402
+from triton_checks import plausible_state, poisoned_run, rel  # noqa: E402
 
 _HAS_CUDA = torch.cuda.is_available()  # without CUDA, tests/conftest.py has switched Triton to its interpreter
 DEV = "cuda" if _HAS_CUDA else "cpu"
@@ -25,14 +24,8 @@ KINDS = ("rebased", "based")
 
 @pytest.fixture(autouse=True)
 def _setup(monkeypatch):
-    monkeypatch.delenv(kbackend.BACKEND_ENV_VAR, raising=False)
-    set_poison(True)
-    saved = dict(tc.TUNING)
-    torch.manual_seed(0)
-    yield
-    tc.TUNING.clear()
-    tc.TUNING.update(saved)
-    set_poison(False)
+    with poisoned_run(monkeypatch, tc.TUNING):
+        yield
 
 
 def attn(kind):

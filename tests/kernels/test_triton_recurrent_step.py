@@ -10,11 +10,9 @@ import torch
 triton = pytest.importorskip("triton")
 
 import kernels  # noqa: E402
-from kernels import backend as kbackend  # noqa: E402
 from kernels.linear_attention import linear_attention_reference  # noqa: E402
 from kernels.linear_attention import triton_recurrent as tr  # noqa: E402
-from kernels.poison import set_poison  # noqa: E402
-from triton_checks import plausible_state, rel  # noqa: E402
+from triton_checks import plausible_state, poisoned_run, rel  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 F64 = torch.float64
@@ -25,11 +23,8 @@ KINDS = ("rebased", "based")
 
 @pytest.fixture(autouse=True)
 def _setup(monkeypatch):
-    monkeypatch.delenv(kbackend.BACKEND_ENV_VAR, raising=False)
-    set_poison(True)
-    torch.manual_seed(0)
-    yield
-    set_poison(False)
+    with poisoned_run(monkeypatch, {}):
+        yield
 
 
 def token(b, h, dv, dtype, dk=16):

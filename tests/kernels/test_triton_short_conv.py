@@ -14,8 +14,7 @@ triton = pytest.importorskip("triton")
 import kernels  # noqa: E402
 from kernels import backend as kbackend  # noqa: E402
 from kernels.short_conv import triton_ops as sc  # noqa: E402
-from kernels.poison import set_poison  # noqa: E402
-from triton_checks import rel  # noqa: E402
+from triton_checks import poisoned_run, rel  # noqa: E402
 
 _HAS_CUDA = torch.cuda.is_available()  # without CUDA, tests/conftest.py has switched Triton to its interpreter
 DEV = "cuda" if _HAS_CUDA else "cpu"
@@ -27,16 +26,10 @@ NAMES = ("x", "weight", "bias", "gate", "cache")
 
 @pytest.fixture(autouse=True)
 def _setup(monkeypatch):
-    monkeypatch.delenv(kbackend.BACKEND_ENV_VAR, raising=False)
-    set_poison(True)
-    saved = dict(sc.TUNING)
-    if not _HAS_CUDA:  # small tiles: several (partial) tiles even at interpreter-sized shapes
-        sc.TUNING.update(block_t_fwd=8, block_d_fwd=16, block_t_bwd=8, block_d_bwd=16)
-    torch.manual_seed(0)
-    yield
-    sc.TUNING.clear()
-    sc.TUNING.update(saved)
-    set_poison(False)
+    # small tiles without CUDA: several (partial) tiles even at interpreter-sized shapes
+    small = {} if _HAS_CUDA else dict(block_t_fwd=8, block_d_fwd=16, block_t_bwd=8, block_d_bwd=16)
+    with poisoned_run(monkeypatch, sc.TUNING, **small):
+        yield
 
 
 def documents(lengths):

@@ -1,8 +1,12 @@
 """Helpers shared by the Triton kernel tests (not a test module)."""
 
+import contextlib
+
 import torch
 
 import kernels
+from kernels import backend as kbackend
+from kernels.poison import set_poison
 
 
 def rel(a, b):
@@ -18,3 +22,20 @@ def plausible_state(kind, n, h, dk, dv, device):
     values = torch.randn(n, 6, h, dv, dtype=torch.float64, device=device)
     phi = (kernels.rebased_feature_map if kind == "rebased" else kernels.based_feature_map)(keys)
     return torch.einsum("nshf,nshv->nhfv", phi, values).float(), phi.sum(1).float()
+
+
+@contextlib.contextmanager
+def poisoned_run(monkeypatch, tuning: dict, **overrides):
+    """A Triton test's surroundings: backend chosen by the call, outputs poisoned with NaN, seed 0, and the module's
+    TUNING dict with ``overrides`` applied, restored afterwards."""
+    monkeypatch.delenv(kbackend.BACKEND_ENV_VAR, raising=False)
+    set_poison(True)
+    saved = dict(tuning)
+    tuning.update(overrides)
+    torch.manual_seed(0)
+    try:
+        yield
+    finally:
+        tuning.clear()
+        tuning.update(saved)
+        set_poison(False)
