@@ -647,8 +647,8 @@ def _fwd_impl(q, k, v, cu_seqlens, S0, z0, scale, eps, normalize, based, chunk, 
     _out_kernel[(ns_max, max_chunks, h * nvb)](
         q, k, v, o, den, hc, hz, seg, h, scale, eps, DK=dk, DV=dv, BV=bv, NVB=nvb, BK=bk, C=chunk, FT=ft,
         NORMALIZE=normalize, BASED=based, MM=mm, num_warps=warps, **_stages("out"))
-    if not save_states:
-        hc, hz = hc[:0], hz[:0]
+    if not save_states:  # new empty tensors: a [:0] view would keep the states' storage alive until the backward
+        hc, hz = hc.new_empty((0,) + hc.shape[1:]), hz.new_empty((0,) + hz.shape[1:])
     return o, den, S_start, z_start, S_fin, z_fin, hc, hz
 
 
