@@ -19,7 +19,6 @@ import datetime as _dt
 import json
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -277,8 +276,9 @@ def main():
              f"(chunk {tc.MAX_CHUNK} by default).", "",
              "| T | B | ReBased fwd | ReBased fwd+bwd | Based fwd | Based fwd+bwd | SDPA fwd | SDPA fwd+bwd | "
              "ReBased/SDPA fwd+bwd | Based/ReBased fwd+bwd | us/1k tok (ReBased fb) | floor fwd+bwd | "
-             "torch-ref ReBased fwd+bwd | ReBased fwd+bwd extra peak MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "torch-ref ReBased fwd+bwd | ReBased fwd+bwd extra peak MiB | FLA parallel_rebased fwd+bwd | "
+             "FLA / ReBased fwd+bwd |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         sd = r.get("sdpa_fwd_bwd_ms")
         ntok = r["B"] * r["T"]
@@ -290,7 +290,8 @@ def main():
             f"{r['based_fwd_bwd_ms'] / r['rebased_fwd_bwd_ms']:.2f} | "
             f"{1e3 * r['rebased_fwd_bwd_ms'] / ntok * 1e3:.2f} | "
             f"{r['fwd_bwd_floor_ms']:.3f} | {r.get('torch_rebased_fwd_bwd_ms', float('nan')):.3f} | "
-            f"{r['rebased_fwd_bwd_peak_mib']:.0f} |")
+            f"{r['rebased_fwd_bwd_peak_mib']:.0f} | {r['fla_fwd_bwd_ms'] or float('nan'):.3f} | "
+            f"{(r['fla_fwd_bwd_ms'] or float('nan')) / r['rebased_fwd_bwd_ms']:.1f} |")
     short_conv_rows = [r for r in rows if "short_conv" in r]
     if short_conv_rows:
         first = short_conv_rows[0]["short_conv"]

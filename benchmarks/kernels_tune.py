@@ -28,14 +28,14 @@ sys.path.insert(0, ROOT)
 
 VARIANTS = [  # around the defaults of triton_chunk (each key overrides one)
     {},
-    {"save_states": False},
+    {"tile": 4},
     {"warps_state": 4},
+    {"warps_state": 1},
+    {"bv_state": 32},
     {"stages_state": 1},
     {"stages_out": 3, "stages_grad": 3},
-    {"bk_out": 128},
-    {"chunk": 128, "warps_out": 8, "warps_grad": 8},
+    {"warps_out": 8},
     {"target_programs": 264},
-    {"target_programs": 132},
 ]
 TOKENS, HEADS, DK, DV = 32768, 16, 16, 64
 

@@ -2,26 +2,29 @@
 
 Algorithm (see /work/shared/notes/rebased-math.md for the math)
 -----------------------------------------------------------------
-Inside the kernels the second-order features are the *full* outer product psi(x) = vec(x x^T) (Dk^2 = 256
-for Dk = 16), built per chunk in registers from the 16-wide rows (never stored in HBM).
-The internal state per (document, head) is, in float32,
+The second-order features are the pair products x_i x_j, built per chunk in registers from the 16-wide rows
+(never stored in HBM). The state is symmetric in (i, j), so only the TS x TS tiles (I, J), I <= J, of the
+Dk x Dk pair matrix are kept (TS = 8 by default: tiles (0,0), (0,1), (1,1), 192 rows instead of 256; TS = 4
+keeps 10 of 16 tiles, TS = 16 is the full matrix). A contraction with psi weighs a diagonal tile 1 (it holds both
+(i, j) and (j, i)) and an off-diagonal tile 2. The internal state per (document, head) is, in float32,
 
-    rebased: S2 = scale * sum_s psi(k_s) v_s^T        [Dk^2, Dv]         (z2 likewise with v == 1)
+    rebased: S2 = scale * sum_s psi(k_s) v_s^T        [F2, Dv]          (psi: the kept tiles' rows)
     based:   S2 as above, S1 = sqrt(scale) * sum_s k_s v_s^T [Dk, Dv], S0 = sum_s v_s [Dv]
 
-stacked as rows [S2; S1; S0] of one [FT, Dv] matrix (FT = Dk^2 for rebased, Dk^2 + Dk + 1 for based),
-and z = the same with v == 1 ([FT]; its second-order part is used as the Dk x Dk matrix Zm, so the normaliser
-term psi(q).z2 = q^T Zm q is a 16-wide product in fp32).
-Output: num_t = c2 psi(q_t).S2 + sqrt(s) q_t.S1 + S0 + intra-chunk, c2 = scale (rebased) or scale / 2 (based).
+stacked as rows [S2; S1; S0] of one [FT, Dv] matrix (FT = F2 for rebased, F2 + Dk + 1 for based). The
+normaliser z keeps the full Dk x Dk matrix Zm (+ Dk + 1 rows for based: FZ rows), so psi(q).z2 = q^T Zm q is a
+16-wide product in fp32.
+Output: num_t = c2 w psi(q_t).S2 + sqrt(s) q_t.S1 + S0 + intra-chunk, c2 = scale (rebased) or scale / 2 (based),
+w the tile weights. The reverse pass stores dL/dS, whose rows carry the weights.
 The public (contract) state layout of ``kernels.rebased_feature_map`` / ``based_feature_map`` is converted to and
 from this one in PyTorch (differentiable) by :func:`state_to_internal` / :func:`state_from_internal`.
 
 Work decomposition (chunk-parallel): every document (a batch row, or a cu_seqlens document) is cut into
 *segments* of ``seg_tokens`` tokens (a multiple of the chunk size C), segments into chunks of C tokens, so no
 chunk straddles a document boundary. Only the state kernel walks chunks in order, and it holds one
-[BK, BV] block of the state (BK of the 256 feature rows) in registers; every chunk's state goes to HBM
-(bf16 for bf16 inputs, as the tensor cores would round it anyway; fp32 otherwise) and the output and gradient
-kernels run one program per chunk.
+[TS*TS, BV] block of the state (one tile) in registers; every chunk's state goes to HBM (bf16 for bf16 inputs, as
+the tensor cores would round it anyway; fp32 otherwise) and the output and gradient kernels run one program per
+chunk, looping over the tiles.
 
 forward:  [documents of > 1 segment: _state_kernel per-segment increments + _scan_kernel, an exclusive prefix
           over a document's segments from the initial state]
@@ -34,9 +37,9 @@ backward: [Hc not kept by the forward: _state_kernel again, from the saved segme
           _grad_kernel: per chunk, dq, dk, dv from Hc, dHc and the intra-chunk part.
 
 Defaults from benchmarks/kernels_tune.py on an H100 (bf16, Dv 64; results in benchmarks/results/kernels_tune_*.md):
-C = 64, 64 feature rows x 64 Dv per state program with 2 warps (4 for Based), 4 warps and 2 pipeline stages for the output and
-gradient kernels, and the forward's per-chunk states kept for the backward (without cu_seqlens; 512 bytes per token
-and head in bf16) instead of a third state pass.
+C = 64, 8 x 8 tiles, a 64-row tile x 64 Dv per state program with 2 warps (4 for Based), 4 warps and 2 pipeline
+stages for the output and gradient kernels, and the forward's per-chunk states kept for the backward (without
+cu_seqlens; 384 bytes per token and head in bf16) instead of a third state pass.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ import triton.language as tl
 from ..poison import poison
 
 __all__ = [
-    "chunk_linear_attention", "state_to_internal", "state_from_internal", "internal_state_rows",
+    "chunk_linear_attention", "state_to_internal", "state_from_internal",
     "TUNING", "supports",
 ]
 
@@ -61,8 +64,8 @@ TUNING = {
     "chunk": None,            # chunk length override (16, 32, 64, 128)
     "seg_tokens": None,       # tokens per segment (multiple of the chunk)
     "target_programs": None,  # wanted number of state-kernel programs (segments x heads x blocks)
-    "bk_state": None,         # feature rows per state-kernel program (16 ... 256)
-    "bk_out": None,           # feature rows per step of the output / gradient kernels' loop
+    "tile": None,             # side of the stored tiles of the symmetric second-order state (4, 8 or 16): the
+                              # feature rows of a state program and of one step of the output / gradient loops
     "bv_state": None,         # Dv block of the state kernel
     "bv_out": None,           # Dv block of the output kernel
     "bv_grad": None,          # Dv block of the gradient kernel
@@ -113,37 +116,48 @@ def _mm(a, b, acc, MM: tl.constexpr):
 
 
 @triton.jit
-def _psi_block(x_ptr, xoff, tmask, fb, C: tl.constexpr, DK: tl.constexpr, BK: tl.constexpr):
-    # [C, BK] fp32: feature columns fb*BK ... of psi(x_t), i.e. x_ti x_tj for (i, j) = divmod(f, DK). The BK / DK
-    # rows' x_i are loaded as their own columns (L1 hits), so the block is a broadcast product, no register gather
-    NI: tl.constexpr = BK // DK
-    i = fb * NI + tl.arange(0, NI)
-    d = tl.arange(0, DK)
-    xi = tl.load(x_ptr + xoff[:, None] + i[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + xoff[:, None] + d[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
-    return tl.reshape(xi[:, :, None] * x[:, None, :], (C, BK))
+def _tile(tile_ptr, fb, TS: tl.constexpr):
+    # feature block fb is the TS x TS tile (I, J), I <= J, of the pair matrix: (I, J) and the block's weight in a
+    # contraction with psi (1 on the diagonal, where the tile holds both (i, j) and (j, i); 2 off it)
+    ti = tl.load(tile_ptr + fb * 2)
+    tj = tl.load(tile_ptr + fb * 2 + 1)
+    return ti, tj, tl.where(ti == tj, 1.0, 2.0)
 
 
 @triton.jit
-def _psi_block_t(x_ptr, xoff, tmask, fb, C: tl.constexpr, DK: tl.constexpr, BK: tl.constexpr):
-    # [BK, C]: the transpose of _psi_block
-    NI: tl.constexpr = BK // DK
-    i = fb * NI + tl.arange(0, NI)
-    d = tl.arange(0, DK)
-    xi = tl.load(x_ptr + xoff[None, :] + i[:, None], mask=tmask[None, :], other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + xoff[None, :] + d[:, None], mask=tmask[None, :], other=0.0).to(tl.float32)
-    return tl.reshape(xi[:, None, :] * x[None, :, :], (BK, C))
+def _psi_block(x_ptr, xoff, tmask, ti, tj, C: tl.constexpr, TS: tl.constexpr):
+    # [C, TS*TS] fp32: the tile's feature columns x_ti x_tj, i in tile row I, j in tile column J; the two TS-wide
+    # column groups of x are loaded as their own columns (L1 hits), so the block is a broadcast product
+    lane = tl.arange(0, TS)
+    xi = tl.load(x_ptr + xoff[:, None] + ti * TS + lane[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
+    xj = tl.load(x_ptr + xoff[:, None] + tj * TS + lane[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
+    return tl.reshape(xi[:, :, None] * xj[:, None, :], (C, TS * TS))
 
 
 @triton.jit
-def _contract_block(G, x_ptr, xoff, tmask, fb, C: tl.constexpr, DK: tl.constexpr, BK: tl.constexpr):
-    # [C, DK]: out[t, j] = sum_{i in block fb} x_ti G[t, i*DK + j]. With G = y psi-rows of a symmetric state
-    # (G[t, (i, j)] = G[t, (j, i)]), summing this over all blocks gives sum_j G[t, (i, j)] x_tj, so the
-    # derivative of psi(x).y needs no transpose of the block.
-    NI: tl.constexpr = BK // DK
-    i = fb * NI + tl.arange(0, NI)
-    xi = tl.load(x_ptr + xoff[:, None] + i[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
-    return tl.sum(tl.reshape(G, (C, NI, DK)) * xi[:, :, None], 1)
+def _psi_block_t(x_ptr, xoff, tmask, ti, tj, C: tl.constexpr, TS: tl.constexpr):
+    # [TS*TS, C]: the transpose of _psi_block
+    lane = tl.arange(0, TS)
+    xi = tl.load(x_ptr + xoff[None, :] + ti * TS + lane[:, None], mask=tmask[None, :], other=0.0).to(tl.float32)
+    xj = tl.load(x_ptr + xoff[None, :] + tj * TS + lane[:, None], mask=tmask[None, :], other=0.0).to(tl.float32)
+    return tl.reshape(xi[:, None, :] * xj[None, :, :], (TS * TS, C))
+
+
+@triton.jit
+def _contract_block(G, x_ptr, xoff, tmask, ti, tj, C: tl.constexpr, DK: tl.constexpr, TS: tl.constexpr):
+    # [C, DK]: the derivative of sum_f G[t, f] x_ti x_tj over the tile's features f = (i, j) with respect to x_t:
+    # G[t, (i, j)] x_tj goes to column i (tile row I), G[t, (i, j)] x_ti to column j (tile column J)
+    NG: tl.constexpr = DK // TS
+    lane = tl.arange(0, TS)
+    xi = tl.load(x_ptr + xoff[:, None] + ti * TS + lane[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
+    xj = tl.load(x_ptr + xoff[:, None] + tj * TS + lane[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
+    G3 = tl.reshape(G, (C, TS, TS))
+    to_i = tl.sum(G3 * xj[:, None, :], 2)
+    to_j = tl.sum(G3 * xi[:, :, None], 1)
+    grp = tl.arange(0, NG)
+    out = (to_i[:, None, :] * (grp == ti).to(tl.float32)[None, :, None]
+           + to_j[:, None, :] * (grp == tj).to(tl.float32)[None, :, None])
+    return tl.reshape(out, (C, DK))
 
 
 @triton.jit
@@ -154,20 +168,21 @@ def _quad(x, M, C: tl.constexpr, DK: tl.constexpr):
 
 
 @triton.jit
-def _state_kernel(x_ptr, y_ptr, den_ptr, h_ptr, seg_ptr, start_ptr, startz_ptr, ch_ptr, chz_ptr,
+def _state_kernel(x_ptr, y_ptr, den_ptr, h_ptr, seg_ptr, tile_ptr, start_ptr, startz_ptr, ch_ptr, chz_ptr,
                   end_ptr, endz_ptr, H, scale, c_psi, eps,
-                  DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, NVB: tl.constexpr, BK: tl.constexpr,
-                  C: tl.constexpr, FT: tl.constexpr, REVERSE: tl.constexpr,
+                  DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, NVB: tl.constexpr, TS: tl.constexpr,
+                  C: tl.constexpr, F2: tl.constexpr, FT: tl.constexpr, FZ: tl.constexpr, REVERSE: tl.constexpr,
                   NORMALIZE: tl.constexpr, BASED: tl.constexpr, MM: tl.constexpr, HAS_START: tl.constexpr,
                   STORE_CHUNKS: tl.constexpr, END_MODE: tl.constexpr, END_FLAG: tl.constexpr):
-    """One segment's state S = sum_t phi(x_t) y_t^T (feature rows fb*BK..., Dv block vb) and z = sum_t phi(x_t) w_t.
+    """One segment's state S = sum_t phi(x_t) y_t^T (feature rows of block fb, Dv block vb) and z = sum_t phi(x_t) w_t.
 
     forward (REVERSE=False): x = k, y = v, w = 1, chunks in order; stores the state *before* each chunk.
     reverse (REVERSE=True):  x = q, y = g = do/(den+eps), w = h = -(do.o)/(den+eps) (from _h_kernel), chunks in
-                             reverse; stores the state *after* each chunk.
+                             reverse; stores the state *after* each chunk: dL/dS, so its rows carry the tile weights.
     The block fb == 0 also carries Based's first/zeroth-order rows; fb == 0, vb == 0 carries z.
     END_MODE: 0 nothing; 1 the end state to row `segment`; 2 to row `document` if flags & END_FLAG.
     """
+    BK: tl.constexpr = TS * TS
     sid = tl.program_id(0)
     hh = tl.program_id(1)
     fb = tl.program_id(2) // NVB
@@ -178,6 +193,11 @@ def _state_kernel(x_ptr, y_ptr, den_ptr, h_ptr, seg_ptr, start_ptr, startz_ptr, 
     flags = tl.load(seg_ptr + sid * 5 + 3)
     cbase = tl.load(seg_ptr + sid * 5 + 4)
     F: tl.constexpr = DK * DK
+    ti, tj, w_tile = _tile(tile_ptr, fb, TS)
+    if REVERSE:
+        cpsi = c_psi * w_tile
+    else:
+        cpsi = c_psi
     rk = fb * BK + tl.arange(0, BK)
     c = tl.arange(0, C)
     d = tl.arange(0, DK)
@@ -187,6 +207,7 @@ def _state_kernel(x_ptr, y_ptr, den_ptr, h_ptr, seg_ptr, start_ptr, startz_ptr, 
     lead = fb == 0
     own_z = (fb == 0) & (vb == 0)
     base = (sid * H + hh) * FT
+    zbase = (sid * H + hh) * FZ
     S = tl.zeros([BK, BV], dtype=tl.float32)
     zm = tl.zeros([DK, DK], dtype=tl.float32)
     S1 = tl.zeros([DK, BV], dtype=tl.float32)
@@ -195,12 +216,12 @@ def _state_kernel(x_ptr, y_ptr, den_ptr, h_ptr, seg_ptr, start_ptr, startz_ptr, 
     z0 = tl.zeros([1], dtype=tl.float32)
     if HAS_START:
         S = tl.load(start_ptr + (base + rk[:, None]) * DV + cv[None, :], mask=vmask[None, :], other=0.0)
-        zm = tl.load(startz_ptr + base + d[:, None] * DK + d[None, :])
+        zm = tl.load(startz_ptr + zbase + d[:, None] * DK + d[None, :])
         if BASED:
-            S1 = tl.load(start_ptr + (base + F + d[:, None]) * DV + cv[None, :], mask=vmask[None, :], other=0.0)
-            S0 = tl.load(start_ptr + (base + F + DK) * DV + cv, mask=vmask, other=0.0)
-            z1 = tl.load(startz_ptr + base + F + d)
-            z0 = tl.load(startz_ptr + base + F + DK + tl.arange(0, 1))
+            S1 = tl.load(start_ptr + (base + F2 + d[:, None]) * DV + cv[None, :], mask=vmask[None, :], other=0.0)
+            S0 = tl.load(start_ptr + (base + F2 + DK) * DV + cv, mask=vmask, other=0.0)
+            z1 = tl.load(startz_ptr + zbase + F + d)
+            z0 = tl.load(startz_ptr + zbase + F + DK + tl.arange(0, 1))
     nch = tl.cdiv(t1 - t0, C)
     for it in range(nch):
         if REVERSE:
@@ -208,19 +229,21 @@ def _state_kernel(x_ptr, y_ptr, den_ptr, h_ptr, seg_ptr, start_ptr, startz_ptr, 
         else:
             j = it
         if STORE_CHUNKS:
-            cb = ((cbase + j) * H + hh) * FT
+            crow = (cbase + j) * H + hh
+            cb = crow * FT
             tl.store(ch_ptr + (cb + rk[:, None]) * DV + cv[None, :], S.to(ch_ptr.dtype.element_ty),
                      mask=vmask[None, :])
             if BASED:
                 if lead:
-                    tl.store(ch_ptr + (cb + F + d[:, None]) * DV + cv[None, :], S1.to(ch_ptr.dtype.element_ty),
+                    tl.store(ch_ptr + (cb + F2 + d[:, None]) * DV + cv[None, :], S1.to(ch_ptr.dtype.element_ty),
                              mask=vmask[None, :])
-                    tl.store(ch_ptr + (cb + F + DK) * DV + cv, S0.to(ch_ptr.dtype.element_ty), mask=vmask)
+                    tl.store(ch_ptr + (cb + F2 + DK) * DV + cv, S0.to(ch_ptr.dtype.element_ty), mask=vmask)
             if own_z:
-                tl.store(chz_ptr + cb + d[:, None] * DK + d[None, :], zm)
+                cz = crow * FZ
+                tl.store(chz_ptr + cz + d[:, None] * DK + d[None, :], zm)
                 if BASED:
-                    tl.store(chz_ptr + cb + F + d, z1)
-                    tl.store(chz_ptr + cb + F + DK + tl.arange(0, 1), z0)
+                    tl.store(chz_ptr + cz + F + d, z1)
+                    tl.store(chz_ptr + cz + F + DK + tl.arange(0, 1), z0)
         tok = t0 + j * C + c
         tmask = tok < t1
         xoff = (tok * H + hh) * DK
@@ -236,7 +259,7 @@ def _state_kernel(x_ptr, y_ptr, den_ptr, h_ptr, seg_ptr, start_ptr, startz_ptr, 
                     w = tl.load(h_ptr + tok * H + hh, mask=tmask, other=0.0)
         else:
             w = tmask.to(tl.float32)
-        S = _mm(_psi_block_t(x_ptr, xoff, tmask, fb, C, DK, BK) * c_psi, yv, S, MM)
+        S = _mm(_psi_block_t(x_ptr, xoff, tmask, ti, tj, C, TS) * cpsi, yv, S, MM)
         if lead:
             xT = tl.load(x_ptr + xoff[None, :] + d[:, None], mask=tmask[None, :], other=0.0).to(tl.float32)
             if own_z:
@@ -250,22 +273,24 @@ def _state_kernel(x_ptr, y_ptr, den_ptr, h_ptr, seg_ptr, start_ptr, startz_ptr, 
                 S0 += tl.sum(yv, 0)
     if END_MODE != 0:
         if END_MODE == 1:
-            eb = base
+            erow = sid * H + hh
             go = True
         else:
-            eb = (doc * H + hh) * FT
+            erow = doc * H + hh
             go = (flags & END_FLAG) != 0
         if go:
+            eb = erow * FT
+            ez = erow * FZ
             tl.store(end_ptr + (eb + rk[:, None]) * DV + cv[None, :], S, mask=vmask[None, :])
             if BASED:
                 if lead:
-                    tl.store(end_ptr + (eb + F + d[:, None]) * DV + cv[None, :], S1, mask=vmask[None, :])
-                    tl.store(end_ptr + (eb + F + DK) * DV + cv, S0, mask=vmask)
+                    tl.store(end_ptr + (eb + F2 + d[:, None]) * DV + cv[None, :], S1, mask=vmask[None, :])
+                    tl.store(end_ptr + (eb + F2 + DK) * DV + cv, S0, mask=vmask)
             if own_z:
-                tl.store(endz_ptr + eb + d[:, None] * DK + d[None, :], zm)
+                tl.store(endz_ptr + ez + d[:, None] * DK + d[None, :], zm)
                 if BASED:
-                    tl.store(endz_ptr + eb + F + d, z1)
-                    tl.store(endz_ptr + eb + F + DK + tl.arange(0, 1), z0)
+                    tl.store(endz_ptr + ez + F + d, z1)
+                    tl.store(endz_ptr + ez + F + DK + tl.arange(0, 1), z0)
 
 
 @triton.jit
@@ -307,17 +332,17 @@ def _h_kernel(do_ptr, o_ptr, den_ptr, h_ptr, NTOK, eps, DV: tl.constexpr, DVP: t
 
 
 @triton.jit
-def _chunk_program(seg_ptr, H, C: tl.constexpr, FT: tl.constexpr, NVB: tl.constexpr):
-    # an output / gradient program's chunk: (first token, end of its segment, offset of the chunk's state rows,
-    # head, Dv block); grid (segment, chunk of the segment, head x Dv block)
+def _chunk_program(seg_ptr, H, C: tl.constexpr, NVB: tl.constexpr):
+    # an output / gradient program's chunk: (first token, end of its segment, the chunk's row of the per-chunk
+    # state buffers, head, Dv block); grid (segment, chunk of the segment, head x Dv block)
     sid = tl.program_id(0)
     j = tl.program_id(1)
     hh = tl.program_id(2) // NVB
     vb = tl.program_id(2) % NVB
     t0 = tl.load(seg_ptr + sid * 5 + 0) + j * C
     t1 = tl.load(seg_ptr + sid * 5 + 1)
-    cb = ((tl.load(seg_ptr + sid * 5 + 4) + j) * H + hh) * FT
-    return t0, t1, cb, hh, vb
+    crow = (tl.load(seg_ptr + sid * 5 + 4) + j) * H + hh
+    return t0, t1, crow, hh, vb
 
 
 @triton.jit
@@ -335,15 +360,18 @@ def _chunk_rows(t0, t1, hh, vb, H, scale, DK: tl.constexpr, DV: tl.constexpr, BV
 
 
 @triton.jit
-def _out_kernel(q_ptr, k_ptr, v_ptr, o_ptr, den_ptr, hc_ptr, hz_ptr, seg_ptr, H, scale, eps,
-                DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, NVB: tl.constexpr, BK: tl.constexpr,
-                C: tl.constexpr, FT: tl.constexpr, NORMALIZE: tl.constexpr, BASED: tl.constexpr,
-                MM: tl.constexpr):
+def _out_kernel(q_ptr, k_ptr, v_ptr, o_ptr, den_ptr, hc_ptr, hz_ptr, seg_ptr, tile_ptr, H, scale, eps,
+                DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, NVB: tl.constexpr, TS: tl.constexpr,
+                C: tl.constexpr, F2: tl.constexpr, FT: tl.constexpr, FZ: tl.constexpr, NORMALIZE: tl.constexpr,
+                BASED: tl.constexpr, MM: tl.constexpr):
     """One chunk's output: inter-chunk psi(q) S_c (S_c from the state kernel) + the masked intra C x C part."""
-    t0, t1, cb, hh, vb = _chunk_program(seg_ptr, H, C, FT, NVB)
+    t0, t1, crow, hh, vb = _chunk_program(seg_ptr, H, C, NVB)
     if t0 >= t1:
         return
+    BK: tl.constexpr = TS * TS
     F: tl.constexpr = DK * DK
+    cb = crow * FT
+    cz = crow * FZ
     c = tl.arange(0, C)
     d = tl.arange(0, DK)
     rk = tl.arange(0, BK)
@@ -359,20 +387,21 @@ def _out_kernel(q_ptr, k_ptr, v_ptr, o_ptr, den_ptr, hc_ptr, hz_ptr, seg_ptr, H,
     else:
         a = tl.where(causal, x * x, 0.0)
     num = _mm(a, vc, tl.zeros([C, BV], dtype=tl.float32), MM)
-    for fb in range(F // BK):
+    for fb in range(F2 // BK):
+        ti, tj, w_tile = _tile(tile_ptr, fb, TS)
         hblk = tl.load(hc_ptr + (cb + fb * BK + rk[:, None]) * DV + cv[None, :], mask=vmask[None, :], other=0.0)
-        num = _mm(_psi_block(q_ptr, xoff, tmask, fb, C, DK, BK) * c2, hblk, num, MM)
+        num = _mm(_psi_block(q_ptr, xoff, tmask, ti, tj, C, TS) * (c2 * w_tile), hblk, num, MM)
     qf = qc.to(tl.float32)
     if BASED:
-        S1 = tl.load(hc_ptr + (cb + F + d[:, None]) * DV + cv[None, :], mask=vmask[None, :], other=0.0)
-        S0 = tl.load(hc_ptr + (cb + F + DK) * DV + cv, mask=vmask, other=0.0).to(tl.float32)
+        S1 = tl.load(hc_ptr + (cb + F2 + d[:, None]) * DV + cv[None, :], mask=vmask[None, :], other=0.0)
+        S0 = tl.load(hc_ptr + (cb + F2 + DK) * DV + cv, mask=vmask, other=0.0).to(tl.float32)
         num = _mm(qf * sq, S1, num, MM) + S0[None, :]
     if NORMALIZE:
-        zm = tl.load(hz_ptr + cb + d[:, None] * DK + d[None, :])
+        zm = tl.load(hz_ptr + cz + d[:, None] * DK + d[None, :])
         dn = tl.sum(a, 1) + c2 * _quad(qf, zm, C, DK)
         if BASED:
-            z1 = tl.load(hz_ptr + cb + F + d)
-            z0 = tl.load(hz_ptr + cb + F + DK + tl.arange(0, 1))
+            z1 = tl.load(hz_ptr + cz + F + d)
+            z0 = tl.load(hz_ptr + cz + F + DK + tl.arange(0, 1))
             dn += sq * tl.sum(qf * z1[None, :], 1) + z0
         out = num / (dn[:, None] + eps)
         if vb == 0:
@@ -384,19 +413,22 @@ def _out_kernel(q_ptr, k_ptr, v_ptr, o_ptr, den_ptr, hc_ptr, hz_ptr, seg_ptr, H,
 
 @triton.jit
 def _grad_kernel(q_ptr, k_ptr, v_ptr, do_ptr, den_ptr, h_ptr, hc_ptr, hz_ptr, rc_ptr, rz_ptr, dq_ptr, dk_ptr,
-                 dv_ptr, seg_ptr, H, NTOK, scale, eps,
-                 DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, NVB: tl.constexpr, BK: tl.constexpr,
-                 C: tl.constexpr, FT: tl.constexpr, NORMALIZE: tl.constexpr, BASED: tl.constexpr,
-                 MM: tl.constexpr):
+                 dv_ptr, seg_ptr, tile_ptr, H, NTOK, scale, eps,
+                 DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, NVB: tl.constexpr, TS: tl.constexpr,
+                 C: tl.constexpr, F2: tl.constexpr, FT: tl.constexpr, FZ: tl.constexpr, NORMALIZE: tl.constexpr,
+                 BASED: tl.constexpr, MM: tl.constexpr):
     """One chunk's dq, dk (partial over the Dv block vb, into dq_ptr[vb], dk_ptr[vb]) and dv.
 
-    S_c (hc) is the state before the chunk, R_c (rc) dL/dS from the tokens after it; both are symmetric in the
-    (i, j) feature pairs, which _contract_block relies on.
+    S_c (hc) is the state before the chunk, R_c (rc) dL/dS from the tokens after it (its rows already carry the
+    tile weights).
     """
-    t0, t1, cb, hh, vb = _chunk_program(seg_ptr, H, C, FT, NVB)
+    t0, t1, crow, hh, vb = _chunk_program(seg_ptr, H, C, NVB)
     if t0 >= t1:
         return
+    BK: tl.constexpr = TS * TS
     F: tl.constexpr = DK * DK
+    cb = crow * FT
+    cz = crow * FZ
     c = tl.arange(0, C)
     d = tl.arange(0, DK)
     rk = tl.arange(0, BK)
@@ -426,34 +458,35 @@ def _grad_kernel(q_ptr, k_ptr, v_ptr, do_ptr, den_ptr, h_ptr, hc_ptr, hz_ptr, rc
     dv = _mm(tl.trans(a), g, tl.zeros([C, BV], dtype=tl.float32), MM)
     dq = _mm(dx, kc, tl.zeros([C, DK], dtype=tl.float32), MM)
     dk = _mm(tl.trans(dx), qc, tl.zeros([C, DK], dtype=tl.float32), MM)
-    # inter-chunk, feature block by block: dq_t from c2 psi(q_t).(S g_t), dk_s and dv_s from scale psi(k_s).(R v_s)
-    for fb in range(F // BK):
+    # inter-chunk, feature block by block: dq_t from c2 w psi(q_t).(S g_t), dk_s and dv_s from scale psi(k_s).(R v_s)
+    for fb in range(F2 // BK):
+        ti, tj, w_tile = _tile(tile_ptr, fb, TS)
         hblk = tl.load(hc_ptr + (cb + fb * BK + rk[:, None]) * DV + cv[None, :], mask=vmask[None, :], other=0.0)
         rblk = tl.load(rc_ptr + (cb + fb * BK + rk[:, None]) * DV + cv[None, :], mask=vmask[None, :], other=0.0)
         G = _mm(g, tl.trans(hblk), tl.zeros([C, BK], dtype=tl.float32), MM)
-        dq += (2.0 * c2) * _contract_block(G, q_ptr, xoff, tmask, fb, C, DK, BK)
+        dq += (c2 * w_tile) * _contract_block(G, q_ptr, xoff, tmask, ti, tj, C, DK, TS)
         Gk = _mm(vc, tl.trans(rblk), tl.zeros([C, BK], dtype=tl.float32), MM)
-        dk += (2.0 * scale) * _contract_block(Gk, k_ptr, xoff, tmask, fb, C, DK, BK)
-        dv = _mm(_psi_block(k_ptr, xoff, tmask, fb, C, DK, BK) * scale, rblk, dv, MM)
+        dk += scale * _contract_block(Gk, k_ptr, xoff, tmask, ti, tj, C, DK, TS)
+        dv = _mm(_psi_block(k_ptr, xoff, tmask, ti, tj, C, TS) * scale, rblk, dv, MM)
     qf = qc.to(tl.float32)
     kf = kc.to(tl.float32)
     if BASED:
-        S1 = tl.load(hc_ptr + (cb + F + d[:, None]) * DV + cv[None, :], mask=vmask[None, :], other=0.0)
-        R1 = tl.load(rc_ptr + (cb + F + d[:, None]) * DV + cv[None, :], mask=vmask[None, :], other=0.0)
-        R0 = tl.load(rc_ptr + (cb + F + DK) * DV + cv, mask=vmask, other=0.0).to(tl.float32)
+        S1 = tl.load(hc_ptr + (cb + F2 + d[:, None]) * DV + cv[None, :], mask=vmask[None, :], other=0.0)
+        R1 = tl.load(rc_ptr + (cb + F2 + d[:, None]) * DV + cv[None, :], mask=vmask[None, :], other=0.0)
+        R0 = tl.load(rc_ptr + (cb + F2 + DK) * DV + cv, mask=vmask, other=0.0).to(tl.float32)
         dq += sq * _mm(g, tl.trans(S1), tl.zeros([C, DK], dtype=tl.float32), MM)
         dk += sq * _mm(vc, tl.trans(R1), tl.zeros([C, DK], dtype=tl.float32), MM)
         dv = _mm(kf * sq, R1, dv, MM) + R0[None, :]
     # normaliser: dq through z (h terms; zero without normalising), dk through dL/dz (also fed by a final z)
-    rm = tl.load(rz_ptr + cb + d[:, None] * DK + d[None, :])
+    rm = tl.load(rz_ptr + cz + d[:, None] * DK + d[None, :])
     dk += (2.0 * scale * hw) * _mm(kf, rm, tl.zeros([C, DK], dtype=tl.float32), 0)
     if BASED:
-        dk += (sq * hw) * tl.load(rz_ptr + cb + F + d)[None, :]
+        dk += (sq * hw) * tl.load(rz_ptr + cz + F + d)[None, :]
     if NORMALIZE:
-        zm = tl.load(hz_ptr + cb + d[:, None] * DK + d[None, :])
+        zm = tl.load(hz_ptr + cz + d[:, None] * DK + d[None, :])
         dq += (2.0 * c2) * hv[:, None] * _mm(qf, zm, tl.zeros([C, DK], dtype=tl.float32), 0)
         if BASED:
-            dq += sq * hv[:, None] * tl.load(hz_ptr + cb + F + d)[None, :]
+            dq += sq * hv[:, None] * tl.load(hz_ptr + cz + F + d)[None, :]
     tl.store(dq_ptr + (vb * NTOK + tok * H + hh)[:, None] * DK + d[None, :], dq, mask=tmask[:, None])
     tl.store(dk_ptr + (vb * NTOK + tok * H + hh)[:, None] * DK + d[None, :], dk, mask=tmask[:, None])
     tl.store(dv_ptr + voff[:, None] + cv[None, :], dv.to(dv_ptr.dtype.element_ty), mask=m2)
@@ -462,8 +495,32 @@ def _grad_kernel(q_ptr, k_ptr, v_ptr, do_ptr, den_ptr, h_ptr, hc_ptr, hz_ptr, rc
 # ----------------------------------------------------------------------------------- host side
 
 
-def internal_state_rows(based: bool, dk: int = 16) -> int:
-    return dk * dk + (dk + 1 if based else 0)
+def _layout(based: bool, dk: int = 16, tile: Optional[int] = None) -> Tuple[int, int, int, int]:
+    """(tile side TS, second-order state rows F2, state rows FT, normaliser rows FZ) of the internal layout.
+
+    The second-order rows are the TS x TS tiles (I, J), I <= J, of the Dk x Dk pair matrix (i, j), tile after tile,
+    row-major inside a tile: the state is symmetric in (i, j), so the tiles below the diagonal are left out
+    (Dk = 16, TS = 4: 10 of 16 tiles, 160 rows instead of 256). The normaliser z keeps its full Dk x Dk matrix."""
+    ts = tile or TUNING.get("tile") or 8
+    if ts not in (4, 8, 16) or dk % ts:
+        raise ValueError(f"TUNING['tile'] = {ts}: the tile side must be 4, 8 or 16 and divide Dk = {dk}")
+    ng = dk // ts
+    f2 = ng * (ng + 1) // 2 * ts * ts
+    extra = dk + 1 if based else 0
+    return ts, f2, f2 + extra, dk * dk + extra
+
+
+_TILE_TABLES: dict = {}
+
+
+def _tile_table(dk: int, ts: int, device) -> torch.Tensor:
+    """int32 [tiles, 2]: (I, J) of each stored tile, in the order of the state rows."""
+    key = (dk, ts, str(device))
+    if key not in _TILE_TABLES:
+        ng = dk // ts
+        pairs = [[i, j] for i in range(ng) for j in range(i, ng)]
+        _TILE_TABLES[key] = torch.tensor(pairs, dtype=torch.int32).to(device)
+    return _TILE_TABLES[key]
 
 
 def _num_sms(device: torch.device) -> int:
@@ -541,20 +598,19 @@ def _ns_max(total_tokens: int, n_docs: int, seg_tokens: int) -> int:
     return total_tokens // seg_tokens + n_docs
 
 
-def _cfg(which: str, dv: int, dk: int, based: bool = False) -> Tuple[int, int, int, int]:
-    """(feature rows per block, Dv block, Dv blocks, warps) of kernel `which` ("state" | "out" | "grad")."""
+def _cfg(which: str, dv: int, dk: int, based: bool = False) -> Tuple[int, int, int]:
+    """(Dv block, Dv blocks, warps) of kernel `which` ("state" | "out" | "grad"); a feature block is one tile."""
     dvp = max(16, triton.next_power_of_2(dv))
-    bk_key = "bk_state" if which == "state" else "bk_out"
-    bk = min(max(dk, TUNING.get(bk_key) or 64), dk * dk)
     bv = min(TUNING.get("bv_" + which) or 64, dvp)
     # 2 warps suit ReBased's state programs; Based's leading block also carries S1 and S0 and wants 4
     warps = TUNING.get("warps_" + which) or (2 if which == "state" and not based else 4)
-    return bk, bv, triton.cdiv(dv, bv), warps
+    return bv, triton.cdiv(dv, bv), warps
 
 
 def _state_blocks(dv: int, dk: int) -> int:
-    bk, _, nvb, _ = _cfg("state", dv, dk)
-    return (dk * dk // bk) * nvb
+    ts, f2, _, _ = _layout(False, dk)
+    _, nvb, _ = _cfg("state", dv, dk)
+    return f2 // (ts * ts) * nvb
 
 
 def _offsets_of(cu_seqlens: Optional[torch.Tensor], b: int, t: int) -> List[int]:
@@ -576,89 +632,101 @@ def _launch_scan(delta, start, init, doc, n_docs, h, m, reverse):
 
 
 def _launch_state(x, y, den, hbuf, seg, start, start_z, ch, ch_z, end, end_z, *, ns_max, h, scale, c_psi, eps,
-                  dk, dv, ft, chunk, reverse, normalize, based, mm, end_mode, end_flag=0):
-    bk, bv, nvb, warps = _cfg("state", dv, dk, based)
+                  dk, dv, tile, chunk, reverse, normalize, based, mm, end_mode, end_flag=0):
+    ts, f2, ft, fz = _layout(based, dk, tile)
+    bv, nvb, warps = _cfg("state", dv, dk, based)
     dummy = den
-    _state_kernel[(ns_max, h, (dk * dk // bk) * nvb)](
-        x, y, den, hbuf if hbuf is not None else dummy, seg,
+    _state_kernel[(ns_max, h, f2 // (ts * ts) * nvb)](
+        x, y, den, hbuf if hbuf is not None else dummy, seg, _tile_table(dk, ts, x.device),
         start if start is not None else dummy, start_z if start_z is not None else dummy,
         ch if ch is not None else dummy, ch_z if ch_z is not None else dummy,
         end if end is not None else dummy, end_z if end_z is not None else dummy,
-        h, scale, c_psi, eps, DK=dk, DV=dv, BV=bv, NVB=nvb, BK=bk, C=chunk, FT=ft, REVERSE=reverse,
-        NORMALIZE=normalize, BASED=based, MM=mm, HAS_START=start is not None, STORE_CHUNKS=ch is not None,
-        END_MODE=end_mode, END_FLAG=end_flag, num_warps=warps, **_stages("state"))
+        h, scale, c_psi, eps, DK=dk, DV=dv, BV=bv, NVB=nvb, TS=ts, C=chunk, F2=f2, FT=ft, FZ=fz,
+        REVERSE=reverse, NORMALIZE=normalize, BASED=based, MM=mm, HAS_START=start is not None,
+        STORE_CHUNKS=ch is not None, END_MODE=end_mode, END_FLAG=end_flag, num_warps=warps, **_stages("state"))
 
 
-def _chunk_states(q, k, v, den, seg, S_start, z_start, ns_max, n_chunks, scale, eps, based, chunk, mm,
+def _chunk_states(q, k, v, den, seg, S_start, z_start, ns_max, n_chunks, scale, eps, based, tile, chunk, mm,
                   S_fin=None, z_fin=None):
     """The state before every chunk (Hc, Zc) from the segments' start states; the final states if asked."""
     b, t, h, dk = q.shape
     dv = v.shape[-1]
-    ft = internal_state_rows(based, dk)
+    _, _, ft, fz = _layout(based, dk, tile)
     hdt = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
     hc = torch.empty(n_chunks, h, ft, dv, dtype=hdt, device=q.device)
-    hz = torch.empty(n_chunks, h, ft, dtype=torch.float32, device=q.device)
+    hz = torch.empty(n_chunks, h, fz, dtype=torch.float32, device=q.device)
     poison(hc, hz)
     _launch_state(k, v, den, None, seg, S_start, z_start, hc, hz, S_fin, z_fin, ns_max=ns_max, h=h,
-                  scale=scale, c_psi=scale, eps=eps, dk=dk, dv=dv, ft=ft, chunk=chunk, reverse=False,
+                  scale=scale, c_psi=scale, eps=eps, dk=dk, dv=dv, tile=tile, chunk=chunk, reverse=False,
                   normalize=True, based=based, mm=mm, end_mode=2 if S_fin is not None else 0, end_flag=2)
     return hc, hz
 
 
-def _fwd_impl(q, k, v, cu_seqlens, S0, z0, scale, eps, normalize, based, chunk, seg_tokens, store_final,
+def _chunk_kernel_args(which, dv, dk, based, tile, device):
+    ts, f2, ft, fz = _layout(based, dk, tile)
+    bv, nvb, warps = _cfg(which, dv, dk, based)
+    return nvb, dict(DK=dk, DV=dv, BV=bv, NVB=nvb, TS=ts, F2=f2, FT=ft, FZ=fz, num_warps=warps,
+                     **_stages(which)), _tile_table(dk, ts, device)
+
+
+def _fwd_impl(q, k, v, cu_seqlens, S0, z0, scale, eps, normalize, based, tile, chunk, seg_tokens, store_final,
               save_states):
     b, t, h, dk = q.shape
     dv = v.shape[-1]
     total = b * t
     n_docs = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    ft = internal_state_rows(based, dk)
+    _, _, ft, fz = _layout(based, dk, tile)
     ns_max = _ns_max(total, n_docs, seg_tokens)
     dev = q.device
     o = torch.empty_like(v, memory_format=torch.contiguous_format)
     den = torch.empty(b, t, h, dtype=torch.float32, device=dev)
     S_start = torch.empty(ns_max, h, ft, dv, dtype=torch.float32, device=dev)
-    z_start = torch.empty(ns_max, h, ft, dtype=torch.float32, device=dev)
+    z_start = torch.empty(ns_max, h, fz, dtype=torch.float32, device=dev)
     S_fin = torch.empty(n_docs if store_final else 0, h, ft, dv, dtype=torch.float32, device=dev)
-    z_fin = torch.empty(n_docs if store_final else 0, h, ft, dtype=torch.float32, device=dev)
+    z_fin = torch.empty(n_docs if store_final else 0, h, fz, dtype=torch.float32, device=dev)
     poison(o, den, S_fin, z_fin)
     seg, doc, max_per_doc, n_chunks, max_chunks = _segment_tables(cu_seqlens, b, t, seg_tokens, ns_max, chunk, dev)
     mm = _mm_mode(q.dtype)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     has_init = S0 is not None
+    # without an initial state or earlier segments every segment starts from zero: the state kernel starts there by
+    # itself, and S_start is only filled (with zeros) when the backward will recompute the chunk states from it
+    from_zero = max_per_doc == 1 and not has_init
     if max_per_doc == 1:
         # each document is one segment: its start state is the initial state
         if has_init:
             S_start[:n_docs].copy_(S0)
             z_start[:n_docs].copy_(z0)
-        else:
+        elif not save_states:
             S_start.zero_()
             z_start.zero_()
     else:
         dS = torch.zeros(ns_max, h, ft, dv, dtype=torch.float32, device=dev)
-        dz = torch.zeros(ns_max, h, ft, dtype=torch.float32, device=dev)
+        dz = torch.zeros(ns_max, h, fz, dtype=torch.float32, device=dev)
         _launch_state(k, v, den, None, seg, None, None, None, None, dS, dz, ns_max=ns_max, h=h, scale=scale,
-                      c_psi=scale, eps=eps, dk=dk, dv=dv, ft=ft, chunk=chunk, reverse=False, normalize=normalize,
-                      based=based, mm=mm, end_mode=1)
+                      c_psi=scale, eps=eps, dk=dk, dv=dv, tile=tile, chunk=chunk, reverse=False,
+                      normalize=normalize, based=based, mm=mm, end_mode=1)
         _launch_scan(dS, S_start, S0.contiguous() if has_init else None, doc, n_docs, h, ft * dv, False)
-        _launch_scan(dz, z_start, z0.contiguous() if has_init else None, doc, n_docs, h, ft, False)
-    hc, hz = _chunk_states(q, k, v, den, seg, S_start, z_start, ns_max, n_chunks, scale, eps, based, chunk, mm,
-                           S_fin if store_final else None, z_fin if store_final else None)
-    bk, bv, nvb, warps = _cfg("out", dv, dk)
+        _launch_scan(dz, z_start, z0.contiguous() if has_init else None, doc, n_docs, h, fz, False)
+    hc, hz = _chunk_states(q, k, v, den, seg, None if from_zero else S_start, None if from_zero else z_start,
+                           ns_max, n_chunks, scale, eps, based, tile, chunk, mm, S_fin if store_final else None,
+                           z_fin if store_final else None)
+    nvb, meta, tiles = _chunk_kernel_args("out", dv, dk, based, tile, dev)
     _out_kernel[(ns_max, max_chunks, h * nvb)](
-        q, k, v, o, den, hc, hz, seg, h, scale, eps, DK=dk, DV=dv, BV=bv, NVB=nvb, BK=bk, C=chunk, FT=ft,
-        NORMALIZE=normalize, BASED=based, MM=mm, num_warps=warps, **_stages("out"))
+        q, k, v, o, den, hc, hz, seg, tiles, h, scale, eps, C=chunk, NORMALIZE=normalize, BASED=based, MM=mm,
+        **meta)
     if not save_states:  # new empty tensors: a [:0] view would keep the states' storage alive until the backward
         hc, hz = hc.new_empty((0,) + hc.shape[1:]), hz.new_empty((0,) + hz.shape[1:])
     return o, den, S_start, z_start, S_fin, z_fin, hc, hz
 
 
 def _bwd_impl(q, k, v, o, den, S_start, z_start, hc, hz, do, dSf, dzf, cu_seqlens, has_init, scale, eps,
-              normalize, based, chunk, seg_tokens):
+              normalize, based, tile, chunk, seg_tokens):
     b, t, h, dk = q.shape
     dv = v.shape[-1]
     total = b * t
     n_docs = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    ft = internal_state_rows(based, dk)
+    _, _, ft, fz = _layout(based, dk, tile)
     ns_max = _ns_max(total, n_docs, seg_tokens)
     dev = q.device
     seg, doc, max_per_doc, n_chunks, max_chunks = _segment_tables(cu_seqlens, b, t, seg_tokens, ns_max, chunk, dev)
@@ -666,46 +734,46 @@ def _bwd_impl(q, k, v, o, den, S_start, z_start, hc, hz, do, dSf, dzf, cu_seqlen
     do, o = do.contiguous(), o.contiguous()
     c2 = scale * 0.5 if based else scale
     if hc.shape[0] != n_chunks:  # not saved by the forward: recompute
-        hc, hz = _chunk_states(q, k, v, den, seg, S_start, z_start, ns_max, n_chunks, scale, eps, based, chunk, mm)
+        hc, hz = _chunk_states(q, k, v, den, seg, S_start, z_start, ns_max, n_chunks, scale, eps, based, tile,
+                               chunk, mm)
     hbuf = torch.empty(b, t, h, dtype=torch.float32, device=dev)
     poison(hbuf)
     if normalize:
         bt = 64
         _h_kernel[(triton.cdiv(total * h, bt),)](do, o, den, hbuf, total * h, eps, DV=dv,
                                                  DVP=max(16, triton.next_power_of_2(dv)), BT=bt, num_warps=4)
-    common = dict(ns_max=ns_max, h=h, scale=scale, c_psi=c2, eps=eps, dk=dk, dv=dv, ft=ft, chunk=chunk,
+    common = dict(ns_max=ns_max, h=h, scale=scale, c_psi=c2, eps=eps, dk=dk, dv=dv, tile=tile, chunk=chunk,
                   reverse=True, normalize=normalize, based=based, mm=mm)
     R_start = r_start = None
     if max_per_doc > 1:
         dR = torch.zeros(ns_max, h, ft, dv, dtype=torch.float32, device=dev)
-        dr = torch.zeros(ns_max, h, ft, dtype=torch.float32, device=dev)
+        dr = torch.zeros(ns_max, h, fz, dtype=torch.float32, device=dev)
         _launch_state(q, do, den, hbuf, seg, None, None, None, None, dR, dr, end_mode=1, **common)
         R_start = torch.empty(ns_max, h, ft, dv, dtype=torch.float32, device=dev)
-        r_start = torch.empty(ns_max, h, ft, dtype=torch.float32, device=dev)
+        r_start = torch.empty(ns_max, h, fz, dtype=torch.float32, device=dev)
         _launch_scan(dR, R_start, dSf.contiguous() if dSf is not None else None, doc, n_docs, h, ft * dv, True)
-        _launch_scan(dr, r_start, dzf.contiguous() if dzf is not None else None, doc, n_docs, h, ft, True)
+        _launch_scan(dr, r_start, dzf.contiguous() if dzf is not None else None, doc, n_docs, h, fz, True)
     elif dSf is not None:
         # each document is one segment: its reverse start is the final state's gradient
         R_start = torch.zeros(ns_max, h, ft, dv, dtype=torch.float32, device=dev)
-        r_start = torch.zeros(ns_max, h, ft, dtype=torch.float32, device=dev)
+        r_start = torch.zeros(ns_max, h, fz, dtype=torch.float32, device=dev)
         R_start[:n_docs].copy_(dSf)
         r_start[:n_docs].copy_(dzf)
     rc = torch.empty_like(hc)
     rz = torch.empty_like(hz)
     dS0 = torch.empty(n_docs if has_init else 0, h, ft, dv, dtype=torch.float32, device=dev)
-    dz0 = torch.empty(n_docs if has_init else 0, h, ft, dtype=torch.float32, device=dev)
+    dz0 = torch.empty(n_docs if has_init else 0, h, fz, dtype=torch.float32, device=dev)
     poison(rc, rz, dS0, dz0)
     _launch_state(q, do, den, hbuf, seg, R_start, r_start, rc, rz, dS0 if has_init else None,
                   dz0 if has_init else None, end_mode=2 if has_init else 0, end_flag=1, **common)
-    bk, bv, nvb, warps = _cfg("grad", dv, dk)
+    nvb, meta, tiles = _chunk_kernel_args("grad", dv, dk, based, tile, dev)
     dq_p = torch.empty(nvb, b, t, h, dk, dtype=torch.float32, device=dev)
     dk_p = torch.empty(nvb, b, t, h, dk, dtype=torch.float32, device=dev)
     dv_ = torch.empty_like(v)
     poison(dq_p, dk_p, dv_)
     _grad_kernel[(ns_max, max_chunks, h * nvb)](
-        q, k, v, do, den, hbuf, hc, hz, rc, rz, dq_p, dk_p, dv_, seg, h, total * h, scale, eps,
-        DK=dk, DV=dv, BV=bv, NVB=nvb, BK=bk, C=chunk, FT=ft, NORMALIZE=normalize, BASED=based, MM=mm,
-        num_warps=warps, **_stages("grad"))
+        q, k, v, do, den, hbuf, hc, hz, rc, rz, dq_p, dk_p, dv_, seg, tiles, h, total * h, scale, eps,
+        C=chunk, NORMALIZE=normalize, BASED=based, MM=mm, **meta)
     dq = dq_p.sum(0) if nvb > 1 else dq_p[0]
     dkk = dk_p.sum(0) if nvb > 1 else dk_p[0]
     return dq.to(q.dtype), dkk.to(k.dtype), dv_, dS0, dz0
@@ -719,64 +787,67 @@ _LIB = "rebased_kernels"
 @torch.library.custom_op(f"{_LIB}::la_chunk_fwd", mutates_args=())
 def _op_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: Optional[torch.Tensor],
             S0: Optional[torch.Tensor], z0: Optional[torch.Tensor], scale: float, eps: float, normalize: bool,
-            based: bool, chunk: int, seg_tokens: int, store_final: bool, save_states: bool
+            based: bool, tile: int, chunk: int, seg_tokens: int, store_final: bool, save_states: bool
             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                        torch.Tensor, torch.Tensor]:
-    return _fwd_impl(q, k, v, cu_seqlens, S0, z0, scale, eps, normalize, based, chunk, seg_tokens, store_final,
-                     save_states)
+    return _fwd_impl(q, k, v, cu_seqlens, S0, z0, scale, eps, normalize, based, tile, chunk, seg_tokens,
+                     store_final, save_states)
 
 
 @_op_fwd.register_fake
-def _op_fwd_fake(q, k, v, cu_seqlens, S0, z0, scale, eps, normalize, based, chunk, seg_tokens, store_final,
+def _op_fwd_fake(q, k, v, cu_seqlens, S0, z0, scale, eps, normalize, based, tile, chunk, seg_tokens, store_final,
                  save_states):
     b, t, h, dk = q.shape
     dv = v.shape[-1]
     n_docs = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    ft = internal_state_rows(based, dk)
+    _, _, ft, fz = _layout(based, dk, tile)
     ns_max = _ns_max(b * t, n_docs, seg_tokens)
     nf = n_docs if store_final else 0
     nc = _saved_chunks(save_states, b, t, chunk)
     f32 = torch.float32
     hdt = torch.bfloat16 if q.dtype == torch.bfloat16 else f32
     return (torch.empty_like(v, memory_format=torch.contiguous_format), q.new_empty(b, t, h, dtype=f32),
-            q.new_empty(ns_max, h, ft, dv, dtype=f32), q.new_empty(ns_max, h, ft, dtype=f32),
-            q.new_empty(nf, h, ft, dv, dtype=f32), q.new_empty(nf, h, ft, dtype=f32),
-            q.new_empty(nc, h, ft, dv, dtype=hdt), q.new_empty(nc, h, ft, dtype=f32))
+            q.new_empty(ns_max, h, ft, dv, dtype=f32), q.new_empty(ns_max, h, fz, dtype=f32),
+            q.new_empty(nf, h, ft, dv, dtype=f32), q.new_empty(nf, h, fz, dtype=f32),
+            q.new_empty(nc, h, ft, dv, dtype=hdt), q.new_empty(nc, h, fz, dtype=f32))
 
 
 @torch.library.custom_op(f"{_LIB}::la_chunk_bwd", mutates_args=())
 def _op_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, den: torch.Tensor,
             S_start: torch.Tensor, z_start: torch.Tensor, hc: torch.Tensor, hz: torch.Tensor, do: torch.Tensor,
             dSf: Optional[torch.Tensor], dzf: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
-            has_init: bool, scale: float, eps: float, normalize: bool, based: bool, chunk: int, seg_tokens: int
-            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            has_init: bool, scale: float, eps: float, normalize: bool, based: bool, tile: int, chunk: int,
+            seg_tokens: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _bwd_impl(q, k, v, o, den, S_start, z_start, hc, hz, do, dSf, dzf, cu_seqlens, has_init, scale, eps,
-                     normalize, based, chunk, seg_tokens)
+                     normalize, based, tile, chunk, seg_tokens)
 
 
 @_op_bwd.register_fake
 def _op_bwd_fake(q, k, v, o, den, S_start, z_start, hc, hz, do, dSf, dzf, cu_seqlens, has_init, scale, eps,
-                 normalize, based, chunk, seg_tokens):
+                 normalize, based, tile, chunk, seg_tokens):
     b, t, h, dk = q.shape
     dv = v.shape[-1]
     n_docs = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    ft = internal_state_rows(based, dk)
+    _, _, ft, fz = _layout(based, dk, tile)
     n0 = n_docs if has_init else 0
     f32 = torch.float32
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), q.new_empty(n0, h, ft, dv, dtype=f32),
-            q.new_empty(n0, h, ft, dtype=f32))
+            q.new_empty(n0, h, fz, dtype=f32))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens, S0, z0, scale, eps, normalize, based, chunk, seg_tokens, store_final, _ = inputs
+    q, k, v, cu_seqlens, S0, z0, scale, eps, normalize, based, tile, chunk, seg_tokens, store_final, _ = inputs
     o, den, S_start, z_start, _, _, hc, hz = output
     ctx.save_for_backward(q, k, v, o, den, S_start, z_start, hc, hz, cu_seqlens)
-    ctx.meta = (S0 is not None, scale, eps, normalize, based, chunk, seg_tokens, store_final)
+    # only o (and the final state) carry gradients: unmaterialised, the others' would be zero tensors as large as
+    # the per-chunk states (200 MB at 32k tokens x 16 heads), filled on every backward
+    ctx.set_materialize_grads(False)
+    ctx.meta = (S0 is not None, scale, eps, normalize, based, tile, chunk, seg_tokens, store_final)
 
 
 def _backward(ctx, do, dden, dSs, dzs, dSf, dzf, dhc, dhz):
     q, k, v, o, den, S_start, z_start, hc, hz, cu_seqlens = ctx.saved_tensors
-    has_init, scale, eps, normalize, based, chunk, seg_tokens, store_final = ctx.meta
+    has_init, scale, eps, normalize, based, tile, chunk, seg_tokens, store_final = ctx.meta
     if do is None:
         do = torch.zeros_like(o)
     if not store_final:
@@ -788,10 +859,10 @@ def _backward(ctx, do, dden, dSs, dzs, dSf, dzf, dhc, dhz):
             dzf = torch.zeros(dSf.shape[:-1], dtype=torch.float32, device=q.device)
         dSf, dzf = dSf.float(), dzf.float()
     dq, dk, dv, dS0, dz0 = _op_bwd(q, k, v, o, den, S_start, z_start, hc, hz, do, dSf, dzf, cu_seqlens, has_init,
-                                   scale, eps, normalize, based, chunk, seg_tokens)
+                                   scale, eps, normalize, based, tile, chunk, seg_tokens)
     if not has_init:
         dS0 = dz0 = None
-    return dq, dk, dv, None, dS0, dz0, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, dS0, dz0, None, None, None, None, None, None, None, None, None
 
 
 _op_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -820,31 +891,53 @@ def _pair_tables(dk: int, device):
     return _CONV_CACHE[key]
 
 
-def state_to_internal(kind: str, kv: torch.Tensor, z: torch.Tensor, dk: int):
-    """Contract (kv [N,H,F,Dv], z [N,H,F]) -> internal (S [N,H,FT,Dv], z [N,H,FT]) fp32, differentiable."""
+def _sym_tables(dk: int, ts: int, device):
+    """The tile layout's rows as indices of the full Dk x Dk pair matrix: (rows [F2], each row's (i, j) = i*Dk + j;
+    full [Dk*Dk], the row that holds (i, j) or, below the diagonal tiles, (j, i))."""
+    key = ("sym", dk, ts, str(device))
+    if key not in _CONV_CACHE:
+        tiles = _tile_table(dk, ts, "cpu").tolist()
+        lane = torch.arange(ts)
+        ii = torch.cat([(ts * ti + lane)[:, None].expand(ts, ts).reshape(-1) for ti, _ in tiles])
+        jj = torch.cat([(ts * tj + lane)[None, :].expand(ts, ts).reshape(-1) for _, tj in tiles])
+        full = torch.empty(dk, dk, dtype=torch.long)
+        r = torch.arange(ii.numel())
+        full[jj, ii] = r  # the mirrors first; a diagonal tile's own (j, i) row then overwrites its mirror
+        full[ii, jj] = r
+        _CONV_CACHE[key] = ((ii * dk + jj).to(device), full.reshape(-1).to(device))
+    return _CONV_CACHE[key]
+
+
+def state_to_internal(kind: str, kv: torch.Tensor, z: torch.Tensor, dk: int, tile: Optional[int] = None):
+    """Contract (kv [N,H,F,Dv], z [N,H,F]) -> internal (S [N,H,FT,Dv], z [N,H,FZ]) fp32, differentiable."""
     kv, z = kv.float(), z.float()
     _, _, _, full_idx, inv = _pair_tables(dk, kv.device)
+    ts = _layout(kind == "based", dk, tile)[0]
+    rows, _ = _sym_tables(dk, ts, kv.device)
     if kind == "rebased":
-        return kv[:, :, full_idx, :] * inv[:, None], z[:, :, full_idx] * inv
+        return (kv[:, :, full_idx, :] * inv[:, None])[:, :, rows], z[:, :, full_idx] * inv
     f1 = 1 + dk
     sq2 = math.sqrt(2.0)
-    S2 = kv[:, :, f1:][:, :, full_idx, :] * (inv * sq2)[:, None]
+    S2 = (kv[:, :, f1:][:, :, full_idx, :] * (inv * sq2)[:, None])[:, :, rows]
     z2 = z[:, :, f1:][:, :, full_idx] * (inv * sq2)
     S = torch.cat([S2, kv[:, :, 1:f1], kv[:, :, :1]], dim=2)
     zz = torch.cat([z2, z[:, :, 1:f1], z[:, :, :1]], dim=2)
     return S, zz
 
 
-def state_from_internal(kind: str, S: torch.Tensor, z: torch.Tensor, dk: int):
+def state_from_internal(kind: str, S: torch.Tensor, z: torch.Tensor, dk: int, tile: Optional[int] = None):
     """Internal (S, z) -> contract (kv, z) fp32, differentiable (symmetrised over (i, j))."""
     a, bidx, coef, _, _ = _pair_tables(dk, S.device)
+    ts, f2, _, _ = _layout(kind == "based", dk, tile)
+    _, full = _sym_tables(dk, ts, S.device)
+    S2 = S[:, :, full]  # the full [Dk*Dk] second-order rows
     f = dk * dk
-    kv2 = (S[:, :, a, :] + S[:, :, bidx, :]) * (0.5 * coef)[:, None]
+    kv2 = (S2[:, :, a, :] + S2[:, :, bidx, :]) * (0.5 * coef)[:, None]
     z2 = (z[:, :, a] + z[:, :, bidx]) * (0.5 * coef)
     if kind == "rebased":
         return kv2, z2
     r = 1.0 / math.sqrt(2.0)
-    kv = torch.cat([S[:, :, f + dk:f + dk + 1], S[:, :, f:f + dk], kv2 * r], dim=2)
+    kv = torch.cat([S[:, :, f2 + dk:f2 + dk + 1], S[:, :, f2:f2 + dk], kv2 * r], dim=2)
     zz = torch.cat([z[:, :, f + dk:f + dk + 1], z[:, :, f:f + dk], z2 * r], dim=2)
     return kv, zz
 
@@ -866,14 +959,15 @@ def chunk_linear_attention(kind: str, q, k, v, *, scale: float, eps: float = 1e-
         chunk = int(TUNING["chunk"])
     n_docs = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
     seg_tokens = choose_seg_tokens(b * t, n_docs, h, chunk, q.device, _state_blocks(v.shape[-1], dk))
+    tile = _layout(based, dk)[0]
     S0 = z0 = None
     if initial_state is not None:
-        S0, z0 = state_to_internal(kind, initial_state[0], initial_state[1], dk)
+        S0, z0 = state_to_internal(kind, initial_state[0], initial_state[1], dk, tile)
     save = TUNING.get("save_states") is not False and cu_seqlens is None
     o, den, S_start, z_start, S_fin, z_fin, _, _ = _op_fwd(q, k, v, cu_seqlens, S0, z0, float(scale), float(eps),
-                                                           bool(normalize), based, chunk, seg_tokens,
+                                                           bool(normalize), based, tile, chunk, seg_tokens,
                                                            bool(output_final_state), save)
     final = None
     if output_final_state:
-        final = state_from_internal(kind, S_fin, z_fin, dk)
+        final = state_from_internal(kind, S_fin, z_fin, dk, tile)
     return o, final

@@ -115,14 +115,15 @@ def test_varlen_documents(kind, case):
 
 
 TUNINGS = [
-    # feature rows per state program / per output-gradient step, Dv blocks; per-chunk states recomputed in the backward
-    dict(bk_state=16, bk_out=32, bv_state=16, bv_out=16, bv_grad=32, save_states=False, warps_state=4),
-    dict(bk_state=256, bk_out=256, bv_state=32, bv_out=32, bv_grad=16),
+    # the tile side of the symmetric second-order state (8 by default; 16: the full pair matrix, one block), Dv
+    # blocks, warps; per-chunk states recomputed in the backward
+    dict(tile=4, bv_state=16, bv_out=16, bv_grad=32, save_states=False, warps_state=4),
+    dict(tile=16, bv_state=32, bv_out=32, bv_grad=16),
 ]
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("tuning", TUNINGS, ids=lambda t: f"bk{t['bk_state']}-{t['bk_out']}")
+@pytest.mark.parametrize("tuning", TUNINGS, ids=lambda t: "-".join(f"{k}{v}" for k, v in t.items()))
 def test_tuning_variants(kind, tuning):
     """The block shapes the tuner can pick are exact too."""
     tc.TUNING.update(tuning)
