@@ -500,7 +500,8 @@ def _layout(based: bool, dk: int = 16, tile: Optional[int] = None) -> Tuple[int,
 
     The second-order rows are the TS x TS tiles (I, J), I <= J, of the Dk x Dk pair matrix (i, j), tile after tile,
     row-major inside a tile: the state is symmetric in (i, j), so the tiles below the diagonal are left out
-    (Dk = 16, TS = 4: 10 of 16 tiles, 160 rows instead of 256). The normaliser z keeps its full Dk x Dk matrix."""
+    (Dk = 16: TS = 8 keeps 3 of 4 tiles, 192 rows instead of 256; TS = 4 keeps 10 of 16, 160 rows). The normaliser
+    z keeps its full Dk x Dk matrix."""
     ts = tile or TUNING.get("tile") or 8
     if ts not in (4, 8, 16) or dk % ts:
         raise ValueError(f"TUNING['tile'] = {ts}: the tile side must be 4, 8 or 16 and divide Dk = {dk}")
