@@ -136,7 +136,6 @@ def plot(result_files: list, out_png: str) -> None:
     fig.savefig(out_png, dpi=120)
 
 
-
 def table(meta: dict, args, rows: list) -> str:
     lines = [f"# Whole-model training step: {meta['device']}, {meta['date']}", "",
              f"Command: `{meta['command']}`; torch {meta['torch']}; {args.tokens} tokens per step; "
@@ -158,6 +157,7 @@ def table(meta: dict, args, rows: list) -> str:
                          f"{fmt(t, 'mfu', '{:.1%}')} | "
                          f"{fmt(h, 'peak_mem_gib', '{:.1f}')} | {fmt(t, 'peak_mem_gib', '{:.1f}')} |")
     return "\n".join(lines) + "\n"
+
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -608,6 +608,14 @@ def _cfg(which: str, dv: int, dk: int, based: bool = False) -> Tuple[int, int, i
     return bv, triton.cdiv(dv, bv), warps
 
 
+def _kernel_args(which: str, dv: int, dk: int, based: bool, tile: Optional[int], device):
+    """(Dv blocks, the layout and launch keywords, the tile table) of kernel `which` ("state" | "out" | "grad")."""
+    ts, f2, ft, fz = _layout(based, dk, tile)
+    bv, nvb, warps = _cfg(which, dv, dk, based)
+    return nvb, dict(DK=dk, DV=dv, BV=bv, NVB=nvb, TS=ts, F2=f2, FT=ft, FZ=fz, num_warps=warps,
+                     **_stages(which)), _tile_table(dk, ts, device)
+
+
 def _state_blocks(dv: int, dk: int) -> int:
     ts, f2, _, _ = _layout(False, dk)
     _, nvb, _ = _cfg("state", dv, dk)
@@ -634,17 +642,25 @@ def _launch_scan(delta, start, init, doc, n_docs, h, m, reverse):
 
 def _launch_state(x, y, den, hbuf, seg, start, start_z, ch, ch_z, end, end_z, *, ns_max, h, scale, c_psi, eps,
                   dk, dv, tile, chunk, reverse, normalize, based, mm, end_mode, end_flag=0):
-    ts, f2, ft, fz = _layout(based, dk, tile)
-    bv, nvb, warps = _cfg("state", dv, dk, based)
+    nvb, meta, tiles = _kernel_args("state", dv, dk, based, tile, x.device)
     dummy = den
-    _state_kernel[(ns_max, h, f2 // (ts * ts) * nvb)](
-        x, y, den, hbuf if hbuf is not None else dummy, seg, _tile_table(dk, ts, x.device),
+    _state_kernel[(ns_max, h, tiles.shape[0] * nvb)](
+        x, y, den, hbuf if hbuf is not None else dummy, seg, tiles,
         start if start is not None else dummy, start_z if start_z is not None else dummy,
         ch if ch is not None else dummy, ch_z if ch_z is not None else dummy,
         end if end is not None else dummy, end_z if end_z is not None else dummy,
-        h, scale, c_psi, eps, DK=dk, DV=dv, BV=bv, NVB=nvb, TS=ts, C=chunk, F2=f2, FT=ft, FZ=fz,
-        REVERSE=reverse, NORMALIZE=normalize, BASED=based, MM=mm, HAS_START=start is not None,
-        STORE_CHUNKS=ch is not None, END_MODE=end_mode, END_FLAG=end_flag, num_warps=warps, **_stages("state"))
+        h, scale, c_psi, eps, C=chunk, REVERSE=reverse, NORMALIZE=normalize, BASED=based, MM=mm,
+        HAS_START=start is not None, STORE_CHUNKS=ch is not None, END_MODE=end_mode, END_FLAG=end_flag, **meta)
+
+
+def _segment_starts(x, y, den, hbuf, seg, doc, start, start_z, init, init_z, *, n_docs, **launch):
+    """Each segment's start state into start / start_z (documents of several segments): one state pass for every
+    segment's own sum, then an exclusive scan over each document's segments from init (reverse: from the end)."""
+    delta, delta_z = torch.zeros_like(start), torch.zeros_like(start_z)
+    _launch_state(x, y, den, hbuf, seg, None, None, None, None, delta, delta_z, end_mode=1, **launch)
+    h, reverse = launch["h"], launch["reverse"]
+    _launch_scan(delta, start, init, doc, n_docs, h, start[0, 0].numel(), reverse)
+    _launch_scan(delta_z, start_z, init_z, doc, n_docs, h, start_z[0, 0].numel(), reverse)
 
 
 def _chunk_states(q, k, v, den, seg, S_start, z_start, ns_max, n_chunks, scale, eps, based, tile, chunk, mm,
@@ -661,13 +677,6 @@ def _chunk_states(q, k, v, den, seg, S_start, z_start, ns_max, n_chunks, scale, 
                   scale=scale, c_psi=scale, eps=eps, dk=dk, dv=dv, tile=tile, chunk=chunk, reverse=False,
                   normalize=True, based=based, mm=mm, end_mode=2 if S_fin is not None else 0, end_flag=2)
     return hc, hz
-
-
-def _chunk_kernel_args(which, dv, dk, based, tile, device):
-    ts, f2, ft, fz = _layout(based, dk, tile)
-    bv, nvb, warps = _cfg(which, dv, dk, based)
-    return nvb, dict(DK=dk, DV=dv, BV=bv, NVB=nvb, TS=ts, F2=f2, FT=ft, FZ=fz, num_warps=warps,
-                     **_stages(which)), _tile_table(dk, ts, device)
 
 
 def _fwd_impl(q, k, v, cu_seqlens, S0, z0, scale, eps, normalize, based, tile, chunk, seg_tokens, store_final,
@@ -702,17 +711,14 @@ def _fwd_impl(q, k, v, cu_seqlens, S0, z0, scale, eps, normalize, based, tile, c
             S_start.zero_()
             z_start.zero_()
     else:
-        dS = torch.zeros(ns_max, h, ft, dv, dtype=torch.float32, device=dev)
-        dz = torch.zeros(ns_max, h, fz, dtype=torch.float32, device=dev)
-        _launch_state(k, v, den, None, seg, None, None, None, None, dS, dz, ns_max=ns_max, h=h, scale=scale,
-                      c_psi=scale, eps=eps, dk=dk, dv=dv, tile=tile, chunk=chunk, reverse=False,
-                      normalize=normalize, based=based, mm=mm, end_mode=1)
-        _launch_scan(dS, S_start, S0.contiguous() if has_init else None, doc, n_docs, h, ft * dv, False)
-        _launch_scan(dz, z_start, z0.contiguous() if has_init else None, doc, n_docs, h, fz, False)
+        _segment_starts(k, v, den, None, seg, doc, S_start, z_start, S0.contiguous() if has_init else None,
+                        z0.contiguous() if has_init else None, n_docs=n_docs, ns_max=ns_max, h=h, scale=scale,
+                        c_psi=scale, eps=eps, dk=dk, dv=dv, tile=tile, chunk=chunk, reverse=False,
+                        normalize=normalize, based=based, mm=mm)
     hc, hz = _chunk_states(q, k, v, den, seg, None if from_zero else S_start, None if from_zero else z_start,
                            ns_max, n_chunks, scale, eps, based, tile, chunk, mm, S_fin if store_final else None,
                            z_fin if store_final else None)
-    nvb, meta, tiles = _chunk_kernel_args("out", dv, dk, based, tile, dev)
+    nvb, meta, tiles = _kernel_args("out", dv, dk, based, tile, dev)
     _out_kernel[(ns_max, max_chunks, h * nvb)](
         q, k, v, o, den, hc, hz, seg, tiles, h, scale, eps, C=chunk, NORMALIZE=normalize, BASED=based, MM=mm,
         **meta)
@@ -747,13 +753,10 @@ def _bwd_impl(q, k, v, o, den, S_start, z_start, hc, hz, do, dSf, dzf, cu_seqlen
                   reverse=True, normalize=normalize, based=based, mm=mm)
     R_start = r_start = None
     if max_per_doc > 1:
-        dR = torch.zeros(ns_max, h, ft, dv, dtype=torch.float32, device=dev)
-        dr = torch.zeros(ns_max, h, fz, dtype=torch.float32, device=dev)
-        _launch_state(q, do, den, hbuf, seg, None, None, None, None, dR, dr, end_mode=1, **common)
         R_start = torch.empty(ns_max, h, ft, dv, dtype=torch.float32, device=dev)
         r_start = torch.empty(ns_max, h, fz, dtype=torch.float32, device=dev)
-        _launch_scan(dR, R_start, dSf.contiguous() if dSf is not None else None, doc, n_docs, h, ft * dv, True)
-        _launch_scan(dr, r_start, dzf.contiguous() if dzf is not None else None, doc, n_docs, h, fz, True)
+        _segment_starts(q, do, den, hbuf, seg, doc, R_start, r_start, dSf.contiguous() if dSf is not None else None,
+                        dzf.contiguous() if dzf is not None else None, n_docs=n_docs, **common)
     elif dSf is not None:
         # each document is one segment: its reverse start is the final state's gradient
         R_start = torch.zeros(ns_max, h, ft, dv, dtype=torch.float32, device=dev)
@@ -767,7 +770,7 @@ def _bwd_impl(q, k, v, o, den, S_start, z_start, hc, hz, do, dSf, dzf, cu_seqlen
     poison(rc, rz, dS0, dz0)
     _launch_state(q, do, den, hbuf, seg, R_start, r_start, rc, rz, dS0 if has_init else None,
                   dz0 if has_init else None, end_mode=2 if has_init else 0, end_flag=1, **common)
-    nvb, meta, tiles = _chunk_kernel_args("grad", dv, dk, based, tile, dev)
+    nvb, meta, tiles = _kernel_args("grad", dv, dk, based, tile, dev)
     dq_p = torch.empty(nvb, b, t, h, dk, dtype=torch.float32, device=dev)
     dk_p = torch.empty(nvb, b, t, h, dk, dtype=torch.float32, device=dev)
     dv_ = torch.empty_like(v)
