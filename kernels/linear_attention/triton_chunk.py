@@ -417,7 +417,8 @@ def _grad_kernel(q_ptr, k_ptr, v_ptr, do_ptr, den_ptr, h_ptr, hc_ptr, hz_ptr, rc
                  DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, NVB: tl.constexpr, TS: tl.constexpr,
                  C: tl.constexpr, F2: tl.constexpr, FT: tl.constexpr, FZ: tl.constexpr, NORMALIZE: tl.constexpr,
                  BASED: tl.constexpr, MM: tl.constexpr):
-    """One chunk's dq, dk (partial over the Dv block vb, into dq_ptr[vb], dk_ptr[vb]) and dv.
+    """One chunk's dq, dk (with several Dv blocks: fp32 partials over the block vb, into dq_ptr[vb], dk_ptr[vb];
+    else in the input dtype) and dv.
 
     S_c (hc) is the state before the chunk, R_c (rc) dL/dS from the tokens after it (its rows already carry the
     tile weights).
@@ -487,8 +488,9 @@ def _grad_kernel(q_ptr, k_ptr, v_ptr, do_ptr, den_ptr, h_ptr, hc_ptr, hz_ptr, rc
         dq += (2.0 * c2) * hv[:, None] * _mm(qf, zm, tl.zeros([C, DK], dtype=tl.float32), 0)
         if BASED:
             dq += sq * hv[:, None] * tl.load(hz_ptr + cz + F + d)[None, :]
-    tl.store(dq_ptr + (vb * NTOK + tok * H + hh)[:, None] * DK + d[None, :], dq, mask=tmask[:, None])
-    tl.store(dk_ptr + (vb * NTOK + tok * H + hh)[:, None] * DK + d[None, :], dk, mask=tmask[:, None])
+    rows = (vb * NTOK + tok * H + hh)[:, None] * DK + d[None, :]
+    tl.store(dq_ptr + rows, dq.to(dq_ptr.dtype.element_ty), mask=tmask[:, None])
+    tl.store(dk_ptr + rows, dk.to(dk_ptr.dtype.element_ty), mask=tmask[:, None])
     tl.store(dv_ptr + voff[:, None] + cv[None, :], dv.to(dv_ptr.dtype.element_ty), mask=m2)
 
 
@@ -738,7 +740,8 @@ def _bwd_impl(q, k, v, o, den, S_start, z_start, hc, hz, do, dSf, dzf, cu_seqlen
     dev = q.device
     seg, doc, max_per_doc, n_chunks, max_chunks = _segment_tables(cu_seqlens, b, t, seg_tokens, ns_max, chunk, dev)
     mm = _mm_mode(q.dtype)
-    do, o = do.contiguous(), o.contiguous()
+    # the saved inputs are the caller's tensors (the forward ran on contiguous copies)
+    q, k, v, do, o = (x.contiguous() for x in (q, k, v, do, o))
     c2 = scale * 0.5 if based else scale
     if hc.shape[0] != n_chunks:  # not saved by the forward: recompute
         hc, hz = _chunk_states(q, k, v, den, seg, S_start, z_start, ns_max, n_chunks, scale, eps, based, tile,
@@ -771,16 +774,18 @@ def _bwd_impl(q, k, v, o, den, S_start, z_start, hc, hz, do, dSf, dzf, cu_seqlen
     _launch_state(q, do, den, hbuf, seg, R_start, r_start, rc, rz, dS0 if has_init else None,
                   dz0 if has_init else None, end_mode=2 if has_init else 0, end_flag=1, **common)
     nvb, meta, tiles = _kernel_args("grad", dv, dk, based, tile, dev)
-    dq_p = torch.empty(nvb, b, t, h, dk, dtype=torch.float32, device=dev)
-    dk_p = torch.empty(nvb, b, t, h, dk, dtype=torch.float32, device=dev)
+    # dq, dk: in the input dtype from one Dv block, else fp32 partials per block, summed here
+    dq, dkk = ((torch.empty(nvb, b, t, h, dk, dtype=torch.float32, device=dev) if nvb > 1
+                else torch.empty_like(x, memory_format=torch.contiguous_format))
+               for x in (q, k))
     dv_ = torch.empty_like(v)
-    poison(dq_p, dk_p, dv_)
+    poison(dq, dkk, dv_)
     _grad_kernel[(ns_max, max_chunks, h * nvb)](
-        q, k, v, do, den, hbuf, hc, hz, rc, rz, dq_p, dk_p, dv_, seg, tiles, h, total * h, scale, eps,
-        C=chunk, NORMALIZE=normalize, BASED=based, MM=mm, **meta)
-    dq = dq_p.sum(0) if nvb > 1 else dq_p[0]
-    dkk = dk_p.sum(0) if nvb > 1 else dk_p[0]
-    return dq.to(q.dtype), dkk.to(k.dtype), dv_, dS0, dz0
+        q, k, v, do, den, hbuf, hc, hz, rc, rz, dq, dkk, dv_, seg, tiles, h, total * h, scale, eps, C=chunk,
+        NORMALIZE=normalize, BASED=based, MM=mm, **meta)
+    if nvb > 1:
+        dq, dkk = dq.sum(0).to(q.dtype), dkk.sum(0).to(k.dtype)
+    return dq, dkk, dv_, dS0, dz0
 
 
 # ----------------------------------------------------------------------------------- custom ops

@@ -182,3 +182,19 @@ def test_empty_sequence_and_fallback():
     o8, _ = kernels.rebased_attention(q8, q8, v8, backend="triton")
     o8r, _ = kernels.rebased_attention(q8, q8, v8, backend="torch")
     assert rel(o8, o8r) < 1e-12
+
+
+def test_non_contiguous_inputs():
+    """[B, H, T, D] tensors viewed as [B, T, H, D] (strided): same output and gradients as the reference."""
+    q, k = (torch.randn(2, 2, 37, 16, device=DEV).transpose(1, 2).requires_grad_() for _ in range(2))
+    v = torch.randn(2, 2, 37, 32, device=DEV).transpose(1, 2).requires_grad_()
+    assert not q.is_contiguous()
+    w = torch.randn(2, 37, 2, 32, device=DEV, dtype=F64)
+    o = kernels.rebased_attention(q, k, v, backend="triton", chunk_size=16)[0]
+    ref = [x.detach().to(F64).requires_grad_() for x in (q, k, v)]
+    o_ref = kernels.rebased_attention(*ref, backend="torch", mode="quadratic")[0]
+    grads = torch.autograd.grad((o.double() * w).sum(), (q, k, v))
+    grads_ref = torch.autograd.grad((o_ref * w).sum(), ref)
+    assert rel(o, o_ref) < 1e-4
+    for g, gr in zip(grads, grads_ref):
+        assert g.shape == gr.shape and rel(g, gr) < 1e-4
