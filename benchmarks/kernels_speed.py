@@ -96,6 +96,18 @@ def time_linear(kind, T, dv=DV, backend="triton"):
     return bench(fwd), bench(fwdbwd)
 
 
+def time_linear_gpu(kind, T, dv=DV):
+    """GPU time of one forward+backward (calls replayed as a CUDA graph: no Python or launch overhead)."""
+    q, k, v, do = make_inputs(T, dv=dv)
+    f = kernels.rebased_attention if kind == "rebased" else kernels.based_attention
+
+    def fwdbwd():
+        o = f(q, k, v, backend="triton")[0]
+        return torch.autograd.grad(o, (q, k, v), do)
+
+    return bench_graph(fwdbwd, calls=5)
+
+
 def peak_memory_mib(kind, T, dv=DV):
     """Extra memory one forward+backward allocates at its peak (beyond its inputs), MiB."""
     q, k, v, do = make_inputs(T, dv=dv)
@@ -108,7 +120,9 @@ def peak_memory_mib(kind, T, dv=DV):
     return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
 
 
-def time_sdpa(T):
+def time_sdpa(T, backend="FLASH_ATTENTION"):
+    """SDPA (head dim 64, causal) on one backend: FLASH_ATTENTION (FlashAttention-2 in PyTorch) or CUDNN_ATTENTION
+    (cuDNN's fused attention; what PyTorch dispatches to by default on an H100)."""
     B = max(1, TOKENS // T)
     g = torch.Generator(device="cuda").manual_seed(T)
     q, k, v, do = (torch.randn(B, HEADS, T, 64, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4))
@@ -116,7 +130,7 @@ def time_sdpa(T):
         x.requires_grad_()
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
-        ctx = lambda: sdpa_kernel([SDPBackend.FLASH_ATTENTION])  # noqa: E731
+        ctx = lambda: sdpa_kernel([getattr(SDPBackend, backend)])  # noqa: E731
     except Exception:  # pragma: no cover
         import contextlib
         ctx = contextlib.nullcontext
@@ -243,6 +257,7 @@ def main():
         r = {"T": T, "B": max(1, TOKENS // T), **fl}
         r["rebased_fwd_ms"], r["rebased_fwd_bwd_ms"] = time_linear("rebased", T)
         r["based_fwd_ms"], r["based_fwd_bwd_ms"] = time_linear("based", T)
+        r["rebased_fwd_bwd_graph_ms"] = time_linear_gpu("rebased", T)
         r["rebased_fwd_bwd_peak_mib"] = peak_memory_mib("rebased", T)
         try:  # the PyTorch chunked reference (what backend="torch" runs), for the dispatcher's choice
             r["torch_rebased_fwd_ms"], r["torch_rebased_fwd_bwd_ms"] = time_linear("rebased", T, backend="torch")
@@ -253,6 +268,10 @@ def main():
             r["sdpa_fwd_ms"], r["sdpa_fwd_bwd_ms"] = time_sdpa(T)
         except Exception as exc:  # pragma: no cover
             r["sdpa_error"] = repr(exc)[:200]
+        try:
+            r["cudnn_fwd_ms"], r["cudnn_fwd_bwd_ms"] = time_sdpa(T, "CUDNN_ATTENTION")
+        except Exception as exc:  # pragma: no cover (no cuDNN attention on this GPU / build)
+            r["cudnn_error"] = repr(exc)[:200]
         r["fla_fwd_ms"], r["fla_fwd_bwd_ms"] = time_fla(T)
         sc = time_short_conv(T)
         if sc:
@@ -272,26 +291,38 @@ def main():
     lines = [f"# Kernel speed: {dev_name}, {meta['date_utc']}", "",
              f"Command: `{meta['command']}`; torch {meta['torch']}, triton {meta['triton']}; "
              f"{TOKENS} tokens per call (B = {TOKENS}//T), H={HEADS}, Dk={DK}, Dv={DV}, bf16; SDPA head dim 64 causal "
-             f"(flash). Times are medians of triton.testing.do_bench (ms). Tuning overrides: {json.dumps(tuning)} "
-             f"(chunk {tc.MAX_CHUNK} by default).", "",
-             "| T | B | ReBased fwd | ReBased fwd+bwd | Based fwd | Based fwd+bwd | SDPA fwd | SDPA fwd+bwd | "
-             "ReBased/SDPA fwd+bwd | Based/ReBased fwd+bwd | us/1k tok (ReBased fb) | floor fwd+bwd | "
-             "torch-ref ReBased fwd+bwd | ReBased fwd+bwd extra peak MiB | FLA parallel_rebased fwd+bwd | "
-             "FLA / ReBased fwd+bwd |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"(SDPA = the flash backend, FlashAttention-2; cuDNN = the cuDNN backend, PyTorch's default on an H100). "
+             f"Times are medians of triton.testing.do_bench (ms); GPU = the same call replayed as a CUDA graph (no "
+             f"Python or launch overhead). Tuning overrides: {json.dumps(tuning)} (chunk {tc.MAX_CHUNK} by default).",
+             "",
+             "| T | B | ReBased fwd | ReBased fwd+bwd | ReBased fwd+bwd GPU | Based fwd | Based fwd+bwd | SDPA fwd | "
+             "SDPA fwd+bwd | cuDNN fwd+bwd | ReBased/SDPA fwd+bwd | ReBased/cuDNN fwd+bwd | Based/ReBased fwd+bwd | "
+             "us/1k tok (ReBased fb) | floor fwd+bwd | torch-ref ReBased fwd+bwd | ReBased fwd+bwd extra peak MiB | "
+             "FLA parallel_rebased fwd+bwd | FLA / ReBased fwd+bwd |",
+             "|---" * 19 + "|"]
     for r in rows:
         sd = r.get("sdpa_fwd_bwd_ms")
+        cd = r.get("cudnn_fwd_bwd_ms")
         ntok = r["B"] * r["T"]
         lines.append(
             f"| {r['T']} | {r['B']} | {r['rebased_fwd_ms']:.3f} | {r['rebased_fwd_bwd_ms']:.3f} | "
+            f"{r['rebased_fwd_bwd_graph_ms']:.3f} | "
             f"{r['based_fwd_ms']:.3f} | {r['based_fwd_bwd_ms']:.3f} | {r.get('sdpa_fwd_ms', float('nan')):.3f} | "
-            f"{sd if sd else float('nan'):.3f} | "
+            f"{sd if sd else float('nan'):.3f} | {cd if cd else float('nan'):.3f} | "
             f"{(r['rebased_fwd_bwd_ms'] / sd) if sd else float('nan'):.3f} | "
+            f"{(r['rebased_fwd_bwd_ms'] / cd) if cd else float('nan'):.3f} | "
             f"{r['based_fwd_bwd_ms'] / r['rebased_fwd_bwd_ms']:.2f} | "
             f"{1e3 * r['rebased_fwd_bwd_ms'] / ntok * 1e3:.2f} | "
             f"{r['fwd_bwd_floor_ms']:.3f} | {r.get('torch_rebased_fwd_bwd_ms', float('nan')):.3f} | "
             f"{r['rebased_fwd_bwd_peak_mib']:.0f} | {r['fla_fwd_bwd_ms'] or float('nan'):.3f} | "
             f"{(r['fla_fwd_bwd_ms'] or float('nan')) / r['rebased_fwd_bwd_ms']:.1f} |")
+    span = [r for r in rows if 2048 <= r["T"] <= 65536]
+    if len(span) > 1:  # the flatness target: ReBased time per token from T = 2048 to 65536
+        lines.append("")
+        for key, label in (("rebased_fwd_bwd_ms", "do_bench"), ("rebased_fwd_bwd_graph_ms", "GPU")):
+            per_token = [r[key] / (r["B"] * r["T"]) for r in span]
+            lines.append(f"- ReBased fwd+bwd time per token, T = {span[0]['T']} ... {span[-1]['T']} ({label}): "
+                         f"max / min = {max(per_token) / min(per_token):.2f}")
     short_conv_rows = [r for r in rows if "short_conv" in r]
     if short_conv_rows:
         first = short_conv_rows[0]["short_conv"]

@@ -5,7 +5,7 @@ one does not stop the others. Pass 1 compiles all variants in parallel (Triton's
 and checks each against the float64 reference (B=2, T=2048, H=4, bf16); pass 2 times them one after the other;
 then the fastest correct variant is profiled kernel by kernel (torch.profiler, CUDA time per kernel name).
 
-    python benchmarks/kernels_tune.py [--out DIR] [--lengths 2048,32768] [--variants JSON_LIST]
+    python benchmarks/kernels_tune.py [--out DIR] [--lengths 2048,8192,32768] [--variants JSON_LIST]
     python benchmarks/kernels_tune.py --report RESULT.json [--out DIR]   # (re)write the .md of a saved run
 
 Results: OUT/kernels_tune_<device>_<date>.{json,md} (OUT defaults to benchmarks/results).
@@ -164,13 +164,15 @@ def _spawn(cfg, mode, lengths, timeout):
 
 def markdown(result: dict) -> str:
     meta = result["meta"]
+    lengths = meta.get("lengths", [2048, 32768])  # runs before 2026-11-23 03:15 UTC timed these two
     lines = [f"# Kernel tuning: {meta['device']}, {meta['date_utc']}", "",
              f"Command: `{meta['command']}`; torch {meta['torch']}, triton {meta['triton']}; {meta['tokens_per_call']} "
              f"tokens per call, H={meta['heads']}, Dv={meta['dv']}, bf16. Every variant first passed the float64 "
              "check (B=2, T=2048, H=4; relative error of o, dq, dk, dv <= 1e-2). Times: median ms (fwd, fwd+bwd).", "",
-             "| variant (TUNING) | ReBased T=2048 | ReBased T=32768 | Based T=2048 |", "|---|---|---|---|"]
+             "| variant (TUNING) | " + " | ".join(f"ReBased T={t}" for t in lengths)
+             + f" | Based T={lengths[0]} |", "|---" * (len(lengths) + 2) + "|"]
     for r in result["variants"]:
-        cells = [r.get(key) for key in ("rebased_T2048", "rebased_T32768", "based_T2048")]
+        cells = [r.get(key) for key in [f"rebased_T{t}" for t in lengths] + [f"based_T{lengths[0]}"]]
         text = [f"{c[0]:.3f} / {c[1]:.3f}" if c else r.get("error", "failed check")[:60] for c in cells]
         lines.append(f"| `{json.dumps(r['cfg'])}` | " + " | ".join(text) + " |")
     for prof in result.get("profiles", []):
@@ -189,7 +191,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--one")
     ap.add_argument("--mode", default="time")
-    ap.add_argument("--lengths", default="2048,32768")
+    ap.add_argument("--lengths", default="2048,8192,32768")
     ap.add_argument("--variants")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--report", help="a saved kernels_tune JSON: only rewrite its markdown")
@@ -210,7 +212,8 @@ def main():
     variants = json.loads(args.variants) if args.variants else VARIANTS
     meta = {"device": torch.cuda.get_device_name(), "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(
         timespec="seconds"), "command": "python " + " ".join(sys.argv), "torch": torch.__version__,
-        "triton": triton.__version__, "tokens_per_call": TOKENS, "heads": HEADS, "dv": DV, "dtype": "bfloat16"}
+        "triton": triton.__version__, "tokens_per_call": TOKENS, "heads": HEADS, "dv": DV, "dtype": "bfloat16",
+        "lengths": lengths}
     print(meta, flush=True)
     with cf.ThreadPoolExecutor(max_workers=len(variants)) as pool:  # compile + check, in parallel
         checked = list(pool.map(lambda c: _spawn(c, "check", lengths, args.compile_timeout), variants))
