@@ -81,7 +81,8 @@ def make_inputs(T, dtype=torch.bfloat16, dv=DV):
     return q, k, v, do
 
 
-def time_linear(kind, T, dv=DV, backend="triton"):
+def linear_calls(kind, T, dv=DV, backend="triton"):
+    """(forward, forward+backward) closures of one attention call on fresh inputs."""
     q, k, v, do = make_inputs(T, dv=dv)
     f = kernels.rebased_attention if kind == "rebased" else kernels.based_attention
 
@@ -93,29 +94,26 @@ def time_linear(kind, T, dv=DV, backend="triton"):
         o = f(q, k, v, backend=backend)[0]
         return torch.autograd.grad(o, (q, k, v), do)
 
+    return fwd, fwdbwd
+
+
+def time_linear(kind, T, dv=DV, backend="triton"):
+    fwd, fwdbwd = linear_calls(kind, T, dv, backend)
     return bench(fwd), bench(fwdbwd)
 
 
 def time_linear_gpu(kind, T, dv=DV):
     """GPU time of one forward+backward (calls replayed as a CUDA graph: no Python or launch overhead)."""
-    q, k, v, do = make_inputs(T, dv=dv)
-    f = kernels.rebased_attention if kind == "rebased" else kernels.based_attention
-
-    def fwdbwd():
-        o = f(q, k, v, backend="triton")[0]
-        return torch.autograd.grad(o, (q, k, v), do)
-
-    return bench_graph(fwdbwd, calls=5)
+    return bench_graph(linear_calls(kind, T, dv)[1], calls=5)
 
 
 def peak_memory_mib(kind, T, dv=DV):
     """Extra memory one forward+backward allocates at its peak (beyond its inputs), MiB."""
-    q, k, v, do = make_inputs(T, dv=dv)
-    f = kernels.rebased_attention if kind == "rebased" else kernels.based_attention
+    fwdbwd = linear_calls(kind, T, dv)[1]
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    torch.autograd.grad(f(q, k, v, backend="triton")[0], (q, k, v), do)
+    fwdbwd()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
 

@@ -699,7 +699,6 @@ def _fwd_impl(q, k, v, cu_seqlens, S0, z0, scale, eps, normalize, based, tile, c
     poison(o, den, S_fin, z_fin)
     seg, doc, max_per_doc, n_chunks, max_chunks = _segment_tables(cu_seqlens, b, t, seg_tokens, ns_max, chunk, dev)
     mm = _mm_mode(q.dtype)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     has_init = S0 is not None
     # without an initial state or earlier segments every segment starts from zero: the state kernel starts there by
     # itself, and S_start is only filled (with zeros) when the backward will recompute the chunk states from it
@@ -740,8 +739,7 @@ def _bwd_impl(q, k, v, o, den, S_start, z_start, hc, hz, do, dSf, dzf, cu_seqlen
     dev = q.device
     seg, doc, max_per_doc, n_chunks, max_chunks = _segment_tables(cu_seqlens, b, t, seg_tokens, ns_max, chunk, dev)
     mm = _mm_mode(q.dtype)
-    # the saved inputs are the caller's tensors (the forward ran on contiguous copies)
-    q, k, v, do, o = (x.contiguous() for x in (q, k, v, do, o))
+    do, o = do.contiguous(), o.contiguous()
     c2 = scale * 0.5 if based else scale
     if hc.shape[0] != n_chunks:  # not saved by the forward: recompute
         hc, hz = _chunk_states(q, k, v, den, seg, S_start, z_start, ns_max, n_chunks, scale, eps, based, tile,
@@ -969,6 +967,8 @@ def chunk_linear_attention(kind: str, q, k, v, *, scale: float, eps: float = 1e-
     n_docs = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
     seg_tokens = choose_seg_tokens(b * t, n_docs, h, chunk, q.device, _state_blocks(v.shape[-1], dk))
     tile = _layout(based, dk)[0]
+    # the kernels index rows densely; copies made here are also what the op saves for its backward
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     S0 = z0 = None
     if initial_state is not None:
         S0, z0 = state_to_internal(kind, initial_state[0], initial_state[1], dk, tile)
