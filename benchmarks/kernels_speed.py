@@ -97,14 +97,20 @@ def linear_calls(kind, T, dv=DV, backend="triton"):
     return fwd, fwdbwd
 
 
-def time_linear(kind, T, dv=DV, backend="triton"):
-    fwd, fwdbwd = linear_calls(kind, T, dv, backend)
-    return bench(fwd), bench(fwdbwd)
+def time_calls(fwd, fwdbwd, graph=True):
+    """(forward, forward+backward) median ms per call, and the forward+backward GPU time: calls replayed as a CUDA
+    graph, no Python or launch overhead (None if not asked or the calls cannot be captured)."""
+    gpu = None
+    if graph:
+        try:
+            gpu = bench_graph(fwdbwd, calls=5)
+        except Exception as exc:  # pragma: no cover (a library that syncs with the host inside its call)
+            print("not capturable as a CUDA graph:", repr(exc)[:200])
+    return bench(fwd), bench(fwdbwd), gpu
 
 
-def time_linear_gpu(kind, T, dv=DV):
-    """GPU time of one forward+backward (calls replayed as a CUDA graph: no Python or launch overhead)."""
-    return bench_graph(linear_calls(kind, T, dv)[1], calls=5)
+def time_linear(kind, T, dv=DV, backend="triton", graph=True):
+    return time_calls(*linear_calls(kind, T, dv, backend), graph=graph)
 
 
 def peak_memory_mib(kind, T, dv=DV):
@@ -142,7 +148,7 @@ def time_sdpa(T, backend="FLASH_ATTENTION"):
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return torch.autograd.grad(o, (q, k, v), do)
 
-    return bench(fwd), bench(fwdbwd)
+    return time_calls(fwd, fwdbwd)
 
 
 def time_fla(T):
@@ -150,7 +156,7 @@ def time_fla(T):
         from fla.ops.rebased import parallel_rebased  # type: ignore
     except Exception as exc:
         print("FLA not importable:", repr(exc)[:200])
-        return None, None
+        return None, None, None
     q, k, v, do = make_inputs(T)
     try:
         def fwd():
@@ -162,10 +168,10 @@ def time_fla(T):
             o = o[0] if isinstance(o, tuple) else o
             return torch.autograd.grad(o, (q, k, v), do)
 
-        return bench(fwd), bench(fwdbwd)
+        return time_calls(fwd, fwdbwd)
     except Exception as exc:  # pragma: no cover
         print("FLA failed:", exc)
-        return None, None
+        return None, None, None
 
 
 def time_short_conv(T, D=1024, K=4):
@@ -253,24 +259,24 @@ def main():
     for T in lengths:
         fl = floor(TOKENS if T <= TOKENS else T, HEADS, DV)
         r = {"T": T, "B": max(1, TOKENS // T), **fl}
-        r["rebased_fwd_ms"], r["rebased_fwd_bwd_ms"] = time_linear("rebased", T)
-        r["based_fwd_ms"], r["based_fwd_bwd_ms"] = time_linear("based", T)
-        r["rebased_fwd_bwd_graph_ms"] = time_linear_gpu("rebased", T)
+        for kind in ("rebased", "based"):
+            r[f"{kind}_fwd_ms"], r[f"{kind}_fwd_bwd_ms"], r[f"{kind}_fwd_bwd_graph_ms"] = time_linear(kind, T)
         r["rebased_fwd_bwd_peak_mib"] = peak_memory_mib("rebased", T)
         try:  # the PyTorch chunked reference (what backend="torch" runs), for the dispatcher's choice
-            r["torch_rebased_fwd_ms"], r["torch_rebased_fwd_bwd_ms"] = time_linear("rebased", T, backend="torch")
+            r["torch_rebased_fwd_ms"], r["torch_rebased_fwd_bwd_ms"], _ = time_linear("rebased", T, backend="torch",
+                                                                                     graph=False)
         except Exception as exc:  # pragma: no cover (out of memory at long T)
             r["torch_rebased_error"] = repr(exc)[:200]
         torch.cuda.empty_cache()
         try:
-            r["sdpa_fwd_ms"], r["sdpa_fwd_bwd_ms"] = time_sdpa(T)
+            r["sdpa_fwd_ms"], r["sdpa_fwd_bwd_ms"], r["sdpa_fwd_bwd_graph_ms"] = time_sdpa(T)
         except Exception as exc:  # pragma: no cover
             r["sdpa_error"] = repr(exc)[:200]
         try:
-            r["cudnn_fwd_ms"], r["cudnn_fwd_bwd_ms"] = time_sdpa(T, "CUDNN_ATTENTION")
+            r["cudnn_fwd_ms"], r["cudnn_fwd_bwd_ms"], r["cudnn_fwd_bwd_graph_ms"] = time_sdpa(T, "CUDNN_ATTENTION")
         except Exception as exc:  # pragma: no cover (no cuDNN attention on this GPU / build)
             r["cudnn_error"] = repr(exc)[:200]
-        r["fla_fwd_ms"], r["fla_fwd_bwd_ms"] = time_fla(T)
+        r["fla_fwd_ms"], r["fla_fwd_bwd_ms"], r["fla_fwd_bwd_graph_ms"] = time_fla(T)
         sc = time_short_conv(T)
         if sc:
             r["short_conv"] = sc
@@ -314,6 +320,24 @@ def main():
             f"{r['fwd_bwd_floor_ms']:.3f} | {r.get('torch_rebased_fwd_bwd_ms', float('nan')):.3f} | "
             f"{r['rebased_fwd_bwd_peak_mib']:.0f} | {r['fla_fwd_bwd_ms'] or float('nan'):.3f} | "
             f"{(r['fla_fwd_bwd_ms'] or float('nan')) / r['rebased_fwd_bwd_ms']:.1f} |")
+    def ratio(a, b):
+        return f"{a / b:.3f}" if a and b else "n/a"
+
+    def ms(a):
+        return f"{a:.3f}" if a else "n/a"
+
+    lines += ["", "GPU time of one forward+backward (ms; the calls replayed as a CUDA graph: what the kernels cost when "
+              "the host keeps ahead, as in a training step), ratios of GPU times; floor and GPU / floor for ReBased:",
+              "", "| T | ReBased | Based | SDPA flash | cuDNN | FLA parallel_rebased | ReBased/SDPA | ReBased/cuDNN | "
+              "Based/ReBased | FLA/ReBased | floor | ReBased/floor |", "|---" * 12 + "|"]
+    for r in rows:
+        rb = r["rebased_fwd_bwd_graph_ms"]
+        lines.append(f"| {r['T']} | {ms(rb)} | {ms(r['based_fwd_bwd_graph_ms'])} | "
+                     f"{ms(r.get('sdpa_fwd_bwd_graph_ms'))} | {ms(r.get('cudnn_fwd_bwd_graph_ms'))} | "
+                     f"{ms(r.get('fla_fwd_bwd_graph_ms'))} | {ratio(rb, r.get('sdpa_fwd_bwd_graph_ms'))} | "
+                     f"{ratio(rb, r.get('cudnn_fwd_bwd_graph_ms'))} | {ratio(r['based_fwd_bwd_graph_ms'], rb)} | "
+                     f"{ratio(r.get('fla_fwd_bwd_graph_ms'), rb)} | {r['fwd_bwd_floor_ms']:.3f} | "
+                     f"{ratio(rb, r['fwd_bwd_floor_ms'])} |")
     span = [r for r in rows if 2048 <= r["T"] <= 65536]
     if len(span) > 1:  # the flatness target: ReBased time per token from T = 2048 to 65536
         lines.append("")

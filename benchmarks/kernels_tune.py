@@ -66,32 +66,22 @@ def check(kind: str) -> dict:
 
 
 def timing(kind: str, t: int) -> tuple:
+    """(forward, forward+backward) median ms per call, and forward+backward GPU time (replayed as a CUDA graph: the
+    host's Python and launch overhead, about as large as the GPU work here, left out)."""
+    from kernels_speed import bench, bench_graph, linear_calls
+    fwd, fwd_bwd = linear_calls(kind, t)
+    return round(bench(fwd), 4), round(bench(fwd_bwd), 4), round(bench_graph(fwd_bwd, calls=5), 4)
+
+
+def profile(kind: str, t: int) -> list:
+    """CUDA time per kernel name (ms per fwd+bwd call) for `kind` at length t."""
     import torch
-    import triton.testing
     import kernels
     fn = kernels.rebased_attention if kind == "rebased" else kernels.based_attention
     q, k, v, do = _inputs(max(1, TOKENS // t), t, HEADS, DV, torch.bfloat16, seed=t)
 
-    def fwd():
-        with torch.no_grad():
-            return fn(q, k, v, backend="triton")[0]
-
-    def fwd_bwd():
-        o = fn(q, k, v, backend="triton")[0]
-        return torch.autograd.grad(o, (q, k, v), do)
-
-    bench = lambda f: triton.testing.do_bench(f, warmup=10, rep=50, return_mode="median")  # noqa: E731
-    return round(bench(fwd), 4), round(bench(fwd_bwd), 4)
-
-
-def profile(t: int) -> list:
-    """CUDA time per kernel name (ms per fwd+bwd call) for ReBased at length t."""
-    import torch
-    import kernels
-    q, k, v, do = _inputs(max(1, TOKENS // t), t, HEADS, DV, torch.bfloat16, seed=t)
-
     def step():
-        o = kernels.rebased_attention(q, k, v, backend="triton")[0]
+        o = fn(q, k, v, backend="triton")[0]
         torch.autograd.grad(o, (q, k, v), do)
 
     for _ in range(3):
@@ -140,7 +130,8 @@ def run_variant(cfg: dict, mode: str, lengths: list) -> dict:
                 res[f"rebased_T{t}"] = timing("rebased", t)
             res[f"based_T{lengths[0]}"] = timing("based", lengths[0])
         if mode == "profile":
-            res["profile"] = {t: profile(t) for t in lengths}
+            res["profile"] = {f"ReBased T={t}": profile("rebased", t) for t in lengths}
+            res["profile"][f"Based T={lengths[0]}"] = profile("based", lengths[0])
             dump = os.environ.get("TUNE_DUMP")
             if dump:
                 dump = os.path.join(dump, "_".join(f"{k}{v}" for k, v in cfg.items()))
@@ -168,17 +159,20 @@ def markdown(result: dict) -> str:
     lines = [f"# Kernel tuning: {meta['device']}, {meta['date_utc']}", "",
              f"Command: `{meta['command']}`; torch {meta['torch']}, triton {meta['triton']}; {meta['tokens_per_call']} "
              f"tokens per call, H={meta['heads']}, Dv={meta['dv']}, bf16. Every variant first passed the float64 "
-             "check (B=2, T=2048, H=4; relative error of o, dq, dk, dv <= 1e-2). Times: median ms (fwd, fwd+bwd).", "",
+             "check (B=2, T=2048, H=4; relative error of o, dq, dk, dv <= 1e-2). Times: median ms per call (fwd / "
+             "fwd+bwd), and fwd+bwd GPU time (CUDA graph) after the bar when measured.", "",
              "| variant (TUNING) | " + " | ".join(f"ReBased T={t}" for t in lengths)
              + f" | Based T={lengths[0]} |", "|---" * (len(lengths) + 2) + "|"]
     for r in result["variants"]:
         cells = [r.get(key) for key in [f"rebased_T{t}" for t in lengths] + [f"based_T{lengths[0]}"]]
-        text = [f"{c[0]:.3f} / {c[1]:.3f}" if c else r.get("error", "failed check")[:60] for c in cells]
+        text = [(f"{c[0]:.3f} / {c[1]:.3f}" + (f" \\| {c[2]:.3f}" if len(c) > 2 else "")) if c
+                else r.get("error", "failed check")[:60] for c in cells]
         lines.append(f"| `{json.dumps(r['cfg'])}` | " + " | ".join(text) + " |")
     for prof in result.get("profiles", []):
         lines += ["", f"Profile of `{json.dumps(prof['cfg'])}` (ms per fwd+bwd call, CUDA time per kernel):", ""]
-        for t, rows in prof.get("profile", {}).items():
-            lines.append(f"- T={t}: " + ", ".join(f"{name} {ms:.3f}" for name, ms in rows[:5]))
+        for case, rows in prof.get("profile", {}).items():
+            case = case if "=" in case else f"T={case}"  # runs before 2026-11-23 05:30 UTC profiled ReBased only
+            lines.append(f"- {case}: " + ", ".join(f"{name} {ms:.3f}" for name, ms in rows[:5]))
         lines += ["", "| kernel | registers | spills | shared bytes | layout conversions | wgmma dots |",
                   "|---|---|---|---|---|---|"]
         for k in prof.get("kernels", []):
@@ -228,7 +222,7 @@ def main():
         print("time", json.dumps(t), flush=True)
         timed.append(t)
     ok = [r for r in timed if f"rebased_T{lengths[0]}" in r]
-    best = min(ok, key=lambda r: sum(r[f"rebased_T{t}"][1] / t for t in lengths)) if ok else None
+    best = min(ok, key=lambda r: sum(r[f"rebased_T{t}"][-1] for t in lengths)) if ok else None
     profiles = []
     for r in (ok if args.profile_all else [best] if best else []):
         prof = _spawn(r["cfg"], "profile", lengths, 120)
@@ -236,8 +230,8 @@ def main():
         print("profile of", json.dumps(r["cfg"]), flush=True)
         for row in prof.get("kernels", []):
             print("  kernel", json.dumps(row), flush=True)
-        for t, rows in prof.get("profile", {}).items():
-            print(f"  T={t}:", *(f"    {ms:8.4f} ms  {name}" for name, ms in rows[:6]), sep="\n", flush=True)
+        for case, rows in prof.get("profile", {}).items():
+            print(f"  {case}:", *(f"    {ms:8.4f} ms  {name}" for name, ms in rows[:6]), sep="\n", flush=True)
     result = {"meta": meta, "variants": timed, "best": best and best["cfg"], "profiles": profiles}
     stem = save_results(args.out, "kernels_tune", meta["device"], meta["date_utc"][:10], result, markdown(result))
     print("wrote", stem + ".{json,md}")

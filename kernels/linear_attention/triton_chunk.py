@@ -21,25 +21,30 @@ from this one in PyTorch (differentiable) by :func:`state_to_internal` / :func:`
 
 Work decomposition (chunk-parallel): every document (a batch row, or a cu_seqlens document) is cut into
 *segments* of ``seg_tokens`` tokens (a multiple of the chunk size C), segments into chunks of C tokens, so no
-chunk straddles a document boundary. Only the state kernel walks chunks in order, and it holds one
-[TS*TS, BV] block of the state (one tile) in registers; every chunk's state goes to HBM (bf16 for bf16 inputs, as
-the tensor cores would round it anyway; fp32 otherwise) and the output and gradient kernels run one program per
-chunk, looping over the tiles.
+chunk straddles a document boundary. Only the state kernel walks chunks in order: each of its programs holds one
+block of a segment's state in registers (a [TS*TS, BV] tile of the second-order rows; or the normaliser z; or
+Based's first/zeroth-order rows) and sums it from zero over the segment, storing it before (reversed: after) every
+chunk (bf16 for bf16 inputs, as the tensor cores would round it anyway; fp32 otherwise). A segment's start state
+(the sum over the document's earlier segments, and the initial state) is one small scan of the segments' totals;
+the output and gradient kernels, one program per chunk looping over the tiles, add it to the chunk's stored
+state as they load it (it stays in L2, shared by all the segment's chunks). So a long document costs no extra
+pass over its tokens.
 
-forward:  [documents of > 1 segment: _state_kernel per-segment increments + _scan_kernel, an exclusive prefix
-          over a document's segments from the initial state]
-          _state_kernel: per segment, the state before each chunk -> Hc, Zc (and the final state);
-          _out_kernel: per chunk, inter-chunk psi(q) Hc + masked intra C x C part, normaliser in fp32, division.
-backward: [Hc not kept by the forward: _state_kernel again, from the saved segment starts]
-          [> 1 segment: reverse increments + reverse _scan_kernel from dL/dS_final]
-          _state_kernel in reverse: dL/dS after each chunk (from the later queries) -> dHc, dZc, and
-          h_t = -(do_t.o_t)/(den_t+eps); dL/dS_initial;
-          _grad_kernel: per chunk, dq, dk, dv from Hc, dHc and the intra-chunk part.
+forward:  _state_kernel: per segment, the state before each chunk -> Hc, Zc, and the segment's total
+          [documents of > 1 segment, an initial or a final state: _scan_kernel over a document's segment totals
+          -> each segment's start state S_start (and the final state)]
+          _out_kernel: per chunk, inter-chunk psi(q) (Hc + S_start) + masked intra C x C part, normaliser in fp32,
+          division.
+backward: [Hc not kept by the forward: _state_kernel again]
+          _h_kernel: h_t = -(do_t.o_t)/(den_t+eps)
+          _state_kernel in reverse: dL/dS after each chunk (from the later queries) -> dHc, dZc; reverse scan from
+          dL/dS_final -> each segment's reverse start and dL/dS_initial;
+          _grad_kernel: per chunk, dq, dk, dv from Hc + S_start, dHc + its start and the intra-chunk part.
 
 Defaults from benchmarks/kernels_tune.py on an H100 (bf16, Dv 64; results in benchmarks/results/kernels_tune_*.md):
-C = 64, 8 x 8 tiles, a 64-row tile x 64 Dv per state program with 2 warps (4 for Based), 4 warps and 2 pipeline
-stages for the output and gradient kernels, and the forward's per-chunk states kept for the backward (without
-cu_seqlens; 384 bytes per token and head in bf16) instead of a third state pass.
+C = 64, 8 x 8 tiles, a 64-row tile x 64 Dv per state program with 2 warps, 4 warps for the output and gradient
+kernels (2 pipeline stages for the output kernel, 1 for the gradient kernel), and the forward's per-chunk states
+kept for the backward (without cu_seqlens; 384 bytes per token and head in bf16) instead of a third state pass.
 """
 
 from __future__ import annotations
@@ -168,135 +173,146 @@ def _quad(x, M, C: tl.constexpr, DK: tl.constexpr):
 
 
 @triton.jit
-def _state_kernel(x_ptr, y_ptr, den_ptr, h_ptr, seg_ptr, tile_ptr, start_ptr, startz_ptr, ch_ptr, chz_ptr,
-                  end_ptr, endz_ptr, H, scale, c_psi, eps,
+def _state_y(y_ptr, den_ptr, tok, tmask, hh, cv, vmask, H, eps, DV: tl.constexpr, REVERSE: tl.constexpr,
+             NORMALIZE: tl.constexpr):
+    # [C, BV] fp32 rows of y: forward v; reverse g = do / (den + eps)
+    yv = tl.load(y_ptr + ((tok * H + hh) * DV)[:, None] + cv[None, :], mask=tmask[:, None] & vmask[None, :],
+                 other=0.0).to(tl.float32)
+    if REVERSE and NORMALIZE:
+        yv = yv / (tl.load(den_ptr + tok * H + hh, mask=tmask, other=1.0) + eps)[:, None]
+    return yv
+
+
+@triton.jit
+def _state_kernel(x_ptr, y_ptr, den_ptr, h_ptr, seg_ptr, tile_ptr, ch_ptr, chz_ptr, tot_ptr, totz_ptr,
+                  H, scale, c_psi, eps,
                   DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, NVB: tl.constexpr, TS: tl.constexpr,
                   C: tl.constexpr, F2: tl.constexpr, FT: tl.constexpr, FZ: tl.constexpr, REVERSE: tl.constexpr,
-                  NORMALIZE: tl.constexpr, BASED: tl.constexpr, MM: tl.constexpr, HAS_START: tl.constexpr,
-                  STORE_CHUNKS: tl.constexpr, END_MODE: tl.constexpr, END_FLAG: tl.constexpr):
-    """One segment's state S = sum_t phi(x_t) y_t^T (feature rows of block fb, Dv block vb) and z = sum_t phi(x_t) w_t.
+                  NORMALIZE: tl.constexpr, BASED: tl.constexpr, MM: tl.constexpr, STORE_CHUNKS: tl.constexpr,
+                  STORE_TOTAL: tl.constexpr):
+    """One segment's state S = sum_t phi(x_t) y_t^T and z = sum_t phi(x_t) w_t, from zero at the segment's start (its
+    end, reversed): the segment's own part, to which the output and gradient kernels add the segment's start state.
 
     forward (REVERSE=False): x = k, y = v, w = 1, chunks in order; stores the state *before* each chunk.
     reverse (REVERSE=True):  x = q, y = g = do/(den+eps), w = h = -(do.o)/(den+eps) (from _h_kernel), chunks in
                              reverse; stores the state *after* each chunk: dL/dS, so its rows carry the tile weights.
-    The block fb == 0 also carries Based's first/zeroth-order rows; fb == 0, vb == 0 carries z.
-    END_MODE: 0 nothing; 1 the end state to row `segment`; 2 to row `document` if flags & END_FLAG.
+    Programs of a (segment, head), per Dv block: one per stored tile of the second-order rows, one for the
+    normaliser z (the first Dv block's; idle in the others) and, for Based, one for the first/zeroth-order rows
+    S1, S0. They walk their chunks side by side, so each is kept small (2 warps) and about equally long.
+    STORE_TOTAL: the segment's whole sum to row `segment` of tot / totz (for the scan over a document's segments).
     """
     BK: tl.constexpr = TS * TS
-    sid = tl.program_id(0)
-    hh = tl.program_id(1)
-    fb = tl.program_id(2) // NVB
-    vb = tl.program_id(2) % NVB
-    t0 = tl.load(seg_ptr + sid * 5 + 0)
-    t1 = tl.load(seg_ptr + sid * 5 + 1)
-    doc = tl.load(seg_ptr + sid * 5 + 2)
-    flags = tl.load(seg_ptr + sid * 5 + 3)
-    cbase = tl.load(seg_ptr + sid * 5 + 4)
+    NT: tl.constexpr = F2 // BK
+    # one flat grid, the programs of a (segment, head) adjacent: they run together and share its x and y in L2
+    NB: tl.constexpr = (NT + 1 + BASED) * NVB
+    pid = tl.program_id(0)
+    fb = (pid % NB) // NVB
+    vb = pid % NVB
+    hh = (pid // NB) % H
+    sid = pid // (NB * H)
+    t0 = tl.load(seg_ptr + sid * 3 + 0)
+    t1 = tl.load(seg_ptr + sid * 3 + 1)
+    cbase = tl.load(seg_ptr + sid * 3 + 2)
     F: tl.constexpr = DK * DK
-    ti, tj, w_tile = _tile(tile_ptr, fb, TS)
-    if REVERSE:
-        cpsi = c_psi * w_tile
-    else:
-        cpsi = c_psi
-    rk = fb * BK + tl.arange(0, BK)
     c = tl.arange(0, C)
     d = tl.arange(0, DK)
     cv = vb * BV + tl.arange(0, BV)
     vmask = cv < DV
-    sq = tl.sqrt(scale)
-    lead = fb == 0
-    own_z = (fb == 0) & (vb == 0)
-    base = (sid * H + hh) * FT
-    zbase = (sid * H + hh) * FZ
-    S = tl.zeros([BK, BV], dtype=tl.float32)
-    zm = tl.zeros([DK, DK], dtype=tl.float32)
-    S1 = tl.zeros([DK, BV], dtype=tl.float32)
-    S0 = tl.zeros([BV], dtype=tl.float32)
-    z1 = tl.zeros([DK], dtype=tl.float32)
-    z0 = tl.zeros([1], dtype=tl.float32)
-    if HAS_START:
-        S = tl.load(start_ptr + (base + rk[:, None]) * DV + cv[None, :], mask=vmask[None, :], other=0.0)
-        zm = tl.load(startz_ptr + zbase + d[:, None] * DK + d[None, :])
-        if BASED:
-            S1 = tl.load(start_ptr + (base + F2 + d[:, None]) * DV + cv[None, :], mask=vmask[None, :], other=0.0)
-            S0 = tl.load(start_ptr + (base + F2 + DK) * DV + cv, mask=vmask, other=0.0)
-            z1 = tl.load(startz_ptr + zbase + F + d)
-            z0 = tl.load(startz_ptr + zbase + F + DK + tl.arange(0, 1))
     nch = tl.cdiv(t1 - t0, C)
-    for it in range(nch):
+    st_ty = ch_ptr.dtype.element_ty
+    srow = sid * H + hh
+    if fb < NT:  # a tile of the second-order rows
+        ti, tj, w_tile = _tile(tile_ptr, fb, TS)
         if REVERSE:
-            j = nch - 1 - it
+            cpsi = c_psi * w_tile
         else:
-            j = it
-        if STORE_CHUNKS:
-            crow = (cbase + j) * H + hh
-            cb = crow * FT
-            tl.store(ch_ptr + (cb + rk[:, None]) * DV + cv[None, :], S.to(ch_ptr.dtype.element_ty),
-                     mask=vmask[None, :])
-            if BASED:
-                if lead:
-                    tl.store(ch_ptr + (cb + F2 + d[:, None]) * DV + cv[None, :], S1.to(ch_ptr.dtype.element_ty),
-                             mask=vmask[None, :])
-                    tl.store(ch_ptr + (cb + F2 + DK) * DV + cv, S0.to(ch_ptr.dtype.element_ty), mask=vmask)
-            if own_z:
-                cz = crow * FZ
-                tl.store(chz_ptr + cz + d[:, None] * DK + d[None, :], zm)
-                if BASED:
-                    tl.store(chz_ptr + cz + F + d, z1)
-                    tl.store(chz_ptr + cz + F + DK + tl.arange(0, 1), z0)
-        tok = t0 + j * C + c
-        tmask = tok < t1
-        xoff = (tok * H + hh) * DK
-        voff = (tok * H + hh) * DV
-        yv = tl.load(y_ptr + voff[:, None] + cv[None, :], mask=tmask[:, None] & vmask[None, :],
-                     other=0.0).to(tl.float32)
-        if REVERSE:
-            w = tl.zeros([C], dtype=tl.float32)
-            if NORMALIZE:
-                dn = tl.load(den_ptr + tok * H + hh, mask=tmask, other=1.0) + eps
-                yv = yv / dn[:, None]
-                if own_z:
-                    w = tl.load(h_ptr + tok * H + hh, mask=tmask, other=0.0)
-        else:
-            w = tmask.to(tl.float32)
-        S = _mm(_psi_block_t(x_ptr, xoff, tmask, ti, tj, C, TS) * cpsi, yv, S, MM)
-        if lead:
-            xT = tl.load(x_ptr + xoff[None, :] + d[:, None], mask=tmask[None, :], other=0.0).to(tl.float32)
-            if own_z:
+            cpsi = c_psi
+        rows = ((fb * BK + tl.arange(0, BK)) * DV)[:, None] + cv[None, :]
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+        for it in range(nch):
+            if REVERSE:
+                j = nch - 1 - it
+            else:
+                j = it
+            if STORE_CHUNKS:
+                tl.store(ch_ptr + ((cbase + j) * H + hh) * FT * DV + rows, S.to(st_ty), mask=vmask[None, :])
+            tok = t0 + j * C + c
+            tmask = tok < t1
+            yv = _state_y(y_ptr, den_ptr, tok, tmask, hh, cv, vmask, H, eps, DV, REVERSE, NORMALIZE)
+            S = _mm(_psi_block_t(x_ptr, (tok * H + hh) * DK, tmask, ti, tj, C, TS) * cpsi, yv, S, MM)
+        if STORE_TOTAL:
+            tl.store(tot_ptr + srow * FT * DV + rows, S, mask=vmask[None, :])
+    elif fb == NT:  # the normaliser z = [Zm (Dk x Dk); z1; z0], with the first Dv block
+        if vb == 0:
+            sq = tl.sqrt(scale)
+            zrows = d[:, None] * DK + d[None, :]
+            zm = tl.zeros([DK, DK], dtype=tl.float32)
+            z1 = tl.zeros([DK], dtype=tl.float32)
+            z0 = tl.zeros([1], dtype=tl.float32)
+            for it in range(nch):
+                if REVERSE:
+                    j = nch - 1 - it
+                else:
+                    j = it
+                if STORE_CHUNKS:
+                    cz = ((cbase + j) * H + hh) * FZ
+                    tl.store(chz_ptr + cz + zrows, zm)
+                    if BASED:
+                        tl.store(chz_ptr + cz + F + d, z1)
+                        tl.store(chz_ptr + cz + F + DK + tl.arange(0, 1), z0)
+                tok = t0 + j * C + c
+                tmask = tok < t1
+                if REVERSE:  # h: the gradient reaching the normaliser (none without normalising)
+                    w = tl.zeros([C], dtype=tl.float32)
+                    if NORMALIZE:
+                        w = tl.load(h_ptr + tok * H + hh, mask=tmask, other=0.0)
+                else:
+                    w = tmask.to(tl.float32)
+                xoff = (tok * H + hh) * DK
+                xT = tl.load(x_ptr + xoff[None, :] + d[:, None], mask=tmask[None, :], other=0.0).to(tl.float32)
                 xc = tl.load(x_ptr + xoff[:, None] + d[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
                 zm = _mm(xT * (w * c_psi)[None, :], xc, zm, 0)
                 if BASED:
                     z1 += sq * tl.sum(xT * w[None, :], 1)
                     z0 += tl.sum(w, 0)
-            if BASED:
-                S1 = _mm(xT * sq, yv, S1, MM)
-                S0 += tl.sum(yv, 0)
-    if END_MODE != 0:
-        if END_MODE == 1:
-            erow = sid * H + hh
-            go = True
-        else:
-            erow = doc * H + hh
-            go = (flags & END_FLAG) != 0
-        if go:
-            eb = erow * FT
-            ez = erow * FZ
-            tl.store(end_ptr + (eb + rk[:, None]) * DV + cv[None, :], S, mask=vmask[None, :])
-            if BASED:
-                if lead:
-                    tl.store(end_ptr + (eb + F2 + d[:, None]) * DV + cv[None, :], S1, mask=vmask[None, :])
-                    tl.store(end_ptr + (eb + F2 + DK) * DV + cv, S0, mask=vmask)
-            if own_z:
-                tl.store(endz_ptr + ez + d[:, None] * DK + d[None, :], zm)
+            if STORE_TOTAL:
+                tl.store(totz_ptr + srow * FZ + zrows, zm)
                 if BASED:
-                    tl.store(endz_ptr + ez + F + d, z1)
-                    tl.store(endz_ptr + ez + F + DK + tl.arange(0, 1), z0)
+                    tl.store(totz_ptr + srow * FZ + F + d, z1)
+                    tl.store(totz_ptr + srow * FZ + F + DK + tl.arange(0, 1), z0)
+    else:  # Based's first- and zeroth-order rows S1 = sqrt(scale) sum_t x_t y_t^T, S0 = sum_t y_t
+        sq = tl.sqrt(scale)
+        rows1 = ((F2 + d) * DV)[:, None] + cv[None, :]
+        rows0 = (F2 + DK) * DV + cv
+        S1 = tl.zeros([DK, BV], dtype=tl.float32)
+        S0 = tl.zeros([BV], dtype=tl.float32)
+        for it in range(nch):
+            if REVERSE:
+                j = nch - 1 - it
+            else:
+                j = it
+            if STORE_CHUNKS:
+                cb = ((cbase + j) * H + hh) * FT * DV
+                tl.store(ch_ptr + cb + rows1, S1.to(st_ty), mask=vmask[None, :])
+                tl.store(ch_ptr + cb + rows0, S0.to(st_ty), mask=vmask)
+            tok = t0 + j * C + c
+            tmask = tok < t1
+            yv = _state_y(y_ptr, den_ptr, tok, tmask, hh, cv, vmask, H, eps, DV, REVERSE, NORMALIZE)
+            xT = tl.load(x_ptr + ((tok * H + hh) * DK)[None, :] + d[:, None], mask=tmask[None, :],
+                         other=0.0).to(tl.float32)
+            S1 = _mm(xT * sq, yv, S1, MM)
+            S0 += tl.sum(yv, 0)
+        if STORE_TOTAL:
+            tl.store(tot_ptr + srow * FT * DV + rows1, S1, mask=vmask[None, :])
+            tl.store(tot_ptr + srow * FT * DV + rows0, S0, mask=vmask)
 
 
 @triton.jit
-def _scan_kernel(delta_ptr, start_ptr, init_ptr, doc_ptr, H, M,
-                 BLK: tl.constexpr, REVERSE: tl.constexpr, HAS_INIT: tl.constexpr):
-    """Exclusive scan over a document's segments: start[j] = init + sum of delta over earlier (later) segments."""
+def _scan_kernel(tot_ptr, start_ptr, init_ptr, fin_ptr, doc_ptr, H, M,
+                 BLK: tl.constexpr, REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, HAS_FIN: tl.constexpr):
+    """Scan over a document's segments (reversed: from its end): start[j] = init + the totals of the earlier
+    segments (in start's dtype: bf16 for the bf16 tensor cores), fin = init + all of them (the final state;
+    reversed: dL/d initial state); sums in fp32."""
     n = tl.program_id(0)
     hh = tl.program_id(1)
     blk = tl.program_id(2)
@@ -314,8 +330,10 @@ def _scan_kernel(delta_ptr, start_ptr, init_ptr, doc_ptr, H, M,
         else:
             j = first + i
         base = (j * H + hh) * M
-        tl.store(start_ptr + base + off, acc, mask=mask)
-        acc += tl.load(delta_ptr + base + off, mask=mask, other=0.0)
+        tl.store(start_ptr + base + off, acc.to(start_ptr.dtype.element_ty), mask=mask)
+        acc += tl.load(tot_ptr + base + off, mask=mask, other=0.0)
+    if HAS_FIN:
+        tl.store(fin_ptr + (n * H + hh) * M + off, acc, mask=mask)
 
 
 @triton.jit
@@ -334,15 +352,26 @@ def _h_kernel(do_ptr, o_ptr, den_ptr, h_ptr, NTOK, eps, DV: tl.constexpr, DVP: t
 @triton.jit
 def _chunk_program(seg_ptr, H, C: tl.constexpr, NVB: tl.constexpr):
     # an output / gradient program's chunk: (first token, end of its segment, the chunk's row of the per-chunk
-    # state buffers, head, Dv block); grid (segment, chunk of the segment, head x Dv block)
+    # state buffers, the segment's row of the start states, head, Dv block); grid (segment, chunk of the segment,
+    # head x Dv block)
     sid = tl.program_id(0)
     j = tl.program_id(1)
     hh = tl.program_id(2) // NVB
     vb = tl.program_id(2) % NVB
-    t0 = tl.load(seg_ptr + sid * 5 + 0) + j * C
-    t1 = tl.load(seg_ptr + sid * 5 + 1)
-    crow = (tl.load(seg_ptr + sid * 5 + 4) + j) * H + hh
-    return t0, t1, crow, hh, vb
+    t0 = tl.load(seg_ptr + sid * 3 + 0) + j * C
+    t1 = tl.load(seg_ptr + sid * 3 + 1)
+    crow = (tl.load(seg_ptr + sid * 3 + 2) + j) * H + hh
+    return t0, t1, crow, sid * H + hh, hh, vb
+
+
+@triton.jit
+def _chunk_state(ch_ptr, st_ptr, coff, soff, offs, mask, HAS_START: tl.constexpr):
+    # a block of a chunk's state: the segment's own part (the state kernel's, from zero) plus, for documents of
+    # several segments or with a given start, the segment's start state (read by all its chunks: from L2)
+    x = tl.load(ch_ptr + coff + offs, mask=mask, other=0.0)
+    if HAS_START:
+        x = x.to(tl.float32) + tl.load(st_ptr + soff + offs, mask=mask, other=0.0).to(tl.float32)
+    return x
 
 
 @triton.jit
@@ -360,18 +389,21 @@ def _chunk_rows(t0, t1, hh, vb, H, scale, DK: tl.constexpr, DV: tl.constexpr, BV
 
 
 @triton.jit
-def _out_kernel(q_ptr, k_ptr, v_ptr, o_ptr, den_ptr, hc_ptr, hz_ptr, seg_ptr, tile_ptr, H, scale, eps,
-                DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, NVB: tl.constexpr, TS: tl.constexpr,
+def _out_kernel(q_ptr, k_ptr, v_ptr, o_ptr, den_ptr, hc_ptr, hz_ptr, ss_ptr, sz_ptr, seg_ptr, tile_ptr, H, scale,
+                eps, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, NVB: tl.constexpr, TS: tl.constexpr,
                 C: tl.constexpr, F2: tl.constexpr, FT: tl.constexpr, FZ: tl.constexpr, NORMALIZE: tl.constexpr,
-                BASED: tl.constexpr, MM: tl.constexpr):
-    """One chunk's output: inter-chunk psi(q) S_c (S_c from the state kernel) + the masked intra C x C part."""
-    t0, t1, crow, hh, vb = _chunk_program(seg_ptr, H, C, NVB)
+                BASED: tl.constexpr, MM: tl.constexpr, HAS_START: tl.constexpr):
+    """One chunk's output: inter-chunk psi(q) S_c (S_c: the state kernel's + the segment's start state) + the
+    masked intra C x C part."""
+    t0, t1, crow, srow, hh, vb = _chunk_program(seg_ptr, H, C, NVB)
     if t0 >= t1:
         return
     BK: tl.constexpr = TS * TS
     F: tl.constexpr = DK * DK
-    cb = crow * FT
+    cb = crow * FT * DV
     cz = crow * FZ
+    sb = srow * FT * DV
+    sz = srow * FZ
     c = tl.arange(0, C)
     d = tl.arange(0, DK)
     rk = tl.arange(0, BK)
@@ -389,19 +421,20 @@ def _out_kernel(q_ptr, k_ptr, v_ptr, o_ptr, den_ptr, hc_ptr, hz_ptr, seg_ptr, ti
     num = _mm(a, vc, tl.zeros([C, BV], dtype=tl.float32), MM)
     for fb in range(F2 // BK):
         ti, tj, w_tile = _tile(tile_ptr, fb, TS)
-        hblk = tl.load(hc_ptr + (cb + fb * BK + rk[:, None]) * DV + cv[None, :], mask=vmask[None, :], other=0.0)
+        rows = (fb * BK + rk[:, None]) * DV + cv[None, :]
+        hblk = _chunk_state(hc_ptr, ss_ptr, cb, sb, rows, vmask[None, :], HAS_START)
         num = _mm(_psi_block(q_ptr, xoff, tmask, ti, tj, C, TS) * (c2 * w_tile), hblk, num, MM)
     qf = qc.to(tl.float32)
     if BASED:
-        S1 = tl.load(hc_ptr + (cb + F2 + d[:, None]) * DV + cv[None, :], mask=vmask[None, :], other=0.0)
-        S0 = tl.load(hc_ptr + (cb + F2 + DK) * DV + cv, mask=vmask, other=0.0).to(tl.float32)
+        S1 = _chunk_state(hc_ptr, ss_ptr, cb, sb, (F2 + d[:, None]) * DV + cv[None, :], vmask[None, :], HAS_START)
+        S0 = _chunk_state(hc_ptr, ss_ptr, cb, sb, (F2 + DK) * DV + cv, vmask, HAS_START).to(tl.float32)
         num = _mm(qf * sq, S1, num, MM) + S0[None, :]
     if NORMALIZE:
-        zm = tl.load(hz_ptr + cz + d[:, None] * DK + d[None, :])
+        zm = _chunk_state(hz_ptr, sz_ptr, cz, sz, d[:, None] * DK + d[None, :], True, HAS_START)
         dn = tl.sum(a, 1) + c2 * _quad(qf, zm, C, DK)
         if BASED:
-            z1 = tl.load(hz_ptr + cz + F + d)
-            z0 = tl.load(hz_ptr + cz + F + DK + tl.arange(0, 1))
+            z1 = _chunk_state(hz_ptr, sz_ptr, cz, sz, F + d, True, HAS_START)
+            z0 = _chunk_state(hz_ptr, sz_ptr, cz, sz, F + DK + tl.arange(0, 1), True, HAS_START)
             dn += sq * tl.sum(qf * z1[None, :], 1) + z0
         out = num / (dn[:, None] + eps)
         if vb == 0:
@@ -412,24 +445,26 @@ def _out_kernel(q_ptr, k_ptr, v_ptr, o_ptr, den_ptr, hc_ptr, hz_ptr, seg_ptr, ti
 
 
 @triton.jit
-def _grad_kernel(q_ptr, k_ptr, v_ptr, do_ptr, den_ptr, h_ptr, hc_ptr, hz_ptr, rc_ptr, rz_ptr, dq_ptr, dk_ptr,
-                 dv_ptr, seg_ptr, tile_ptr, H, NTOK, scale, eps,
+def _grad_kernel(q_ptr, k_ptr, v_ptr, do_ptr, den_ptr, h_ptr, hc_ptr, hz_ptr, ss_ptr, sz_ptr, rc_ptr, rz_ptr,
+                 rs_ptr, rsz_ptr, dq_ptr, dk_ptr, dv_ptr, seg_ptr, tile_ptr, H, NTOK, scale, eps,
                  DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, NVB: tl.constexpr, TS: tl.constexpr,
                  C: tl.constexpr, F2: tl.constexpr, FT: tl.constexpr, FZ: tl.constexpr, NORMALIZE: tl.constexpr,
-                 BASED: tl.constexpr, MM: tl.constexpr):
+                 BASED: tl.constexpr, MM: tl.constexpr, HAS_START: tl.constexpr, HAS_RSTART: tl.constexpr):
     """One chunk's dq, dk (with several Dv blocks: fp32 partials over the block vb, into dq_ptr[vb], dk_ptr[vb];
     else in the input dtype) and dv.
 
-    S_c (hc) is the state before the chunk, R_c (rc) dL/dS from the tokens after it (its rows already carry the
-    tile weights).
+    S_c (hc + the segment's start ss) is the state before the chunk, R_c (rc + the segment's reverse start rs)
+    dL/dS from the tokens after it (its rows already carry the tile weights).
     """
-    t0, t1, crow, hh, vb = _chunk_program(seg_ptr, H, C, NVB)
+    t0, t1, crow, srow, hh, vb = _chunk_program(seg_ptr, H, C, NVB)
     if t0 >= t1:
         return
     BK: tl.constexpr = TS * TS
     F: tl.constexpr = DK * DK
-    cb = crow * FT
+    cb = crow * FT * DV
     cz = crow * FZ
+    sb = srow * FT * DV
+    sz = srow * FZ
     c = tl.arange(0, C)
     d = tl.arange(0, DK)
     rk = tl.arange(0, BK)
@@ -462,8 +497,9 @@ def _grad_kernel(q_ptr, k_ptr, v_ptr, do_ptr, den_ptr, h_ptr, hc_ptr, hz_ptr, rc
     # inter-chunk, feature block by block: dq_t from c2 w psi(q_t).(S g_t), dk_s and dv_s from scale psi(k_s).(R v_s)
     for fb in range(F2 // BK):
         ti, tj, w_tile = _tile(tile_ptr, fb, TS)
-        hblk = tl.load(hc_ptr + (cb + fb * BK + rk[:, None]) * DV + cv[None, :], mask=vmask[None, :], other=0.0)
-        rblk = tl.load(rc_ptr + (cb + fb * BK + rk[:, None]) * DV + cv[None, :], mask=vmask[None, :], other=0.0)
+        rows = (fb * BK + rk[:, None]) * DV + cv[None, :]
+        hblk = _chunk_state(hc_ptr, ss_ptr, cb, sb, rows, vmask[None, :], HAS_START)
+        rblk = _chunk_state(rc_ptr, rs_ptr, cb, sb, rows, vmask[None, :], HAS_RSTART)
         G = _mm(g, tl.trans(hblk), tl.zeros([C, BK], dtype=tl.float32), MM)
         dq += (c2 * w_tile) * _contract_block(G, q_ptr, xoff, tmask, ti, tj, C, DK, TS)
         Gk = _mm(vc, tl.trans(rblk), tl.zeros([C, BK], dtype=tl.float32), MM)
@@ -472,22 +508,23 @@ def _grad_kernel(q_ptr, k_ptr, v_ptr, do_ptr, den_ptr, h_ptr, hc_ptr, hz_ptr, rc
     qf = qc.to(tl.float32)
     kf = kc.to(tl.float32)
     if BASED:
-        S1 = tl.load(hc_ptr + (cb + F2 + d[:, None]) * DV + cv[None, :], mask=vmask[None, :], other=0.0)
-        R1 = tl.load(rc_ptr + (cb + F2 + d[:, None]) * DV + cv[None, :], mask=vmask[None, :], other=0.0)
-        R0 = tl.load(rc_ptr + (cb + F2 + DK) * DV + cv, mask=vmask, other=0.0).to(tl.float32)
+        rows1 = (F2 + d[:, None]) * DV + cv[None, :]
+        S1 = _chunk_state(hc_ptr, ss_ptr, cb, sb, rows1, vmask[None, :], HAS_START)
+        R1 = _chunk_state(rc_ptr, rs_ptr, cb, sb, rows1, vmask[None, :], HAS_RSTART)
+        R0 = _chunk_state(rc_ptr, rs_ptr, cb, sb, (F2 + DK) * DV + cv, vmask, HAS_RSTART).to(tl.float32)
         dq += sq * _mm(g, tl.trans(S1), tl.zeros([C, DK], dtype=tl.float32), MM)
         dk += sq * _mm(vc, tl.trans(R1), tl.zeros([C, DK], dtype=tl.float32), MM)
         dv = _mm(kf * sq, R1, dv, MM) + R0[None, :]
     # normaliser: dq through z (h terms; zero without normalising), dk through dL/dz (also fed by a final z)
-    rm = tl.load(rz_ptr + cz + d[:, None] * DK + d[None, :])
+    rm = _chunk_state(rz_ptr, rsz_ptr, cz, sz, d[:, None] * DK + d[None, :], True, HAS_RSTART)
     dk += (2.0 * scale * hw) * _mm(kf, rm, tl.zeros([C, DK], dtype=tl.float32), 0)
     if BASED:
-        dk += (sq * hw) * tl.load(rz_ptr + cz + F + d)[None, :]
+        dk += (sq * hw) * _chunk_state(rz_ptr, rsz_ptr, cz, sz, F + d, True, HAS_RSTART)[None, :]
     if NORMALIZE:
-        zm = tl.load(hz_ptr + cz + d[:, None] * DK + d[None, :])
+        zm = _chunk_state(hz_ptr, sz_ptr, cz, sz, d[:, None] * DK + d[None, :], True, HAS_START)
         dq += (2.0 * c2) * hv[:, None] * _mm(qf, zm, tl.zeros([C, DK], dtype=tl.float32), 0)
         if BASED:
-            dq += sq * hv[:, None] * tl.load(hz_ptr + cz + F + d)[None, :]
+            dq += sq * hv[:, None] * _chunk_state(hz_ptr, sz_ptr, cz, sz, F + d, True, HAS_START)[None, :]
     rows = (vb * NTOK + tok * H + hh)[:, None] * DK + d[None, :]
     tl.store(dq_ptr + rows, dq.to(dq_ptr.dtype.element_ty), mask=tmask[:, None])
     tl.store(dk_ptr + rows, dk.to(dk_ptr.dtype.element_ty), mask=tmask[:, None])
@@ -535,7 +572,8 @@ def _num_sms(device: torch.device) -> int:
 def choose_seg_tokens(total_tokens: int, n_docs: int, heads: int, chunk: int, device: torch.device,
                       blocks: int = 1) -> int:
     """Tokens per segment: a multiple of ``chunk`` giving about ``target_programs`` state-kernel programs
-    (segments x heads x ``blocks`` state blocks). Documents longer than one segment cost an extra state pass."""
+    (segments x heads x ``blocks`` state blocks). A document of several segments costs a scan of their totals
+    and the chunks' loads of their segment's start state."""
     if TUNING.get("seg_tokens"):
         return max(chunk, (int(TUNING["seg_tokens"]) // chunk) * chunk)
     target = TUNING.get("target_programs") or 4 * _num_sms(device)
@@ -547,8 +585,8 @@ def choose_seg_tokens(total_tokens: int, n_docs: int, heads: int, chunk: int, de
 
 
 def _segments(offsets: List[int], seg_tokens: int, ns_max: int, chunk: int, device):
-    """Segment table int32 [ns_max, 5] = (start, end, doc, flags: 1 first, 2 last, first chunk index), doc table
-    [N, 2] = (first segment, segments); also the number of chunks and the most chunks in one segment."""
+    """Segment table int32 [ns_max, 3] = (start, end, first chunk index), doc table [N, 2] = (first segment,
+    segments); also the most segments in one document, the number of chunks and the most chunks in one segment."""
     rows, docs = [], []
     n_chunks = 0
     for n in range(len(offsets) - 1):
@@ -557,18 +595,16 @@ def _segments(offsets: List[int], seg_tokens: int, ns_max: int, chunk: int, devi
         s = a
         while True:
             e = min(b, s + seg_tokens)
-            rows.append([s, e, n, 0, n_chunks])
+            rows.append([s, e, n_chunks])
             n_chunks += -(-(e - s) // chunk)
             s = e
             if s >= b:
                 break
-        rows[first][3] |= 1
-        rows[-1][3] |= 2
         docs.append([first, len(rows) - first])
     nseg = len(rows)
     assert nseg <= ns_max, (nseg, ns_max)
     max_chunks = max(-(-(r[1] - r[0]) // chunk) for r in rows)
-    rows.extend([[0, 0, 0, 0, 0]] * (ns_max - nseg))
+    rows.extend([[0, 0, 0]] * (ns_max - nseg))
     seg = torch.tensor(rows, dtype=torch.int32).to(device, non_blocking=True)
     doc = torch.tensor(docs, dtype=torch.int32).to(device, non_blocking=True)
     max_per_doc = max(cnt for _, cnt in docs)
@@ -601,26 +637,26 @@ def _ns_max(total_tokens: int, n_docs: int, seg_tokens: int) -> int:
     return total_tokens // seg_tokens + n_docs
 
 
-def _cfg(which: str, dv: int, dk: int, based: bool = False) -> Tuple[int, int, int]:
+def _cfg(which: str, dv: int) -> Tuple[int, int, int]:
     """(Dv block, Dv blocks, warps) of kernel `which` ("state" | "out" | "grad"); a feature block is one tile."""
     dvp = max(16, triton.next_power_of_2(dv))
     bv = min(TUNING.get("bv_" + which) or 64, dvp)
-    # 2 warps suit ReBased's state programs; Based's leading block also carries S1 and S0 and wants 4
-    warps = TUNING.get("warps_" + which) or (2 if which == "state" and not based else 4)
+    # 2 warps suit the state programs (one tile each; the first/zeroth-order rows and z have their own program)
+    warps = TUNING.get("warps_" + which) or (2 if which == "state" else 4)
     return bv, triton.cdiv(dv, bv), warps
 
 
 def _kernel_args(which: str, dv: int, dk: int, based: bool, tile: Optional[int], device):
     """(Dv blocks, the layout and launch keywords, the tile table) of kernel `which` ("state" | "out" | "grad")."""
     ts, f2, ft, fz = _layout(based, dk, tile)
-    bv, nvb, warps = _cfg(which, dv, dk, based)
+    bv, nvb, warps = _cfg(which, dv)
     return nvb, dict(DK=dk, DV=dv, BV=bv, NVB=nvb, TS=ts, F2=f2, FT=ft, FZ=fz, num_warps=warps,
                      **_stages(which)), _tile_table(dk, ts, device)
 
 
 def _state_blocks(dv: int, dk: int) -> int:
     ts, f2, _, _ = _layout(False, dk)
-    _, nvb, _ = _cfg("state", dv, dk)
+    _, nvb, _ = _cfg("state", dv)
     return f2 // (ts * ts) * nvb
 
 
@@ -631,54 +667,61 @@ def _offsets_of(cu_seqlens: Optional[torch.Tensor], b: int, t: int) -> List[int]
 
 
 def _stages(which: str):
-    s = TUNING.get("stages_" + which) or TUNING.get("stages") or (2 if which in ("out", "grad") else None)
+    # measured on an H100 (kernels_tune): 2 stages for the output kernel; 1 for the gradient kernel, whose 255
+    # registers leave no room for prefetched tiles
+    s = TUNING.get("stages_" + which) or TUNING.get("stages") or {"out": 2, "grad": 1}.get(which)
     return {"num_stages": s} if s else {}
 
 
-def _launch_scan(delta, start, init, doc, n_docs, h, m, reverse):
-    blk = 1024
-    grid = (n_docs, h, triton.cdiv(m, blk))
-    _scan_kernel[grid](delta, start, init if init is not None else delta, doc, h, m,
-                       BLK=blk, REVERSE=reverse, HAS_INIT=init is not None)
-
-
-def _launch_state(x, y, den, hbuf, seg, start, start_z, ch, ch_z, end, end_z, *, ns_max, h, scale, c_psi, eps,
-                  dk, dv, tile, chunk, reverse, normalize, based, mm, end_mode, end_flag=0):
+def _launch_state(x, y, den, hbuf, seg, ch, ch_z, tot, tot_z, *, ns_max, h, scale, c_psi, eps, dk, dv, tile, chunk,
+                  reverse, normalize, based, mm):
     nvb, meta, tiles = _kernel_args("state", dv, dk, based, tile, x.device)
     dummy = den
-    _state_kernel[(ns_max, h, tiles.shape[0] * nvb)](
+    _state_kernel[(ns_max * h * (tiles.shape[0] + 1 + based) * nvb,)](
         x, y, den, hbuf if hbuf is not None else dummy, seg, tiles,
-        start if start is not None else dummy, start_z if start_z is not None else dummy,
         ch if ch is not None else dummy, ch_z if ch_z is not None else dummy,
-        end if end is not None else dummy, end_z if end_z is not None else dummy,
+        tot if tot is not None else dummy, tot_z if tot_z is not None else dummy,
         h, scale, c_psi, eps, C=chunk, REVERSE=reverse, NORMALIZE=normalize, BASED=based, MM=mm,
-        HAS_START=start is not None, STORE_CHUNKS=ch is not None, END_MODE=end_mode, END_FLAG=end_flag, **meta)
+        STORE_CHUNKS=ch is not None, STORE_TOTAL=tot is not None, **meta)
 
 
-def _segment_starts(x, y, den, hbuf, seg, doc, start, start_z, init, init_z, *, n_docs, **launch):
-    """Each segment's start state into start / start_z (documents of several segments): one state pass for every
-    segment's own sum, then an exclusive scan over each document's segments from init (reverse: from the end)."""
-    delta, delta_z = torch.zeros_like(start), torch.zeros_like(start_z)
-    _launch_state(x, y, den, hbuf, seg, None, None, None, None, delta, delta_z, end_mode=1, **launch)
-    h, reverse = launch["h"], launch["reverse"]
-    _launch_scan(delta, start, init, doc, n_docs, h, start[0, 0].numel(), reverse)
-    _launch_scan(delta_z, start_z, init_z, doc, n_docs, h, start_z[0, 0].numel(), reverse)
+def _scan_segments(tot, start, init, fin, doc, n_docs, reverse):
+    """start[j] = init + the totals of the document's earlier (reverse: later) segments; fin (if given) = init + all
+    of them. tot, start: [segments, H, ...]; init, fin: [documents, H, ...]."""
+    h, m = tot.shape[1], tot[0, 0].numel()
+    blk = 256  # small blocks: many programs, as each walks its document's segments one after another
+    _scan_kernel[(n_docs, h, triton.cdiv(m, blk))](
+        tot, start, init if init is not None else tot, fin if fin is not None else tot, doc, h, m,
+        BLK=blk, REVERSE=reverse, HAS_INIT=init is not None, HAS_FIN=fin is not None)
 
 
-def _chunk_states(q, k, v, den, seg, S_start, z_start, ns_max, n_chunks, scale, eps, based, tile, chunk, mm,
-                  S_fin=None, z_fin=None):
-    """The state before every chunk (Hc, Zc) from the segments' start states; the final states if asked."""
-    b, t, h, dk = q.shape
-    dv = v.shape[-1]
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    # the stored per-chunk and segment start states: bf16 for bf16 inputs (the tensor cores round them to bf16
+    # anyway), fp32 otherwise
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
+def _state_pass(x, y, den, hbuf, seg, doc, *, n_docs, n_chunks, store_chunks, starts, init, init_z, fin, fin_z,
+                **launch):
+    """One state kernel pass over every segment: the per-chunk states from the segment's own tokens ((hc, hz), or
+    (None, None) without store_chunks) and, with starts = (start, start_z), each segment's start state from init
+    and the document's earlier segments (the scan of the segments' totals), and the documents' sums into fin."""
+    h, dk, dv, based, tile = (launch[k] for k in ("h", "dk", "dv", "based", "tile"))
     _, _, ft, fz = _layout(based, dk, tile)
-    hdt = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
-    hc = torch.empty(n_chunks, h, ft, dv, dtype=hdt, device=q.device)
-    hz = torch.empty(n_chunks, h, fz, dtype=torch.float32, device=q.device)
-    poison(hc, hz)
-    _launch_state(k, v, den, None, seg, S_start, z_start, hc, hz, S_fin, z_fin, ns_max=ns_max, h=h,
-                  scale=scale, c_psi=scale, eps=eps, dk=dk, dv=dv, tile=tile, chunk=chunk, reverse=False,
-                  normalize=True, based=based, mm=mm, end_mode=2 if S_fin is not None else 0, end_flag=2)
-    return hc, hz
+    ch = ch_z = tot = tot_z = None
+    if store_chunks:
+        ch = torch.empty(n_chunks, h, ft, dv, dtype=_state_dtype(x.dtype), device=x.device)
+        ch_z = torch.empty(n_chunks, h, fz, dtype=torch.float32, device=x.device)
+        poison(ch, ch_z)
+    if starts is not None:
+        tot = torch.empty(starts[0].shape, dtype=torch.float32, device=x.device)
+        tot_z = torch.empty_like(starts[1])
+        poison(tot, tot_z)
+    _launch_state(x, y, den, hbuf, seg, ch, ch_z, tot, tot_z, **launch)
+    if starts is not None:
+        _scan_segments(tot, starts[0], init, fin, doc, n_docs, launch["reverse"])
+        _scan_segments(tot_z, starts[1], init_z, fin_z, doc, n_docs, launch["reverse"])
+    return ch, ch_z
 
 
 def _fwd_impl(q, k, v, cu_seqlens, S0, z0, scale, eps, normalize, based, tile, chunk, seg_tokens, store_final,
@@ -692,7 +735,7 @@ def _fwd_impl(q, k, v, cu_seqlens, S0, z0, scale, eps, normalize, based, tile, c
     dev = q.device
     o = torch.empty_like(v, memory_format=torch.contiguous_format)
     den = torch.empty(b, t, h, dtype=torch.float32, device=dev)
-    S_start = torch.empty(ns_max, h, ft, dv, dtype=torch.float32, device=dev)
+    S_start = torch.empty(ns_max, h, ft, dv, dtype=_state_dtype(q.dtype), device=dev)
     z_start = torch.empty(ns_max, h, fz, dtype=torch.float32, device=dev)
     S_fin = torch.empty(n_docs if store_final else 0, h, ft, dv, dtype=torch.float32, device=dev)
     z_fin = torch.empty(n_docs if store_final else 0, h, fz, dtype=torch.float32, device=dev)
@@ -700,29 +743,21 @@ def _fwd_impl(q, k, v, cu_seqlens, S0, z0, scale, eps, normalize, based, tile, c
     seg, doc, max_per_doc, n_chunks, max_chunks = _segment_tables(cu_seqlens, b, t, seg_tokens, ns_max, chunk, dev)
     mm = _mm_mode(q.dtype)
     has_init = S0 is not None
-    # without an initial state or earlier segments every segment starts from zero: the state kernel starts there by
-    # itself, and S_start is only filled (with zeros) when the backward will recompute the chunk states from it
-    from_zero = max_per_doc == 1 and not has_init
-    if max_per_doc == 1:
-        # each document is one segment: its start state is the initial state
-        if has_init:
-            S_start[:n_docs].copy_(S0)
-            z_start[:n_docs].copy_(z0)
-        elif not save_states:
-            S_start.zero_()
-            z_start.zero_()
-    else:
-        _segment_starts(k, v, den, None, seg, doc, S_start, z_start, S0.contiguous() if has_init else None,
-                        z0.contiguous() if has_init else None, n_docs=n_docs, ns_max=ns_max, h=h, scale=scale,
-                        c_psi=scale, eps=eps, dk=dk, dv=dv, tile=tile, chunk=chunk, reverse=False,
-                        normalize=normalize, based=based, mm=mm)
-    hc, hz = _chunk_states(q, k, v, den, seg, None if from_zero else S_start, None if from_zero else z_start,
-                           ns_max, n_chunks, scale, eps, based, tile, chunk, mm, S_fin if store_final else None,
-                           z_fin if store_final else None)
+    # segments start from zero unless a document has several or an initial state; the segment start states are
+    # then the scan of the segments' totals (which also gives the final state)
+    has_start = max_per_doc > 1 or has_init
+    if has_start:
+        poison(S_start, z_start)
+    hc, hz = _state_pass(k, v, den, None, seg, doc, n_docs=n_docs, n_chunks=n_chunks, store_chunks=True,
+                         starts=(S_start, z_start) if has_start or store_final else None,
+                         init=S0.contiguous() if has_init else None, init_z=z0.contiguous() if has_init else None,
+                         fin=S_fin if store_final else None, fin_z=z_fin if store_final else None,
+                         ns_max=ns_max, h=h, scale=scale, c_psi=scale, eps=eps, dk=dk, dv=dv, tile=tile,
+                         chunk=chunk, reverse=False, normalize=normalize, based=based, mm=mm)
     nvb, meta, tiles = _kernel_args("out", dv, dk, based, tile, dev)
     _out_kernel[(ns_max, max_chunks, h * nvb)](
-        q, k, v, o, den, hc, hz, seg, tiles, h, scale, eps, C=chunk, NORMALIZE=normalize, BASED=based, MM=mm,
-        **meta)
+        q, k, v, o, den, hc, hz, S_start, z_start, seg, tiles, h, scale, eps, C=chunk, NORMALIZE=normalize,
+        BASED=based, MM=mm, HAS_START=has_start, **meta)
     if not save_states:  # new empty tensors: a [:0] view would keep the states' storage alive until the backward
         hc, hz = hc.new_empty((0,) + hc.shape[1:]), hz.new_empty((0,) + hz.shape[1:])
     return o, den, S_start, z_start, S_fin, z_fin, hc, hz
@@ -741,36 +776,33 @@ def _bwd_impl(q, k, v, o, den, S_start, z_start, hc, hz, do, dSf, dzf, cu_seqlen
     mm = _mm_mode(q.dtype)
     do, o = do.contiguous(), o.contiguous()
     c2 = scale * 0.5 if based else scale
+    common = dict(ns_max=ns_max, h=h, scale=scale, eps=eps, dk=dk, dv=dv, tile=tile, chunk=chunk,
+                  normalize=normalize, based=based, mm=mm)
+    has_start = max_per_doc > 1 or has_init
     if hc.shape[0] != n_chunks:  # not saved by the forward: recompute
-        hc, hz = _chunk_states(q, k, v, den, seg, S_start, z_start, ns_max, n_chunks, scale, eps, based, tile,
-                               chunk, mm)
+        hc, hz = _state_pass(k, v, den, None, seg, doc, n_docs=n_docs, n_chunks=n_chunks, store_chunks=True,
+                             starts=None, init=None, init_z=None, fin=None, fin_z=None, c_psi=scale,
+                             reverse=False, **common)
     hbuf = torch.empty(b, t, h, dtype=torch.float32, device=dev)
     poison(hbuf)
     if normalize:
         bt = 64
         _h_kernel[(triton.cdiv(total * h, bt),)](do, o, den, hbuf, total * h, eps, DV=dv,
                                                  DVP=max(16, triton.next_power_of_2(dv)), BT=bt, num_warps=4)
-    common = dict(ns_max=ns_max, h=h, scale=scale, c_psi=c2, eps=eps, dk=dk, dv=dv, tile=tile, chunk=chunk,
-                  reverse=True, normalize=normalize, based=based, mm=mm)
-    R_start = r_start = None
-    if max_per_doc > 1:
-        R_start = torch.empty(ns_max, h, ft, dv, dtype=torch.float32, device=dev)
-        r_start = torch.empty(ns_max, h, fz, dtype=torch.float32, device=dev)
-        _segment_starts(q, do, den, hbuf, seg, doc, R_start, r_start, dSf.contiguous() if dSf is not None else None,
-                        dzf.contiguous() if dzf is not None else None, n_docs=n_docs, **common)
-    elif dSf is not None:
-        # each document is one segment: its reverse start is the final state's gradient
-        R_start = torch.zeros(ns_max, h, ft, dv, dtype=torch.float32, device=dev)
-        r_start = torch.zeros(ns_max, h, fz, dtype=torch.float32, device=dev)
-        R_start[:n_docs].copy_(dSf)
-        r_start[:n_docs].copy_(dzf)
-    rc = torch.empty_like(hc)
-    rz = torch.empty_like(hz)
+    # the reverse segment starts (dL/dS from the later segments and the final state's gradient) and dL/dS_initial
+    has_rstart = max_per_doc > 1 or dSf is not None
+    R_start = torch.empty(ns_max if has_rstart or has_init else 0, h, ft, dv, dtype=_state_dtype(q.dtype),
+                          device=dev)
+    r_start = torch.empty(ns_max if has_rstart or has_init else 0, h, fz, dtype=torch.float32, device=dev)
     dS0 = torch.empty(n_docs if has_init else 0, h, ft, dv, dtype=torch.float32, device=dev)
     dz0 = torch.empty(n_docs if has_init else 0, h, fz, dtype=torch.float32, device=dev)
-    poison(rc, rz, dS0, dz0)
-    _launch_state(q, do, den, hbuf, seg, R_start, r_start, rc, rz, dS0 if has_init else None,
-                  dz0 if has_init else None, end_mode=2 if has_init else 0, end_flag=1, **common)
+    poison(R_start, r_start, dS0, dz0)
+    rc, rz = _state_pass(q, do, den, hbuf, seg, doc, n_docs=n_docs, n_chunks=n_chunks, store_chunks=True,
+                         starts=(R_start, r_start) if has_rstart or has_init else None,
+                         init=dSf.contiguous() if dSf is not None else None,
+                         init_z=dzf.contiguous() if dzf is not None else None,
+                         fin=dS0 if has_init else None, fin_z=dz0 if has_init else None, c_psi=c2, reverse=True,
+                         **common)
     nvb, meta, tiles = _kernel_args("grad", dv, dk, based, tile, dev)
     # dq, dk: in the input dtype from one Dv block, else fp32 partials per block, summed here
     dq, dkk = ((torch.empty(nvb, b, t, h, dk, dtype=torch.float32, device=dev) if nvb > 1
@@ -779,8 +811,9 @@ def _bwd_impl(q, k, v, o, den, S_start, z_start, hc, hz, do, dSf, dzf, cu_seqlen
     dv_ = torch.empty_like(v)
     poison(dq, dkk, dv_)
     _grad_kernel[(ns_max, max_chunks, h * nvb)](
-        q, k, v, do, den, hbuf, hc, hz, rc, rz, dq, dkk, dv_, seg, tiles, h, total * h, scale, eps, C=chunk,
-        NORMALIZE=normalize, BASED=based, MM=mm, **meta)
+        q, k, v, do, den, hbuf, hc, hz, S_start, z_start, rc, rz, R_start, r_start, dq, dkk, dv_, seg, tiles, h,
+        total * h, scale, eps, C=chunk, NORMALIZE=normalize, BASED=based, MM=mm, HAS_START=has_start,
+        HAS_RSTART=has_rstart, **meta)
     if nvb > 1:
         dq, dkk = dq.sum(0).to(q.dtype), dkk.sum(0).to(k.dtype)
     return dq, dkk, dv_, dS0, dz0
@@ -812,9 +845,9 @@ def _op_fwd_fake(q, k, v, cu_seqlens, S0, z0, scale, eps, normalize, based, tile
     nf = n_docs if store_final else 0
     nc = _saved_chunks(save_states, b, t, chunk)
     f32 = torch.float32
-    hdt = torch.bfloat16 if q.dtype == torch.bfloat16 else f32
+    hdt = _state_dtype(q.dtype)
     return (torch.empty_like(v, memory_format=torch.contiguous_format), q.new_empty(b, t, h, dtype=f32),
-            q.new_empty(ns_max, h, ft, dv, dtype=f32), q.new_empty(ns_max, h, fz, dtype=f32),
+            q.new_empty(ns_max, h, ft, dv, dtype=hdt), q.new_empty(ns_max, h, fz, dtype=f32),
             q.new_empty(nf, h, ft, dv, dtype=f32), q.new_empty(nf, h, fz, dtype=f32),
             q.new_empty(nc, h, ft, dv, dtype=hdt), q.new_empty(nc, h, fz, dtype=f32))
 

@@ -77,6 +77,8 @@ CPU_CASES = [
     (1, 70, 1, 64, torch.float32, False, False, True, 16, 32),
     (2, 37, 2, 32, torch.bfloat16, True, True, True, 16, 16),
     (1, 50, 2, 64, torch.bfloat16, False, False, False, 32, None),
+    # one segment per document, started from the given state (and reversed from the final state's gradient)
+    (2, 40, 2, 32, torch.float32, True, True, True, 16, 64),
 ]
 GPU_CASES = [
     (2, 2048, 4, 64, torch.bfloat16, True, False, False, 64, None),
