@@ -173,6 +173,18 @@ def _quad(x, M, C: tl.constexpr, DK: tl.constexpr):
 
 
 @triton.jit
+def _walk_step(it, nch, t0, t1, C: tl.constexpr, REVERSE: tl.constexpr):
+    # step `it` of a state program's walk over its segment's nch chunks (reversed: from the last): the chunk index,
+    # its tokens and their validity
+    if REVERSE:
+        j = nch - 1 - it
+    else:
+        j = it
+    tok = t0 + j * C + tl.arange(0, C)
+    return j, tok, tok < t1
+
+
+@triton.jit
 def _state_y(y_ptr, den_ptr, tok, tmask, hh, cv, vmask, H, eps, DV: tl.constexpr, REVERSE: tl.constexpr,
              NORMALIZE: tl.constexpr):
     # [C, BV] fp32 rows of y: forward v; reverse g = do / (den + eps)
@@ -214,7 +226,6 @@ def _state_kernel(x_ptr, y_ptr, den_ptr, h_ptr, seg_ptr, tile_ptr, ch_ptr, chz_p
     t1 = tl.load(seg_ptr + sid * 3 + 1)
     cbase = tl.load(seg_ptr + sid * 3 + 2)
     F: tl.constexpr = DK * DK
-    c = tl.arange(0, C)
     d = tl.arange(0, DK)
     cv = vb * BV + tl.arange(0, BV)
     vmask = cv < DV
@@ -230,14 +241,9 @@ def _state_kernel(x_ptr, y_ptr, den_ptr, h_ptr, seg_ptr, tile_ptr, ch_ptr, chz_p
         rows = ((fb * BK + tl.arange(0, BK)) * DV)[:, None] + cv[None, :]
         S = tl.zeros([BK, BV], dtype=tl.float32)
         for it in range(nch):
-            if REVERSE:
-                j = nch - 1 - it
-            else:
-                j = it
+            j, tok, tmask = _walk_step(it, nch, t0, t1, C, REVERSE)
             if STORE_CHUNKS:
                 tl.store(ch_ptr + ((cbase + j) * H + hh) * FT * DV + rows, S.to(st_ty), mask=vmask[None, :])
-            tok = t0 + j * C + c
-            tmask = tok < t1
             yv = _state_y(y_ptr, den_ptr, tok, tmask, hh, cv, vmask, H, eps, DV, REVERSE, NORMALIZE)
             S = _mm(_psi_block_t(x_ptr, (tok * H + hh) * DK, tmask, ti, tj, C, TS) * cpsi, yv, S, MM)
         if STORE_TOTAL:
@@ -250,18 +256,13 @@ def _state_kernel(x_ptr, y_ptr, den_ptr, h_ptr, seg_ptr, tile_ptr, ch_ptr, chz_p
             z1 = tl.zeros([DK], dtype=tl.float32)
             z0 = tl.zeros([1], dtype=tl.float32)
             for it in range(nch):
-                if REVERSE:
-                    j = nch - 1 - it
-                else:
-                    j = it
+                j, tok, tmask = _walk_step(it, nch, t0, t1, C, REVERSE)
                 if STORE_CHUNKS:
                     cz = ((cbase + j) * H + hh) * FZ
                     tl.store(chz_ptr + cz + zrows, zm)
                     if BASED:
                         tl.store(chz_ptr + cz + F + d, z1)
                         tl.store(chz_ptr + cz + F + DK + tl.arange(0, 1), z0)
-                tok = t0 + j * C + c
-                tmask = tok < t1
                 if REVERSE:  # h: the gradient reaching the normaliser (none without normalising)
                     w = tl.zeros([C], dtype=tl.float32)
                     if NORMALIZE:
@@ -287,16 +288,11 @@ def _state_kernel(x_ptr, y_ptr, den_ptr, h_ptr, seg_ptr, tile_ptr, ch_ptr, chz_p
         S1 = tl.zeros([DK, BV], dtype=tl.float32)
         S0 = tl.zeros([BV], dtype=tl.float32)
         for it in range(nch):
-            if REVERSE:
-                j = nch - 1 - it
-            else:
-                j = it
+            j, tok, tmask = _walk_step(it, nch, t0, t1, C, REVERSE)
             if STORE_CHUNKS:
                 cb = ((cbase + j) * H + hh) * FT * DV
                 tl.store(ch_ptr + cb + rows1, S1.to(st_ty), mask=vmask[None, :])
                 tl.store(ch_ptr + cb + rows0, S0.to(st_ty), mask=vmask)
-            tok = t0 + j * C + c
-            tmask = tok < t1
             yv = _state_y(y_ptr, den_ptr, tok, tmask, hh, cv, vmask, H, eps, DV, REVERSE, NORMALIZE)
             xT = tl.load(x_ptr + ((tok * H + hh) * DK)[None, :] + d[:, None], mask=tmask[None, :],
                          other=0.0).to(tl.float32)
