@@ -76,14 +76,8 @@ def timing(kind: str, t: int) -> tuple:
 def profile(kind: str, t: int) -> list:
     """CUDA time per kernel name (ms per fwd+bwd call) for `kind` at length t."""
     import torch
-    import kernels
-    fn = kernels.rebased_attention if kind == "rebased" else kernels.based_attention
-    q, k, v, do = _inputs(max(1, TOKENS // t), t, HEADS, DV, torch.bfloat16, seed=t)
-
-    def step():
-        o = fn(q, k, v, backend="triton")[0]
-        torch.autograd.grad(o, (q, k, v), do)
-
+    from kernels_speed import linear_calls
+    step = linear_calls(kind, t)[1]
     for _ in range(3):
         step()
     torch.cuda.synchronize()

@@ -200,8 +200,7 @@ def _state_kernel(x_ptr, y_ptr, den_ptr, h_ptr, seg_ptr, tile_ptr, ch_ptr, chz_p
                   H, scale, c_psi, eps,
                   DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, NVB: tl.constexpr, TS: tl.constexpr,
                   C: tl.constexpr, F2: tl.constexpr, FT: tl.constexpr, FZ: tl.constexpr, REVERSE: tl.constexpr,
-                  NORMALIZE: tl.constexpr, BASED: tl.constexpr, MM: tl.constexpr, STORE_CHUNKS: tl.constexpr,
-                  STORE_TOTAL: tl.constexpr):
+                  NORMALIZE: tl.constexpr, BASED: tl.constexpr, MM: tl.constexpr, STORE_TOTAL: tl.constexpr):
     """One segment's state S = sum_t phi(x_t) y_t^T and z = sum_t phi(x_t) w_t, from zero at the segment's start (its
     end, reversed): the segment's own part, to which the output and gradient kernels add the segment's start state.
 
@@ -242,8 +241,7 @@ def _state_kernel(x_ptr, y_ptr, den_ptr, h_ptr, seg_ptr, tile_ptr, ch_ptr, chz_p
         S = tl.zeros([BK, BV], dtype=tl.float32)
         for it in range(nch):
             j, tok, tmask = _walk_step(it, nch, t0, t1, C, REVERSE)
-            if STORE_CHUNKS:
-                tl.store(ch_ptr + ((cbase + j) * H + hh) * FT * DV + rows, S.to(st_ty), mask=vmask[None, :])
+            tl.store(ch_ptr + ((cbase + j) * H + hh) * FT * DV + rows, S.to(st_ty), mask=vmask[None, :])
             yv = _state_y(y_ptr, den_ptr, tok, tmask, hh, cv, vmask, H, eps, DV, REVERSE, NORMALIZE)
             S = _mm(_psi_block_t(x_ptr, (tok * H + hh) * DK, tmask, ti, tj, C, TS) * cpsi, yv, S, MM)
         if STORE_TOTAL:
@@ -257,12 +255,11 @@ def _state_kernel(x_ptr, y_ptr, den_ptr, h_ptr, seg_ptr, tile_ptr, ch_ptr, chz_p
             z0 = tl.zeros([1], dtype=tl.float32)
             for it in range(nch):
                 j, tok, tmask = _walk_step(it, nch, t0, t1, C, REVERSE)
-                if STORE_CHUNKS:
-                    cz = ((cbase + j) * H + hh) * FZ
-                    tl.store(chz_ptr + cz + zrows, zm)
-                    if BASED:
-                        tl.store(chz_ptr + cz + F + d, z1)
-                        tl.store(chz_ptr + cz + F + DK + tl.arange(0, 1), z0)
+                cz = ((cbase + j) * H + hh) * FZ
+                tl.store(chz_ptr + cz + zrows, zm)
+                if BASED:
+                    tl.store(chz_ptr + cz + F + d, z1)
+                    tl.store(chz_ptr + cz + F + DK + tl.arange(0, 1), z0)
                 if REVERSE:  # h: the gradient reaching the normaliser (none without normalising)
                     w = tl.zeros([C], dtype=tl.float32)
                     if NORMALIZE:
@@ -289,10 +286,9 @@ def _state_kernel(x_ptr, y_ptr, den_ptr, h_ptr, seg_ptr, tile_ptr, ch_ptr, chz_p
         S0 = tl.zeros([BV], dtype=tl.float32)
         for it in range(nch):
             j, tok, tmask = _walk_step(it, nch, t0, t1, C, REVERSE)
-            if STORE_CHUNKS:
-                cb = ((cbase + j) * H + hh) * FT * DV
-                tl.store(ch_ptr + cb + rows1, S1.to(st_ty), mask=vmask[None, :])
-                tl.store(ch_ptr + cb + rows0, S0.to(st_ty), mask=vmask)
+            cb = ((cbase + j) * H + hh) * FT * DV
+            tl.store(ch_ptr + cb + rows1, S1.to(st_ty), mask=vmask[None, :])
+            tl.store(ch_ptr + cb + rows0, S0.to(st_ty), mask=vmask)
             yv = _state_y(y_ptr, den_ptr, tok, tmask, hh, cv, vmask, H, eps, DV, REVERSE, NORMALIZE)
             xT = tl.load(x_ptr + ((tok * H + hh) * DK)[None, :] + d[:, None], mask=tmask[None, :],
                          other=0.0).to(tl.float32)
@@ -674,11 +670,10 @@ def _launch_state(x, y, den, hbuf, seg, ch, ch_z, tot, tot_z, *, ns_max, h, scal
     nvb, meta, tiles = _kernel_args("state", dv, dk, based, tile, x.device)
     dummy = den
     _state_kernel[(ns_max * h * (tiles.shape[0] + 1 + based) * nvb,)](
-        x, y, den, hbuf if hbuf is not None else dummy, seg, tiles,
-        ch if ch is not None else dummy, ch_z if ch_z is not None else dummy,
+        x, y, den, hbuf if hbuf is not None else dummy, seg, tiles, ch, ch_z,
         tot if tot is not None else dummy, tot_z if tot_z is not None else dummy,
         h, scale, c_psi, eps, C=chunk, REVERSE=reverse, NORMALIZE=normalize, BASED=based, MM=mm,
-        STORE_CHUNKS=ch is not None, STORE_TOTAL=tot is not None, **meta)
+        STORE_TOTAL=tot is not None, **meta)
 
 
 def _scan_segments(tot, start, init, fin, doc, n_docs, reverse):
@@ -697,26 +692,24 @@ def _state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
-def _state_pass(x, y, den, hbuf, seg, doc, *, n_docs, n_chunks, store_chunks, starts, init, init_z, fin, fin_z,
-                **launch):
-    """One state kernel pass over every segment: the per-chunk states from the segment's own tokens ((hc, hz), or
-    (None, None) without store_chunks) and, with starts = (start, start_z), each segment's start state from init
-    and the document's earlier segments (the scan of the segments' totals), and the documents' sums into fin."""
+def _state_pass(x, y, den, hbuf, seg, doc, *, n_docs, n_chunks, starts=None, init=None, fin=None, **launch):
+    """One state kernel pass over every segment: the per-chunk states (hc, hz) from the segment's own tokens and,
+    with starts = (start, start_z), each segment's start state from init = (S, z) and the document's earlier
+    segments (the scan of the segments' totals), and the documents' sums into fin = (S, z)."""
     h, dk, dv, based, tile = (launch[k] for k in ("h", "dk", "dv", "based", "tile"))
     _, _, ft, fz = _layout(based, dk, tile)
-    ch = ch_z = tot = tot_z = None
-    if store_chunks:
-        ch = torch.empty(n_chunks, h, ft, dv, dtype=_state_dtype(x.dtype), device=x.device)
-        ch_z = torch.empty(n_chunks, h, fz, dtype=torch.float32, device=x.device)
-        poison(ch, ch_z)
+    ch = torch.empty(n_chunks, h, ft, dv, dtype=_state_dtype(x.dtype), device=x.device)
+    ch_z = torch.empty(n_chunks, h, fz, dtype=torch.float32, device=x.device)
+    poison(ch, ch_z)
+    totals = None
+    if starts is not None:  # the segments' totals (fp32) of the state rows and of the normaliser
+        totals = (torch.empty(starts[0].shape, dtype=torch.float32, device=x.device), torch.empty_like(starts[1]))
+        poison(*totals)
+    _launch_state(x, y, den, hbuf, seg, ch, ch_z, *(totals or (None, None)), **launch)
     if starts is not None:
-        tot = torch.empty(starts[0].shape, dtype=torch.float32, device=x.device)
-        tot_z = torch.empty_like(starts[1])
-        poison(tot, tot_z)
-    _launch_state(x, y, den, hbuf, seg, ch, ch_z, tot, tot_z, **launch)
-    if starts is not None:
-        _scan_segments(tot, starts[0], init, fin, doc, n_docs, launch["reverse"])
-        _scan_segments(tot_z, starts[1], init_z, fin_z, doc, n_docs, launch["reverse"])
+        for i in range(2):  # the state rows, then the normaliser
+            _scan_segments(totals[i], starts[i], init[i].contiguous() if init is not None else None,
+                           fin[i] if fin is not None else None, doc, n_docs, launch["reverse"])
     return ch, ch_z
 
 
@@ -744,10 +737,9 @@ def _fwd_impl(q, k, v, cu_seqlens, S0, z0, scale, eps, normalize, based, tile, c
     has_start = max_per_doc > 1 or has_init
     if has_start:
         poison(S_start, z_start)
-    hc, hz = _state_pass(k, v, den, None, seg, doc, n_docs=n_docs, n_chunks=n_chunks, store_chunks=True,
+    hc, hz = _state_pass(k, v, den, None, seg, doc, n_docs=n_docs, n_chunks=n_chunks,
                          starts=(S_start, z_start) if has_start or store_final else None,
-                         init=S0.contiguous() if has_init else None, init_z=z0.contiguous() if has_init else None,
-                         fin=S_fin if store_final else None, fin_z=z_fin if store_final else None,
+                         init=(S0, z0) if has_init else None, fin=(S_fin, z_fin) if store_final else None,
                          ns_max=ns_max, h=h, scale=scale, c_psi=scale, eps=eps, dk=dk, dv=dv, tile=tile,
                          chunk=chunk, reverse=False, normalize=normalize, based=based, mm=mm)
     nvb, meta, tiles = _kernel_args("out", dv, dk, based, tile, dev)
@@ -776,8 +768,7 @@ def _bwd_impl(q, k, v, o, den, S_start, z_start, hc, hz, do, dSf, dzf, cu_seqlen
                   normalize=normalize, based=based, mm=mm)
     has_start = max_per_doc > 1 or has_init
     if hc.shape[0] != n_chunks:  # not saved by the forward: recompute
-        hc, hz = _state_pass(k, v, den, None, seg, doc, n_docs=n_docs, n_chunks=n_chunks, store_chunks=True,
-                             starts=None, init=None, init_z=None, fin=None, fin_z=None, c_psi=scale,
+        hc, hz = _state_pass(k, v, den, None, seg, doc, n_docs=n_docs, n_chunks=n_chunks, c_psi=scale,
                              reverse=False, **common)
     hbuf = torch.empty(b, t, h, dtype=torch.float32, device=dev)
     poison(hbuf)
@@ -793,12 +784,10 @@ def _bwd_impl(q, k, v, o, den, S_start, z_start, hc, hz, do, dSf, dzf, cu_seqlen
     dS0 = torch.empty(n_docs if has_init else 0, h, ft, dv, dtype=torch.float32, device=dev)
     dz0 = torch.empty(n_docs if has_init else 0, h, fz, dtype=torch.float32, device=dev)
     poison(R_start, r_start, dS0, dz0)
-    rc, rz = _state_pass(q, do, den, hbuf, seg, doc, n_docs=n_docs, n_chunks=n_chunks, store_chunks=True,
+    rc, rz = _state_pass(q, do, den, hbuf, seg, doc, n_docs=n_docs, n_chunks=n_chunks,
                          starts=(R_start, r_start) if has_rstart or has_init else None,
-                         init=dSf.contiguous() if dSf is not None else None,
-                         init_z=dzf.contiguous() if dzf is not None else None,
-                         fin=dS0 if has_init else None, fin_z=dz0 if has_init else None, c_psi=c2, reverse=True,
-                         **common)
+                         init=(dSf, dzf) if dSf is not None else None, fin=(dS0, dz0) if has_init else None,
+                         c_psi=c2, reverse=True, **common)
     nvb, meta, tiles = _kernel_args("grad", dv, dk, based, tile, dev)
     # dq, dk: in the input dtype from one Dv block, else fp32 partials per block, summed here
     dq, dkk = ((torch.empty(nvb, b, t, h, dk, dtype=torch.float32, device=dev) if nvb > 1
