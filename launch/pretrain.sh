@@ -3,7 +3,8 @@
 #
 # One node by default; the process count is the number of GPUs found (1 without GPUs).
 #   strategy single     python -m pretrain.train (one process)
-#   strategy ddp|fsdp   torchrun (c10d rendezvous; several nodes with NNODES/NODE_RANK/MASTER_ADDR)
+#   strategy ddp|fsdp   torchrun (python -m pretrain.torchrun: c10d rendezvous, several nodes with NNODES/NODE_RANK/
+#                       MASTER_ADDR; exits with the trainer's code, forwards SIGUSR1/SIGTERM to the workers)
 #   strategy deepspeed  the `deepspeed` launcher (respects HOSTFILE for several nodes); torchrun on CPU
 #
 # Environment (all optional):
@@ -15,7 +16,7 @@
 #   PEAK_TFLOPS     peak device TFLOP/s for MFU when the GPU is not in the built-in table
 set -euo pipefail
 if [ $# -lt 1 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
-  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0
+  sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0
 fi
 CONFIG="$1"; shift
 # shellcheck disable=SC1091
@@ -55,9 +56,9 @@ case "$launcher" in
     exec python -m pretrain.train --config "$CONFIG" "$@" ;;
   torchrun)
     if [ "$nnodes" -eq 1 ] && [ -z "${MASTER_ADDR:-}" ]; then
-      exec torchrun --standalone --nproc_per_node "$nproc" -m pretrain.train --config "$CONFIG" "$@"
+      exec python -m pretrain.torchrun --standalone --nproc_per_node "$nproc" -m pretrain.train --config "$CONFIG" "$@"
     fi
-    exec torchrun --nnodes "$nnodes" --nproc_per_node "$nproc" \
+    exec python -m pretrain.torchrun --nnodes "$nnodes" --nproc_per_node "$nproc" \
       --rdzv_backend c10d --rdzv_endpoint "${MASTER_ADDR}:$port" --rdzv_id "${RDZV_ID:-pretrain}" \
       -m pretrain.train --config "$CONFIG" "$@" ;;
   deepspeed)

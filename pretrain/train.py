@@ -34,11 +34,24 @@ log = logging.getLogger("pretrain")
 
 EXIT_NONFINITE = 3
 EXIT_CONFIG = 2
+ERROR_DIR_ENV = "REBASED_ERROR_DIR"
 _TEST_STEP_SLEEP = float(os.environ.get("REBASED_TEST_STEP_SLEEP", "0"))
 
 
 class NonFiniteError(RuntimeError):
     pass
+
+
+def report_error(code: int, message: str) -> None:
+    """Our one-line message for exit code ``code``. Under a launcher that collects the ranks' messages (it sets
+    REBASED_ERROR_DIR: ``pretrain.torchrun``, ``launch/slurm/pretrain.sbatch``) it goes to a file per rank and the
+    launcher prints each distinct one once; otherwise this process prints it."""
+    folder = os.environ.get(ERROR_DIR_ENV)
+    if not folder:
+        print(message, file=sys.stderr, flush=True)
+        return
+    with open(os.path.join(folder, f"rank-{int(os.environ.get('RANK', '0')):05d}"), "w") as f:
+        f.write(f"{code}\t{message}\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -442,8 +455,7 @@ class Trainer:
                     self.save("periodic")
                     window_t0 = time.perf_counter()
         except NonFiniteError as e:
-            metrics.info(f"ERROR: {e}")
-            log.error("%s", e)
+            report_error(EXIT_NONFINITE, f"error: {e}")
             exit_code = EXIT_NONFINITE
         if exit_code == 0:
             if cfg.data.valid and (not t.eval_every or self.step % t.eval_every != 0):
@@ -483,7 +495,7 @@ def main(argv=None) -> int:
         cfg = load_config(RunConfig, args.config, args.overrides)
         trainer = Trainer(cfg)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        report_error(EXIT_CONFIG, f"config error: {e}")
         return EXIT_CONFIG
     if trainer.rank != 0:
         logging.getLogger("pretrain").setLevel(logging.WARNING)

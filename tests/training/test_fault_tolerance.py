@@ -245,7 +245,7 @@ def test_too_many_nonfinite_steps_in_a_row_stop_the_run(shards, tmp_path, nproc,
     else:
         assert p.returncode != 0 and "exitcode  : 3" in p.stderr, p.stderr[-3000:]
     assert ("stopping at step 12: 3 non-finite steps in a row (training.max_nonfinite_in_a_row=3); the last "
-            f"checkpoint is {root / 'step_00000010'}") in p.stdout
+            f"checkpoint is {root / 'step_00000010'}") in p.stderr
     got = losses(out)
     assert sorted(got) == list(range(1, 13)), "nothing after the stopping step"
     assert [got[s]["skipped_steps"] for s in (9, 10, 11, 12)] == [0, 1, 2, 3]
