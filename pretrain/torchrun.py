@@ -11,7 +11,8 @@ depends on (``launch/pretrain.sh`` and ``launch/slurm/pretrain.sbatch`` start th
 * Signals. SIGUSR1 and SIGTERM reaching the launcher are forwarded to the workers, which save a checkpoint and
   exit 0, and the launcher waits for them and exits 0 too. (torchrun dies on SIGUSR1 and leaves the workers
   running; on SIGTERM it exits 1 and kills the workers after its shutdown timeout, saved or not.) A signal that
-  arrives before any worker runs stops the launcher with 128 + the signal's number.
+  arrives before any worker runs stops the launcher with 128 + the signal's number; like torchrun's own handlers,
+  it is acted on once the agent is back in Python, so during a rendezvous only when the rendezvous returns.
 """
 
 from __future__ import annotations
