@@ -24,6 +24,7 @@ NODES="${REBASED_SLURM_NODES:-2}"
 CONF="$DIR/slurm.conf"
 SOCKET="$DIR/munge/munge.socket"
 export SLURM_CONF="$CONF"
+export PATH="$PATH:/usr/sbin:/sbin"  # the daemons live there; a user's PATH may not have it
 
 die() { echo "local_cluster: $*" >&2; exit 1; }
 node_names() { for ((i = 1; i <= NODES; i++)); do echo "n$i"; done; }
