@@ -82,11 +82,6 @@ class Job:
         tasks = sorted((int(re.search(r"ArrayTaskId=(\d+)", x)[1]), re.search(r"JobState=(\S+)", x)[1]) for x in lines)
         return [state for _, state in tasks]
 
-    def release(self):
-        """A requeued job waits Slurm's credential lifetime (cred_expire, 120 s) before it may start: start now."""
-        self.wait({"PENDING"}, Reason="BeginTime")
-        slurm("scontrol", "update", f"JobId={self.id}", "StartTime=now")
-
     def steps(self) -> list[str]:
         """Its running job steps other than the batch script (e.g. ``42.0``)."""
         return [s for s in slurm("squeue", "-h", "-s", "-j", self.id, "-o", "%i").split()

@@ -57,7 +57,6 @@ def test_preempt_requeue_and_hard_kill_resume_exactly(tmp_path, shards, referenc
         assert meta["reason"] == "signal" and at <= saved1 <= 6, context
         log = job.log()
         assert "caught SIGUSR1" in log and f"requeueing job {job.id}" in log, log[-3000:]
-        job.release()
 
         # 2. scontrol requeue: Slurm sends SIGTERM to the job; the trainers save, Slurm starts it again
         at = rng.randint(saved1 + 2, 8)
@@ -68,7 +67,6 @@ def test_preempt_requeue_and_hard_kill_resume_exactly(tmp_path, shards, referenc
         saved2, meta = newest_checkpoint(out)
         context += f", scontrol requeue after step {at}"
         assert meta["reason"] == "signal" and at <= saved2 < 10, context
-        job.release()
 
         # 3. the trainers killed hard after the periodic save of step 10: nothing is saved, the job fails; requeued,
         # it resumes from that checkpoint
@@ -81,9 +79,8 @@ def test_preempt_requeue_and_hard_kill_resume_exactly(tmp_path, shards, referenc
         saved3, meta = newest_checkpoint(out)
         assert (saved3, meta["reason"]) == (10, "periodic"), context
         slurm("scontrol", "requeue", job.id)
-        job.release()
 
-        info = job.wait({"COMPLETED", "FAILED"})
+        info = job.wait({"COMPLETED", "FAILED"}, Restarts="3")
     finally:
         job.cancel()
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "3"), job.log()[-4000:]
