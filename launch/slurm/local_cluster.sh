@@ -54,6 +54,8 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SlurmdParameters=config_overrides
 SchedulerType=sched/backfill
+# the main scheduling pass every second (default 60 s): it starts a requeued job once its BeginTime has passed
+SchedulerParameters=sched_interval=1
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 MpiDefault=none
