@@ -81,16 +81,19 @@ class LinearAttention(nn.Module):
         self.kind, self.num_heads, self.feature_dim, self.eps = kind, sub.num_heads, sub.feature_dim, sub.eps
         d = cfg.d_model
         self.value_heads = sub.value_heads or sub.num_heads
-        head_dim = d // self.value_heads
+        head_dim = cfg.value_head_dim(kind)
         self.q_proj = nn.Linear(d, sub.num_heads * sub.feature_dim, bias=False)
         self.k_proj = nn.Linear(d, sub.num_heads * sub.feature_dim, bias=False)
-        self.v_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, self.value_heads * head_dim, bias=False)
         self.o_proj = nn.Linear(sub.num_heads * head_dim, d, bias=False)
-        self.feature_map = (
-            FeatureMap(sub.num_heads, sub.feature_dim, use_gamma=sub.use_gamma, use_beta=sub.use_beta,
-                       normalize=sub.normalize, norm_scope=sub.norm_scope)
-            if kind == "rebased" else None
-        )
+        self.feature_map = self.k_feature_map = None
+        if kind == "rebased":
+            def feature_map():
+                return FeatureMap(sub.num_heads, sub.feature_dim, use_gamma=sub.use_gamma, use_beta=sub.use_beta,
+                                  normalize=sub.normalize, norm_scope=sub.norm_scope)
+
+            self.feature_map = feature_map()  # q's, and k's too unless k has its own
+            self.k_feature_map = feature_map() if sub.qk_feature_map == "separate" else None
         self.attention = kernels.rebased_attention if kind == "rebased" else kernels.based_attention
 
     def forward(self, x, *, positions=None, cu_seqlens=None, cache: RecurrentCache | None = None):
@@ -102,7 +105,8 @@ class LinearAttention(nn.Module):
         if self.value_heads != H:  # each value head is shared by H / value_heads consecutive q/k heads
             v = v.repeat_interleave(H // self.value_heads, dim=2)
         if self.feature_map is not None:
-            q, k = self.feature_map(q), self.feature_map(k)
+            k_map = self.feature_map if self.k_feature_map is None else self.k_feature_map
+            q, k = self.feature_map(q), k_map(k)
         # under autocast the LayerNorm of the feature map runs in fp32 while v is bf16: the kernels take one dtype
         q, k = q.to(v.dtype), k.to(v.dtype)
         decoding = cache is not None and cache.state is not None and T == 1
@@ -127,8 +131,19 @@ class ShortConv(nn.Module):
         d, k = cfg.d_model, cfg.short_conv.kernel_size
         self.proj = nn.Linear(d, d)
         self.conv_weight = nn.Parameter(torch.empty(d, k))
-        self.conv_bias = nn.Parameter(torch.zeros(d))
-        nn.init.uniform_(self.conv_weight, -(k ** -0.5), k ** -0.5)  # Conv1d's default fan-in bound
+        self.conv_bias = nn.Parameter(torch.empty(d))
+        self.reset_conv(bias_like_conv1d=cfg.init_scheme == "zoology")
+
+    @torch.no_grad()
+    def reset_conv(self, bias_like_conv1d: bool):
+        """Conv1d's default: weight and bias uniform in ±1/sqrt(fan in), fan in = kernel size (depthwise); or a
+        zero bias."""
+        bound = self.conv_weight.shape[1] ** -0.5
+        nn.init.uniform_(self.conv_weight, -bound, bound)
+        if bias_like_conv1d:
+            nn.init.uniform_(self.conv_bias, -bound, bound)
+        else:
+            nn.init.zeros_(self.conv_bias)
 
     def forward(self, x, *, positions=None, cu_seqlens=None, cache: RecurrentCache | None = None):
         y, final = kernels.short_conv(

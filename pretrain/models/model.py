@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from pretrain.models.config import ModelConfig
 from pretrain.models.layers import build_mlp, build_norm
 from pretrain.models.loss import DEFAULT_CHUNK_TOKENS, chunked_cross_entropy
-from pretrain.models.mixers import build_mixer, new_cache
+from pretrain.models.mixers import LinearAttention, ShortConv, build_mixer, new_cache
 
 
 @dataclass
@@ -62,6 +62,7 @@ class CausalLM(nn.Module):
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.learned_positions else None
+        self.embed_dropout = nn.Dropout(cfg.embed_dropout) if cfg.embed_dropout > 0 else None
         self.blocks = nn.ModuleList(Block(cfg, kind) for kind in cfg.layers)
         self.final_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
         self.lm_head = LMHead(cfg.d_model, cfg.vocab_size, bias=False)
@@ -72,16 +73,22 @@ class CausalLM(nn.Module):
     @torch.no_grad()
     def reset_parameters(self):
         std = self.config.init_std
-        # Projections that write into the residual stream are scaled down with depth (GPT-2).
+        zoology = self.config.init_scheme == "zoology"
+        # Projections that write into the residual stream are scaled down with depth (GPT-2). The zoology scheme
+        # scales only what the original code's name list matches: softmax attention's output and the MLP's down
+        # projection, not the linear-attention output projection.
         residual_std = std / math.sqrt(2 * len(self.blocks))
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
-                is_out = name.endswith(("o_proj", "down_proj"))
-                nn.init.normal_(module.weight, std=residual_std if is_out else std)
+                scaled = name.endswith("down_proj") or (name.endswith("o_proj") and not (
+                    zoology and isinstance(self.get_submodule(name.rsplit(".", 1)[0]), LinearAttention)))
+                nn.init.normal_(module.weight, std=residual_std if scaled else std)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, ShortConv):
+                module.reset_conv(bias_like_conv1d=zoology)
 
     def init_cache(self) -> ModelCache:
         return ModelCache(layers=[new_cache(kind, self.config) for kind in self.config.layers])
@@ -111,8 +118,11 @@ class CausalLM(nn.Module):
         return self.lm_head(x, labels, ignore_index=ignore_index, reduction=reduction, chunk_tokens=loss_chunk_tokens)
 
     def hidden_states(self, input_ids: torch.Tensor, *, cu_seqlens=None, cache: ModelCache | None = None,
-                      checkpoint_fn=None) -> torch.Tensor:
-        """The final-norm output [B, T, d_model] that the LM head reads (arguments as ``forward``)."""
+                      checkpoint_fn=None, select: torch.Tensor | None = None) -> torch.Tensor:
+        """The final-norm output [B, T, d_model] that the LM head reads (arguments as ``forward``).
+
+        select: [B, N] positions; only their states are normed and returned ([B, N, d_model]): a head applied
+        to a few positions (MQAR's queries) never touches the others."""
         B, T = input_ids.shape
         if cu_seqlens is not None and (B != 1 or cache is not None):
             raise ValueError("cu_seqlens needs a packed batch of one ([1, T] input_ids) and no cache")
@@ -120,9 +130,13 @@ class CausalLM(nn.Module):
         positions = self._positions(T, input_ids.device, cu_seqlens, offset)
         x = self.embed(input_ids)
         if self.pos_embed is not None:
-            if int(positions.max()) >= self.config.max_seq_len:
-                raise ValueError(f"position {int(positions.max())} exceeds max_seq_len={self.config.max_seq_len}")
+            # without documents the last position is known on the host (no device sync, no graph break)
+            last = offset + T - 1 if cu_seqlens is None else int(positions.max())
+            if last >= self.config.max_seq_len:
+                raise ValueError(f"position {last} exceeds max_seq_len={self.config.max_seq_len}")
             x = x + self.pos_embed(positions)
+        if self.embed_dropout is not None:
+            x = self.embed_dropout(x)
         for i, block in enumerate(self.blocks):
             layer_cache = cache.layers[i] if cache is not None else None
             if checkpoint_fn is not None and layer_cache is None:
@@ -131,6 +145,8 @@ class CausalLM(nn.Module):
                 x = block(x, positions, cu_seqlens, layer_cache)
         if cache is not None:
             cache.seen_tokens += T
+        if select is not None:
+            x = x.gather(1, select[..., None].expand(-1, -1, x.shape[-1]))
         return self.final_norm(x)
 
     def loss(self, input_ids, labels, *, cu_seqlens=None, ignore_index: int = -100, checkpoint_fn=None,

@@ -5,8 +5,8 @@
     python -m pretrain.mqar.sweep --out runs/mqar --slurm-array       # write an sbatch array script
     python -m pretrain.mqar.sweep --out runs/mqar --task-index 7      # run setting 7 only (what the array runs)
 
-The default grid is the ReBased paper's: mixers rebased, based; d_model 64, 128; seq_len 256, 512, 1024, 2048;
-lr 5e-4, 1e-3, 3e-3, 1e-2; seeds 0, 1 (128 runs). Extra ``key=value`` overrides go to every run (e.g.
+The default grid is the ReBased paper's figure: mixers rebased, based; d_model 64, 128, 256, 512; seq_len 128,
+256, 512, 1024, 2048; lr 5e-4, 1e-3, 3e-3, 1e-2; one seed (160 runs; the paper averaged 5 seeds: ``--seeds``). Extra ``key=value`` overrides go to every run (e.g.
 ``train.max_epochs=4``; anywhere on the command line, or after ``--``); the grid's own keys (model.mixer,
 model.d_model, data.seq_len, train.lr, train.seed) are set by the grid flags instead. Setting i is the i-th of
 the nested loops mixer > d_model > seq_len > lr > seed, so an index names the same setting as long as the grid
@@ -49,18 +49,21 @@ from pretrain.mqar.results import read_result
 
 DEFAULT_CONFIG = "configs/mqar/base.yaml"
 DEFAULT_MIXERS = ("rebased", "based")
-DEFAULT_D_MODELS = (64, 128)
-DEFAULT_SEQ_LENS = (256, 512, 1024, 2048)
+DEFAULT_D_MODELS = (64, 128, 256, 512)
+DEFAULT_SEQ_LENS = (128, 256, 512, 1024, 2048)
 DEFAULT_LRS = (5e-4, 1e-3, 3e-3, 1e-2)
-DEFAULT_SEEDS = (0, 1)
+DEFAULT_SEEDS = (0,)
 
 GRID_KEYS = ("model.mixer", "model.d_model", "data.seq_len", "train.lr", "train.seed")
 # Set by the sweep itself: the result path, and no progress bars in log files (an override may turn them back on).
 RESERVED_KEYS = (*GRID_KEYS, "output", "name")
 SWEEP_DEFAULT_OVERRIDES = ("log.tqdm=false",)
 # Config keys that do not change what a run computes: a result differing only in these is still current.
+# (How a run is split into micro-batches, compiled and checkpointed changes rounding at most: the loss is the exact
+# mean over each batch's query tokens either way.)
 NON_RESULT_KEYS = ("output", "name", "log", "data.cache_dir", "train.device", "train.num_threads",
-                   "train.eval_batch_size")
+                   "train.eval_batch_size", "train.micro_batch_size", "train.micro_batch_tokens", "train.compile",
+                   "train.loss_chunk_rows", "train.checkpoint")
 
 DEFAULT_SLURM_OPTIONS = {"job-name": "mqar", "nodes": "1", "ntasks": "1", "gpus": "1", "cpus-per-task": "8",
                          "time": "08:00:00"}

@@ -198,6 +198,46 @@ def test_value_heads_share_one_wide_value():
     assert_close(torch.cat([model(ids[:, t:t + 1], cache=cache) for t in range(6)], 1), model(ids))
 
 
+@pytest.mark.parametrize("kind", ["rebased", "based"])
+def test_value_heads_of_floor_width_decode_like_the_full_pass(kind):
+    """d_model 32 over 3 value heads: heads of 10, projections 30 wide (the original MQAR code's rule); the
+    identity second sub-layer, separate q/k maps and embedding dropout (off in eval) keep the cache exact."""
+    cfg = small_config([kind, "short_conv"], mlp="identity", embed_dropout=0.1, init_scheme="zoology",
+                       **{kind: {"num_heads": 3, "feature_dim": 8, **({"qk_feature_map": "separate"}
+                                                                       if kind == "rebased" else {})}})
+    model = make_model(cfg)
+    mixer = model.blocks[0].mixer
+    assert (mixer.v_proj.out_features, mixer.o_proj.in_features, mixer.o_proj.out_features) == (30, 30, 32)
+    assert isinstance(model.blocks[0].mlp, torch.nn.Identity)
+    ids = torch.randint(0, 97, (2, 7))
+    cache = model.init_cache()
+    assert_close(torch.cat([model(ids[:, t:t + 1], cache=cache) for t in range(7)], 1), model(ids))
+
+
+def test_identity_sublayer_adds_the_normed_stream():
+    cfg = small_config(["short_conv"], mlp="identity", norm="layernorm")
+    model = make_model(cfg)
+    block = model.blocks[0]
+    x = torch.randn(2, 5, 32, dtype=torch.float64)
+    positions = torch.arange(5)
+    y = x + block.mixer(block.mixer_norm(x), positions=positions)
+    assert_close(block(x, positions), y + block.mlp_norm(y))
+
+
+def test_init_schemes_differ_only_where_the_original_names_differ():
+    layers = ["short_conv", "rebased", "attention"]
+    scaled, zoology = (build_model(small_config(layers, d_model=256, init_scheme=s, mlp="gelu", mlp_hidden=1024))
+                       for s in ("scaled", "zoology"))
+    residual_std = 0.02 / (2 * 3) ** 0.5
+    for model, linear_attention_out in ((scaled, residual_std), (zoology, 0.02)):
+        blocks = model.blocks
+        assert abs(blocks[1].mixer.o_proj.weight.std().item() - linear_attention_out) < 0.1 * linear_attention_out
+        assert abs(blocks[2].mixer.o_proj.weight.std().item() - residual_std) < 0.1 * residual_std
+        assert abs(blocks[0].mlp.down_proj.weight.std().item() - residual_std) < 0.1 * residual_std
+    assert torch.count_nonzero(scaled.blocks[0].mixer.conv_bias) == 0
+    assert torch.count_nonzero(zoology.blocks[0].mixer.conv_bias) == 256
+
+
 def expected_parameters(cfg: ModelConfig) -> int:
     """Closed-form count, written independently of the model code."""
     d = cfg.d_model
@@ -208,15 +248,19 @@ def expected_parameters(cfg: ModelConfig) -> int:
         total += norm
         if kind in ("rebased", "based"):
             sub = getattr(cfg, kind)
-            dv = d // (sub.value_heads or sub.num_heads)
-            total += 2 * d * sub.num_heads * sub.feature_dim + d * d + sub.num_heads * dv * d
+            vh = sub.value_heads or sub.num_heads
+            dv = d // vh
+            total += 2 * d * sub.num_heads * sub.feature_dim + d * vh * dv + sub.num_heads * dv * d
             if kind == "rebased":
-                total += sub.num_heads * sub.feature_dim * (sub.use_gamma + sub.use_beta)
+                maps = 2 if sub.qk_feature_map == "separate" else 1
+                total += maps * sub.num_heads * sub.feature_dim * (sub.use_gamma + sub.use_beta)
         elif kind == "short_conv":
             total += d * d + d + d * cfg.short_conv.kernel_size + d
         else:
             total += 4 * d * d
-        if cfg.mlp != "none":
+        if cfg.mlp == "identity":
+            total += norm
+        elif cfg.mlp != "none":
             total += norm + (3 if cfg.mlp == "swiglu" else 2) * d * cfg.mlp_hidden
     return total
 

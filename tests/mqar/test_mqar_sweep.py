@@ -84,15 +84,15 @@ def dry_run_states(out, capsys, *extra) -> list[str]:
 def test_default_grid_is_the_papers(tmp_path, capsys):
     settings = enumerate_settings(*(mqar_sweep.DEFAULT_MIXERS, mqar_sweep.DEFAULT_D_MODELS,
                                     mqar_sweep.DEFAULT_SEQ_LENS, mqar_sweep.DEFAULT_LRS, mqar_sweep.DEFAULT_SEEDS))
-    assert len(settings) == 2 * 2 * 4 * 4 * 2 == 128
-    assert [s.index for s in settings] == list(range(128))
-    assert settings[0].name == "rebased_d64_L256_lr0.0005_s0" and settings[1].name == "rebased_d64_L256_lr0.0005_s1"
-    assert settings[2].name == "rebased_d64_L256_lr0.001_s0" and settings[-1].name == "based_d128_L2048_lr0.01_s1"
-    assert len({s.name for s in settings}) == 128
+    assert len(settings) == 2 * 4 * 5 * 4 * 1 == 160
+    assert [s.index for s in settings] == list(range(160))
+    assert settings[0].name == "rebased_d64_L128_lr0.0005_s0" and settings[1].name == "rebased_d64_L128_lr0.001_s0"
+    assert settings[4].name == "rebased_d64_L256_lr0.0005_s0" and settings[-1].name == "based_d512_L2048_lr0.01_s0"
+    assert len({s.name for s in settings}) == 160
     assert main(["--out", str(tmp_path / "r"), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "128 settings: 0 done, 128 pending, 0 failed, 0 stale" in out
-    assert "  17  rebased_d64_L1024_lr0.0005_s1 " in out
+    assert "160 settings: 0 done, 160 pending, 0 failed, 0 stale" in out
+    assert "  17  rebased_d64_L2048_lr0.001_s0 " in out
     assert not (tmp_path / "r").exists(), "a dry run writes nothing"
 
 
