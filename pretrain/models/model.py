@@ -128,7 +128,7 @@ class CausalLM(nn.Module):
             raise ValueError("cu_seqlens needs a packed batch of one ([1, T] input_ids) and no cache")
         offset = cache.seen_tokens if cache is not None else 0
         positions = self._positions(T, input_ids.device, cu_seqlens, offset)
-        x = self.embed(input_ids)
+        x = self._embed_tokens(input_ids)
         if self.pos_embed is not None:
             # without documents the last position is known on the host (no device sync, no graph break)
             last = offset + T - 1 if cu_seqlens is None else int(positions.max())
@@ -148,6 +148,13 @@ class CausalLM(nn.Module):
         if select is not None:
             x = x.gather(1, select[..., None].expand(-1, -1, x.shape[-1]))
         return self.final_norm(x)
+
+    @torch.compiler.disable
+    def _embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # eager also inside a compiled model: ATen's embedding backward sorts the token ids and sums each id's
+        # rows once, where the compiled one adds every row atomically, serialised on a frequent id (MQAR's filler
+        # token is 3/4 of its inputs)
+        return self.embed(input_ids)
 
     def loss(self, input_ids, labels, *, cu_seqlens=None, ignore_index: int = -100, checkpoint_fn=None,
              loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS):

@@ -377,6 +377,8 @@ class MQARRun:
                 "per_step_s": round(p.train_s / max(p.step, 1), 5),
                 "train_tokens_per_s": round(p.examples_seen * spec.seq_len / max(p.train_s, 1e-9), 1),
                 "attempts": p.attempts,
+                # runs that shared the device (set by the sweep): epoch time / this = the GPU time one run used
+                "runs_sharing_device": int(os.environ.get("MQAR_RUNS_PER_DEVICE", "1")),
             },
             "protocol": {"num_train": spec.num_train, "num_test": spec.num_test, "max_epochs": tc.max_epochs,
                          "batch_size": tc.batch_size, "micro_batch_size": self.micro, "precision": tc.precision,
