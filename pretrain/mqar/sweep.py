@@ -277,8 +277,10 @@ def worker_slots(gpus: str | None, workers: int | None, runs_per_gpu: int) -> li
         if workers is not None:
             print(f"sweep: --workers {workers} ignored: one worker per GPU ({len(gpu_ids)} GPUs, "
                   f"{runs_per_gpu} run(s) each)", file=sys.stderr)
-        # MQAR_RUNS_PER_DEVICE: a run records it, so its epoch time can be read as GPU time (epoch time / runs)
-        return [{"CUDA_VISIBLE_DEVICES": g, "MQAR_RUNS_PER_DEVICE": str(runs_per_gpu)}
+        # MQAR_RUNS_PER_DEVICE: a run records it, so its epoch time can be read as GPU time (epoch time / runs);
+        # set it beforehand when several sweeps share the GPUs
+        share = os.environ.get("MQAR_RUNS_PER_DEVICE") or str(runs_per_gpu)
+        return [{"CUDA_VISIBLE_DEVICES": g, "MQAR_RUNS_PER_DEVICE": share}
                 for g in gpu_ids for _ in range(runs_per_gpu)]
     n = workers or 1
     threads = str(max(1, (os.cpu_count() or 1) // n))
