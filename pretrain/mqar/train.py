@@ -63,6 +63,20 @@ def git_commit() -> str | None:
         return None
 
 
+def source_digest() -> str:
+    """sha256 (12 hex) of the code and configs a run executes (pretrain/, kernels/, configs/): names the code also
+    where git's HEAD does not (a copied tree, uncommitted changes)."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    h = hashlib.sha256()
+    for path in sorted(p for d in ("pretrain", "kernels", "configs") for p in (root / d).rglob("*")
+                       if p.suffix in (".py", ".yaml")):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
+
+
 def query_logits(model, inputs: torch.Tensor, qpos: torch.Tensor) -> torch.Tensor:
     """Logits [B, N, vocab] at positions qpos [B, N] of inputs [B, T]."""
     return model.lm_head(model.hidden_states(inputs, select=qpos))
@@ -391,6 +405,7 @@ class MQARRun:
             "hostname": socket.gethostname(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "git_commit": git_commit(),
+            "source_digest": source_digest(),
             "command": command,
             "config": to_dict(cfg),
             "model_config": to_dict(self.model_cfg),
