@@ -34,8 +34,8 @@ def _make_complete(root, step: int, keep_last: int = 0):
     """A complete checkpoint through the real commit protocol (the payload does not matter here)."""
     tmp = root / ckpt.temp_dir_name(step)
     tmp.mkdir(parents=True)
-    (tmp / "payload").write_text("x")
-    return ckpt.commit(str(root), str(tmp), step, {"step": step}, keep_last)
+    ckpt.write_meta(str(tmp), {"step": step})
+    return ckpt.commit(str(root), str(tmp), step, ckpt.checksum_share(str(tmp), ckpt.list_files(str(tmp))), keep_last)
 
 
 # --- completeness: which directory `resume: auto` may pick ------------------------------------------------------
