@@ -366,6 +366,15 @@ class Trainer:
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": int(total[1])}
 
     # -- the loop -----------------------------------------------------------------------------------------------
+    def _checkpoint_before_streak(self) -> str:
+        """Names the newest checkpoint saved before the current run of non-finite steps began (one saved during
+        it holds that streak's state, not a point to go back to)."""
+        first_bad = self.step - self.nonfinite_in_a_row + 1
+        before = [path for step, path in ckpt.list_complete(self.ckpt_root) if step < first_bad]
+        if before:
+            return f"the newest checkpoint saved before they began (step {first_bad}) is {before[-1]}"
+        return f"no checkpoint was saved before they began (step {first_bad})"
+
     def _install_signal_handlers(self):
         if not self.cfg.checkpoint.save_on_signal:
             return
@@ -482,8 +491,8 @@ class Trainer:
                 if too_many_nonfinite:
                     raise NonFiniteError(
                         f"stopping at step {self.step}: {self.nonfinite_in_a_row} non-finite steps in a row "
-                        f"(training.max_nonfinite_in_a_row={t.max_nonfinite_in_a_row}); the last checkpoint "
-                        f"is {ckpt.find_latest(self.ckpt_root)}. Lower the lr, raise warmup or check the data.")
+                        f"(training.max_nonfinite_in_a_row={t.max_nonfinite_in_a_row}); "
+                        f"{self._checkpoint_before_streak()}. Lower the lr, raise warmup or check the data.")
                 metrics.advance(1, loss=out["loss"])
                 if cfg.data.valid and t.eval_every and self.step % t.eval_every == 0:
                     metrics.log({"step": self.step, **self.evaluate()})
