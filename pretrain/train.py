@@ -510,10 +510,10 @@ class Trainer:
             log.error("%s", e)
             exit_code = EXIT_NONFINITE
         if exit_code == 0:
+            if cfg.checkpoint.save_final and self.last_saved_step != self.step:
+                self.save("final")  # before the final evaluation: a failure there must not lose the run
             if cfg.data.valid and (not t.eval_every or self.step % t.eval_every != 0):
                 metrics.log({"step": self.step, **self.evaluate()})
-            if cfg.checkpoint.save_final and self.last_saved_step != self.step:
-                self.save("final")
             if cfg.checkpoint.export_final and self.rank == 0:
                 from pretrain.training.export import export_checkpoint
 

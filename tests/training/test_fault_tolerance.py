@@ -265,3 +265,19 @@ def test_nonfinite_stop_without_an_earlier_checkpoint_says_so(shards, tmp_path):
     assert "stopping at step 6: 2 non-finite steps in a row (training.max_nonfinite_in_a_row=2); no checkpoint was " \
            "saved before they began (step 5)." in p.stdout, p.stdout[-3000:]
     assert [step for step, _ in ckpt.list_complete(str(out / "checkpoints"))] == [5]
+
+
+def test_final_checkpoint_is_saved_before_the_final_evaluation(shards, tmp_path):
+    """A run whose end-of-run evaluation fails (here: validation tokens outside the model's vocabulary, which no
+    cheap start-up check sees) still keeps all its training: the final checkpoint is written first."""
+    from pretrain.training.synthetic import write_synthetic_shard
+
+    bad_valid = tmp_path / "valid_vocab_4096"
+    write_synthetic_shard(str(bad_valid), 8_000, 4096, seed=3)
+    out = tmp_path / "run"
+    p = run(shards, out, 1, "single", ["checkpoint.every=0"], check=False,
+            **{"data.valid": [{"path": str(bad_valid)}]})
+    assert p.returncode != 0, "the evaluation must fail for this test to mean anything"
+    assert max(losses(out)) == STEPS
+    assert [step for step, _ in ckpt.list_complete(str(out / "checkpoints"))] == [STEPS]
+    assert ckpt.verify(str(out / "checkpoints" / f"step_{STEPS:08d}")) == []
