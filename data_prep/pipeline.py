@@ -20,7 +20,11 @@ Design
   its shard files present at the recorded sizes), removes temporary files of the killed run, skips the inputs
   before the recorded position (later inputs are re-read from their start only up to that position, without
   tokenizing) and continues with the next chunk, producing the same bytes as an uninterrupted run. Changing the
-  inputs or an output-affecting option makes the rerun refuse (``--overwrite`` starts over).
+  inputs or an output-affecting option makes the rerun refuse (``--overwrite`` starts over). Inputs are compared
+  by content, not only by name and size: each chunk record holds the SHA-256 of every input finished in it (whole
+  file, computed while reading) and of the prefix read so far of the input in progress; before continuing, a rerun
+  hashes those files (or prefixes) again and refuses on any difference. That costs one extra read of the input
+  bytes already used (at disk speed, nothing is decompressed or tokenized), also when rerunning a finished run.
 * When the stream ends, the chunk records are merged into ``OUT/manifest.json`` (and ``OUT/{split}/manifest.json``
   listing that split's shards in order), written last and atomically: a directory without ``manifest.json`` is
   not a finished output.
@@ -45,7 +49,7 @@ import numpy as np
 from pretrain.data.indexed import IndexedDatasetWriter, bin_path, fsync_dir, idx_path, merge_indexed, token_dtype
 
 from .sources import FileDone, InputError, Record, Source, iter_records, resolve_inputs
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, file_sha256
 
 SPLITS = ("train", "val", "test")
 GROUP_SPLIT = {"val": "val", "test": "test"}
@@ -296,6 +300,7 @@ class Tokenization:
         if not self.sources:
             raise InputError("no inputs")
         self.workers = cfg.workers or available_cores()
+        self._reading: dict = {}  # the file being read and its hashing reader (sources.read_file's ``progress``)
 
     # ---- fingerprint and resume ----------------------------------------------------------------------------
     def fingerprint(self) -> dict:
@@ -371,7 +376,32 @@ class Tokenization:
         for name in os.listdir(self.state_dir):
             if name.startswith("chunk-") and name.endswith(".json") and int(name[6:11]) >= len(pieces):
                 os.remove(os.path.join(self.state_dir, name))
+        self._check_inputs_unchanged(pieces)
         return pieces
+
+    def _check_inputs_unchanged(self, pieces: list[dict]) -> None:
+        """The inputs the committed chunks were made from still hold the same bytes (see module docstring)."""
+        used: dict[str, tuple[int | None, str]] = {}
+        for piece in pieces:
+            for info in piece["files_done"]:
+                if info.get("sha256"):
+                    used[info["path"]] = (None, info["sha256"])
+                elif info.get("prefix_sha256"):
+                    used[info["path"]] = (info["prefix_bytes"], info["prefix_sha256"])
+        reading = pieces[-1].get("reading") if pieces else None
+        if reading:
+            used[self.sources[reading["source"]].name] = (reading["bytes"], reading["sha256"])
+        for path, (nbytes, expected) in used.items():
+            try:
+                got = file_sha256(path, limit=nbytes)
+            except OSError as e:
+                raise InputError(f"{path}: cannot read it to check it is unchanged since the earlier run in "
+                                 f"{self.out}: {e.strerror or e}") from None
+            if got != expected:
+                what = "its content" if nbytes is None else f"its first {nbytes} bytes"
+                raise InputError(
+                    f"{path}: changed since the earlier run in {self.out} wrote its shards (sha256 of {what} "
+                    f"differs); restore it, or use --overwrite to start over")
 
     # ---- main loop ------------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -420,7 +450,7 @@ class Tokenization:
         pos = start
         n = chunk * D
         reader = iter_records(self.sources, start=start, max_docs=cfg.max_docs, max_line_bytes=cfg.max_doc_bytes,
-                              group_counts=counts)
+                              group_counts=counts, progress=self._reading)
         batch: list[tuple] = []
         nbytes = 0
         for ev in reader:
@@ -441,10 +471,18 @@ class Tokenization:
                 yield "batch", batch
                 batch, nbytes = [], 0
             if n % D == 0:
-                yield "chunk_end", {"end": list(pos), "group_records": dict(counts), "final": False}
+                yield "chunk_end", {"end": list(pos), "group_records": dict(counts), "final": False,
+                                    "reading": self._prefix_read()}
         if batch:
             yield "batch", batch
         yield "chunk_end", {"end": list(pos), "group_records": dict(counts), "final": True}
+
+    def _prefix_read(self) -> dict | None:
+        """Size and SHA-256 of the bytes read so far of the input being read (None between inputs)."""
+        raw = self._reading.get("reader")
+        if raw is None:
+            return None
+        return {"source": self._reading["source"], "bytes": raw.bytes, "sha256": raw.sha.copy().hexdigest()}
 
     def _process(self, pieces: list[dict]) -> None:
         cfg = self.cfg
