@@ -1,9 +1,9 @@
 """A checkpoint is verified before it is trusted (CPU, gloo; the tiny runs of conftest: 20 steps, checkpoints every 5,
 keep_last 2, so a finished run keeps step 15 and step 20).
 
-* ``COMPLETE`` lists every file of the checkpoint with its size and CRC-32 (model/optimizer files of every strategy,
-  DCP ``.metadata``, DeepSpeed files, RNG states, meta.json); ``verify`` reports a truncated, zeroed, garbled or
-  missing file, and a damaged or checksum-less marker, naming the file.
+* ``COMPLETE`` lists every file of the checkpoint with its size and xxh3-64 hash (model/optimizer files of every
+  strategy, DCP ``.metadata``, DeepSpeed files, RNG states, meta.json); ``verify`` reports a truncated, zeroed,
+  garbled or missing file, and a damaged or checksum-less marker, naming the file.
 * ``resume: auto`` passes over checkpoints that fail verification to the newest one that verifies, moves the bad ones
   aside (``step_N.corrupt``) and says so in one line; the resumed run then ends with the uninterrupted run's losses.
   When none verifies it refuses (exit 2, one message naming each checkpoint and its problem) and moves nothing.
