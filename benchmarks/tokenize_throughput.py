@@ -1,38 +1,55 @@
-"""Tokenization throughput: data_prep's pipeline at 1, 2, ... workers vs. a plain single-process loop.
+"""Tokenization throughput: ``tokenize_pile.py`` end to end against raw SentencePiece ``encode``, and where the rest
+of the time goes.
 
-    python benchmarks/tokenize_throughput.py                 # embedded sample corpus, 8k-vocab tokenizer
-    python benchmarks/tokenize_throughput.py --inputs PILE/train/00.jsonl.zst --tokenizer tok.model --max-docs 200000
+    python benchmarks/tokenize_throughput.py                  # embedded sample corpus (train + val + test, ~4 MB)
+    python benchmarks/tokenize_throughput.py --copies 1 8     # also 8 copies of it (~32 MB): fixed costs amortised
+    python benchmarks/tokenize_throughput.py --inputs PILE/train/00.jsonl.zst --tokenizer tok.model
 
-Writes benchmarks/results/tokenize_throughput.{json,md}. Throughput counts tokens written (EOD included) and
-MB (10^6 bytes) of document text (UTF-8) per second of wall time, best of ``--repeats`` runs. The baseline reads
-the same files with a zstandard stream reader, ``json.loads`` each line and encodes the text with SentencePiece
-in one process, writing nothing.
+Per corpus:
+
+* **raw encode**: ``SentencePieceProcessor.encode(text)`` document by document in one thread, on the texts already in
+  memory (the tokenizer already loaded): the work no pipeline can avoid. Wall and CPU time.
+* **end to end**: ``python data_prep/tokenize_pile.py --workers N --no-progress`` as a subprocess, from interpreter
+  start to exit (reading, decompressing, hashing, JSON, validation, encoding, writing and fsyncing the shards and
+  manifests). Wall time, and CPU time of the process and its pool workers (``RUSAGE_CHILDREN``).
+* ratios: raw encode / end to end at 1 worker (wall and CPU); linearity in workers:
+  ``(wall(1) / wall(N)) / N``.
+* **where the rest goes** at 1 worker: the CPU time of each stage of the pipeline run alone on the same corpus
+  (interpreter start and imports, tokenizer load, reading, JSON and validation, encode, token arrays, shard
+  writing); the remainder is the pipeline's own bookkeeping. At N workers: the CPU added over 1 worker (pool start,
+  moving batches and results between processes) and the cores left idle (wall × cores − CPU).
+
+Every figure is the best of ``--repeats`` runs. Results: ``benchmarks/results/tokenize_throughput_<cpu>_<date>.{json,md}``.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import io
 import json
 import os
 import platform
+import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import zstandard  # noqa: E402
-
+from data_prep import pipeline  # noqa: E402
 from data_prep.build_sample_corpus import build  # noqa: E402
-from data_prep.pipeline import TokenizeConfig, available_cores, tokenize  # noqa: E402
-from data_prep.sources import resolve_inputs  # noqa: E402
+from data_prep.pipeline import available_cores  # noqa: E402
+from data_prep.sources import FileDone, iter_records, resolve_inputs  # noqa: E402
 from data_prep.tokenizer import Tokenizer  # noqa: E402
 from data_prep.train_tokenizer import train  # noqa: E402
+from pretrain.data.writer import IndexedDatasetWriter  # noqa: E402
+from results_io import save_results  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+TOKENIZE = os.path.join(ROOT, "data_prep", "tokenize_pile.py")
 
 
 def cpu_model() -> str:
@@ -54,123 +71,262 @@ def loadavg() -> str:
         return "n/a"
 
 
-def plain_loop(files: list[str], tok: Tokenizer, max_docs: int | None) -> dict:
-    t0 = time.perf_counter()
-    docs = tokens = nbytes = 0
-    for path in files:
-        with open(path, "rb") as raw:
-            reader = zstandard.ZstdDecompressor().stream_reader(raw) if path.endswith(".zst") else raw
-            for line in io.TextIOWrapper(reader, encoding="utf-8"):
-                if max_docs is not None and docs >= max_docs:
-                    break
-                text = json.loads(line)["text"]
-                tokens += len(tok.encode(text)) + 1
-                nbytes += len(text.encode("utf-8"))
-                docs += 1
-    dt = time.perf_counter() - t0
-    return {"documents": docs, "tokens": tokens, "text_bytes": nbytes, "seconds": dt}
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def best(fn, repeats: int) -> dict:
+    """Min wall and min CPU (this process) of ``repeats`` calls; ``result`` of the last call."""
+    walls, cpus = [], []
+    for _ in range(repeats):
+        c0, t0 = time.process_time(), time.perf_counter()
+        result = fn()
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    return {"wall_s": min(walls), "cpu_s": min(cpus), "result": result}
+
+
+def best_subprocess(cmd: list[str], repeats: int, before=None) -> dict:
+    """Min wall and min CPU (the process and the children it waited for) of ``repeats`` runs of ``cmd``."""
+    walls, cpus = [], []
+    for _ in range(repeats):
+        if before:
+            before()
+        c0, t0 = _children_cpu(), time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
+        walls.append(time.perf_counter() - t0)
+        cpus.append(_children_cpu() - c0)
+    return {"wall_s": min(walls), "cpu_s": min(cpus)}
+
+
+# Runs the CLI in-process and reports the CPU time of the main process and of its pool workers apart.
+_SPLIT = """import json, resource, runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit:
+    pass
+s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+print(json.dumps({"main_cpu_s": s.ru_utime + s.ru_stime, "workers_cpu_s": c.ru_utime + c.ru_stime}), file=sys.stderr)
+"""
+
+
+def cpu_split(cmd: list[str], repeats: int, before) -> dict:
+    """Main-process and pool-worker CPU seconds of the run with the least total CPU."""
+    runs = []
+    for _ in range(repeats):
+        before()
+        p = subprocess.run([sys.executable, "-c", _SPLIT, *cmd[1:]], check=True, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        runs.append(json.loads(p.stderr.strip().splitlines()[-1]))
+    return min(runs, key=lambda r: r["main_cpu_s"] + r["workers_cpu_s"])
+
+
+def stage_times(inputs: dict, tok_path: str, work: str, repeats: int) -> tuple[dict, dict]:
+    """CPU seconds of each pipeline stage run alone (1 worker), and the raw-encode baseline."""
+    sources = (resolve_inputs(inputs["main"], "main") + resolve_inputs(inputs["val"], "val")
+               + resolve_inputs(inputs["test"], "test"))
+    stages = {}
+    stages["interpreter start"] = best_subprocess([sys.executable, "-c", "pass"], repeats)["cpu_s"]
+    imports = best_subprocess([sys.executable, "-c", "import data_prep.tokenize_pile"], repeats)["cpu_s"]
+    stages["imports"] = max(imports - stages["interpreter start"], 0.0)
+    load = best(lambda: Tokenizer(tok_path), repeats)
+    stages["tokenizer load"] = load["cpu_s"]
+    tok = load["result"]
+
+    def read():
+        return [(r.source, r.line_no, sources[r.source].group, r.payload, r.reason, r.message)
+                for r in iter_records(sources) if not isinstance(r, FileDone)]
+
+    r = best(read, repeats)
+    stages["read, decompress, hash, split lines"] = r["cpu_s"]
+    records = r["result"]
+    pipeline.init_worker(tok.model_proto, {"text_key": "text", "set_key": "meta.pile_set_name", "include_sets": None,
+                                           "exclude_sets": None, "val_fraction": 0.0, "test_fraction": 0.0,
+                                           "split_seed": 0, "max_doc_bytes": 64 << 20, "prepend_bos": False}, tok=tok)
+    c = best(lambda: [pipeline._check(rec) for rec in records], repeats)
+    stages["JSON and validation"] = c["cpu_s"]
+    texts = [x[0] for x in c["result"] if x[0] is not None]
+    raw = best(lambda: [tok.sp.encode(t) for t in texts], repeats)
+    batch = pipeline.TokenizeConfig.__dataclass_fields__["batch_docs"].default
+    batched = best(lambda: [ids for i in range(0, len(texts), batch)
+                            for ids in tok.encode_batch(texts[i:i + batch], num_threads=1)], repeats)
+    stages[f"encode (batches of {batch}, 1 thread)"] = batched["cpu_s"]
+    encoded = batched["result"]
+
+    def to_arrays():
+        import array
+
+        flat, lengths = array.array("H" if tok.vocab_size < 65500 else "i"), array.array("q")
+        for ids in encoded:
+            flat.fromlist(ids)
+            flat.append(tok.eod_id)
+            lengths.append(len(ids) + 1)
+        return flat, lengths
+
+    a = best(to_arrays, repeats)
+    stages["token arrays (EOD appended)"] = a["cpu_s"]
+    flat, lengths = a["result"]
+
+    def write():
+        w = IndexedDatasetWriter(os.path.join(work, "stage_write", "shard"), "uint16" if tok.vocab_size < 65500 else "int32")
+        w.add_documents(flat, lengths)
+        return w.finalize()
+
+    stages["shard writing (sha256, fsync)"] = best(write, repeats)["cpu_s"]
+    baseline = {"wall_s": raw["wall_s"], "cpu_s": raw["cpu_s"], "documents": len(texts),
+                "text_bytes": sum(len(t.encode("utf-8")) for t in texts),
+                "tokens": sum(len(ids) + 1 for ids in raw["result"])}
+    return stages, baseline
+
+
+def measure(inputs: dict, tok_path: str, workers: list[int], repeats: int, work: str) -> dict:
+    stages, baseline = stage_times(inputs, tok_path, work, repeats)
+    out = os.path.join(work, "out")
+    cmd = [sys.executable, TOKENIZE, "--inputs", *inputs["main"], "--tokenizer", tok_path, "--out", out,
+           "--no-progress"]
+    if inputs["val"]:
+        cmd += ["--val-inputs", *inputs["val"]]
+    if inputs["test"]:
+        cmd += ["--test-inputs", *inputs["test"]]
+    runs = []
+    for w in workers:
+        clean = lambda: shutil.rmtree(out, ignore_errors=True)  # noqa: E731
+        r = best_subprocess(cmd + ["--workers", str(w)], repeats, before=clean)
+        r["workers"] = w
+        if w > 1:
+            r["cpu_split"] = cpu_split(cmd + ["--workers", str(w)], repeats, clean)
+        runs.append(r)
+    one = next((r for r in runs if r["workers"] == 1), None)
+    cores = available_cores()
+    for r in runs:
+        r["wall_ratio_to_raw_encode"] = baseline["wall_s"] / r["wall_s"]
+        r["cpu_ratio_to_raw_encode"] = baseline["cpu_s"] / r["cpu_s"]
+        r["mb_per_s"] = baseline["text_bytes"] / 1e6 / r["wall_s"]
+        r["idle_core_s"] = max(r["wall_s"] * min(r["workers"] + 1, cores) - r["cpu_s"], 0.0)
+        if one is not None:
+            r["linearity"] = one["wall_s"] / r["wall_s"] / r["workers"]
+            r["cpu_added_over_1_worker_s"] = r["cpu_s"] - one["cpu_s"]
+    if one is not None:
+        stages["rest: bookkeeping, batching, manifests"] = one["cpu_s"] - sum(stages.values())
+    return {"baseline_raw_encode": baseline, "runs": runs, "stages_cpu_s_1_worker": stages,
+            "command": " ".join(cmd).replace(work, "$TMP").replace(ROOT + os.sep, "")}
+
+
+def sample_inputs(work: str, copies: int) -> dict:
+    """The embedded sample corpus (train dir, val, test), its files repeated ``copies`` times."""
+    src = os.path.join(work, "sample")
+    if not os.path.isdir(src):
+        build(src)
+    if copies == 1:
+        return {"main": [os.path.join(src, "train")], "val": [os.path.join(src, "val.jsonl.zst")],
+                "test": [os.path.join(src, "test.jsonl.zst")]}
+    d = os.path.join(work, f"copies{copies}")
+    for c in range(copies):
+        for rel, split in (("train/00.jsonl.zst", "train"), ("train/01.jsonl.zst", "train"),
+                           ("val.jsonl.zst", "val"), ("test.jsonl.zst", "test")):
+            os.makedirs(os.path.join(d, split), exist_ok=True)
+            shutil.copyfile(os.path.join(src, rel), os.path.join(d, split, f"{c:02d}-{os.path.basename(rel)}"))
+    return {"main": [os.path.join(d, "train")], "val": [os.path.join(d, "val")], "test": [os.path.join(d, "test")]}
+
+
+def markdown(result: dict) -> str:
+    m = result["meta"]
+    lines = [
+        "# Tokenization throughput: tokenize_pile.py end to end vs raw SentencePiece encode",
+        "",
+        f"- date: {m['date']}",
+        f"- device: {m['cpu']}, {m['cores']} cores available, Python {m['python']}, sentencepiece {m['sentencepiece']}",
+        f"- command: `{m['command']}`",
+        f"- tokenizer: vocab {m['vocab_size']}; best of {m['repeats']} runs per figure",
+        f"- PYTHONDONTWRITEBYTECODE={m['PYTHONDONTWRITEBYTECODE'] or '(unset)'}" + (
+            ": every run compiles the project's modules again" if m["PYTHONDONTWRITEBYTECODE"] else
+            ": the project's modules are compiled once, as in a normal install"),
+        f"- load average (1/5/15 min) before: {m['loadavg_before']}, after: {m['loadavg_after']}",
+    ]
+    if m["note"]:
+        lines.append(f"- note: {m['note']}")
+    for c in result["corpora"]:
+        b = c["baseline_raw_encode"]
+        lines += ["", f"## {c['corpus']}: {b['documents']:,} documents, {b['text_bytes'] / 1e6:.2f} MB of text, "
+                      f"{b['tokens']:,} tokens", "",
+                  f"Pipeline command (plus `--workers N`): `{c['command']}`", "",
+                  "| run | wall s | CPU s | MB/s | wall: raw / this | CPU: raw / this | linearity | idle core·s |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|",
+                  f"| raw encode, 1 thread, in memory | {b['wall_s']:.3f} | {b['cpu_s']:.3f} | "
+                  f"{b['text_bytes'] / 1e6 / b['wall_s']:.2f} | 1.00 | 1.00 | | |"]
+        for r in c["runs"]:
+            lines.append(f"| tokenize_pile.py --workers {r['workers']} | {r['wall_s']:.3f} | {r['cpu_s']:.3f} | "
+                         f"{r['mb_per_s']:.2f} | {r['wall_ratio_to_raw_encode']:.3f} | "
+                         f"{r['cpu_ratio_to_raw_encode']:.3f} | {r.get('linearity', float('nan')):.3f} | "
+                         f"{r['idle_core_s']:.3f} |")
+        one = next(r for r in c["runs"] if r["workers"] == 1)
+        lines += ["", "Where the CPU time of `--workers 1` goes (each stage run alone on this corpus):", "",
+                  "| stage | CPU s | share |", "|---|---:|---:|"]
+        for name, s in c["stages_cpu_s_1_worker"].items():
+            lines.append(f"| {name} | {s:.3f} | {s / one['cpu_s']:.1%} |")
+        for r in c["runs"]:
+            if r["workers"] > 1:
+                sp = r["cpu_split"]
+                lines.append(f"\n`--workers {r['workers']}`: {r['cpu_added_over_1_worker_s']:+.3f} CPU s over 1 worker "
+                             f"(pool start, batches and results between processes); main process "
+                             f"{sp['main_cpu_s']:.3f} CPU s (start-up, reading, writing, bookkeeping, sharing the "
+                             f"cores with the workers), workers {sp['workers_cpu_s']:.3f}; "
+                             f"{r['idle_core_s']:.3f} core·s idle of {r['wall_s'] * min(r['workers'] + 1, m['cores']):.3f}.")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--inputs", nargs="+", default=None, help="default: the embedded sample corpus (train files)")
-    p.add_argument("--tokenizer", default=None, help="default: train an 8000-piece BPE on the sample")
-    p.add_argument("--vocab-size", type=int, default=8000)
-    p.add_argument("--copies", type=int, default=3, help="sample corpus: number of copies of its train files")
+    p.add_argument("--inputs", nargs="+", default=None, help="default: the embedded sample corpus")
+    p.add_argument("--tokenizer", default=None, help="default: an 8000-piece BPE trained on the sample")
+    p.add_argument("--copies", type=int, nargs="+", default=[1], help="sample corpus sizes, in copies of it")
     p.add_argument("--workers", type=int, nargs="+", default=None, help="default: 1, 2, 4, ... up to all cores")
-    p.add_argument("--max-docs", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
-    p.add_argument("--out-dir", default=RESULTS)
+    p.add_argument("--tag", default="", help="added to the results file name (tokenize_throughput_TAG_...)")
+    p.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"))
     args = p.parse_args(argv)
 
+    cores = available_cores()
+    workers = args.workers or sorted({1, *[w for w in (2, 4, 8, 16, 32, 64) if w <= cores], cores})
     load_before = loadavg()
     work = tempfile.mkdtemp(prefix="tokbench-")
     try:
-        inputs = args.inputs
-        if inputs is None:
-            build(os.path.join(work, "sample"))
-            inputs = []
-            for c in range(args.copies):
-                for f in sorted(os.listdir(os.path.join(work, "sample", "train"))):
-                    dst = os.path.join(work, "corpus", f"{c:02d}-{f}")
-                    os.makedirs(os.path.dirname(dst), exist_ok=True)
-                    shutil.copyfile(os.path.join(work, "sample", "train", f), dst)
-                    inputs.append(dst)
         tok_path = args.tokenizer
         if tok_path is None:
             tok_path = os.path.join(work, "tok.model")
-            train([os.path.join(work, "sample", "train")] if args.inputs is None else inputs, tok_path,
-                  args.vocab_size, threads=available_cores())
-        tok = Tokenizer(tok_path)
-        files = [s.path for s in resolve_inputs(inputs, "main")]
-        cores = available_cores()
-        workers = args.workers or sorted({1, *[w for w in (2, 4, 8, 16, 32, 64) if w <= cores], cores})
+            sample_inputs(work, 1)
+            train([os.path.join(work, "sample", "train")], tok_path, 8000, threads=cores)
+        corpora = []
+        if args.inputs:
+            corpora.append(("given inputs", {"main": args.inputs, "val": [], "test": []}))
+        else:
+            for c in args.copies:
+                corpora.append((f"sample corpus x{c}", sample_inputs(work, c)))
+        results = []
+        for name, inputs in corpora:
+            r = measure(inputs, tok_path, workers, args.repeats, work)
+            r["corpus"] = name
+            results.append(r)
+            one = next(x for x in r["runs"] if x["workers"] == 1)
+            print(f"{name}: raw encode {r['baseline_raw_encode']['wall_s']:.3f}s; workers=1 wall ratio "
+                  f"{one['wall_ratio_to_raw_encode']:.3f} CPU ratio {one['cpu_ratio_to_raw_encode']:.3f}; "
+                  + ", ".join(f"workers={x['workers']} linearity {x['linearity']:.3f}" for x in r["runs"]))
+        import sentencepiece
 
-        baseline = min((plain_loop(files, tok, args.max_docs) for _ in range(args.repeats)), key=lambda r: r["seconds"])
-        baseline.update(tokens_per_s=baseline["tokens"] / baseline["seconds"],
-                        mb_per_s=baseline["text_bytes"] / 1e6 / baseline["seconds"])
-        print(f"plain loop: {baseline['tokens_per_s']:,.0f} tok/s, {baseline['mb_per_s']:.2f} MB/s")
-        rows = []
-        for w in workers:
-            best = None
-            for r in range(args.repeats):
-                out = os.path.join(work, f"out-w{w}-r{r}")
-                t0 = time.perf_counter()
-                m = tokenize(TokenizeConfig(inputs=inputs, out=out, tokenizer=tok_path, workers=w, progress=False,
-                                            max_docs=args.max_docs))
-                dt = time.perf_counter() - t0
-                shutil.rmtree(out)
-                if best is None or dt < best[0]:
-                    best = (dt, m["counts"])
-            dt, c = best
-            row = {"workers": w, "seconds": dt, "documents": c["documents_written"], "tokens": c["tokens"],
-                   "text_bytes": c["text_bytes"], "tokens_per_s": c["tokens"] / dt,
-                   "mb_per_s": c["text_bytes"] / 1e6 / dt}
-            row["speedup_vs_plain_loop"] = row["tokens_per_s"] / baseline["tokens_per_s"]
-            rows.append(row)
-            print(f"workers={w}: {row['tokens_per_s']:,.0f} tok/s, {row['mb_per_s']:.2f} MB/s "
-                  f"({row['speedup_vs_plain_loop']:.2f}x plain loop)")
-        result = {
-            "benchmark": "tokenize_throughput",
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": {"cpu": cpu_model(), "cores_available": cores, "python": platform.python_version()},
-            "command": "python " + " ".join([os.path.relpath(__file__, os.getcwd()), *(argv or sys.argv[1:])]),
-            "corpus": {"inputs": "embedded sample corpus (data_prep/build_sample_corpus.py) x%d" % args.copies
-                       if args.inputs is None else inputs, "files": len(files)},
-            "tokenizer": {"vocab_size": tok.vocab_size, "sha256": tok.sha256},
-            "repeats": args.repeats,
-            "plain_loop": baseline,
-            "pipeline": rows,
-            "note": args.note,
-            "loadavg_1_5_15min": {"before": load_before, "after": loadavg()},
-        }
-        os.makedirs(args.out_dir, exist_ok=True)
-        with open(os.path.join(args.out_dir, "tokenize_throughput.json"), "w") as f:
-            json.dump(result, f, indent=1)
-            f.write("\n")
-        md = [
-            "# Tokenization throughput",
-            "",
-            f"- date: {result['date']}",
-            f"- device: {result['device']['cpu']}, {cores} cores available, Python {result['device']['python']}",
-            f"- command: `{result['command']}`",
-            f"- corpus: {result['corpus']['inputs'] if isinstance(result['corpus']['inputs'], str) else len(files)} "
-            f"({baseline['documents']:,} documents, {baseline['text_bytes'] / 1e6:.1f} MB text), "
-            f"tokenizer vocab {tok.vocab_size}, best of {args.repeats}",
-            f"- note: {args.note}" if args.note else "",
-            f"- load average (1/5/15 min) before: {load_before}, after: {result['loadavg_1_5_15min']['after']}",
-            "",
-            "| run | workers | tokens/s | MB/s (text) | vs plain loop |",
-            "|---|---:|---:|---:|---:|",
-            f"| plain single-process loop (no output) | 1 | {baseline['tokens_per_s']:,.0f} | "
-            f"{baseline['mb_per_s']:.2f} | 1.00x |",
-        ]
-        for r in rows:
-            md.append(f"| tokenize_pile pipeline | {r['workers']} | {r['tokens_per_s']:,.0f} | {r['mb_per_s']:.2f} | "
-                      f"{r['speedup_vs_plain_loop']:.2f}x |")
-        with open(os.path.join(args.out_dir, "tokenize_throughput.md"), "w") as f:
-            f.write("\n".join(x for x in md if x is not None) + "\n")
+        now = datetime.datetime.now(datetime.timezone.utc)
+        meta = {"date": now.isoformat(timespec="seconds"), "cpu": cpu_model(), "cores": cores,
+                "python": platform.python_version(), "sentencepiece": sentencepiece.__version__,
+                "command": "python benchmarks/tokenize_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                "vocab_size": Tokenizer(tok_path).vocab_size, "repeats": args.repeats, "note": args.note,
+                "PYTHONDONTWRITEBYTECODE": os.environ.get("PYTHONDONTWRITEBYTECODE", ""),
+                "loadavg_before": load_before, "loadavg_after": loadavg()}
+        result = {"meta": meta, "corpora": results}
+        stem = save_results(args.out_dir, "_".join(x for x in ("tokenize_throughput", args.tag) if x), meta["cpu"], now.strftime("%Y-%m-%d"), result,
+                            markdown(result))
+        print(f"results: {stem}.md")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
