@@ -19,12 +19,15 @@ Per corpus:
   writing); the remainder is the pipeline's own bookkeeping. At N workers: the CPU added over 1 worker (pool start,
   moving batches and results between processes) and the cores left idle (wall × cores − CPU).
 
-Every figure is the best of ``--repeats`` runs. Results: ``benchmarks/results/tokenize_throughput_<cpu>_<date>.{json,md}``.
+Every figure is the minimum over ``--repeats`` rounds; each round runs every measurement once, so a change of machine
+load during the benchmark affects them alike. Results: ``benchmarks/results/tokenize_throughput_<cpu>_<date>.{json,md}``
+(``--tag`` adds to the name); the JSON keeps every sample.
 """
 
 from __future__ import annotations
 
 import argparse
+import array
 import datetime
 import json
 import os
@@ -76,28 +79,24 @@ def _children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def best(fn, repeats: int) -> dict:
-    """Min wall and min CPU (this process) of ``repeats`` calls; ``result`` of the last call."""
-    walls, cpus = [], []
-    for _ in range(repeats):
+def in_process(fn):
+    """A probe: wall and CPU seconds (this process) of one call of ``fn``."""
+    def probe():
         c0, t0 = time.process_time(), time.perf_counter()
-        result = fn()
-        walls.append(time.perf_counter() - t0)
-        cpus.append(time.process_time() - c0)
-    return {"wall_s": min(walls), "cpu_s": min(cpus), "result": result}
+        fn()
+        return time.perf_counter() - t0, time.process_time() - c0
+    return probe
 
 
-def best_subprocess(cmd: list[str], repeats: int, before=None) -> dict:
-    """Min wall and min CPU (the process and the children it waited for) of ``repeats`` runs of ``cmd``."""
-    walls, cpus = [], []
-    for _ in range(repeats):
+def subprocess_run(cmd: list[str], before=None):
+    """A probe: wall and CPU seconds (the process and the children it waited for) of one run of ``cmd``."""
+    def probe():
         if before:
             before()
         c0, t0 = _children_cpu(), time.perf_counter()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
-        walls.append(time.perf_counter() - t0)
-        cpus.append(_children_cpu() - c0)
-    return {"wall_s": min(walls), "cpu_s": min(cpus)}
+        return time.perf_counter() - t0, _children_cpu() - c0
+    return probe
 
 
 # Runs the CLI in-process and reports the CPU time of the main process and of its pool workers apart.
@@ -112,77 +111,56 @@ print(json.dumps({"main_cpu_s": s.ru_utime + s.ru_stime, "workers_cpu_s": c.ru_u
 """
 
 
-def cpu_split(cmd: list[str], repeats: int, before) -> dict:
-    """Main-process and pool-worker CPU seconds of the run with the least total CPU."""
-    runs = []
-    for _ in range(repeats):
+def cpu_split(cmd: list[str], before):
+    """A probe: main-process and pool-worker CPU seconds of one run of the CLI ``cmd``."""
+    def probe():
         before()
         p = subprocess.run([sys.executable, "-c", _SPLIT, *cmd[1:]], check=True, stdout=subprocess.DEVNULL,
                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
-        runs.append(json.loads(p.stderr.strip().splitlines()[-1]))
-    return min(runs, key=lambda r: r["main_cpu_s"] + r["workers_cpu_s"])
+        r = json.loads(p.stderr.strip().splitlines()[-1])
+        return r["main_cpu_s"], r["workers_cpu_s"]
+    return probe
 
 
-def stage_times(inputs: dict, tok_path: str, work: str, repeats: int) -> tuple[dict, dict]:
-    """CPU seconds of each pipeline stage run alone (1 worker), and the raw-encode baseline."""
+def measure(inputs: dict, tok_path: str, workers: list[int], repeats: int, work: str) -> dict:
+    """Every probe once per round, ``repeats`` rounds, the minimum of each: the probes are interleaved so that a
+    change of machine load during the run affects them alike."""
     sources = (resolve_inputs(inputs["main"], "main") + resolve_inputs(inputs["val"], "val")
                + resolve_inputs(inputs["test"], "test"))
-    stages = {}
-    stages["interpreter start"] = best_subprocess([sys.executable, "-c", "pass"], repeats)["cpu_s"]
-    imports = best_subprocess([sys.executable, "-c", "import data_prep.tokenize_pile"], repeats)["cpu_s"]
-    stages["imports"] = max(imports - stages["interpreter start"], 0.0)
-    load = best(lambda: Tokenizer(tok_path), repeats)
-    stages["tokenizer load"] = load["cpu_s"]
-    tok = load["result"]
+    tok = Tokenizer(tok_path)
 
     def read():
         return [(r.source, r.line_no, sources[r.source].group, r.payload, r.reason, r.message)
                 for r in iter_records(sources) if not isinstance(r, FileDone)]
 
-    r = best(read, repeats)
-    stages["read, decompress, hash, split lines"] = r["cpu_s"]
-    records = r["result"]
+    records = read()
     pipeline.init_worker(tok.model_proto, {"text_key": "text", "set_key": "meta.pile_set_name", "include_sets": None,
                                            "exclude_sets": None, "val_fraction": 0.0, "test_fraction": 0.0,
                                            "split_seed": 0, "max_doc_bytes": 64 << 20, "prepend_bos": False}, tok=tok)
-    c = best(lambda: [pipeline._check(rec) for rec in records], repeats)
-    stages["JSON and validation"] = c["cpu_s"]
-    texts = [x[0] for x in c["result"] if x[0] is not None]
-    raw = best(lambda: [tok.sp.encode(t) for t in texts], repeats)
+    texts = [x[0] for x in (pipeline._check(rec) for rec in records) if x[0] is not None]
     batch = pipeline.TokenizeConfig.__dataclass_fields__["batch_docs"].default
-    batched = best(lambda: [ids for i in range(0, len(texts), batch)
-                            for ids in tok.encode_batch(texts[i:i + batch], num_threads=1)], repeats)
-    stages[f"encode (batches of {batch}, 1 thread)"] = batched["cpu_s"]
-    encoded = batched["result"]
+
+    def encode_batched():
+        return [ids for i in range(0, len(texts), batch) for ids in tok.encode_batch(texts[i:i + batch], num_threads=1)]
+
+    encoded = encode_batched()
+    typecode, dtype = ("H", "uint16") if tok.vocab_size < 65500 else ("i", "int32")
 
     def to_arrays():
-        import array
-
-        flat, lengths = array.array("H" if tok.vocab_size < 65500 else "i"), array.array("q")
+        flat, lengths = array.array(typecode), array.array("q")
         for ids in encoded:
             flat.fromlist(ids)
             flat.append(tok.eod_id)
             lengths.append(len(ids) + 1)
         return flat, lengths
 
-    a = best(to_arrays, repeats)
-    stages["token arrays (EOD appended)"] = a["cpu_s"]
-    flat, lengths = a["result"]
+    flat, lengths = to_arrays()
 
     def write():
-        w = IndexedDatasetWriter(os.path.join(work, "stage_write", "shard"), "uint16" if tok.vocab_size < 65500 else "int32")
+        w = IndexedDatasetWriter(os.path.join(work, "stage_write", "shard"), dtype)
         w.add_documents(flat, lengths)
         return w.finalize()
 
-    stages["shard writing (sha256, fsync)"] = best(write, repeats)["cpu_s"]
-    baseline = {"wall_s": raw["wall_s"], "cpu_s": raw["cpu_s"], "documents": len(texts),
-                "text_bytes": sum(len(t.encode("utf-8")) for t in texts),
-                "tokens": sum(len(ids) + 1 for ids in raw["result"])}
-    return stages, baseline
-
-
-def measure(inputs: dict, tok_path: str, workers: list[int], repeats: int, work: str) -> dict:
-    stages, baseline = stage_times(inputs, tok_path, work, repeats)
     out = os.path.join(work, "out")
     cmd = [sys.executable, TOKENIZE, "--inputs", *inputs["main"], "--tokenizer", tok_path, "--out", out,
            "--no-progress"]
@@ -190,27 +168,52 @@ def measure(inputs: dict, tok_path: str, workers: list[int], repeats: int, work:
         cmd += ["--val-inputs", *inputs["val"]]
     if inputs["test"]:
         cmd += ["--test-inputs", *inputs["test"]]
-    runs = []
-    for w in workers:
-        clean = lambda: shutil.rmtree(out, ignore_errors=True)  # noqa: E731
-        r = best_subprocess(cmd + ["--workers", str(w)], repeats, before=clean)
-        r["workers"] = w
-        if w > 1:
-            r["cpu_split"] = cpu_split(cmd + ["--workers", str(w)], repeats, clean)
-        runs.append(r)
-    one = next((r for r in runs if r["workers"] == 1), None)
+    clean = lambda: shutil.rmtree(out, ignore_errors=True)  # noqa: E731
+    encode_stage = f"encode (as the pipeline calls it: batches of {batch}, 1 thread)"
+    probes = {
+        "raw encode": in_process(lambda: [tok.sp.encode(t) for t in texts]),
+        "interpreter start": subprocess_run([sys.executable, "-c", "pass"]),
+        "interpreter start and imports": subprocess_run([sys.executable, "-c", "import data_prep.tokenize_pile"]),
+        "tokenizer load": in_process(lambda: Tokenizer(tok_path)),
+        "read, decompress, hash, split lines": in_process(read),
+        "JSON and validation": in_process(lambda: [pipeline._check(rec) for rec in records]),
+        encode_stage: in_process(encode_batched),
+        "token arrays (EOD appended)": in_process(to_arrays),
+        "shard writing (sha256, fsync)": in_process(write),
+        **{f"workers={w}": subprocess_run(cmd + ["--workers", str(w)], before=clean) for w in workers},
+        **{f"split workers={w}": cpu_split(cmd + ["--workers", str(w)], clean) for w in workers if w > 1},
+    }
+    samples = {name: [] for name in probes}
+    for _ in range(repeats):
+        for name, probe in probes.items():
+            samples[name].append(probe())
+    wall = {name: min(x[0] for x in v) for name, v in samples.items()}
+    cpu = {name: min(x[1] for x in v) for name, v in samples.items()}
+
+    baseline = {"wall_s": wall["raw encode"], "cpu_s": cpu["raw encode"], "documents": len(texts),
+                "text_bytes": sum(len(t.encode("utf-8")) for t in texts), "tokens": sum(len(ids) + 1 for ids in encoded)}
+    runs = [{"workers": w, "wall_s": wall[f"workers={w}"], "cpu_s": cpu[f"workers={w}"]} for w in workers]
     cores = available_cores()
+    one = next((r for r in runs if r["workers"] == 1), None)
     for r in runs:
         r["wall_ratio_to_raw_encode"] = baseline["wall_s"] / r["wall_s"]
         r["cpu_ratio_to_raw_encode"] = baseline["cpu_s"] / r["cpu_s"]
         r["mb_per_s"] = baseline["text_bytes"] / 1e6 / r["wall_s"]
         r["idle_core_s"] = max(r["wall_s"] * min(r["workers"] + 1, cores) - r["cpu_s"], 0.0)
+        if r["workers"] > 1:
+            split = min(samples[f"split workers={r['workers']}"], key=sum)
+            r["cpu_split"] = {"main_cpu_s": split[0], "workers_cpu_s": split[1]}
         if one is not None:
             r["linearity"] = one["wall_s"] / r["wall_s"] / r["workers"]
             r["cpu_added_over_1_worker_s"] = r["cpu_s"] - one["cpu_s"]
+    stages = {"interpreter start": cpu["interpreter start"],
+              "imports": max(cpu["interpreter start and imports"] - cpu["interpreter start"], 0.0)}
+    for name in ("tokenizer load", "read, decompress, hash, split lines", "JSON and validation", encode_stage,
+                 "token arrays (EOD appended)", "shard writing (sha256, fsync)"):
+        stages[name] = cpu[name]
     if one is not None:
-        stages["rest: bookkeeping, batching, manifests"] = one["cpu_s"] - sum(stages.values())
-    return {"baseline_raw_encode": baseline, "runs": runs, "stages_cpu_s_1_worker": stages,
+        stages["rest: bookkeeping, batching, manifests (by difference)"] = one["cpu_s"] - sum(stages.values())
+    return {"baseline_raw_encode": baseline, "runs": runs, "stages_cpu_s_1_worker": stages, "samples": samples,
             "command": " ".join(cmd).replace(work, "$TMP").replace(ROOT + os.sep, "")}
 
 
@@ -239,10 +242,10 @@ def markdown(result: dict) -> str:
         f"- date: {m['date']}",
         f"- device: {m['cpu']}, {m['cores']} cores available, Python {m['python']}, sentencepiece {m['sentencepiece']}",
         f"- command: `{m['command']}`",
-        f"- tokenizer: vocab {m['vocab_size']}; best of {m['repeats']} runs per figure",
+        f"- tokenizer: vocab {m['vocab_size']}; each figure the minimum of {m['repeats']} interleaved rounds",
         f"- PYTHONDONTWRITEBYTECODE={m['PYTHONDONTWRITEBYTECODE'] or '(unset)'}" + (
-            ": every run compiles the project's modules again" if m["PYTHONDONTWRITEBYTECODE"] else
-            ": the project's modules are compiled once, as in a normal install"),
+            ": no .pyc is written, a module without one is compiled at every start" if m["PYTHONDONTWRITEBYTECODE"]
+            else ": the project's modules are compiled once, as in a normal install"),
         f"- load average (1/5/15 min) before: {m['loadavg_before']}, after: {m['loadavg_after']}",
     ]
     if m["note"]:

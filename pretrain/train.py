@@ -6,7 +6,7 @@
 
 See ``launch/pretrain.sh`` for the launcher and ``pretrain/training/config.py`` for every key.
 Exit codes: 0 finished or saved after SIGTERM/SIGUSR1; 3 stopped after too many non-finite steps in a row;
-2 configuration error.
+2 configuration error (every bad path of the run config listed at once) or no checkpoint that verifies.
 """
 
 from __future__ import annotations
