@@ -20,7 +20,11 @@ Design
   its shard files present at the recorded sizes), removes temporary files of the killed run, skips the inputs
   before the recorded position (later inputs are re-read from their start only up to that position, without
   tokenizing) and continues with the next chunk, producing the same bytes as an uninterrupted run. Changing the
-  inputs or an output-affecting option makes the rerun refuse (``--overwrite`` starts over).
+  inputs or an output-affecting option makes the rerun refuse (``--overwrite`` starts over). Inputs are compared
+  by content, not only by name and size: each chunk record holds the SHA-256 of every input finished in it (whole
+  file, computed while reading) and of the prefix read so far of the input in progress; before continuing, a rerun
+  hashes those files (or prefixes) again and refuses on any difference. That costs one extra read of the input
+  bytes already used (at disk speed, nothing is decompressed or tokenized), also when rerunning a finished run.
 * When the stream ends, the chunk records are merged into ``OUT/manifest.json`` (and ``OUT/{split}/manifest.json``
   listing that split's shards in order), written last and atomically: a directory without ``manifest.json`` is
   not a finished output.
@@ -28,11 +32,11 @@ Design
 
 from __future__ import annotations
 
+import array
 import collections
 import contextlib
 import dataclasses
 import hashlib
-import itertools
 import json
 import os
 import shutil
@@ -40,12 +44,10 @@ import sys
 import time
 from typing import Any
 
-import numpy as np
-
-from pretrain.data.indexed import IndexedDatasetWriter, bin_path, fsync_dir, idx_path, merge_indexed, token_dtype
+from pretrain.data.writer import CODE_OF_NAME, CODES, IndexedDatasetWriter, bin_path, fsync_dir, idx_path, token_dtype_name
 
 from .sources import FileDone, InputError, Record, Source, iter_records, resolve_inputs
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, file_sha256
 
 SPLITS = ("train", "val", "test")
 GROUP_SPLIT = {"val": "val", "test": "test"}
@@ -85,8 +87,9 @@ class TokenizeConfig:
     on_error: str = "stop"
     docs_per_shard: int = 100_000
     workers: int = 0  # 0: all available cores
-    batch_docs: int = 256
-    batch_bytes: int = 1 << 20
+    # Work items small enough that a few MB still spread evenly over the workers (~40 ms of encoding each).
+    batch_docs: int = 64
+    batch_bytes: int = 256 << 10
     merge: bool = False
     overwrite: bool = False
     progress: bool = True
@@ -115,14 +118,15 @@ def _set_parent_death_signal() -> None:
         pass
 
 
-def init_worker(model_proto: bytes, options: dict, in_pool: bool = True) -> None:
-    if in_pool:
+def init_worker(model_proto: bytes, options: dict, tok: Tokenizer | None = None) -> None:
+    """Set up a pool worker from the tokenizer's bytes, or the main process (workers=1) with its tokenizer."""
+    if tok is None:
         _set_parent_death_signal()
-    tok = Tokenizer(model_proto=model_proto)
+        tok = Tokenizer(model_proto=model_proto)
     _W.clear()
     _W.update(options)
     _W["tok"] = tok
-    _W["dtype"] = token_dtype(tok.vocab_size)
+    _W["typecode"] = CODES[CODE_OF_NAME[token_dtype_name(tok.vocab_size)]][2]
     _W["set_path"] = options["set_key"].split(".") if options["set_key"] else []
     _W["include"] = set(options["include_sets"]) if options["include_sets"] else None
     _W["exclude"] = set(options["exclude_sets"] or ())
@@ -160,7 +164,7 @@ def _check(rec: tuple) -> tuple:
     if reason is not None:
         return None, reason, UNKNOWN_SET, message
     if isinstance(payload, (bytes, bytearray)):
-        if not payload.strip():
+        if not payload or payload.isspace():  # isspace: no copy of the line, unlike strip
             return None, "blank_line", UNKNOWN_SET, "blank line"
         try:
             line = payload.decode("utf-8")
@@ -187,7 +191,7 @@ def _check(rec: tuple) -> tuple:
         text_bytes = text.encode("utf-8")
     except UnicodeEncodeError as e:
         return None, "invalid_utf8", set_name, f"text contains an unpaired surrogate at character {e.start}"
-    if not text.strip():
+    if not text or text.isspace():
         return None, "empty_text", set_name, "empty or whitespace-only text"
     if len(text_bytes) > _W["max_doc_bytes"]:
         return None, "too_long", set_name, f"text of {len(text_bytes)} bytes exceeds --max-doc-bytes {_W['max_doc_bytes']}"
@@ -195,30 +199,32 @@ def _check(rec: tuple) -> tuple:
 
 
 def process_batch(records: list[tuple]) -> dict:
-    """Tokenize a batch. Returns per-record metadata and, per split, the concatenated tokens of written documents."""
+    """Tokenize a batch. Returns per-record metadata and, per split, the concatenated tokens of written documents
+    (an ``array.array`` in the shard's dtype) and their lengths."""
     tok: Tokenizer = _W["tok"]
     checked = [_check(r) for r in records]
     texts = [c[0] for c in checked if c[0] is not None]
     encoded = iter(tok.encode_batch(texts, num_threads=1) if texts else [])
     docs = []  # (split or -1, set_name, n_tokens, text_bytes, reason, message)
-    per_split: dict[int, list] = collections.defaultdict(list)
-    eod, bos = tok.eod_id, tok.bos_id
+    tokens: dict[int, tuple[array.array, array.array]] = {}
+    eod, bos, bos_len = tok.eod_id, tok.bos_id, int(_W["prepend_bos"])
     for c in checked:
         if c[0] is None:
             docs.append((-1, c[2], 0, 0, c[1], c[3]))
             continue
         ids = next(encoded)
-        if _W["prepend_bos"]:
-            ids = [bos] + ids
-        ids.append(eod)
         split = c[3]
-        per_split[split].append(ids)
-        docs.append((split, c[2], len(ids), len(c[1]), None, None))
-    tokens = {}
-    for split, lists in per_split.items():
-        lengths = np.fromiter((len(x) for x in lists), dtype=np.int64, count=len(lists))
-        flat = np.array(list(itertools.chain.from_iterable(lists)), dtype=_W["dtype"])
-        tokens[split] = (flat, lengths)
+        out = tokens.get(split)
+        if out is None:
+            out = tokens[split] = (array.array(_W["typecode"]), array.array("q"))
+        flat, lengths = out
+        if bos_len:
+            flat.append(bos)
+        flat.fromlist(ids)
+        flat.append(eod)
+        n = len(ids) + 1 + bos_len
+        lengths.append(n)
+        docs.append((split, c[2], n, len(c[1]), None, None))
     return {"docs": docs, "tokens": tokens}
 
 
@@ -285,7 +291,7 @@ class Tokenization:
         self.out = cfg.out
         self.state_dir = os.path.join(self.out, ".state")
         self.tok = Tokenizer(cfg.tokenizer)
-        self.dtype = token_dtype(self.tok.vocab_size)
+        self.dtype = token_dtype_name(self.tok.vocab_size)
         if self.tok.eod_id < 0:
             raise ValueError(f"{cfg.tokenizer}: the tokenizer defines no EOS/EOD token")
         if cfg.prepend_bos and self.tok.bos_id < 0:
@@ -296,6 +302,7 @@ class Tokenization:
         if not self.sources:
             raise InputError("no inputs")
         self.workers = cfg.workers or available_cores()
+        self._reading: dict = {}  # the file being read and its hashing reader (sources.read_file's ``progress``)
 
     # ---- fingerprint and resume ----------------------------------------------------------------------------
     def fingerprint(self) -> dict:
@@ -371,7 +378,32 @@ class Tokenization:
         for name in os.listdir(self.state_dir):
             if name.startswith("chunk-") and name.endswith(".json") and int(name[6:11]) >= len(pieces):
                 os.remove(os.path.join(self.state_dir, name))
+        self._check_inputs_unchanged(pieces)
         return pieces
+
+    def _check_inputs_unchanged(self, pieces: list[dict]) -> None:
+        """The inputs the committed chunks were made from still hold the same bytes (see module docstring)."""
+        used: dict[str, tuple[int | None, str]] = {}
+        for piece in pieces:
+            for info in piece["files_done"]:
+                if info.get("sha256"):
+                    used[info["path"]] = (None, info["sha256"])
+                elif info.get("prefix_sha256"):
+                    used[info["path"]] = (info["prefix_bytes"], info["prefix_sha256"])
+        reading = pieces[-1].get("reading") if pieces else None
+        if reading:
+            used[self.sources[reading["source"]].name] = (reading["bytes"], reading["sha256"])
+        for path, (nbytes, expected) in used.items():
+            try:
+                got = file_sha256(path, limit=nbytes)
+            except OSError as e:
+                raise InputError(f"{path}: cannot read it to check it is unchanged since the earlier run in "
+                                 f"{self.out}: {e.strerror or e}") from None
+            if got != expected:
+                what = "its content" if nbytes is None else f"its first {nbytes} bytes"
+                raise InputError(
+                    f"{path}: changed since the earlier run in {self.out} wrote its shards (sha256 of {what} "
+                    f"differs); restore it, or use --overwrite to start over")
 
     # ---- main loop ------------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -420,7 +452,7 @@ class Tokenization:
         pos = start
         n = chunk * D
         reader = iter_records(self.sources, start=start, max_docs=cfg.max_docs, max_line_bytes=cfg.max_doc_bytes,
-                              group_counts=counts)
+                              group_counts=counts, progress=self._reading)
         batch: list[tuple] = []
         nbytes = 0
         for ev in reader:
@@ -441,10 +473,18 @@ class Tokenization:
                 yield "batch", batch
                 batch, nbytes = [], 0
             if n % D == 0:
-                yield "chunk_end", {"end": list(pos), "group_records": dict(counts), "final": False}
+                yield "chunk_end", {"end": list(pos), "group_records": dict(counts), "final": False,
+                                    "reading": self._prefix_read()}
         if batch:
             yield "batch", batch
         yield "chunk_end", {"end": list(pos), "group_records": dict(counts), "final": True}
+
+    def _prefix_read(self) -> dict | None:
+        """Size and SHA-256 of the bytes read so far of the input being read (None between inputs)."""
+        raw = self._reading.get("reader")
+        if raw is None:
+            return None
+        return {"source": self._reading["source"], "bytes": raw.bytes, "sha256": raw.sha.copy().hexdigest()}
 
     def _process(self, pieces: list[dict]) -> None:
         cfg = self.cfg
@@ -453,10 +493,14 @@ class Tokenization:
         if self.workers > 1:
             import multiprocessing as mp
 
-            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-            pool = ctx.Pool(self.workers, initializer=init_worker, initargs=(self.tok.model_proto, options))
+            if "fork" in mp.get_all_start_methods():  # workers inherit the parsed tokenizer: no parse per worker
+                init_worker(self.tok.model_proto, options, tok=self.tok)
+                pool = mp.get_context("fork").Pool(self.workers, initializer=_set_parent_death_signal)
+            else:
+                pool = mp.get_context("spawn").Pool(self.workers, initializer=init_worker,
+                                                    initargs=(self.tok.model_proto, options))
         else:
-            init_worker(self.tok.model_proto, options, in_pool=False)
+            init_worker(self.tok.model_proto, options, tok=self.tok)
         max_inflight = 2 * self.workers + 2
         chunk = _Chunk(len(pieces), self.out, self.dtype)
         pending: collections.deque = collections.deque()
@@ -488,15 +532,7 @@ class Tokenization:
                 bar.close()
 
     def _progress(self):
-        if not self.cfg.progress:
-            return None
-        from tqdm import tqdm
-
-        bar = tqdm(unit=" docs", desc="tokenizing", dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
-        bar._t0 = time.time()
-        bar._tokens = 0
-        bar._bytes = 0
-        return bar
+        return _Progress() if self.cfg.progress else None
 
     def _handle(self, item, chunk: _Chunk, pieces: list[dict], bar) -> _Chunk:
         kind, payload, records = item
@@ -543,11 +579,7 @@ class Tokenization:
             flat, lengths = result["tokens"][split]
             chunk.writer(split).add_documents(flat, lengths)
         if bar is not None:
-            bar._tokens += st["tokens"] - tokens_before
-            bar._bytes += st["text_bytes"] - bytes_before
-            bar.update(len(result["docs"]))
-            dt = max(time.time() - bar._t0, 1e-9)
-            bar.set_postfix_str(f"{bar._tokens / dt:,.0f} tok/s, {bar._bytes / dt / 1e6:.2f} MB/s", refresh=False)
+            bar.update(len(result["docs"]), st["tokens"] - tokens_before, st["text_bytes"] - bytes_before)
         return chunk
 
     def _commit(self, chunk: _Chunk, end: dict) -> dict:
@@ -594,7 +626,7 @@ class Tokenization:
                                          "note": "not read (--max-docs reached)"}
             inputs.append(info)
         tok_copy = os.path.join(self.out, "tokenizer.model")
-        if not os.path.exists(tok_copy) or Tokenizer(tok_copy).sha256 != self.tok.sha256:
+        if not os.path.exists(tok_copy) or file_sha256(tok_copy) != self.tok.sha256:
             tmp = f"{tok_copy}.tmp-{os.getpid()}"
             shutil.copyfile(self.cfg.tokenizer, tmp)
             os.replace(tmp, tok_copy)
@@ -604,10 +636,12 @@ class Tokenization:
         for s in SPLITS:
             if splits[s]["shards"]:
                 atomic_write_json(os.path.join(self.out, s, "manifest.json"), {
-                    "format": FORMAT, "split": s, "dtype": self.dtype.name, "tokenizer": tokenizer,
+                    "format": FORMAT, "split": s, "dtype": self.dtype, "tokenizer": tokenizer,
                     **{k: splits[s][k] for k in ("documents", "tokens", "text_bytes")}, "shards": splits[s]["shards"]})
         merged = {}
         if self.cfg.merge:
+            from pretrain.data.indexed import merge_indexed  # numpy: only needed here
+
             for s in SPLITS:
                 if splits[s]["shards"]:
                     prefixes = [os.path.join(self.out, s, sh["name"]) for sh in splits[s]["shards"]]
@@ -616,7 +650,7 @@ class Tokenization:
             "format": FORMAT,
             "fingerprint": self.fp["id"],
             "tokenizer": tokenizer,
-            "dtype": self.dtype.name,
+            "dtype": self.dtype,
             "eod_appended": True,
             "bos_prepended": self.cfg.prepend_bos,
             "options": self.cfg.output_options(),
@@ -632,6 +666,35 @@ class Tokenization:
         }
         atomic_write_json(os.path.join(self.out, "manifest.json"), manifest)
         return manifest
+
+
+class _Progress:
+    """A tqdm bar (documents, tokens/s, MB/s) that appears once a run has taken a second: a shorter run does not
+    pay for importing tqdm (~40 ms, a measurable part of tokenizing a few MB)."""
+
+    def __init__(self):
+        self.t0 = time.time()
+        self.docs = self.tokens = self.bytes = 0
+        self.bar = None
+
+    def update(self, docs: int, tokens: int, nbytes: int) -> None:
+        self.docs += docs
+        self.tokens += tokens
+        self.bytes += nbytes
+        dt = time.time() - self.t0
+        if self.bar is None:
+            if dt < 1.0:
+                return
+            from tqdm import tqdm
+
+            self.bar = tqdm(unit=" docs", desc="tokenizing", dynamic_ncols=True, mininterval=0.5, file=sys.stderr,
+                            initial=self.docs - docs)
+        self.bar.update(docs)
+        self.bar.set_postfix_str(f"{self.tokens / dt:,.0f} tok/s, {self.bytes / dt / 1e6:.2f} MB/s", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def available_cores() -> int:

@@ -34,8 +34,11 @@ def _model_state_from_checkpoint(path: str, meta: dict) -> dict[str, torch.Tenso
 
 def export_checkpoint(path: str, out_dir: str, dtype: str = "float32") -> str:
     from pretrain.models.io import write_export
-    from pretrain.training.checkpoint import read_meta
+    from pretrain.training.checkpoint import CheckpointError, read_meta, verify
 
+    problems = verify(path)
+    if problems:
+        raise CheckpointError(f"{path} fails verification, not exporting it: {'; '.join(problems)}")
     meta = read_meta(path)
     state = _model_state_from_checkpoint(path, meta)
     write_export(state, meta["model_config"], out_dir, metadata={"format": "pt", "step": meta["step"]},
@@ -51,12 +54,15 @@ def main(argv=None):
     p.add_argument("out_dir")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     a = p.parse_args(argv)
-    from pretrain.training.checkpoint import find_latest, is_complete
+    from pretrain.training.checkpoint import CheckpointError, find_latest, is_complete
 
     path = a.checkpoint if is_complete(a.checkpoint) else find_latest(a.checkpoint)
     if path is None:
         raise SystemExit(f"no complete checkpoint at {a.checkpoint}")
-    print(export_checkpoint(path, a.out_dir, a.dtype))
+    try:
+        print(export_checkpoint(path, a.out_dir, a.dtype))
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":
