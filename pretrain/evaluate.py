@@ -230,8 +230,13 @@ def main(argv=None):
     parser.add_argument("--out", help="write the result JSON here")
     parser.add_argument("--name", help="label in tables (default: the run directory's name)")
     args = parser.parse_args(argv)
+    from pretrain.config import ConfigError
+
     try:
         return evaluate(args)
+    except ConfigError as e:  # a bad config or a checkpoint that fails verification: one line, exit code 2
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     finally:
         import torch.distributed as dist
 

@@ -193,3 +193,17 @@ def test_every_bad_path_is_reported_before_anything_starts(shards, tmp_path):
                      f"parallel.deepspeed_config: cannot read '{tmp_path / 'no_ds.json'}'"):
         assert f"\n  {expected}" in p.stderr, p.stderr
     assert "Traceback" not in p.stderr and not out.exists()
+
+
+def test_evaluation_refuses_a_damaged_checkpoint_in_one_line(runs, shards, tmp_path, capsys):
+    """``python -m pretrain.evaluate`` on a checkpoint that fails verification: exit 2, one line naming the file."""
+    from pretrain.evaluate import main as evaluate_main
+
+    root = copy_checkpoints(runs.reference("single"), tmp_path)
+    f = damage(str(root / "step_00000020"), "tensor_bytes_zeroed")
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main(["--checkpoint", str(root / "step_00000020"), "--data", str(shards / "valid"),
+                       "--eod-id", "0", "--seq-len", "32", "--max-documents", "2"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and f in err[0], err
