@@ -52,7 +52,7 @@ class DecodeStep:
 
 
 @torch.no_grad()
-def prefill(model, prompts: Sequence[Sequence[int]], max_len: int, *, dtype: torch.dtype | None = None):
+def prefill(model, prompts: Sequence[Sequence[int]], max_len: int):
     """(cache with the prompts consumed, logits [N, vocab] after each prompt's last token)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -60,7 +60,7 @@ def prefill(model, prompts: Sequence[Sequence[int]], max_len: int, *, dtype: tor
     lengths = torch.tensor([len(p) for p in prompts])
     cu_seqlens = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(device)
     ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=device)[None]
-    cache = model.init_cache(len(prompts), max_len, device=device, dtype=dtype)
+    cache = model.init_cache(len(prompts), max_len)
     hidden = model.hidden_states(ids, cu_seqlens=cu_seqlens, cache=cache)
     return cache, model.lm_head(hidden[0, cu_seqlens[1:] - 1])
 
@@ -69,19 +69,19 @@ def prefill(model, prompts: Sequence[Sequence[int]], max_len: int, *, dtype: tor
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, sampling: Sampling | None = None,
              eos_ids: Sequence[int] = (), should_stop: Callable[[int, list[int]], bool] | None = None,
              on_tokens: Callable[[list[int | None]], None] | None = None, cuda_graph: bool = True,
-             dtype: torch.dtype | None = None) -> list[list[int]]:
+             generator: torch.Generator | None = None) -> list[list[int]]:
     """New tokens for each prompt (token lists of any lengths), at most ``max_new_tokens`` each.
 
     A row stops after an ``eos_ids`` token (kept in its output) or when ``should_stop(row, tokens so far)`` says
     so (stop strings: the caller decodes). ``on_tokens`` gets each step's new token per row (None for a row that
-    has stopped), for streaming. The batch runs until every row has stopped.
+    has stopped), for streaming. The batch runs until every row has stopped. Draws come from ``generator``, else
+    from one seeded with ``sampling.seed``, else from torch's default generator.
     """
     sampling = sampling or Sampling(temperature=0.0)
     if max_new_tokens < 1:
         return [[] for _ in prompts]
-    cache, logits = prefill(model, prompts, max(len(p) for p in prompts) + max_new_tokens, dtype=dtype)
-    generator = None
-    if sampling.seed is not None:
+    cache, logits = prefill(model, prompts, max(len(p) for p in prompts) + max_new_tokens)
+    if generator is None and sampling.seed is not None:
         generator = torch.Generator(logits.device).manual_seed(sampling.seed)
     step = DecodeStep(model, cache, cuda_graph=cuda_graph)
     out: list[list[int]] = [[] for _ in prompts]

@@ -1,7 +1,8 @@
 """Model zoo: ReBased / Based hybrids and the Transformer++ baseline."""
 
 from pretrain.models.config import MIXERS, ModelConfig
-from pretrain.models.model import CausalLM, ModelCache
+from pretrain.models.cache import ModelCache
+from pretrain.models.model import CausalLM
 from pretrain.models.flops import count_parameters, flops_per_token
 
 
