@@ -45,8 +45,8 @@ class DecodeStep:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self.logits = self._forward()
-        else:
-            self.cache.seen_tokens += 1  # the replay advances the rows' positions on the GPU, not this count
+        else:  # the replay advances the rows' positions on the GPU; the host's count and bounds are kept here
+            self.cache.reserve(1, *self.model.cache_limits())
         self.graph.replay()
         return self.logits
 

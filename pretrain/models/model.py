@@ -95,13 +95,18 @@ class CausalLM(nn.Module):
             positions = positions - starts.repeat_interleave(cu_seqlens.diff().to(device))
         return positions
 
+    def cache_limits(self) -> tuple[bool, int | None]:
+        """What bounds a cached sequence (``ModelCache.reserve``): full-attention layers keep every position, and
+        learned position embeddings end at max_seq_len."""
+        return "attention" in self.config.layers, self.config.max_seq_len if self.pos_embed is not None else None
+
     def _cache_positions(self, cache: ModelCache, B: int, T: int, device, cu_seqlens) -> torch.Tensor:
         """Positions of the tokens a cached call feeds ([total] for a packed prompt, else [B, T]), advancing the
         rows' counts."""
         if torch.is_grad_enabled():
             raise ValueError("decoding caches are updated in place and have no backward: call the model under "
                              "torch.no_grad() when it is given a cache")
-        limits = ("attention" in self.config.layers, self.config.max_seq_len if self.pos_embed is not None else None)
+        limits = self.cache_limits()
         if cu_seqlens is not None:
             if cache.seen is not None:
                 raise ValueError("a packed prompt (cu_seqlens) fills a fresh cache, one document per row")
