@@ -22,6 +22,8 @@ import time
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
+from kernels_tune import _inputs  # noqa: E402  (random q, k [B, T, H, 16], v and the output gradient on CUDA)
+
 
 def profile(setting: str, steps: int, overrides: list[str]) -> None:
     import torch
@@ -54,16 +56,6 @@ def profile(setting: str, steps: int, overrides: list[str]) -> None:
           f"{run.micro}; per epoch ≈ {total * 196 / 1e3:.2f} s GPU")
     for name, ms in sorted(rows.items(), key=lambda r: -r[1])[:30]:
         print(f"  {ms:8.3f} ms  {100 * ms / total:5.1f}%  {name[:110]}")
-
-
-def _inputs(b, t, h, dv, dtype, seed=0):
-    import torch
-
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    q, k = (torch.randn(b, t, h, 16, device="cuda", generator=g).to(dtype).requires_grad_() for _ in range(2))
-    v = torch.randn(b, t, h, dv, device="cuda", generator=g).to(dtype).requires_grad_()
-    do = torch.randn(b, t, h, dv, device="cuda", generator=g).to(dtype)
-    return q, k, v, do
 
 
 def errors() -> None:
