@@ -46,8 +46,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from data_prep import pipeline  # noqa: E402
 from data_prep.build_sample_corpus import build  # noqa: E402
 from data_prep.pipeline import available_cores  # noqa: E402
-from data_prep.sources import FileDone, iter_records, resolve_inputs  # noqa: E402
-from data_prep.tokenizer import Tokenizer  # noqa: E402
+from pretrain.data.sources import FileDone, iter_records, resolve_inputs  # noqa: E402
+from pretrain.data.tokenizer import Tokenizer  # noqa: E402
 from data_prep.train_tokenizer import train  # noqa: E402
 from pretrain.data.writer import IndexedDatasetWriter  # noqa: E402
 from results_io import save_results  # noqa: E402

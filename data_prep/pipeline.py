@@ -46,8 +46,8 @@ from typing import Any
 
 from pretrain.data.writer import CODE_OF_NAME, CODES, IndexedDatasetWriter, bin_path, fsync_dir, idx_path, token_dtype_name
 
-from .sources import FileDone, InputError, Record, Source, iter_records, resolve_inputs
-from .tokenizer import Tokenizer, file_sha256
+from pretrain.data.sources import FileDone, InputError, Record, Source, iter_records, resolve_inputs
+from pretrain.data.tokenizer import Tokenizer, file_sha256
 
 SPLITS = ("train", "val", "test")
 GROUP_SPLIT = {"val": "val", "test": "test"}

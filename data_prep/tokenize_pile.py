@@ -19,7 +19,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data_prep.pipeline import TokenizeConfig, format_summary, tokenize  # noqa: E402
-from data_prep.sources import InputError  # noqa: E402
+from pretrain.data.sources import InputError  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

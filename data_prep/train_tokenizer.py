@@ -27,7 +27,7 @@ if __package__ in (None, ""):
 
 import sentencepiece as spm  # noqa: E402
 
-from data_prep.sources import FileDone, InputError, iter_records, resolve_inputs  # noqa: E402
+from pretrain.data.sources import FileDone, InputError, iter_records, resolve_inputs  # noqa: E402
 
 SPECIALS = {"pad_id": 0, "unk_id": 1, "bos_id": 2, "eos_id": 3,
             "pad_piece": "<pad>", "unk_piece": "<unk>", "bos_piece": "<s>", "eos_piece": "</s>"}

@@ -33,7 +33,7 @@ from pretrain.evaluation.scoring import Document, score_documents, totals_by_set
 
 
 def _tokenizer(path):
-    from data_prep.tokenizer import Tokenizer
+    from pretrain.data.tokenizer import Tokenizer
 
     return Tokenizer(path) if path else None
 
@@ -66,7 +66,7 @@ def load_documents(data: str, tokenizer, *, text_key: str = "text", max_document
 
 
 def _raw_documents(data: str, tokenizer, text_key: str, max_documents: int | None) -> list[Document]:
-    from data_prep.sources import Record, iter_records, resolve_inputs
+    from pretrain.data.sources import Record, iter_records, resolve_inputs
 
     docs = []
     for event in iter_records(resolve_inputs([data], "main"), max_docs=max_documents):

@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="write {prompt, completion, tokens} JSON lines here")
     args = parser.parse_args(argv)
 
-    from data_prep.tokenizer import Tokenizer
+    from pretrain.data.tokenizer import Tokenizer
     from pretrain.config import ConfigError
     from pretrain.evaluate import load_model
     from pretrain.generation.decoder import generate

@@ -89,7 +89,7 @@ def make_lm_eval_model(checkpoint: str, tokenizer_path: str, **kwargs):
         from lm_eval.api.model import LM
     except ImportError as e:
         raise ImportError("the lm_eval adapter needs lm-evaluation-harness: pip install lm_eval") from e
-    from data_prep.tokenizer import Tokenizer
+    from pretrain.data.tokenizer import Tokenizer
     from pretrain.evaluate import load_model
 
     device = kwargs.pop("device", "cuda" if torch.cuda.is_available() else "cpu")

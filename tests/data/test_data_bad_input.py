@@ -19,8 +19,8 @@ from datagen import jsonl_bytes, make_docs, write_zst
 from mmidx_reference import read_mmidx
 
 from data_prep.pipeline import TokenizeConfig, tokenize
-from data_prep.sources import InputError
-from data_prep.tokenizer import Tokenizer
+from pretrain.data.sources import InputError
+from pretrain.data.tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GOOD = make_docs(10, seed=21)

@@ -13,8 +13,8 @@ from datagen import jsonl_bytes, make_docs, write_zst
 from test_data_tokenize import decoded_split, shard_bytes
 
 from data_prep.pipeline import TokenizeConfig, tokenize
-from data_prep.sources import InputError
-from data_prep.tokenizer import Tokenizer
+from pretrain.data.sources import InputError
+from pretrain.data.tokenizer import Tokenizer
 from data_prep.train_tokenizer import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

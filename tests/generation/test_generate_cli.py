@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    from data_prep.tokenizer import Tokenizer
+    from pretrain.data.tokenizer import Tokenizer
     from pretrain.models import build_model, load_model_config
     from pretrain.models.io import export_model
 

@@ -270,7 +270,7 @@ def test_nonfinite_stop_without_an_earlier_checkpoint_says_so(shards, tmp_path):
 def test_final_checkpoint_is_saved_before_the_final_evaluation(shards, tmp_path):
     """A run whose end-of-run evaluation fails (here: validation tokens outside the model's vocabulary, which no
     cheap start-up check sees) still keeps all its training: the final checkpoint is written first."""
-    from pretrain.training.synthetic import write_synthetic_shard
+    from pretrain.data.synthetic import write_synthetic_shard
 
     bad_valid = tmp_path / "valid_vocab_4096"
     write_synthetic_shard(str(bad_valid), 8_000, 4096, seed=3)
