@@ -55,7 +55,6 @@ def time_steps(step, tokens, n: int) -> float:
 def measure(model, batch: int, prompt_len: int, steps: int, compiled: bool) -> dict:
     from pretrain.generation.decoder import DecodeStep, prefill
 
-    device = next(model.parameters()).device
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, model.config.vocab_size, (batch, prompt_len), generator=g).tolist()
     max_len = prompt_len + 3 * steps + 8
@@ -74,7 +73,7 @@ def measure(model, batch: int, prompt_len: int, steps: int, compiled: bool) -> d
         with torch.no_grad():
             for _ in range(3):  # warm-up (and, with a graph, its capture)
                 step(tokens)
-            ms = time_steps(lambda x: step(x), tokens, steps)
+            ms = time_steps(step, tokens, steps)
         key = "graph" if graph else "eager"
         row[f"decode_ms_{key}"] = round(ms, 4)
         if graph:

@@ -487,7 +487,6 @@ class Tokenization:
         return {"source": self._reading["source"], "bytes": raw.bytes, "sha256": raw.sha.copy().hexdigest()}
 
     def _process(self, pieces: list[dict]) -> None:
-        cfg = self.cfg
         options = self._options()
         pool = None
         if self.workers > 1:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import sys
 import time
@@ -29,85 +28,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pretrain.evaluation.scoring import Document, score_documents, totals_by_set
-
-
-def _tokenizer(path):
-    from pretrain.data.tokenizer import Tokenizer
-
-    return Tokenizer(path) if path else None
-
-
-def load_documents(data: str, tokenizer, *, text_key: str = "text", max_documents: int | None = None) -> list[Document]:
-    """Documents from indexed shards or raw JSONL text (each ends with EOD)."""
-    raw_suffixes = (".jsonl", ".jsonl.zst", ".jsonl.zstd", ".jsonl.gz")
-    is_raw = data.endswith(raw_suffixes) or (os.path.isdir(data) and any(
-        f.endswith(raw_suffixes) for _, _, files in os.walk(data) for f in files))
-    if is_raw:
-        if tokenizer is None:
-            raise SystemExit("--tokenizer is needed to evaluate raw text")
-        return _raw_documents(data, tokenizer, text_key, max_documents)
-    from pretrain.data.packed import resolve_shards
-    from pretrain.data.indexed import IndexedDataset
-
-    docs = []
-    for prefix in resolve_shards(data):
-        ds = IndexedDataset(prefix)
-        for d in range(ds.num_documents):
-            if max_documents is not None and len(docs) >= max_documents:
-                return docs
-            tokens = ds.document(d).tolist()
-            num_bytes = None
-            if tokenizer is not None:
-                body = tokens[:-1] if tokens and tokens[-1] == tokenizer.eod_id else tokens
-                num_bytes = len(tokenizer.decode(body).encode("utf-8"))
-            docs.append(Document(tokens, num_bytes))
-    return docs
-
-
-def _raw_documents(data: str, tokenizer, text_key: str, max_documents: int | None) -> list[Document]:
-    from pretrain.data.sources import Record, iter_records, resolve_inputs
-
-    docs = []
-    for event in iter_records(resolve_inputs([data], "main"), max_docs=max_documents):
-        if not isinstance(event, Record):
-            continue
-        where = f"{event.source}:{event.line_no}"
-        if event.payload is None:
-            raise SystemExit(f"{data}: {event.reason}: {event.message}")
-        try:
-            obj = json.loads(event.payload) if isinstance(event.payload, bytes) else event.payload
-            text = obj[text_key]
-        except (ValueError, KeyError, TypeError) as e:
-            raise SystemExit(f"{data} record {where}: cannot read '{text_key}': {e}") from e
-        if not isinstance(text, str) or not text:
-            continue
-        meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
-        docs.append(Document(tokenizer.encode(text) + [tokenizer.eod_id], len(text.encode("utf-8")),
-                             meta.get("pile_set_name")))
-    return docs
-
-
-def load_model(checkpoint: str, device):
-    """A model from a consolidated export or a training checkpoint (any strategy / world size), in eval mode."""
-    from pretrain.models.io import WEIGHTS, load_exported
-
-    path = Path(checkpoint)
-    if (path / WEIGHTS).exists():
-        return load_exported(path, device=device)
-    import tempfile
-
-    from pretrain.training.checkpoint import find_latest, is_complete
-    from pretrain.training.export import export_checkpoint
-
-    if not is_complete(str(path)):  # a run's checkpoint root: take its latest complete checkpoint
-        latest = find_latest(str(path))
-        if latest is None:
-            raise SystemExit(f"{path}: neither an export (model.safetensors) nor a complete checkpoint")
-        path = Path(latest)
-    with tempfile.TemporaryDirectory() as tmp:  # consolidate the sharded checkpoint, then load it
-        export_checkpoint(str(path), os.path.join(tmp, "export"))
-        return load_exported(os.path.join(tmp, "export"), device=device)
+from pretrain.evaluation.loading import EvaluationInputError, load_documents, load_model, load_tokenizer
+from pretrain.evaluation.scoring import score_documents, totals_by_set
 
 
 def _dist():
@@ -134,10 +56,10 @@ def evaluate(args) -> dict:
     else:
         device = torch.device("cpu")
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    tokenizer = _tokenizer(args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer)
     docs = load_documents(args.data, tokenizer, text_key=args.text_key, max_documents=args.max_documents)
     if not docs:
-        raise SystemExit(f"{args.data}: no documents to evaluate")
+        raise EvaluationInputError(f"{args.data}: no documents to evaluate")
     model = load_model(args.checkpoint, device)
     seq_len = args.seq_len or model.config.max_seq_len
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
@@ -178,7 +100,7 @@ def evaluate(args) -> dict:
 
 
 def _default_eod(args):
-    raise SystemExit("give --tokenizer (or --eod-id) so the end-of-document id is known")
+    raise EvaluationInputError("give --tokenizer (or --eod-id) so the end-of-document id is known")
 
 
 def model_name(checkpoint: str) -> str:

@@ -94,7 +94,7 @@ def main(argv=None) -> int:
 
     from pretrain.data.tokenizer import Tokenizer
     from pretrain.config import ConfigError
-    from pretrain.evaluate import load_model
+    from pretrain.evaluation.loading import load_model
     from pretrain.generation.decoder import generate
     from pretrain.generation.sampling import Sampling
 

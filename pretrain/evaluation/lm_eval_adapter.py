@@ -90,7 +90,7 @@ def make_lm_eval_model(checkpoint: str, tokenizer_path: str, **kwargs):
     except ImportError as e:
         raise ImportError("the lm_eval adapter needs lm-evaluation-harness: pip install lm_eval") from e
     from pretrain.data.tokenizer import Tokenizer
-    from pretrain.evaluate import load_model
+    from pretrain.evaluation.loading import load_model
 
     device = kwargs.pop("device", "cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(checkpoint, device)
