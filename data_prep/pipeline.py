@@ -44,7 +44,8 @@ import sys
 import time
 from typing import Any
 
-from pretrain.data.writer import CODE_OF_NAME, CODES, IndexedDatasetWriter, bin_path, fsync_dir, idx_path, token_dtype_name
+from pretrain.atomic import copy_file_atomic, write_json_atomic
+from pretrain.data.writer import CODE_OF_NAME, CODES, IndexedDatasetWriter, bin_path, idx_path, token_dtype_name
 
 from pretrain.data.sources import FileDone, InputError, Record, Source, iter_records, resolve_inputs
 from pretrain.data.tokenizer import Tokenizer, file_sha256
@@ -231,17 +232,6 @@ def process_batch(records: list[tuple]) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # Main process
 # ---------------------------------------------------------------------------------------------------------------
-def atomic_write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
 def _new_stats() -> dict:
     return {"documents_read": 0, "documents_written": 0, "documents_skipped": 0, "skipped_by_reason": {},
             "tokens": 0, "text_bytes": 0}
@@ -350,7 +340,7 @@ class Tokenization:
                     f"{self.out} holds a run with different inputs/options/tokenizer (fingerprint {old.get('id')} vs "
                     f"{fp['id']}); use --overwrite to start over, or another --out")
         else:
-            atomic_write_json(cfg_path, fp)
+            write_json_atomic(cfg_path, fp, sort_keys=True)
         self.fp = fp
         # Remove leftovers of killed runs: temporary files never look complete, but they take space.
         for root, _, files in os.walk(self.out):
@@ -594,7 +584,7 @@ class Tokenization:
         piece = {"chunk": chunk.k, "fingerprint": self.fp["id"], **end, "shards": shards, "stats": st,
                  "splits": chunk.splits, "per_set": chunk.per_set, "files_done": chunk.files_done,
                  "examples": chunk.examples}
-        atomic_write_json(self._piece_path(chunk.k), piece)
+        write_json_atomic(self._piece_path(chunk.k), piece, sort_keys=True)
         return piece
 
     # ---- manifest ----------------------------------------------------------------------------------------
@@ -626,15 +616,13 @@ class Tokenization:
             inputs.append(info)
         tok_copy = os.path.join(self.out, "tokenizer.model")
         if not os.path.exists(tok_copy) or file_sha256(tok_copy) != self.tok.sha256:
-            tmp = f"{tok_copy}.tmp-{os.getpid()}"
-            shutil.copyfile(self.cfg.tokenizer, tmp)
-            os.replace(tmp, tok_copy)
+            copy_file_atomic(self.cfg.tokenizer, tok_copy)
         tokenizer = {"source_path": os.path.abspath(self.cfg.tokenizer), "path": "tokenizer.model",
                      "sha256": self.tok.sha256, "vocab_size": self.tok.vocab_size, "eod_id": self.tok.eod_id,
                      "bos_id": self.tok.bos_id, "pad_id": self.tok.pad_id, "unk_id": self.tok.unk_id}
         for s in SPLITS:
             if splits[s]["shards"]:
-                atomic_write_json(os.path.join(self.out, s, "manifest.json"), {
+                write_json_atomic(os.path.join(self.out, s, "manifest.json"), sort_keys=True, obj={
                     "format": FORMAT, "split": s, "dtype": self.dtype, "tokenizer": tokenizer,
                     **{k: splits[s][k] for k in ("documents", "tokens", "text_bytes")}, "shards": splits[s]["shards"]})
         merged = {}
@@ -663,7 +651,7 @@ class Tokenization:
             "last_run": {"workers": self.workers, "elapsed_s": round(elapsed, 3), "resumed_chunks": resumed_chunks,
                          "argv": sys.argv},
         }
-        atomic_write_json(os.path.join(self.out, "manifest.json"), manifest)
+        write_json_atomic(os.path.join(self.out, "manifest.json"), manifest, sort_keys=True)
         return manifest
 
 

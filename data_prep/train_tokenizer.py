@@ -27,6 +27,7 @@ if __package__ in (None, ""):
 
 import sentencepiece as spm  # noqa: E402
 
+from pretrain.atomic import write_bytes_atomic, write_json_atomic  # noqa: E402
 from pretrain.data.sources import FileDone, InputError, iter_records, resolve_inputs  # noqa: E402
 
 SPECIALS = {"pad_id": 0, "unk_id": 1, "bos_id": 2, "eos_id": 3,
@@ -161,27 +162,20 @@ def train(inputs: list[str], out: str, vocab_size: int = 32000, *, text_key: str
     stats["skipped_by_reason"] = dict(stats["skipped_by_reason"])
     proto = model.getvalue()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    _atomic_write(out, proto)
+    write_bytes_atomic(out, proto)
     sp = spm.SentencePieceProcessor(model_proto=proto)
     vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i)}\n" for i in range(sp.get_piece_size()))
-    _atomic_write(os.path.splitext(out)[0] + ".vocab", vocab.encode("utf-8"))
+    write_bytes_atomic(os.path.splitext(out)[0] + ".vocab", vocab.encode("utf-8"))
     import hashlib
 
     info = {"model": os.path.abspath(out), "sha256": hashlib.sha256(proto).hexdigest(),
             "vocab_size": sp.get_piece_size(), "model_type": model_type, "inputs": inputs, "text_key": text_key,
             "sample": stats, "special_ids": {k: v for k, v in SPECIALS.items() if k.endswith("_id")},
             "train_seconds": round(time.time() - t0, 2)}
-    _atomic_write(os.path.splitext(out)[0] + ".json", (json.dumps(info, indent=1) + "\n").encode())
+    write_json_atomic(os.path.splitext(out)[0] + ".json", info)
     return info
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from pretrain.atomic import write_json_atomic
 from pretrain.evaluation.loading import EvaluationInputError, load_documents, load_model, load_tokenizer
 from pretrain.evaluation.scoring import score_documents, totals_by_set
 
@@ -88,14 +89,7 @@ def evaluate(args) -> dict:
     if rank == 0:
         print_table([result])
         if args.out:
-            out = Path(args.out)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-            with open(tmp, "w") as f:
-                json.dump(result, f, indent=2)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, out)
+            write_json_atomic(args.out, result, indent=2)
     return result
 
 

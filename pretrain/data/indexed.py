@@ -28,11 +28,11 @@ import struct
 
 import numpy as np
 
-from .writer import (CODES, HEADER_BYTES, MAGIC, VERSION, IndexedDatasetWriter, bin_path, fsync_dir, idx_path,
+from .writer import (CODES, HEADER_BYTES, MAGIC, VERSION, IndexedDatasetWriter, bin_path, idx_path,
                      token_dtype_name)
 
 __all__ = ["IndexFormatError", "IndexedDataset", "IndexedDatasetWriter", "merge_indexed", "token_dtype", "bin_path",
-           "idx_path", "fsync_dir", "MAGIC", "VERSION", "HEADER_BYTES", "DTYPE_CODES"]
+           "idx_path", "MAGIC", "VERSION", "HEADER_BYTES", "DTYPE_CODES"]
 
 DTYPE_CODES = {code: np.dtype(name).type for code, (name, _, _) in CODES.items()}
 

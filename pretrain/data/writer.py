@@ -15,6 +15,8 @@ import struct
 import sys
 from pathlib import Path
 
+from pretrain.atomic import fsync_dir
+
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 HEADER_BYTES = len(MAGIC) + 8 + 1 + 8 + 8
@@ -52,19 +54,6 @@ def bin_path(prefix: str | os.PathLike) -> str:
 
 def idx_path(prefix: str | os.PathLike) -> str:
     return f"{os.fspath(prefix)}.idx"
-
-
-def fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _le_bytes(values: array.array) -> bytes:

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pretrain.mqar.results import write_file_atomic
+from pretrain.atomic import write_file_atomic
 
 GENERATOR_VERSION = 1
 IGNORE_INDEX = -100

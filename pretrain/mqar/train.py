@@ -37,7 +37,8 @@ from pretrain.config import to_dict
 from pretrain.models.loss import chunked_cross_entropy
 from pretrain.mqar.config import MQARConfig
 from pretrain.mqar.data import IGNORE_INDEX, MQARSplit, load_mqar
-from pretrain.mqar.results import SCHEMA, write_file_atomic, write_json_atomic
+from pretrain.atomic import write_bytes_atomic, write_json_atomic
+from pretrain.mqar.results import SCHEMA
 
 CHECKPOINT_VERSION = 1
 
@@ -214,7 +215,7 @@ class MQARRun:
         }
         buffer = io.BytesIO()
         torch.save(state, buffer)
-        write_file_atomic(self.checkpoint_path, lambda f: f.write(buffer.getbuffer()), binary=True)
+        write_bytes_atomic(self.checkpoint_path, buffer.getvalue())
 
     def _resume(self) -> str | None:
         path = self.checkpoint_path

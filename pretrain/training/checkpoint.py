@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import xxhash
 
+from pretrain.atomic import fsync_dir, write_text_atomic
 from pretrain.config import ConfigError
 
 STEP_RE = re.compile(r"^step_(\d+)$")
@@ -52,22 +53,9 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _fsync_dir(path: str):
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _fsync_dirs(root: str):
     for dirpath, _, _ in os.walk(root):
-        _fsync_dir(dirpath)
+        fsync_dir(dirpath)
 
 
 def is_complete(path: str) -> bool:
@@ -205,7 +193,7 @@ def move_aside(path: str) -> str:
         n += 1
         dest = f"{path}.corrupt{n}"
     os.rename(path, dest)
-    _fsync_dir(os.path.dirname(path) or ".")
+    fsync_dir(os.path.dirname(path) or ".")
     return dest
 
 
@@ -239,14 +227,8 @@ def commit(root: str, tmp: str, step: int, files: dict[str, list], keep_last: in
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, final)
-    _fsync_dir(root)
-    pointer_tmp = os.path.join(root, f"{LATEST}.tmp-{os.getpid()}")
-    with open(pointer_tmp, "w") as f:
-        f.write(step_dir_name(step) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(pointer_tmp, os.path.join(root, LATEST))
-    _fsync_dir(root)
+    fsync_dir(root)
+    write_text_atomic(os.path.join(root, LATEST), step_dir_name(step) + "\n")
     if keep_last > 0:
         complete = list_complete(root)
         protected = [p for s, p in complete if keep_through_step is not None and s <= keep_through_step][-1:]

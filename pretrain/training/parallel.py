@@ -30,6 +30,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from pretrain.atomic import publish_dir
+
 from pretrain.training import optim as optim_lib
 
 log = logging.getLogger("pretrain")
@@ -284,7 +286,7 @@ class DeepSpeedStrategy(Strategy):
                         "--input_folder", os.path.join(root, "native"), "--output_folder", tmp],
                        check=True, stdout=subprocess.DEVNULL)
         ckpt.write_marker(tmp, None, ckpt.checksum_share(tmp, ckpt.list_files(tmp)))
-        os.replace(tmp, final)
+        publish_dir(tmp, final)
 
 
 STRATEGIES = {"single": SingleStrategy, "ddp": DDPStrategy, "fsdp": FSDPStrategy, "deepspeed": DeepSpeedStrategy}

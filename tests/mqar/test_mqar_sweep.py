@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from pretrain.mqar import sweep as mqar_sweep
-from pretrain.mqar.results import SCHEMA, read_result, write_json_atomic
+from pretrain.atomic import write_json_atomic
+from pretrain.mqar.results import SCHEMA, read_result
 from pretrain.mqar.sweep import (Sweep, compress_indices, enumerate_settings, log_path, main, result_path,
                                  split_overrides, worker_slots)
 
