@@ -31,7 +31,6 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from pretrain.atomic import publish_dir
-
 from pretrain.training import optim as optim_lib
 
 log = logging.getLogger("pretrain")
