@@ -43,9 +43,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from data_prep import pipeline  # noqa: E402
+from data_prep import workers as record_workers  # noqa: E402
 from data_prep.build_sample_corpus import build  # noqa: E402
-from data_prep.pipeline import available_cores  # noqa: E402
+from data_prep.pipeline import TokenizeConfig, available_cores  # noqa: E402
 from pretrain.data.sources import FileDone, iter_records, resolve_inputs  # noqa: E402
 from pretrain.data.tokenizer import Tokenizer  # noqa: E402
 from data_prep.train_tokenizer import train  # noqa: E402
@@ -134,11 +134,12 @@ def measure(inputs: dict, tok_path: str, workers: list[int], repeats: int, work:
                 for r in iter_records(sources) if not isinstance(r, FileDone)]
 
     records = read()
-    pipeline.init_worker(tok.model_proto, {"text_key": "text", "set_key": "meta.pile_set_name", "include_sets": None,
-                                           "exclude_sets": None, "val_fraction": 0.0, "test_fraction": 0.0,
-                                           "split_seed": 0, "max_doc_bytes": 64 << 20, "prepend_bos": False}, tok=tok)
-    texts = [x[0] for x in (pipeline._check(rec) for rec in records) if x[0] is not None]
-    batch = pipeline.TokenizeConfig.__dataclass_fields__["batch_docs"].default
+    options = {"text_key": "text", "set_key": "meta.pile_set_name", "include_sets": None, "exclude_sets": None,
+               "val_fraction": 0.0, "test_fraction": 0.0, "split_seed": 0, "max_doc_bytes": 64 << 20,
+               "prepend_bos": False}
+    record_workers.init_worker(tok.model_proto, options, tok=tok)
+    texts = [x[0] for x in (record_workers._check(rec) for rec in records) if x[0] is not None]
+    batch = TokenizeConfig.__dataclass_fields__["batch_docs"].default
 
     def encode_batched():
         return [ids for i in range(0, len(texts), batch) for ids in tok.encode_batch(texts[i:i + batch], num_threads=1)]
@@ -176,7 +177,7 @@ def measure(inputs: dict, tok_path: str, workers: list[int], repeats: int, work:
         "interpreter start and imports": subprocess_run([sys.executable, "-c", "import data_prep.tokenize_pile"]),
         "tokenizer load": in_process(lambda: Tokenizer(tok_path)),
         "read, decompress, hash, split lines": in_process(read),
-        "JSON and validation": in_process(lambda: [pipeline._check(rec) for rec in records]),
+        "JSON and validation": in_process(lambda: [record_workers._check(rec) for rec in records]),
         encode_stage: in_process(encode_batched),
         "token arrays (EOD appended)": in_process(to_arrays),
         "shard writing (sha256, fsync)": in_process(write),
