@@ -120,17 +120,14 @@ def evaluate(hidden_fn, lm_head, split: MQARSplit, batch_size: int, autocast) ->
     return {"valid_loss": loss_sum.item() / max(total, 1), "valid_accuracy": correct.item() / max(total, 1)}
 
 
-def _wandb_run(cfg: MQARConfig, log):
-    if cfg.log.wandb == "disabled":
-        return None
-    try:
-        import wandb  # optional: not needed unless asked for
-    except ImportError:
-        log("mqar: wandb is not installed; logging to stdout and the result JSON only")
-        return None
-    os.makedirs(cfg.log.wandb_dir, exist_ok=True)
-    return wandb.init(project=cfg.log.wandb_project, name=cfg.run_name(), mode=cfg.log.wandb, dir=cfg.log.wandb_dir,
-                      config=to_dict(cfg), reinit=True)
+def _wandb_run(cfg: MQARConfig):
+    """The trainer's W&B init (offline needs no account; a failing online init falls back to offline)."""
+    from pretrain.training.metrics import init_wandb
+
+    if cfg.log.wandb != "disabled":
+        os.makedirs(cfg.log.wandb_dir, exist_ok=True)
+    return init_wandb(os.environ.get("WANDB_MODE") or cfg.log.wandb, project=cfg.log.wandb_project,
+                      name=cfg.run_name(), dir=cfg.log.wandb_dir, config=to_dict(cfg), reinit=True)
 
 
 def epoch_lr(cfg: MQARConfig, epoch: int) -> float:
@@ -304,7 +301,7 @@ class MQARRun:
                  f"{self.micro}) {steps_per_epoch} steps/epoch | device {device_name(self.device)} | "
                  f"{tc.precision}{', compiled' if self.compiled else ''} | data "
                  f"{'cached' if self.data.from_cache else 'generated'} in {self.data_s:.1f}s")
-        wandb_run = _wandb_run(cfg, self.log)
+        wandb_run = _wandb_run(cfg)
         try:
             from tqdm.auto import tqdm
         except ImportError:  # pragma: no cover
