@@ -26,17 +26,17 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from pretrain.atomic import write_json_atomic
+from pretrain.config import ConfigError
 from pretrain.evaluation.loading import EvaluationInputError, load_documents, load_model, load_tokenizer
 from pretrain.evaluation.scoring import score_documents, totals_by_set
 
 
 def _dist():
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        import torch.distributed as dist
-
         if not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
@@ -146,16 +146,12 @@ def main(argv=None):
     parser.add_argument("--out", help="write the result JSON here")
     parser.add_argument("--name", help="label in tables (default: the run directory's name)")
     args = parser.parse_args(argv)
-    from pretrain.config import ConfigError
-
     try:
         return evaluate(args)
     except ConfigError as e:  # a bad config or a checkpoint that fails verification: one line, exit code 2
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     finally:
-        import torch.distributed as dist
-
         if dist.is_initialized():  # released here, not at interpreter exit (gloo can abort the process there)
             gc.collect()
             dist.barrier()  # no rank tears the group down while another is still in a collective

@@ -22,6 +22,12 @@ from pathlib import Path
 
 import torch
 
+from pretrain.config import ConfigError
+from pretrain.data.tokenizer import Tokenizer
+from pretrain.evaluation.loading import load_model
+from pretrain.generation.decoder import generate
+from pretrain.generation.sampling import Sampling
+
 
 def read_prompts(path: str) -> list[str]:
     """One prompt per line of a text file (blank lines skipped), or the "prompt" field of each JSON line."""
@@ -91,12 +97,6 @@ def main(argv=None) -> int:
     parser.add_argument("--no-cuda-graph", action="store_true", help="run every decoding step eagerly")
     parser.add_argument("--out", help="write {prompt, completion, tokens} JSON lines here")
     args = parser.parse_args(argv)
-
-    from pretrain.data.tokenizer import Tokenizer
-    from pretrain.config import ConfigError
-    from pretrain.evaluation.loading import load_model
-    from pretrain.generation.decoder import generate
-    from pretrain.generation.sampling import Sampling
 
     try:
         sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)

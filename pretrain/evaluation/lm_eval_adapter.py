@@ -14,7 +14,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pretrain.data.tokenizer import Tokenizer
+from pretrain.evaluation.loading import load_model
 from pretrain.evaluation.scoring import Document, score_documents
+from pretrain.generation.decoder import generate
 
 
 class LMEvalMethods:
@@ -54,8 +57,6 @@ class LMEvalMethods:
     def generate_until(self, requests) -> list[str]:
         """Greedy continuations, ``batch_size`` requests at a time through the batched decoder; each stops at EOD, at
         one of its ``until`` strings (cut from the text) or after its ``max_gen_toks``."""
-        from pretrain.generation.decoder import generate
-
         out = []
         for start in range(0, len(requests), self.batch_size):
             batch = requests[start:start + self.batch_size]
@@ -86,11 +87,9 @@ class LMEvalMethods:
 def make_lm_eval_model(checkpoint: str, tokenizer_path: str, **kwargs):
     """An ``lm_eval.api.model.LM`` for a checkpoint or export. Needs ``pip install lm_eval``."""
     try:
-        from lm_eval.api.model import LM
+        from lm_eval.api.model import LM  # optional: the harness is only needed here
     except ImportError as e:
         raise ImportError("the lm_eval adapter needs lm-evaluation-harness: pip install lm_eval") from e
-    from pretrain.data.tokenizer import Tokenizer
-    from pretrain.evaluation.loading import load_model
 
     device = kwargs.pop("device", "cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(checkpoint, device)

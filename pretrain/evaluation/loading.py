@@ -6,10 +6,18 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 from pretrain.config import ConfigError
+from pretrain.data.indexed import IndexedDataset
+from pretrain.data.packed import resolve_shards
+from pretrain.data.sources import Record, iter_records, resolve_inputs
+from pretrain.data.tokenizer import Tokenizer
 from pretrain.evaluation.scoring import Document
+from pretrain.models.io import WEIGHTS, load_exported
+from pretrain.training.checkpoint import find_latest, is_complete
+from pretrain.training.export import export_checkpoint
 
 
 class EvaluationInputError(ConfigError):
@@ -18,8 +26,6 @@ class EvaluationInputError(ConfigError):
 
 def load_tokenizer(path):
     """The SentencePiece wrapper for ``path``, or None without one."""
-    from pretrain.data.tokenizer import Tokenizer
-
     return Tokenizer(path) if path else None
 
 
@@ -32,9 +38,6 @@ def load_documents(data: str, tokenizer, *, text_key: str = "text", max_document
         if tokenizer is None:
             raise EvaluationInputError(f"{data}: raw text needs a tokenizer (--tokenizer)")
         return _raw_documents(data, tokenizer, text_key, max_documents)
-    from pretrain.data.packed import resolve_shards
-    from pretrain.data.indexed import IndexedDataset
-
     docs = []
     for prefix in resolve_shards(data):
         ds = IndexedDataset(prefix)
@@ -51,8 +54,6 @@ def load_documents(data: str, tokenizer, *, text_key: str = "text", max_document
 
 
 def _raw_documents(data: str, tokenizer, text_key: str, max_documents: int | None) -> list[Document]:
-    from pretrain.data.sources import Record, iter_records, resolve_inputs
-
     docs = []
     for event in iter_records(resolve_inputs([data], "main"), max_docs=max_documents):
         if not isinstance(event, Record):
@@ -75,16 +76,9 @@ def _raw_documents(data: str, tokenizer, text_key: str, max_documents: int | Non
 
 def load_model(checkpoint: str, device):
     """A model from a consolidated export or a training checkpoint (any strategy / world size), in eval mode."""
-    from pretrain.models.io import WEIGHTS, load_exported
-
     path = Path(checkpoint)
     if (path / WEIGHTS).exists():
         return load_exported(path, device=device)
-    import tempfile
-
-    from pretrain.training.checkpoint import find_latest, is_complete
-    from pretrain.training.export import export_checkpoint
-
     if not is_complete(str(path)):  # a run's checkpoint root: take its latest complete checkpoint
         latest = find_latest(str(path))
         if latest is None:

@@ -12,12 +12,11 @@ from __future__ import annotations
 import torch
 
 from pretrain.models.config import ModelConfig
+from pretrain.models.model import CausalLM
 
 
 def count_parameters(model_or_cfg) -> dict[str, int]:
     """Total, embedding (token + position tables; a tied head is counted once) and non-embedding parameters."""
-    from pretrain.models.model import CausalLM
-
     if isinstance(model_or_cfg, ModelConfig):
         with torch.device("meta"):
             model = CausalLM(model_or_cfg)

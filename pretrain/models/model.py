@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pretrain.generation import decoder
+from pretrain.generation.sampling import Sampling
 from pretrain.models.cache import ModelCache
 from pretrain.models.config import ModelConfig
 from pretrain.models.layers import build_mlp, build_norm
@@ -193,9 +195,6 @@ class CausalLM(nn.Module):
         temperature 0 is greedy. The batched decoder of ``pretrain.generation`` (a prefill, then one-token steps on
         preallocated caches, a CUDA graph on CUDA); ReBased/Based/short_conv layers keep a constant-size state,
         sliding_window its window of keys, attention every key."""
-        from pretrain.generation.decoder import generate
-        from pretrain.generation.sampling import Sampling
-
-        new = generate(self, input_ids.tolist(), max_new_tokens, generator=generator,
+        new = decoder.generate(self, input_ids.tolist(), max_new_tokens, generator=generator,
                        sampling=Sampling(temperature=temperature, top_k=top_k, top_p=top_p))
         return torch.cat([input_ids, torch.tensor(new, dtype=input_ids.dtype, device=input_ids.device)], dim=1)

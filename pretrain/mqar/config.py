@@ -144,7 +144,7 @@ class MQARConfig:
         return path, overrides
 
     def model_config(self):
-        from pretrain.models import load_model_config
+        from pretrain.models import load_model_config  # the model zoo imports the kernels (Triton): only when asked
 
         path, overrides = self.model_overrides()
         return load_model_config(path, overrides)

@@ -30,7 +30,9 @@ start: set the cluster's with ``--slurm-opt partition=gpu --slurm-opt time=12:00
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
+import json
 import math
 import os
 import queue
@@ -113,8 +115,6 @@ def _drop_key(tree: dict, dotted: str) -> None:
 
 def result_relevant_config(config: dict) -> dict:
     """The config without the keys that do not change the result (paths, logging, device placement)."""
-    import copy
-
     config = copy.deepcopy(config)
     for key in NON_RESULT_KEYS:
         _drop_key(config, key)
@@ -253,7 +253,7 @@ def resolve_config_path(path: str) -> Path:
 def visible_gpus() -> list[str]:
     """The local GPUs as CUDA_VISIBLE_DEVICES entries (respecting an existing CUDA_VISIBLE_DEVICES)."""
     try:
-        import torch
+        import torch  # only here: the sweep's own process needs torch for nothing else
 
         count = torch.cuda.device_count()
     except Exception:  # no usable CUDA runtime: a CPU machine
@@ -411,8 +411,6 @@ def measured_epoch_times(sources: list[str | os.PathLike]) -> dict[tuple[str, in
     """GPU seconds per epoch by (mixer, d_model, seq_len), from ``benchmarks/mqar_speed.py`` tables
     (``mqar_speed.json``: gpu_s_per_epoch) and from finished results (their steady epoch time divided by the runs
     that shared the device). The smallest measurement of a setting wins (the least disturbed one)."""
-    import json
-
     table: dict[tuple[str, int, int], float] = {}
 
     def add(key, seconds):

@@ -18,6 +18,7 @@ With ``output`` set, the run's state is saved after every epoch to ``<output>.ck
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import os
@@ -29,16 +30,21 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from pretrain.config import to_dict
+from pretrain.models import build_model, count_parameters
 from pretrain.models.loss import chunked_cross_entropy
 from pretrain.mqar.config import MQARConfig
 from pretrain.mqar.data import IGNORE_INDEX, MQARSplit, load_mqar
 from pretrain.atomic import write_bytes_atomic, write_json_atomic
 from pretrain.mqar.results import SCHEMA
+from pretrain.mqar.sweep import result_relevant_config
+from pretrain.training.metrics import init_wandb
 
 CHECKPOINT_VERSION = 1
 
@@ -67,9 +73,6 @@ def git_commit() -> str | None:
 def source_digest() -> str:
     """sha256 (12 hex) of the code and configs a run executes (pretrain/, kernels/, configs/): names the code also
     where git's HEAD does not (a copied tree, uncommitted changes)."""
-    import hashlib
-    from pathlib import Path
-
     root = Path(__file__).resolve().parents[2]
     h = hashlib.sha256()
     for path in sorted(p for d in ("pretrain", "kernels", "configs") for p in (root / d).rglob("*")
@@ -122,8 +125,6 @@ def evaluate(hidden_fn, lm_head, split: MQARSplit, batch_size: int, autocast) ->
 
 def _wandb_run(cfg: MQARConfig):
     """The trainer's W&B init (offline needs no account; a failing online init falls back to offline)."""
-    from pretrain.training.metrics import init_wandb
-
     if cfg.log.wandb != "disabled":
         os.makedirs(cfg.log.wandb_dir, exist_ok=True)
     return init_wandb(os.environ.get("WANDB_MODE") or cfg.log.wandb, project=cfg.log.wandb_project,
@@ -156,8 +157,6 @@ class MQARRun:
     """One setting's model, optimizer, data and progress on one device."""
 
     def __init__(self, cfg: MQARConfig, log=print):
-        from pretrain.models import build_model, count_parameters
-
         self.cfg, self.log = cfg, log
         tc = cfg.train
         self.t_start = time.time()
@@ -197,8 +196,6 @@ class MQARRun:
     # ------------------------------------------------------------------ checkpoints
 
     def _checkpoint_config(self) -> dict:
-        from pretrain.mqar.sweep import result_relevant_config  # the keys that make two runs the same run
-
         return result_relevant_config(to_dict(self.cfg))
 
     def save_checkpoint(self) -> None:
@@ -302,20 +299,15 @@ class MQARRun:
                  f"{tc.precision}{', compiled' if self.compiled else ''} | data "
                  f"{'cached' if self.data.from_cache else 'generated'} in {self.data_s:.1f}s")
         wandb_run = _wandb_run(cfg)
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:  # pragma: no cover
-            tqdm = None
         stopped_by = "max_epochs"
         self.model.train()
         while p.epoch < tc.max_epochs:
             epoch = p.epoch
             t_epoch = time.time()
             bar = tqdm(total=steps_per_epoch, desc=f"{name} epoch {epoch + 1}/{tc.max_epochs}", leave=False,
-                       disable=not cfg.log.tqdm, mininterval=2.0) if tqdm else None
+                       disable=not cfg.log.tqdm, mininterval=2.0)
             train_loss, out_of_steps = self.train_epoch(epoch, bar, wandb_run)
-            if bar is not None:
-                bar.close()
+            bar.close()
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             train_s = time.time() - t_epoch
