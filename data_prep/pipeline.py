@@ -276,7 +276,7 @@ class Tokenization:
         os.makedirs(self.out, exist_ok=True)
         f = open(os.path.join(self.out, ".lock"), "w")
         try:
-            import fcntl
+            import fcntl  # POSIX only: elsewhere the run goes on unlocked
 
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except ImportError:  # pragma: no cover
@@ -343,7 +343,7 @@ class Tokenization:
         options = self._options()
         pool = None
         if self.workers > 1:
-            import multiprocessing as mp
+            import multiprocessing as mp  # a pool only with --workers > 1
 
             if "fork" in mp.get_all_start_methods():  # workers inherit the parsed tokenizer: no parse per worker
                 init_worker(self.tok.model_proto, options, tok=self.tok)
@@ -535,7 +535,7 @@ class _Progress:
         if self.bar is None:
             if dt < 1.0:
                 return
-            from tqdm import tqdm
+            from tqdm import tqdm  # imported after the first second only: short runs skip its import cost
 
             self.bar = tqdm(unit=" docs", desc="tokenizing", dynamic_ncols=True, mininterval=0.5, file=sys.stderr,
                             initial=self.docs - docs)

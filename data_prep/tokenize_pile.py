@@ -11,11 +11,10 @@ See ``data_prep/pipeline.py`` for the design.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 if __package__ in (None, ""):
-    import os
-
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data_prep.pipeline import TokenizeConfig, format_summary, tokenize  # noqa: E402

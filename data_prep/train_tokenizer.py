@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import hashlib
 import io
 import itertools
 import json
@@ -166,8 +167,6 @@ def train(inputs: list[str], out: str, vocab_size: int = 32000, *, text_key: str
     sp = spm.SentencePieceProcessor(model_proto=proto)
     vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i)}\n" for i in range(sp.get_piece_size()))
     write_bytes_atomic(os.path.splitext(out)[0] + ".vocab", vocab.encode("utf-8"))
-    import hashlib
-
     info = {"model": os.path.abspath(out), "sha256": hashlib.sha256(proto).hexdigest(),
             "vocab_size": sp.get_piece_size(), "model_type": model_type, "inputs": inputs, "text_key": text_key,
             "sample": stats, "special_ids": {k: v for k, v in SPECIALS.items() if k.endswith("_id")},

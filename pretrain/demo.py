@@ -40,7 +40,7 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def plot_losses(runs: dict[str, Path], out: Path) -> None:
-    import matplotlib
+    import matplotlib  # only for the figure, at the end of the demo
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -86,7 +86,7 @@ class MetricsLogger:
         self.jsonl = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a", buffering=1)
         self._init_wandb(config_dict)
         if cfg.logging.progress_bar and max_steps > start_step:
-            from tqdm import tqdm
+            from tqdm import tqdm  # only for a bar: rank 0, with progress_bar on
 
             self.bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                             file=sys.stderr, disable=not sys.stderr.isatty() and os.environ.get("TQDM_FORCE") != "1")
