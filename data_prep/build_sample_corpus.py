@@ -27,6 +27,11 @@ import sysconfig
 
 import zstandard
 
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pretrain.atomic import write_bytes_atomic  # noqa: E402
+
 SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "__pycache__", "turtledemo",
              "config-3", "ensurepip", "venv"}
 
@@ -136,13 +141,7 @@ def documents(max_bytes: int):
 def _write_zst(path: str, docs: list[dict]) -> int:
     data = "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs).encode("utf-8")
     blob = zstandard.ZstdCompressor(level=10, write_checksum=True).compress(data)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(blob)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_bytes_atomic(path, blob)
     return len(blob)
 
 

@@ -11,15 +11,14 @@ See ``data_prep/pipeline.py`` for the design.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 if __package__ in (None, ""):
-    import os
-
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data_prep.pipeline import TokenizeConfig, format_summary, tokenize  # noqa: E402
-from data_prep.sources import InputError  # noqa: E402
+from pretrain.data.sources import InputError  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--docs-per-shard", type=int, default=100_000,
                    help="input records per output shard (the unit of resume); default 100000")
     p.add_argument("--workers", type=int, default=0, help="tokenizer processes (default: all available cores)")
-    p.add_argument("--batch-docs", type=int, default=256, help="records per work item (no effect on output)")
-    p.add_argument("--batch-bytes", type=int, default=1 << 20, help="bytes per work item (no effect on output)")
+    p.add_argument("--batch-docs", type=int, default=64, help="records per work item (no effect on output)")
+    p.add_argument("--batch-bytes", type=int, default=256 << 10, help="bytes per work item (no effect on output)")
     p.add_argument("--merge", action="store_true", help="also write each split as a single OUT/{split}.bin/.idx")
     p.add_argument("--overwrite", action="store_true", help="discard an existing (different) run in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -7,13 +7,17 @@ line-aligned pieces of at most ``--max-sentence-bytes`` and trains with: identit
 whitespace preserved (``allow_whitespace_only_pieces``), digits split, byte fallback, and the special ids
 ``pad=0 <pad>``, ``unk=1 <unk>``, ``bos=2 <s>``, ``eos=3 </s>`` (EOD). Writes ``OUT`` (the model), ``OUT`` with
 ``.vocab`` (piece and score per line) and ``OUT`` with ``.json`` (what it was trained on). Bad records in the sample
-are skipped and counted.
+are skipped and counted. A missing input, a directory without input files, or a sample without one usable
+document stops before SentencePiece starts, with a message naming the files and what was wrong with them.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import hashlib
 import io
+import itertools
 import json
 import os
 import sys
@@ -24,31 +28,39 @@ if __package__ in (None, ""):
 
 import sentencepiece as spm  # noqa: E402
 
-from data_prep.sources import FileDone, InputError, iter_records, resolve_inputs  # noqa: E402
+from pretrain.atomic import write_bytes_atomic, write_json_atomic  # noqa: E402
+from pretrain.data.sources import FileDone, InputError, iter_records, resolve_inputs  # noqa: E402
 
 SPECIALS = {"pad_id": 0, "unk_id": 1, "bos_id": 2, "eos_id": 3,
             "pad_piece": "<pad>", "unk_piece": "<unk>", "bos_piece": "<s>", "eos_piece": "</s>"}
 
 
-def _text_of(rec, text_key: str) -> str | None:
+def _text_of(rec, text_key: str) -> tuple[str | None, str | None]:
+    """``(text, None)`` or ``(None, reason)``, with the reasons of ``tokenize_pile.py``."""
     if rec.reason is not None:
-        return None
+        return None, rec.reason
     obj = rec.payload
     if isinstance(obj, (bytes, bytearray)):
         try:
             obj = json.loads(obj.decode("utf-8"))
+        except UnicodeDecodeError:
+            return None, "invalid_utf8"
         except ValueError:
-            return None
+            return None, "invalid_json" if obj.strip() else "blank_line"
     if not isinstance(obj, dict):
-        return None
-    text = obj.get(text_key)
-    if not isinstance(text, str) or not text.strip():
-        return None
+        return None, "not_an_object"
+    if text_key not in obj:
+        return None, "missing_text"
+    text = obj[text_key]
+    if not isinstance(text, str):
+        return None, "text_not_string"
+    if not text.strip():
+        return None, "empty_text"
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        return None
-    return text
+        return None, "invalid_utf8"
+    return text, None
 
 
 def split_sentences(text: str, max_bytes: int):
@@ -71,17 +83,39 @@ def split_sentences(text: str, max_bytes: int):
         yield "".join(piece)
 
 
-def sample_sentences(inputs: list[str], text_key: str, sample_docs: int, sample_bytes: int, max_sentence_bytes: int,
-                     stats: dict):
+def check_inputs(inputs: list[str]) -> list:
+    """The sources of ``inputs``; raises InputError naming every input that cannot be opened (all at once)."""
     sources = resolve_inputs(inputs, "main")
+    missing = []
+    for src in sources:
+        if src.path is None:
+            continue
+        try:
+            with open(src.path, "rb"):
+                pass
+        except OSError as e:
+            missing.append(f"{src.path}: {e.strerror or e}")
+    if missing:
+        raise InputError(f"cannot read {len(missing)} input(s): " + "; ".join(missing))
+    return sources
+
+
+def sample_sentences(sources: list, text_key: str, sample_docs: int, sample_bytes: int, max_sentence_bytes: int,
+                     stats: dict):
+    """Training pieces of the first usable documents; ``stats`` counts documents, skips by reason and keeps a few
+    examples of skipped records (``FILE:LINE: reason``)."""
     for rec in iter_records(sources, max_docs=None):
         if isinstance(rec, FileDone):
             continue
         if stats["documents"] >= sample_docs or stats["text_bytes"] >= sample_bytes:
             return
-        text = _text_of(rec, text_key)
+        text, reason = _text_of(rec, text_key)
         if text is None:
             stats["skipped"] += 1
+            stats["skipped_by_reason"][reason] += 1
+            if len(stats["examples"]) < 5:
+                where = sources[rec.source].name + (f":{rec.line_no}" if rec.line_no else "")
+                stats["examples"].append(f"{where}: {reason}" + (f" ({rec.message})" if rec.message else ""))
             continue
         stats["documents"] += 1
         stats["text_bytes"] += len(text.encode("utf-8"))
@@ -93,52 +127,54 @@ def sample_sentences(inputs: list[str], text_key: str, sample_docs: int, sample_
 def train(inputs: list[str], out: str, vocab_size: int = 32000, *, text_key: str = "text",
           sample_docs: int = 1_000_000, sample_bytes: int = 2 << 30, max_sentence_bytes: int = 4096,
           character_coverage: float = 0.9995, model_type: str = "bpe", threads: int | None = None) -> dict:
-    stats = {"documents": 0, "skipped": 0, "sentences": 0, "text_bytes": 0}
+    sources = check_inputs(inputs)
+    stats = {"documents": 0, "skipped": 0, "sentences": 0, "text_bytes": 0,
+             "skipped_by_reason": collections.Counter(), "examples": []}
     model = io.BytesIO()
     t0 = time.time()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=sample_sentences(inputs, text_key, sample_docs, sample_bytes, max_sentence_bytes, stats),
-        model_writer=model,
-        model_type=model_type,
-        vocab_size=vocab_size,
-        byte_fallback=True,
-        character_coverage=character_coverage,
-        normalization_rule_name="identity",
-        add_dummy_prefix=False,
-        remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True,
-        split_digits=True,
-        max_sentence_length=max_sentence_bytes,
-        input_sentence_size=0,
-        num_threads=threads or os.cpu_count() or 1,
-        minloglevel=2,
-        **SPECIALS,
-    )
-    if stats["documents"] == 0:
-        raise InputError("no usable documents in the sample")
+    sentences = sample_sentences(sources, text_key, sample_docs, sample_bytes, max_sentence_bytes, stats)
+    first = next(sentences, None)  # SentencePiece fails on an empty sample with an internal assertion
+    if first is None:
+        reasons = ", ".join(f"{n} {r}" for r, n in sorted(stats["skipped_by_reason"].items())) or "no records"
+        raise InputError(f"no usable document to train on in {', '.join(inputs)} ({reasons}"
+                         + (f"; e.g. {'; '.join(stats['examples'][:3])}" if stats["examples"] else "") + ")")
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=itertools.chain([first], sentences),
+            model_writer=model,
+            model_type=model_type,
+            vocab_size=vocab_size,
+            byte_fallback=True,
+            character_coverage=character_coverage,
+            normalization_rule_name="identity",
+            add_dummy_prefix=False,
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            max_sentence_length=max_sentence_bytes,
+            input_sentence_size=0,
+            num_threads=threads or os.cpu_count() or 1,
+            minloglevel=2,
+            **SPECIALS,
+        )
+    except RuntimeError as e:  # e.g. a vocabulary larger than the sample supports
+        raise InputError(f"SentencePiece training failed on {stats['documents']} document(s) "
+                         f"({stats['text_bytes']} bytes) from {', '.join(inputs)}: {e}") from None
+    stats["skipped_by_reason"] = dict(stats["skipped_by_reason"])
     proto = model.getvalue()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    _atomic_write(out, proto)
+    write_bytes_atomic(out, proto)
     sp = spm.SentencePieceProcessor(model_proto=proto)
     vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i)}\n" for i in range(sp.get_piece_size()))
-    _atomic_write(os.path.splitext(out)[0] + ".vocab", vocab.encode("utf-8"))
-    import hashlib
-
+    write_bytes_atomic(os.path.splitext(out)[0] + ".vocab", vocab.encode("utf-8"))
     info = {"model": os.path.abspath(out), "sha256": hashlib.sha256(proto).hexdigest(),
             "vocab_size": sp.get_piece_size(), "model_type": model_type, "inputs": inputs, "text_key": text_key,
             "sample": stats, "special_ids": {k: v for k, v in SPECIALS.items() if k.endswith("_id")},
             "train_seconds": round(time.time() - t0, 2)}
-    _atomic_write(os.path.splitext(out)[0] + ".json", (json.dumps(info, indent=1) + "\n").encode())
+    write_json_atomic(os.path.splitext(out)[0] + ".json", info)
     return info
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:

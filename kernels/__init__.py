@@ -9,6 +9,8 @@ Public API (layout [B, T, H, D]; see each function's docstring for the full cont
                output_final_state=False, backend=None, mode=None) -> (y, final_cache)
     linear_attention_step(kind, q, k, v, state, *, scale=None, eps=1e-6, normalize=True, backend=None) -> o
         (one decoding token, T == 1; advances state in place)
+    cross_entropy_grad(logits, targets, row_scale, *, inplace=False, backend=None) -> (row_loss, grad)
+        (the fused LM-head loss's inner step: loss and d loss / d logits of logit rows in one pass)
 
     rebased_feature_map(x, scale=None), based_feature_map(x, scale=None), state_size(kind, dk)
 
@@ -23,20 +25,21 @@ import importlib.util
 from .backend import (BACKEND_ENV_VAR, BackendUnavailableError, get_triton_impl, register_triton_impl,
                       registered_triton_ops, resolve_backend)
 from .based import based_attention, based_attention_torch
+from .cross_entropy import cross_entropy_grad, cross_entropy_grad_torch
 from .linear_attention.api import linear_attention_step
 from .linear_attention.feature_maps import based_feature_map, rebased_feature_map, state_size, zero_state
 from .rebased import rebased_attention, rebased_attention_torch
 from .short_conv import short_conv, short_conv_torch
 
 __all__ = [
-    "rebased_attention", "based_attention", "short_conv", "linear_attention_step",
+    "rebased_attention", "based_attention", "short_conv", "linear_attention_step", "cross_entropy_grad",
     "rebased_feature_map", "based_feature_map", "state_size", "zero_state",
-    "rebased_attention_torch", "based_attention_torch", "short_conv_torch",
+    "rebased_attention_torch", "based_attention_torch", "short_conv_torch", "cross_entropy_grad_torch",
     "register_triton_impl", "get_triton_impl", "registered_triton_ops", "resolve_backend",
     "BackendUnavailableError", "BACKEND_ENV_VAR",
 ]
 
-_TRITON_FAMILIES = ("rebased", "based", "short_conv")
+_TRITON_FAMILIES = ("rebased", "based", "short_conv", "cross_entropy")
 
 
 def _import_triton_ops() -> None:

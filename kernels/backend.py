@@ -46,7 +46,8 @@ __all__ = [
 
 BACKEND_ENV_VAR = "REBASED_KERNEL_BACKEND"
 BACKENDS = ("auto", "torch", "triton")
-KNOWN_OPS = ("rebased_attention", "based_attention", "short_conv", "rebased_attention_step", "based_attention_step")
+KNOWN_OPS = ("rebased_attention", "based_attention", "short_conv", "rebased_attention_step", "based_attention_step",
+             "cross_entropy_grad")
 
 _TRITON_IMPLS: Dict[str, Callable] = {}
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -41,7 +40,7 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def plot_losses(runs: dict[str, Path], out: Path) -> None:
-    import matplotlib
+    import matplotlib  # only for the figure, at the end of the demo
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

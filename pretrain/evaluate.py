@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import sys
 import time
@@ -27,93 +26,17 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
-from pretrain.evaluation.scoring import Document, score_documents, totals_by_set
-
-
-def _tokenizer(path):
-    from data_prep.tokenizer import Tokenizer
-
-    return Tokenizer(path) if path else None
-
-
-def load_documents(data: str, tokenizer, *, text_key: str = "text", max_documents: int | None = None) -> list[Document]:
-    """Documents from indexed shards or raw JSONL text (each ends with EOD)."""
-    raw_suffixes = (".jsonl", ".jsonl.zst", ".jsonl.zstd", ".jsonl.gz")
-    is_raw = data.endswith(raw_suffixes) or (os.path.isdir(data) and any(
-        f.endswith(raw_suffixes) for _, _, files in os.walk(data) for f in files))
-    if is_raw:
-        if tokenizer is None:
-            raise SystemExit("--tokenizer is needed to evaluate raw text")
-        return _raw_documents(data, tokenizer, text_key, max_documents)
-    from pretrain.data.packed import resolve_shards
-    from pretrain.data.indexed import IndexedDataset
-
-    docs = []
-    for prefix in resolve_shards(data):
-        ds = IndexedDataset(prefix)
-        for d in range(ds.num_documents):
-            if max_documents is not None and len(docs) >= max_documents:
-                return docs
-            tokens = ds.document(d).tolist()
-            num_bytes = None
-            if tokenizer is not None:
-                body = tokens[:-1] if tokens and tokens[-1] == tokenizer.eod_id else tokens
-                num_bytes = len(tokenizer.decode(body).encode("utf-8"))
-            docs.append(Document(tokens, num_bytes))
-    return docs
-
-
-def _raw_documents(data: str, tokenizer, text_key: str, max_documents: int | None) -> list[Document]:
-    from data_prep.sources import Record, iter_records, resolve_inputs
-
-    docs = []
-    for event in iter_records(resolve_inputs([data], "main"), max_docs=max_documents):
-        if not isinstance(event, Record):
-            continue
-        where = f"{event.source}:{event.line_no}"
-        if event.payload is None:
-            raise SystemExit(f"{data}: {event.reason}: {event.message}")
-        try:
-            obj = json.loads(event.payload) if isinstance(event.payload, bytes) else event.payload
-            text = obj[text_key]
-        except (ValueError, KeyError, TypeError) as e:
-            raise SystemExit(f"{data} record {where}: cannot read '{text_key}': {e}") from e
-        if not isinstance(text, str) or not text:
-            continue
-        meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
-        docs.append(Document(tokenizer.encode(text) + [tokenizer.eod_id], len(text.encode("utf-8")),
-                             meta.get("pile_set_name")))
-    return docs
-
-
-def load_model(checkpoint: str, device):
-    """A model from a consolidated export or a training checkpoint (any strategy / world size), in eval mode."""
-    from pretrain.models.io import WEIGHTS, load_exported
-
-    path = Path(checkpoint)
-    if (path / WEIGHTS).exists():
-        return load_exported(path, device=device)
-    import tempfile
-
-    from pretrain.training.checkpoint import find_latest, is_complete
-    from pretrain.training.export import export_checkpoint
-
-    if not is_complete(str(path)):  # a run's checkpoint root: take its latest complete checkpoint
-        latest = find_latest(str(path))
-        if latest is None:
-            raise SystemExit(f"{path}: neither an export (model.safetensors) nor a complete checkpoint")
-        path = Path(latest)
-    with tempfile.TemporaryDirectory() as tmp:  # consolidate the sharded checkpoint, then load it
-        export_checkpoint(str(path), os.path.join(tmp, "export"))
-        return load_exported(os.path.join(tmp, "export"), device=device)
+from pretrain.atomic import write_json_atomic
+from pretrain.config import ConfigError
+from pretrain.evaluation.loading import EvaluationInputError, load_documents, load_model, load_tokenizer
+from pretrain.evaluation.scoring import score_documents, totals_by_set
 
 
 def _dist():
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        import torch.distributed as dist
-
         if not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
@@ -134,10 +57,10 @@ def evaluate(args) -> dict:
     else:
         device = torch.device("cpu")
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    tokenizer = _tokenizer(args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer)
     docs = load_documents(args.data, tokenizer, text_key=args.text_key, max_documents=args.max_documents)
     if not docs:
-        raise SystemExit(f"{args.data}: no documents to evaluate")
+        raise EvaluationInputError(f"{args.data}: no documents to evaluate")
     model = load_model(args.checkpoint, device)
     seq_len = args.seq_len or model.config.max_seq_len
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
@@ -166,19 +89,12 @@ def evaluate(args) -> dict:
     if rank == 0:
         print_table([result])
         if args.out:
-            out = Path(args.out)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-            with open(tmp, "w") as f:
-                json.dump(result, f, indent=2)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, out)
+            write_json_atomic(args.out, result, indent=2)
     return result
 
 
 def _default_eod(args):
-    raise SystemExit("give --tokenizer (or --eod-id) so the end-of-document id is known")
+    raise EvaluationInputError("give --tokenizer (or --eod-id) so the end-of-document id is known")
 
 
 def model_name(checkpoint: str) -> str:
@@ -232,9 +148,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         return evaluate(args)
+    except ConfigError as e:  # a bad config or a checkpoint that fails verification: one line, exit code 2
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     finally:
-        import torch.distributed as dist
-
         if dist.is_initialized():  # released here, not at interpreter exit (gloo can abort the process there)
             gc.collect()
             dist.barrier()  # no rank tears the group down while another is still in a collective

@@ -6,7 +6,7 @@
 
 See ``launch/pretrain.sh`` for the launcher and ``pretrain/training/config.py`` for every key.
 Exit codes: 0 finished or saved after SIGTERM/SIGUSR1; 3 stopped after too many non-finite steps in a row;
-2 configuration error.
+2 configuration error (every bad path of the run config listed at once) or no checkpoint that verifies.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from pretrain.config import ConfigError, load_config, to_dict
 from pretrain.training import checkpoint as ckpt
-from pretrain.training.config import RunConfig
+from pretrain.training.config import RunConfig, check_paths
 
 log = logging.getLogger("pretrain")
 
@@ -102,6 +102,14 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def all_gather_object(obj) -> list:
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
@@ -225,8 +233,6 @@ class Trainer:
 
         from pretrain.data import PackedSequenceDataset
 
-        if not cfg.data.train:
-            raise ConfigError("data.train is empty: give at least one {path, weight}")
         self.train_ds = PackedSequenceDataset(
             [(s.path, s.weight) for s in cfg.data.train], cfg.data.seq_len, seed=t.seed, rank=self.rank,
             world_size=self.world, return_cu_seqlens=cfg.data.document_masking, mix_block=cfg.data.mix_block,
@@ -236,16 +242,55 @@ class Trainer:
         self.train_iter = iter(self._loader(self.train_ds))
 
     # -- setup helpers ------------------------------------------------------------------------------------------
+    def _verify(self, path: str) -> list[str]:
+        """Problems of checkpoint ``path`` found by all ranks together (each checks a share of the files)."""
+        found = [p for share in all_gather_object(ckpt.verify(path, self.rank, self.world)) for p in share]
+        return list(dict.fromkeys(found))  # every rank reports a bad marker: once is enough
+
     def _find_resume(self) -> str | None:
+        """The checkpoint to resume from, verified. ``auto``: the newest under the run's checkpoint root that
+        verifies; newer ones that fail are moved aside (``step_N.corrupt``) and named in one line. A checkpoint
+        root given as ``resume``: the same, without moving anything. One checkpoint given: it must verify."""
         r = self.cfg.checkpoint.resume
         if r == "none":
             return None
-        if r == "auto":
-            return ckpt.find_latest(self.ckpt_root)
-        path = r if ckpt.is_complete(r) else ckpt.find_latest(r)
-        if path is None:
+        if r != "auto" and ckpt.is_complete(r):
+            problems = self._verify(r)
+            if problems:
+                more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+                raise ckpt.CheckpointError(f"checkpoint.resume={r}: refusing to resume from it, it fails "
+                                           f"verification: {problems[0]}{more}")
+            return r
+        root = self.ckpt_root if r == "auto" else r
+        candidates = [path for _, path in reversed(ckpt.list_complete(root))]
+        if r != "auto" and not candidates:
             raise ConfigError(f"checkpoint.resume={r!r}: no complete checkpoint there")
-        return path
+        chosen, rejected = None, []
+        for path in candidates:
+            problems = self._verify(path)
+            if not problems:
+                chosen = path
+                break
+            rejected.append((path, problems))
+        if not rejected:
+            return chosen
+        why = "; ".join(f"{os.path.basename(p)}: {probs[0]}" + (f" (+{len(probs) - 1} more)" if len(probs) > 1 else "")
+                        for p, probs in rejected)
+        if chosen is None:  # nothing is moved: a rerun must not silently start over
+            raise ckpt.CheckpointError(
+                f"no checkpoint in {root} passes verification, refusing to resume ({why}); restore the files, or "
+                f"start over with checkpoint.resume=none")
+        moved = ""
+        if r == "auto":
+            if self.rank == 0:
+                for path, _ in rejected:
+                    ckpt.move_aside(path)
+            barrier()
+            moved = ", moved aside as .corrupt"
+        if self.rank == 0:
+            log.warning("resume: %d newer checkpoint(s) failed verification%s (%s); resuming from the newest that "
+                        "verifies, %s", len(rejected), moved, why, chosen)
+        return chosen
 
     def _loader(self, ds):
         dm = self.cfg.data.document_masking
@@ -281,6 +326,7 @@ class Trainer:
         self.strategy.save(tmp)
         ckpt.save_rng(tmp, self.rank)
         barrier()
+        files = None
         if self.rank == 0:
             G = self.cfg.training.global_batch_size
             meta = {
@@ -292,7 +338,16 @@ class Trainer:
                 "model_config": to_dict(self.model_cfg), "run_config": to_dict(self.cfg), "reason": reason,
                 "time": time.time(),
             }
-            final = ckpt.commit(root, tmp, self.step, meta, self.cfg.checkpoint.keep_last)
+            ckpt.write_meta(tmp, meta)
+            files = ckpt.list_files(tmp)
+        files = broadcast_object(files)
+        sums = {}
+        for share in all_gather_object(ckpt.checksum_share(tmp, files, self.rank, self.world)):
+            sums.update(share)
+        if self.rank == 0:
+            # rotation keeps the last checkpoint saved before a run of non-finite steps (the one to go back to)
+            final = ckpt.commit(root, tmp, self.step, sums, self.cfg.checkpoint.keep_last,
+                                keep_through_step=self.step - self.nonfinite_in_a_row)
             log.info("saved checkpoint %s (%s)", final, reason)
         barrier()
         self.last_saved_step = self.step
@@ -324,6 +379,15 @@ class Trainer:
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": int(total[1])}
 
     # -- the loop -----------------------------------------------------------------------------------------------
+    def _checkpoint_before_streak(self) -> str:
+        """Names the newest checkpoint saved before the current run of non-finite steps began (one saved during
+        it holds that streak's state, not a point to go back to)."""
+        first_bad = self.step - self.nonfinite_in_a_row + 1
+        before = [path for step, path in ckpt.list_complete(self.ckpt_root) if step < first_bad]
+        if before:
+            return f"the newest checkpoint saved before they began (step {first_bad}) is {before[-1]}"
+        return f"no checkpoint was saved before they began (step {first_bad})"
+
     def _install_signal_handlers(self):
         if not self.cfg.checkpoint.save_on_signal:
             return
@@ -440,8 +504,8 @@ class Trainer:
                 if too_many_nonfinite:
                     raise NonFiniteError(
                         f"stopping at step {self.step}: {self.nonfinite_in_a_row} non-finite steps in a row "
-                        f"(training.max_nonfinite_in_a_row={t.max_nonfinite_in_a_row}); the last checkpoint "
-                        f"is {ckpt.find_latest(self.ckpt_root)}. Lower the lr, raise warmup or check the data.")
+                        f"(training.max_nonfinite_in_a_row={t.max_nonfinite_in_a_row}); "
+                        f"{self._checkpoint_before_streak()}. Lower the lr, raise warmup or check the data.")
                 metrics.advance(1, loss=out["loss"])
                 if cfg.data.valid and t.eval_every and self.step % t.eval_every == 0:
                     metrics.log({"step": self.step, **self.evaluate()})
@@ -458,10 +522,10 @@ class Trainer:
             report_error(EXIT_NONFINITE, f"error: {e}")
             exit_code = EXIT_NONFINITE
         if exit_code == 0:
+            if cfg.checkpoint.save_final and self.last_saved_step != self.step:
+                self.save("final")  # before the final evaluation: a failure there must not lose the run
             if cfg.data.valid and (not t.eval_every or self.step % t.eval_every != 0):
                 metrics.log({"step": self.step, **self.evaluate()})
-            if cfg.checkpoint.save_final and self.last_saved_step != self.step:
-                self.save("final")
             if cfg.checkpoint.export_final and self.rank == 0:
                 from pretrain.training.export import export_checkpoint
 
@@ -493,7 +557,13 @@ def main(argv=None) -> int:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     try:
         cfg = load_config(RunConfig, args.config, args.overrides)
+        problems = check_paths(cfg)  # all of them at once, before any process group or model exists
+        if problems:
+            raise ConfigError(f"{args.config}: {len(problems)} problem(s) with paths:\n  " + "\n  ".join(problems))
         trainer = Trainer(cfg)
+    except ckpt.CheckpointError as e:
+        report_error(EXIT_CONFIG, f"checkpoint error: {e}")
+        return EXIT_CONFIG
     except ConfigError as e:
         report_error(EXIT_CONFIG, f"config error: {e}")
         return EXIT_CONFIG

@@ -30,7 +30,9 @@ def test_layer_unit_repeats_and_overrides_apply(tmp_path):
     (GOOD.replace("d_model: 32", "d_model: thirty"), ["'d_model'", "expected an integer"]),
     (GOOD.replace("[short_conv, rebased]", "[short_conv, mamba]"), ["layer_unit[1]", "'rebased'", "'attention'"]),
     (GOOD + "layers: [attention]\n", ["exactly one of 'layers'"]),
-    (GOOD.replace("d_model: 32", "d_model: 30") + "rebased: {num_heads: 4}\n", ["not divisible"]),
+    (GOOD.replace("[short_conv, rebased]", "[short_conv, attention]") + "attention: {num_heads: 5}\n",
+     ["not divisible"]),
+    (GOOD.replace("d_model: 32", "d_model: 8") + "rebased: {num_heads: 12}\n", ["smaller than the 12 value heads"]),
     ("d_model: 32\nlayers: [attention]\n", ["missing required key 'vocab_size'"]),
 ])
 def test_errors_name_file_key_and_choices(tmp_path, text, expected):

@@ -662,8 +662,14 @@ def _kernel_args(which: str, dv: int, dk: int, based: bool, tile: Optional[int],
                      **_stages(which)), _tile_table(dk, ts, device)
 
 
-def _state_blocks(dv: int, dk: int) -> int:
-    ts, f2, _, _ = _layout(False, dk)
+def _default_tile(dv: int) -> int:
+    # narrow value heads: the full 16 x 16 pair matrix as one tile (fewer, larger feature blocks per program) was
+    # 8% faster at Dv = 10 on an H200 (benchmarks/results/mqar/); 8 x 8 tiles from Dv 32 (kernels_tune, H100)
+    return TUNING.get("tile") or (16 if dv <= 16 else 8)
+
+
+def _state_blocks(dv: int, dk: int, tile: int) -> int:
+    ts, f2, _, _ = _layout(False, dk, tile)
     _, nvb, _ = _cfg("state", dv)
     return f2 // (ts * ts) * nvb
 
@@ -1001,8 +1007,8 @@ def chunk_linear_attention(kind: str, q, k, v, *, scale: float, eps: float = 1e-
     if TUNING.get("chunk"):
         chunk = int(TUNING["chunk"])
     n_docs = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    seg_tokens = choose_seg_tokens(b * t, n_docs, h, chunk, q.device, _state_blocks(v.shape[-1], dk))
-    tile = _layout(based, dk)[0]
+    tile = _layout(based, dk, _default_tile(v.shape[-1]))[0]
+    seg_tokens = choose_seg_tokens(b * t, n_docs, h, chunk, q.device, _state_blocks(v.shape[-1], dk, tile))
     # the kernels index rows densely; copies made here are also what the op saves for its backward
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     S0 = z0 = None

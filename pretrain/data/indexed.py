@@ -1,4 +1,5 @@
-"""Reader and writer for the NeoX/Megatron ``MMIDIDX`` indexed dataset format (``.bin`` + ``.idx``).
+"""Reader for the NeoX/Megatron ``MMIDIDX`` indexed dataset format (``.bin`` + ``.idx``); the writer lives in
+:mod:`pretrain.data.writer` (no numpy) and is re-exported here.
 
 Format (all integers little-endian), as written by gpt-neox / Megatron-LM ``MMapIndexedDatasetBuilder``:
 
@@ -22,41 +23,23 @@ gpt-neox/Megatron tools with one sequence per document read the same. Only numpy
 
 from __future__ import annotations
 
-import hashlib
 import os
 import struct
-from pathlib import Path
 
 import numpy as np
 
-MAGIC = b"MMIDIDX\x00\x00"
-VERSION = 1
-HEADER_BYTES = len(MAGIC) + 8 + 1 + 8 + 8
+from .writer import (CODES, HEADER_BYTES, MAGIC, VERSION, IndexedDatasetWriter, bin_path, idx_path,
+                     token_dtype_name)
 
-DTYPE_CODES = {
-    1: np.uint8,
-    2: np.int8,
-    3: np.int16,
-    4: np.int32,
-    5: np.int64,
-    6: np.float64,
-    7: np.float32,
-    8: np.uint16,
-}
-CODE_OF_DTYPE = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
+__all__ = ["IndexFormatError", "IndexedDataset", "IndexedDatasetWriter", "merge_indexed", "token_dtype", "bin_path",
+           "idx_path", "MAGIC", "VERSION", "HEADER_BYTES", "DTYPE_CODES"]
+
+DTYPE_CODES = {code: np.dtype(name).type for code, (name, _, _) in CODES.items()}
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
     """The dtype gpt-neox/Megatron pick for a vocabulary: uint16 below 65500 entries, otherwise int32."""
-    return np.dtype(np.uint16 if vocab_size < 65500 else np.int32)
-
-
-def bin_path(prefix: str | os.PathLike) -> str:
-    return f"{os.fspath(prefix)}.bin"
-
-
-def idx_path(prefix: str | os.PathLike) -> str:
-    return f"{os.fspath(prefix)}.idx"
+    return np.dtype(token_dtype_name(vocab_size))
 
 
 class IndexFormatError(ValueError):
@@ -147,107 +130,6 @@ class IndexedDataset:
         return np.unique(seq_starts[d])
 
 
-class IndexedDatasetWriter:
-    """Streams documents into ``prefix.bin``/``prefix.idx`` atomically.
-
-    Tokens go to a temporary ``.bin`` as they arrive (only the per-document sizes stay in memory). ``finalize``
-    fsyncs and renames the ``.bin`` into place first, then writes and renames the ``.idx``, so an ``.idx`` on disk
-    always has its complete ``.bin``. A writer that is not finalized (``abort`` or a killed process) leaves only
-    ``*.tmp-*`` files behind. The SHA-256 of the ``.bin`` is computed while writing.
-    """
-
-    def __init__(self, prefix: str | os.PathLike, dtype):
-        self.prefix = os.fspath(prefix)
-        self.dtype = np.dtype(dtype)
-        if self.dtype not in CODE_OF_DTYPE:
-            raise ValueError(f"unsupported dtype {self.dtype}")
-        Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
-        self._tmp_bin = f"{bin_path(self.prefix)}.tmp-{os.getpid()}"
-        self._tmp_idx = f"{idx_path(self.prefix)}.tmp-{os.getpid()}"
-        self._f = open(self._tmp_bin, "wb")
-        self._sizes: list[int] = []
-        self._hash = hashlib.sha256()
-        self.num_tokens = 0
-        self.bin_sha256: str | None = None
-
-    def add_document(self, tokens) -> None:
-        arr = np.asarray(tokens)
-        if arr.ndim != 1:
-            raise ValueError("a document must be a 1-D token array")
-        data = arr.astype(self.dtype.newbyteorder("<"), copy=False).tobytes()
-        self._f.write(data)
-        self._hash.update(data)
-        self._sizes.append(len(arr))
-        self.num_tokens += len(arr)
-
-    def add_documents(self, flat_tokens: np.ndarray, lengths) -> None:
-        """Add several documents at once: ``flat_tokens`` is their concatenation, ``lengths`` their sizes."""
-        data = np.asarray(flat_tokens).astype(self.dtype.newbyteorder("<"), copy=False).tobytes()
-        self._f.write(data)
-        self._hash.update(data)
-        lengths = [int(x) for x in lengths]
-        self._sizes.extend(lengths)
-        self.num_tokens += sum(lengths)
-
-    @property
-    def num_documents(self) -> int:
-        return len(self._sizes)
-
-    def finalize(self) -> dict:
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
-        sizes = np.asarray(self._sizes, dtype="<i4")
-        if len(sizes) and int(np.max(sizes)) >= 2**31:
-            raise ValueError("document too long for the int32 sizes of the index")
-        pointers = np.zeros(len(sizes), dtype="<i8")
-        if len(sizes) > 1:
-            np.cumsum(sizes[:-1], dtype=np.int64, out=pointers[1:])
-        pointers *= self.dtype.itemsize
-        doc_idx = np.arange(len(sizes) + 1, dtype="<i8")
-        with open(self._tmp_idx, "wb") as f:
-            f.write(MAGIC)
-            f.write(struct.pack("<QBQQ", VERSION, CODE_OF_DTYPE[self.dtype], len(sizes), len(doc_idx)))
-            f.write(sizes.tobytes())
-            f.write(pointers.tobytes())
-            f.write(doc_idx.tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(self._tmp_bin, bin_path(self.prefix))
-        os.replace(self._tmp_idx, idx_path(self.prefix))
-        fsync_dir(os.path.dirname(os.path.abspath(self.prefix)))
-        self.bin_sha256 = self._hash.hexdigest()
-        return {
-            "documents": len(sizes),
-            "tokens": self.num_tokens,
-            "bin_bytes": self.num_tokens * self.dtype.itemsize,
-            "bin_sha256": self.bin_sha256,
-        }
-
-    def abort(self) -> None:
-        try:
-            self._f.close()
-        finally:
-            for p in (self._tmp_bin, self._tmp_idx):
-                try:
-                    os.remove(p)
-                except FileNotFoundError:
-                    pass
-
-
-def fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def merge_indexed(prefixes, out_prefix: str | os.PathLike, chunk_bytes: int = 64 << 20) -> dict:
     """Concatenate several contiguous indexed datasets (same dtype) into one, streaming, atomically."""
     datasets = [IndexedDataset(p) for p in prefixes]
@@ -263,9 +145,7 @@ def merge_indexed(prefixes, out_prefix: str | os.PathLike, chunk_bytes: int = 64
                 raise ValueError(f"{ds.prefix}: not contiguous; cannot merge by concatenation")
             step = max(chunk_bytes // dtype.itemsize, 1)
             for a in range(0, ds.num_tokens, step):
-                block = np.asarray(ds.tokens[a : a + step])
-                writer._f.write(block.tobytes())
-                writer._hash.update(block.tobytes())
+                writer._write(np.asarray(ds.tokens[a : a + step]).tobytes())
             writer._sizes.extend(int(s) for s in ds.sizes)
             writer.num_tokens += ds.num_tokens
         return writer.finalize()

@@ -5,7 +5,8 @@
     lm_eval.simple_evaluate(model=lm, tasks=["lambada_openai"])
 
 ``lm_eval`` stays optional: it is imported only by ``make_lm_eval_model``. The scoring logic lives in
-``LMEvalMethods`` so it can be used (and tested) without the harness. Generation runs on the recurrent caches.
+``LMEvalMethods`` so it can be used (and tested) without the harness. Generation runs through the batched decoder
+(``pretrain.generation``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pretrain.data.tokenizer import Tokenizer
+from pretrain.evaluation.loading import load_model
 from pretrain.evaluation.scoring import Document, score_documents
+from pretrain.generation.decoder import generate
 
 
 class LMEvalMethods:
@@ -51,40 +55,41 @@ class LMEvalMethods:
 
     @torch.no_grad()
     def generate_until(self, requests) -> list[str]:
+        """Greedy continuations, ``batch_size`` requests at a time through the batched decoder; each stops at EOD, at
+        one of its ``until`` strings (cut from the text) or after its ``max_gen_toks``."""
         out = []
-        for req in requests:
-            context, kwargs = req.args[0], dict(req.args[1] if len(req.args) > 1 else {})
-            until = kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
-            max_new = int(kwargs.get("max_gen_toks", 256))
-            ids = torch.tensor([[self.tokenizer.eod_id] + self.tokenizer.encode(context)], device=self.device)
-            cache = self.model.init_cache()
-            logits = self.model(ids, cache=cache)[:, -1]
-            generated: list[int] = []
-            text = ""
-            for _ in range(max_new):  # greedy, as lm_eval's generative tasks expect by default
-                nxt = int(logits.argmax(-1))
-                if nxt == self.tokenizer.eod_id:
-                    break
-                generated.append(nxt)
-                text = self.tokenizer.decode(generated)
-                if any(stop in text for stop in until):
-                    break
-                logits = self.model(torch.tensor([[nxt]], device=self.device), cache=cache)[:, -1]
-            for stop in until:
-                text = text.split(stop)[0]
-            out.append(text)
+        for start in range(0, len(requests), self.batch_size):
+            batch = requests[start:start + self.batch_size]
+            prompts, untils, limits = [], [], []
+            for req in batch:
+                context, kwargs = req.args[0], dict(req.args[1] if len(req.args) > 1 else {})
+                until = kwargs.get("until") or []
+                untils.append([until] if isinstance(until, str) else list(until))
+                limits.append(int(kwargs.get("max_gen_toks", 256)))
+                prompts.append([self.tokenizer.eod_id] + self.tokenizer.encode(context))
+
+            def should_stop(row: int, tokens: list[int]) -> bool:
+                text = self.tokenizer.decode(tokens)
+                return len(tokens) >= limits[row] or any(stop in text for stop in untils[row])
+
+            tokens = generate(self.model, prompts, max(limits), eos_ids=(self.tokenizer.eod_id,),
+                              should_stop=should_stop)
+            for row, toks in enumerate(tokens):
+                if toks and toks[-1] == self.tokenizer.eod_id:
+                    toks = toks[:-1]
+                text = self.tokenizer.decode(toks)
+                for stop in untils[row]:
+                    text = text.split(stop)[0]
+                out.append(text)
         return out
 
 
 def make_lm_eval_model(checkpoint: str, tokenizer_path: str, **kwargs):
     """An ``lm_eval.api.model.LM`` for a checkpoint or export. Needs ``pip install lm_eval``."""
     try:
-        from lm_eval.api.model import LM
+        from lm_eval.api.model import LM  # optional: the harness is only needed here
     except ImportError as e:
         raise ImportError("the lm_eval adapter needs lm-evaluation-harness: pip install lm_eval") from e
-    from data_prep.tokenizer import Tokenizer
-    from pretrain.evaluate import load_model
 
     device = kwargs.pop("device", "cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(checkpoint, device)

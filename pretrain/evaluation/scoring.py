@@ -22,7 +22,7 @@ run gives the same result as a single process.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Literal
 
 import torch

@@ -1,13 +1,13 @@
 """Model zoo: ReBased / Based hybrids and the Transformer++ baseline."""
 
+from pretrain.config import load_config
 from pretrain.models.config import MIXERS, ModelConfig
-from pretrain.models.model import CausalLM, ModelCache
+from pretrain.models.cache import ModelCache
+from pretrain.models.model import CausalLM
 from pretrain.models.flops import count_parameters, flops_per_token
 
 
 def load_model_config(path, overrides=None) -> ModelConfig:
-    from pretrain.config import load_config
-
     return load_config(ModelConfig, path, overrides)
 
 

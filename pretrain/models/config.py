@@ -14,22 +14,27 @@ def _check_linear_attention(name: str, sub) -> None:
         raise ValueError(f"{name}.num_heads and {name}.feature_dim must be positive")
     if sub.value_heads is not None and (sub.value_heads < 1 or sub.num_heads % sub.value_heads):
         raise ValueError(f"{name}.value_heads={sub.value_heads} must divide {name}.num_heads={sub.num_heads}")
+    if not sub.eps > 0:
+        raise ValueError(f"{name}.eps={sub.eps} must be > 0")
 
 
 @dataclass
 class ReBasedConfig:
     num_heads: int = 16
     feature_dim: int = 16
-    # φ(x) = γ·LayerNorm(x) + β, shared by q and k. Each part can be switched off.
+    # φ(x) = γ·LayerNorm(x) + β. Each part can be switched off.
     use_gamma: bool = True
     use_beta: bool = True
     normalize: bool = True
     # per_head: LayerNorm over each head's 16 features (default; heads stay independent, as in FLA, and the
     # fused kernels can normalise per head). joint: over the concatenated H·16 vector (the original repo).
     norm_scope: Literal["per_head", "joint"] = "per_head"
-    eps: float = 1e-6  # added to the attention normaliser Σ a_ts
-    # Value heads: None = one per q/k head (width d_model/num_heads). Fewer heads are wider and shared by
-    # num_heads/value_heads q/k heads (1 = one value of width d_model for all heads, as in Zoology's MQAR models).
+    # shared: one φ (one γ, β) for q and k. separate: q and k each have their own (the original repo's ln_q, ln_k).
+    qk_feature_map: Literal["shared", "separate"] = "shared"
+    eps: float = 1e-6  # added to the attention normaliser Σ a_ts (the original repo: 1e-12)
+    # Value heads: None = one per q/k head. A value head is floor(d_model / value_heads) wide, so the value and
+    # output projections are value_heads·floor(d_model / value_heads) wide (the original repo's rule: d_model 64
+    # with 12 heads gives 12 × 5). Fewer heads are wider and shared by num_heads/value_heads q/k heads.
     value_heads: int | None = None
 
     def __post_init__(self):
@@ -40,7 +45,7 @@ class ReBasedConfig:
 class BasedConfig:
     num_heads: int = 16
     feature_dim: int = 16
-    eps: float = 1e-6
+    eps: float = 1e-6  # as for rebased
     value_heads: int | None = None  # as for rebased
 
     def __post_init__(self):
@@ -79,7 +84,9 @@ class ModelConfig:
     layers: list[Mixer] | None = None
     layer_unit: list[Mixer] | None = None
     n_layers: int | None = None
-    mlp: Literal["swiglu", "gelu", "none"] = "swiglu"
+    # identity: no MLP, but the block's second sub-layer still adds its normed input, x + norm(x) (the original
+    # MQAR code's block with an identity state mixer); none: the block is the mixer sub-layer alone
+    mlp: Literal["swiglu", "gelu", "none", "identity"] = "swiglu"
     mlp_hidden: int | None = None  # default: 8/3·d_model rounded up to 64 for swiglu, 4·d_model for gelu
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     norm_eps: float = 1e-5
@@ -88,6 +95,12 @@ class ModelConfig:
     max_seq_len: int = 2048  # size of the learned position table; rotary has no limit
     rope_theta: float = 10000.0  # rotary embeddings, used by attention and sliding_window
     init_std: float = 0.02
+    # scaled: Linear and Embedding N(0, init_std), the projections into the residual stream (o_proj, down_proj)
+    # scaled by 1/sqrt(2·layers) (GPT-2), conv bias zero. zoology: the original MQAR code's _init_weights: only the
+    # names it lists are scaled (softmax attention's output, the MLP's down projection), the linear-attention
+    # output projection is N(0, init_std), the short conv keeps PyTorch's Conv1d default (bias too).
+    init_scheme: Literal["scaled", "zoology"] = "scaled"
+    embed_dropout: float = 0.0  # dropout on the token (+ position) embeddings while training (the MQAR code: 0.1)
     rebased: ReBasedConfig = field(default_factory=ReBasedConfig)
     based: BasedConfig = field(default_factory=BasedConfig)
     short_conv: ShortConvConfig = field(default_factory=ShortConvConfig)
@@ -107,14 +120,23 @@ class ModelConfig:
             raise ValueError("'layers' must not be empty")
         if self.vocab_size < 1 or self.d_model < 1:
             raise ValueError("vocab_size and d_model must be positive")
-        for name in ("rebased", "based", "attention", "sliding_window"):
-            if name in self.layers:
-                sub = getattr(self, name)
-                heads = getattr(sub, "value_heads", None) or sub.num_heads
-                if self.d_model % heads:
-                    raise ValueError(f"d_model={self.d_model} is not divisible by the {heads} heads of {name}")
-        if self.mlp_hidden is None and self.mlp != "none":
+        for name in ("attention", "sliding_window"):
+            if name in self.layers and self.d_model % getattr(self, name).num_heads:
+                raise ValueError(f"d_model={self.d_model} is not divisible by the "
+                                 f"{getattr(self, name).num_heads} heads of {name}")
+        for name in ("rebased", "based"):
+            if name in self.layers and self.value_head_dim(name) < 1:
+                raise ValueError(f"d_model={self.d_model} is smaller than the "
+                                 f"{getattr(self, name).value_heads or getattr(self, name).num_heads} value heads of {name}")
+        if not 0.0 <= self.embed_dropout < 1.0:
+            raise ValueError(f"embed_dropout={self.embed_dropout} must be in [0, 1)")
+        if self.mlp_hidden is None and self.mlp in ("swiglu", "gelu"):
             self.mlp_hidden = 4 * self.d_model if self.mlp == "gelu" else -(-8 * self.d_model // 3 // 64) * 64
+
+    def value_head_dim(self, kind: str) -> int:
+        """Width of one value head of a ``rebased`` / ``based`` layer: floor(d_model / value heads)."""
+        sub = getattr(self, kind)
+        return self.d_model // (sub.value_heads or sub.num_heads)
 
     @property
     def n_layer(self) -> int:

@@ -12,12 +12,11 @@ from __future__ import annotations
 import torch
 
 from pretrain.models.config import ModelConfig
+from pretrain.models.model import CausalLM
 
 
 def count_parameters(model_or_cfg) -> dict[str, int]:
     """Total, embedding (token + position tables; a tied head is counted once) and non-embedding parameters."""
-    from pretrain.models.model import CausalLM
-
     if isinstance(model_or_cfg, ModelConfig):
         with torch.device("meta"):
             model = CausalLM(model_or_cfg)
@@ -57,9 +56,9 @@ def mixer_flops(cfg: ModelConfig, kind: str, seq_len: int, chunk_size: int = 64)
     if kind in ("rebased", "based"):
         sub = cfg.rebased if kind == "rebased" else cfg.based
         dk, h = sub.feature_dim, sub.num_heads
-        dv = d // (sub.value_heads or h)
+        vh, dv = sub.value_heads or h, cfg.value_head_dim(kind)
         features = dk * (dk + 1) // 2 + (1 + dk if kind == "based" else 0)
-        projections = 2 * d * (2 * h * dk) + 2 * d * d + 2 * h * dv * d  # q, k (H·dk), v, o
+        projections = 2 * d * (2 * h * dk) + 2 * d * vh * dv + 2 * h * dv * d  # q, k (H·dk), v, o
         return projections + _linear_attention_flops(dv, h, dk, features, min(chunk_size, seq_len))
     if kind == "short_conv":
         return 2 * d * d + 2 * cfg.short_conv.kernel_size * d + d  # projection, depthwise conv, gate
@@ -74,7 +73,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, chunk_size: int = 64) -> dic
     breakdown: dict[str, float] = {}
     for kind in cfg.layers:
         breakdown[kind] = breakdown.get(kind, 0.0) + mixer_flops(cfg, kind, seq_len, chunk_size)
-    if cfg.mlp != "none":
+    if cfg.mlp in ("swiglu", "gelu"):
         matrices = 3 if cfg.mlp == "swiglu" else 2
         breakdown["mlp"] = cfg.n_layer * 2 * matrices * cfg.d_model * cfg.mlp_hidden
     breakdown["lm_head"] = 2 * cfg.d_model * cfg.vocab_size

@@ -14,19 +14,12 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from pretrain.atomic import publish_dir
 from pretrain.config import from_dict, to_dict
 from pretrain.models.config import ModelConfig
 from pretrain.models.model import CausalLM
 
 WEIGHTS, CONFIG = "model.safetensors", "config.yaml"
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_export(state_dict: dict[str, torch.Tensor], model_config: dict, out_dir: str | os.PathLike,
@@ -46,14 +39,7 @@ def write_export(state_dict: dict[str, torch.Tensor], model_config: dict, out_di
     (tmp / CONFIG).write_text(yaml.safe_dump(model_config, sort_keys=False))
     if provenance is not None:
         (tmp / "export.json").write_text(json.dumps(provenance, indent=1))
-    for f in tmp.iterdir():
-        _fsync(f)
-    _fsync(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    _fsync(out.parent)
-    return out
+    return publish_dir(tmp, out)
 
 
 def export_model(model: CausalLM, out_dir: str | os.PathLike, metadata: dict | None = None) -> Path:

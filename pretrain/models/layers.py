@@ -45,6 +45,8 @@ class GeluMLP(nn.Module):
 def build_mlp(kind: str, d_model: int, hidden: int | None) -> nn.Module | None:
     if kind == "none":
         return None
+    if kind == "identity":
+        return nn.Identity()
     return SwiGLU(d_model, hidden) if kind == "swiglu" else GeluMLP(d_model, hidden)
 
 

@@ -10,28 +10,14 @@ from __future__ import annotations
 
 import torch
 
-# 8192 tokens × 50304 words: about 2.5 GB of transient buffers per chunk (the compute-dtype logits, the fp32 copy
-# worked on in place, the compute-dtype gradient), a quarter of the full path's 9.8 GB of bf16 + fp32 logits at 32k
-# tokens (rebased_360m's micro batch: 4 chunks). Each chunk also pays a fixed cost, one fp32 accumulation into the
-# [vocab, d_model] weight gradient (about 0.5 GB of memory traffic at d_model 1024), a few percent of the time of the
-# chunk's three [8192, d_model] x [d_model, vocab] matmuls; smaller chunks save memory at a growing share of it.
+import kernels
+
+# 8192 tokens × 50304 words: one transient [chunk, vocab] buffer in the compute dtype (0.8 GB in bf16: the logits,
+# overwritten by their gradient), against 9.8 GB of bf16 + fp32 logits for the full path at 32k tokens (rebased_360m's
+# micro batch: 4 chunks). Each chunk also pays a fixed cost, one fp32 accumulation into the [vocab, d_model] weight
+# gradient (about 0.5 GB of memory traffic at d_model 1024), a few percent of the time of the chunk's three
+# [8192, d_model] x [d_model, vocab] matmuls; smaller chunks save memory at a growing share of it.
 DEFAULT_CHUNK_TOKENS = 8192
-
-
-def _chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, row_scale: torch.Tensor):
-    """Per-row cross-entropy and d loss / d logits = (softmax - onehot(target)) · row_scale, in the logits' dtype;
-    the math in fp32 (fp64 stays fp64)."""
-    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    lse = torch.logsumexp(x, dim=1, keepdim=True)
-    loss = (lse - x.gather(1, targets[:, None])).squeeze(1)
-    probs = torch.exp(x - lse)
-    grad = probs.scatter_add(1, targets[:, None], probs.new_full((len(targets), 1), -1.0))
-    return loss, (grad * row_scale[:, None]).to(logits.dtype)
-
-
-# On CUDA the chunk's softmax, loss and gradient are one compiled pass over the logits instead of about ten eager
-# passes over an fp32 copy (measured: 15% of a 360M training step at 32k tokens). Elsewhere eager: the same math.
-_compiled_chunk_loss_and_grad = torch.compile(_chunk_loss_and_grad)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -54,11 +40,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         row_loss = torch.empty(labels.shape, dtype=acc_dtype, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=acc_dtype) if need_weight else None
-        loss_and_grad = _compiled_chunk_loss_and_grad if hidden.is_cuda else _chunk_loss_and_grad
         for start in range(0, hidden.shape[0], chunk_tokens):
             rows = slice(start, start + chunk_tokens)
             h = hidden[rows].to(compute_dtype)
-            row_loss[rows], g = loss_and_grad(h @ w.T, targets[rows], row_scale[rows])
+            # the softmax, loss and logits gradient in one pass, the gradient written over the chunk's logits
+            row_loss[rows], g = kernels.cross_entropy_grad(h @ w.T, targets[rows], row_scale[rows], inplace=True)
             if need_hidden:
                 grad_hidden[rows] = g @ w
             if need_weight:

@@ -1,13 +1,12 @@
 """Sequence mixers. Each takes x [B, T, d_model] and returns [B, T, d_model].
 
 Every mixer accepts ``cu_seqlens`` (packed documents in a batch of one: nothing mixes across a document start)
-and ``cache`` (a per-layer decoding state, updated in place so that feeding a sequence in pieces gives the same
-outputs as feeding it whole). Positions for rotary embeddings come from the caller.
+and ``cache`` (its layer's decoding state from ``pretrain.models.cache``, updated in place, so that feeding a
+sequence in pieces gives the same outputs as feeding it whole; with ``cu_seqlens``, document i fills row i of a
+fresh cache). Positions come from the caller: [T], or [B, T] when the rows of a cache are at different positions.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -15,34 +14,9 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 import kernels
+from pretrain.models.cache import ConvCache, KVCache, LinearAttentionCache
 from pretrain.models.config import ModelConfig
 from pretrain.models.layers import apply_rotary
-
-
-@dataclass
-class RecurrentCache:
-    """Constant-size state of a linear-attention or convolution layer."""
-
-    state: object = None
-
-
-@dataclass
-class KVCache:
-    """Keys/values seen so far (rotary already applied) with their absolute positions; ``window`` caps its length."""
-
-    k: torch.Tensor | None = None
-    v: torch.Tensor | None = None
-    positions: torch.Tensor | None = None
-    window: int | None = None
-
-    def extend(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
-        """Append; return everything the new queries may see (the stored part is then cut to the window)."""
-        if self.k is not None:
-            k, v = torch.cat([self.k, k], dim=1), torch.cat([self.v, v], dim=1)
-            positions = torch.cat([self.positions, positions])
-        keep = slice(-self.window, None) if self.window is not None else slice(None)
-        self.k, self.v, self.positions = k[:, keep], v[:, keep], positions[keep]
-        return k, v, positions
 
 
 class FeatureMap(nn.Module):
@@ -81,19 +55,22 @@ class LinearAttention(nn.Module):
         self.kind, self.num_heads, self.feature_dim, self.eps = kind, sub.num_heads, sub.feature_dim, sub.eps
         d = cfg.d_model
         self.value_heads = sub.value_heads or sub.num_heads
-        head_dim = d // self.value_heads
+        head_dim = cfg.value_head_dim(kind)
         self.q_proj = nn.Linear(d, sub.num_heads * sub.feature_dim, bias=False)
         self.k_proj = nn.Linear(d, sub.num_heads * sub.feature_dim, bias=False)
-        self.v_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, self.value_heads * head_dim, bias=False)
         self.o_proj = nn.Linear(sub.num_heads * head_dim, d, bias=False)
-        self.feature_map = (
-            FeatureMap(sub.num_heads, sub.feature_dim, use_gamma=sub.use_gamma, use_beta=sub.use_beta,
-                       normalize=sub.normalize, norm_scope=sub.norm_scope)
-            if kind == "rebased" else None
-        )
+        self.feature_map = self.k_feature_map = None
+        if kind == "rebased":
+            def feature_map():
+                return FeatureMap(sub.num_heads, sub.feature_dim, use_gamma=sub.use_gamma, use_beta=sub.use_beta,
+                                  normalize=sub.normalize, norm_scope=sub.norm_scope)
+
+            self.feature_map = feature_map()  # q's, and k's too unless k has its own
+            self.k_feature_map = feature_map() if sub.qk_feature_map == "separate" else None
         self.attention = kernels.rebased_attention if kind == "rebased" else kernels.based_attention
 
-    def forward(self, x, *, positions=None, cu_seqlens=None, cache: RecurrentCache | None = None):
+    def forward(self, x, *, positions=None, cu_seqlens=None, cache: LinearAttentionCache | None = None):
         B, T, _ = x.shape
         H, D = self.num_heads, self.feature_dim
         q = self.q_proj(x).view(B, T, H, D)
@@ -102,20 +79,18 @@ class LinearAttention(nn.Module):
         if self.value_heads != H:  # each value head is shared by H / value_heads consecutive q/k heads
             v = v.repeat_interleave(H // self.value_heads, dim=2)
         if self.feature_map is not None:
-            q, k = self.feature_map(q), self.feature_map(k)
+            k_map = self.feature_map if self.k_feature_map is None else self.k_feature_map
+            q, k = self.feature_map(q), k_map(k)
         # under autocast the LayerNorm of the feature map runs in fp32 while v is bf16: the kernels take one dtype
         q, k = q.to(v.dtype), k.to(v.dtype)
-        decoding = cache is not None and cache.state is not None and T == 1
-        if decoding and not any(t.requires_grad for t in (q, k, v, *cache.state)):
-            # one token without autograd: advance the cached state in place (fused kernel on CUDA)
+        if cache is None:
+            o, _ = self.attention(q, k, v, eps=self.eps, cu_seqlens=cu_seqlens)
+        elif T == 1 and not cache.empty:  # one token: the state advanced in place (a fused kernel on CUDA)
             o = kernels.linear_attention_step(self.kind, q, k, v, cache.state, eps=self.eps)
-        else:
-            o, state = self.attention(
-                q, k, v, eps=self.eps, cu_seqlens=cu_seqlens,
-                initial_state=None if cache is None else cache.state, output_final_state=cache is not None,
-            )
-            if cache is not None:  # own, dense storage that later steps can update in place
-                cache.state = tuple(s.contiguous() for s in state)
+        else:  # a prompt (or its documents, packed), from the cached state
+            o, state = self.attention(q, k, v, eps=self.eps, cu_seqlens=cu_seqlens,
+                                      initial_state=None if cache.empty else cache.state, output_final_state=True)
+            cache.store(state)
         return self.o_proj(o.reshape(B, T, -1))
 
 
@@ -127,16 +102,27 @@ class ShortConv(nn.Module):
         d, k = cfg.d_model, cfg.short_conv.kernel_size
         self.proj = nn.Linear(d, d)
         self.conv_weight = nn.Parameter(torch.empty(d, k))
-        self.conv_bias = nn.Parameter(torch.zeros(d))
-        nn.init.uniform_(self.conv_weight, -(k ** -0.5), k ** -0.5)  # Conv1d's default fan-in bound
+        self.conv_bias = nn.Parameter(torch.empty(d))
+        self.reset_conv(bias_like_conv1d=cfg.init_scheme == "zoology")
 
-    def forward(self, x, *, positions=None, cu_seqlens=None, cache: RecurrentCache | None = None):
+    @torch.no_grad()
+    def reset_conv(self, bias_like_conv1d: bool):
+        """Conv1d's default: weight and bias uniform in ±1/sqrt(fan in), fan in = kernel size (depthwise); or a
+        zero bias."""
+        bound = self.conv_weight.shape[1] ** -0.5
+        nn.init.uniform_(self.conv_weight, -bound, bound)
+        if bias_like_conv1d:
+            nn.init.uniform_(self.conv_bias, -bound, bound)
+        else:
+            nn.init.zeros_(self.conv_bias)
+
+    def forward(self, x, *, positions=None, cu_seqlens=None, cache: ConvCache | None = None):
         y, final = kernels.short_conv(
             x, self.conv_weight, self.conv_bias, gate=self.proj(x), residual=True, cu_seqlens=cu_seqlens,
-            cache=None if cache is None else cache.state, output_final_state=cache is not None,
+            cache=None if cache is None or cache.empty else cache.state, output_final_state=cache is not None,
         )
         if cache is not None:
-            cache.state = final
+            cache.store(final)
         return y
 
 
@@ -160,21 +146,55 @@ class SoftmaxAttention(nn.Module):
         B, T, d = x.shape
         q, k, v = self.qkv_proj(x).view(B, T, 3, self.num_heads, -1).unbind(2)
         q, k = apply_rotary(q, positions, self.rope_theta), apply_rotary(k, positions, self.rope_theta)
-        q_pos = k_pos = positions
         if cache is not None:
-            k, v, k_pos = cache.extend(k, v, positions)
+            o = self._cached(q, k, v, positions, cu_seqlens, cache)
+            return self.o_proj(o.reshape(B, T, d))
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, Dh]
-        if cu_seqlens is None and cache is None and self.window is None:
+        if cu_seqlens is None and self.window is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif cache is None and q.is_cuda and torch.is_grad_enabled():
+        elif q.is_cuda and torch.is_grad_enabled():
             # training, windows and documents: block-sparse, no dense T×T mask. Not under no_grad: evaluation
             # (lm_eval) sends a new T per request, and each would compile the kernels anew
             o = _flex_causal_attention(q, k, v, self.window, cu_seqlens)
-        elif cu_seqlens is None and cache is None and T > 2 * self.window:
-            o = _blocked_window_attention(q, k, v, self.window)
         else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=_dense_mask(q_pos, k_pos, self.window, cu_seqlens))
+            o = _causal_attention(q, k, v, self.window, positions, cu_seqlens)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, d))
+
+    def _cached(self, q, k, v, positions, cu_seqlens, cache: KVCache):
+        """Attention through the cache, [B, T, H, Dh] -> [B, T, H, Dh]; the new keys/values are stored."""
+        if cu_seqlens is not None:  # a packed prompt: each document attends to itself and fills its cache row
+            offsets = cu_seqlens.tolist()
+            cache.allocate_like(k, batch_size=len(offsets) - 1)
+            out = []
+            for row, (a, b) in enumerate(zip(offsets[:-1], offsets[1:])):
+                doc = [t[:, a:b].transpose(1, 2) for t in (q, k, v)]
+                out.append(_causal_attention(*doc, self.window, positions[a:b]).transpose(1, 2))
+                cache.write(k[:, a:b], v[:, a:b], positions[None, a:b], row=row)
+            return torch.cat(out, dim=1)
+        positions = positions.expand(q.shape[0], -1)
+        cache.allocate_like(k)
+        if q.shape[1] == 1:  # one token: stored first (it only replaces a key out of its window), then attended
+            cache.write(k, v, positions)
+            keys, values, key_pos = cache.k, cache.v, cache.slot_pos
+        else:  # several: the cached keys and the new ones, stored after (they may replace keys these still see)
+            keys, values = torch.cat([cache.k, k], 1), torch.cat([cache.v, v], 1)
+            key_pos = torch.cat([cache.slot_pos, positions], 1)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                                           attn_mask=cache.mask(positions, key_pos))
+        if q.shape[1] > 1:
+            cache.write(k, v, positions)
+        return o.transpose(1, 2)
+
+
+def _causal_attention(q, k, v, window: int | None, positions, cu_seqlens=None):
+    """Causal attention [B, H, T, Dh] (to the last ``window`` keys; within documents) without FlexAttention: SDPA,
+    in blocks for long windowed sequences, else with a dense mask (decoding, short windows, documents on CPU)."""
+    T = q.shape[2]
+    if cu_seqlens is None and window is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if cu_seqlens is None and T > 2 * window:
+        return _blocked_window_attention(q, k, v, window)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=_dense_mask(positions, positions, window, cu_seqlens))
 
 
 def _dense_mask(q_pos, k_pos, window: int | None, cu_seqlens=None) -> torch.Tensor:
@@ -270,9 +290,12 @@ def build_mixer(cfg: ModelConfig, kind: str) -> nn.Module:
     raise ValueError(f"unknown mixer '{kind}'")
 
 
-def new_cache(kind: str, cfg: ModelConfig):
-    if kind == "attention":
-        return KVCache()
-    if kind == "sliding_window":
-        return KVCache(window=cfg.sliding_window.window)
-    return RecurrentCache()
+def new_cache(kind: str, cfg: ModelConfig, max_len: int):
+    """An empty cache for a layer of ``kind``; its buffers are made by the first write (their dtype is the
+    activations')."""
+    if kind in ("rebased", "based"):
+        return LinearAttentionCache()
+    if kind == "short_conv":
+        return ConvCache()
+    window = cfg.sliding_window.window if kind == "sliding_window" else None
+    return KVCache(window=window, slots=min(window, max_len) if window else max_len)

@@ -13,7 +13,11 @@ import argparse
 import shlex
 import sys
 
-from pretrain.config import ConfigError
+import yaml
+
+from pretrain.config import ConfigError, to_dict
+from pretrain.mqar.config import load_mqar_config
+from pretrain.mqar.train import train_mqar
 
 
 def main(argv=None) -> int:
@@ -26,8 +30,6 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     args = parser.parse_args(argv)
 
-    from pretrain.mqar.config import load_mqar_config
-
     try:
         cfg = load_mqar_config(args.config, list(args.overrides))
         if args.output:  # set after loading: a path is not parsed as YAML
@@ -37,14 +39,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.print_config:
-        import yaml
-
-        from pretrain.config import to_dict
-
         print(yaml.safe_dump({"mqar": to_dict(cfg), "model": to_dict(model_cfg)}, sort_keys=False))
         return 0
-    from pretrain.mqar.train import train_mqar
-
     command = "python -m pretrain.mqar " + " ".join(shlex.quote(a) for a in argv)
     train_mqar(cfg, command=command)
     return 0

@@ -45,10 +45,17 @@ class DataSection:
                         seed=self.seed)
 
 
+# The original code's oddities that configs/models/mqar_*.yaml copy, and what the clean variant uses instead: the
+# block's identity second sub-layer (x += LN2(x)) -> none; the normaliser eps 1e-12 -> 1e-6; its init (the
+# linear-attention output projection not scaled with depth, Conv1d's default bias) -> the stack's scaled init.
+CLEAN_VARIANT = ["mlp=none", "init_scheme=scaled", "rebased.eps=1e-6", "based.eps=1e-6"]
+
+
 @dataclass
 class ModelSection:
     mixer: MQARMixer = "rebased"
     d_model: int = 128
+    variant: Literal["official", "clean"] = "official"  # clean: CLEAN_VARIANT on top of the official layout
     config: str | None = None  # base model YAML; None: the mixer's default (MIXER_MODELS)
     overrides: list[str] = field(default_factory=list)  # extra model overrides, applied last
 
@@ -59,8 +66,11 @@ class TrainSection:
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     batch_size: int = 512  # examples per optimizer step (the paper: 512)
-    micro_batch_size: int | None = None  # None: batch_size, capped at 256·512/seq_len from seq_len 512 (the paper)
-    eval_batch_size: int | None = None  # None: micro batch size
+    # Micro-batches split the batch only for memory: the loss is the exact mean over the batch's query tokens
+    # either way. None: the largest divisor of batch_size with micro_batch_size · seq_len <= micro_batch_tokens.
+    micro_batch_size: int | None = None
+    micro_batch_tokens: int = 524_288
+    eval_batch_size: int | None = None  # None: the micro batch size
     max_epochs: int = 64
     early_stop_accuracy: float | None = 0.99  # stop once validation accuracy reaches this; null: never
     schedule: Literal["cosine_epoch", "constant"] = "cosine_epoch"  # cosine over max_epochs, stepped per epoch
@@ -72,6 +82,11 @@ class TrainSection:
     time_limit_s: float | None = None  # stop after the epoch that crosses this wall time (recorded in the result)
     eval_every_steps: int | None = None  # extra evaluations inside epochs (None: once per epoch)
     num_threads: int | None = None  # CPU threads for torch (None: torch's default); 1 is fastest on a shared CPU
+    compile: bool | None = None  # torch.compile the model body; None: on CUDA only
+    loss_chunk_rows: int = 32_768  # query rows per chunk of the fused LM head + cross-entropy
+    # Save the run's state after every epoch to <output>.ckpt and resume from it on a rerun (the file is removed
+    # once the result is written). A run killed mid-epoch loses only that epoch.
+    checkpoint: bool = True
 
     def __post_init__(self):
         if self.lr <= 0 or self.batch_size < 1 or self.max_epochs < 1:
@@ -82,6 +97,8 @@ class TrainSection:
             raise ValueError("betas must be two numbers")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads={self.num_threads} must be >= 1")
+        if self.micro_batch_tokens < 1 or self.loss_chunk_rows < 1:
+            raise ValueError("micro_batch_tokens and loss_chunk_rows must be >= 1")
 
 
 @dataclass
@@ -108,24 +125,26 @@ class MQARConfig:
     def micro_batch_size(self) -> int:
         if self.train.micro_batch_size is not None:
             return self.train.micro_batch_size
-        mb = self.train.batch_size
-        if self.data.seq_len >= 512:
-            cap = max(1, 256 // (self.data.seq_len // 512))
-            while mb > cap or self.train.batch_size % mb:
-                mb -= 1
+        mb = max(1, min(self.train.batch_size, self.train.micro_batch_tokens // self.data.seq_len))
+        while self.train.batch_size % mb:
+            mb -= 1
         return mb
+
+    def checkpoint_path(self) -> Path | None:
+        return Path(self.output + ".ckpt") if self.output and self.train.checkpoint else None
 
     def model_overrides(self) -> tuple[str, list[str]]:
         base, extra = MIXER_MODELS[self.model.mixer]
         path = self.model.config or base
         if not Path(path).is_absolute() and not Path(path).exists():
             path = str(REPO_ROOT / path)
+        variant = CLEAN_VARIANT if self.model.variant == "clean" else []
         overrides = [f"d_model={self.model.d_model}", f"vocab_size={self.data.vocab_size}",
-                     f"max_seq_len={self.data.seq_len}", *extra, *self.model.overrides]
+                     f"max_seq_len={self.data.seq_len}", *extra, *variant, *self.model.overrides]
         return path, overrides
 
     def model_config(self):
-        from pretrain.models import load_model_config
+        from pretrain.models import load_model_config  # the model zoo imports the kernels (Triton): only when asked
 
         path, overrides = self.model_overrides()
         return load_model_config(path, overrides)

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pretrain.mqar.results import write_file_atomic
+from pretrain.atomic import write_file_atomic
 
 GENERATOR_VERSION = 1
 IGNORE_INDEX = -100
@@ -148,23 +148,31 @@ class MQARSplit:
             arrays["filler"] = self.filler.cpu().numpy()
         return MQARSplit(self.spec, arrays, device)
 
-    def batch(self, idx: torch.Tensor | slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def inputs(self, idx: torch.Tensor | slice | None = None) -> torch.Tensor:
+        """The dense inputs [B, seq_len] int64 of examples ``idx`` (all when None), built on the split's device."""
         if idx is None:
             idx = slice(None)
         if isinstance(idx, torch.Tensor):
             idx = idx.to(self.device)
-        keys, values, qpos = self.keys[idx], self.values[idx], self.qpos[idx]
+        keys, qpos = self.keys[idx], self.qpos[idx]
         B, N = keys.shape
-        L = self.spec.seq_len
         if self.filler is not None:
             inputs = self.filler[idx].clone()
         else:
-            inputs = torch.zeros(B, L, dtype=torch.long, device=self.device)
+            inputs = torch.zeros(B, self.spec.seq_len, dtype=torch.long, device=self.device)
         inputs[:, 0:2 * N:2] = keys
-        inputs[:, 1:2 * N:2] = values
+        inputs[:, 1:2 * N:2] = self.values[idx]
         inputs.scatter_(1, qpos, keys)
-        labels = torch.full((B, L), IGNORE_INDEX, dtype=torch.long, device=self.device)
-        labels.scatter_(1, qpos, values)
+        return inputs
+
+    def batch(self, idx: torch.Tensor | slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense ``(inputs, labels)`` [B, seq_len]: labels hold the bound value at each query, IGNORE_INDEX elsewhere."""
+        if isinstance(idx, torch.Tensor):
+            idx = idx.to(self.device)
+        inputs = self.inputs(idx)
+        sel = slice(None) if idx is None else idx
+        labels = torch.full_like(inputs, IGNORE_INDEX)
+        labels.scatter_(1, self.qpos[sel], self.values[sel])
         return inputs, labels
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,7 +27,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pretrain.mqar.config import format_lr
-from pretrain.mqar.results import iter_results, write_json_atomic
+from pretrain.atomic import write_json_atomic
+from pretrain.mqar.results import iter_results
 
 SUMMARY_SCHEMA = "mqar-summary/1"
 METRICS = {"best": "best_accuracy", "final": "final_accuracy"}

@@ -5,8 +5,8 @@
     python -m pretrain.mqar.sweep --out runs/mqar --slurm-array       # write an sbatch array script
     python -m pretrain.mqar.sweep --out runs/mqar --task-index 7      # run setting 7 only (what the array runs)
 
-The default grid is the ReBased paper's: mixers rebased, based; d_model 64, 128; seq_len 256, 512, 1024, 2048;
-lr 5e-4, 1e-3, 3e-3, 1e-2; seeds 0, 1 (128 runs). Extra ``key=value`` overrides go to every run (e.g.
+The default grid is the ReBased paper's figure: mixers rebased, based; d_model 64, 128, 256, 512; seq_len 128,
+256, 512, 1024, 2048; lr 5e-4, 1e-3, 3e-3, 1e-2; one seed (160 runs; the paper averaged 5 seeds: ``--seeds``). Extra ``key=value`` overrides go to every run (e.g.
 ``train.max_epochs=4``; anywhere on the command line, or after ``--``); the grid's own keys (model.mixer,
 model.d_model, data.seq_len, train.lr, train.seed) are set by the grid flags instead. Setting i is the i-th of
 the nested loops mixer > d_model > seq_len > lr > seed, so an index names the same setting as long as the grid
@@ -30,7 +30,10 @@ start: set the cluster's with ``--slurm-opt partition=gpu --slurm-opt time=12:00
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
+import json
+import math
 import os
 import queue
 import shlex
@@ -49,19 +52,23 @@ from pretrain.mqar.results import read_result
 
 DEFAULT_CONFIG = "configs/mqar/base.yaml"
 DEFAULT_MIXERS = ("rebased", "based")
-DEFAULT_D_MODELS = (64, 128)
-DEFAULT_SEQ_LENS = (256, 512, 1024, 2048)
+DEFAULT_D_MODELS = (64, 128, 256, 512)
+DEFAULT_SEQ_LENS = (128, 256, 512, 1024, 2048)
 DEFAULT_LRS = (5e-4, 1e-3, 3e-3, 1e-2)
-DEFAULT_SEEDS = (0, 1)
+DEFAULT_SEEDS = (0,)
 
 GRID_KEYS = ("model.mixer", "model.d_model", "data.seq_len", "train.lr", "train.seed")
 # Set by the sweep itself: the result path, and no progress bars in log files (an override may turn them back on).
 RESERVED_KEYS = (*GRID_KEYS, "output", "name")
 SWEEP_DEFAULT_OVERRIDES = ("log.tqdm=false",)
 # Config keys that do not change what a run computes: a result differing only in these is still current.
+# (How a run is split into micro-batches, compiled and checkpointed changes rounding at most: the loss is the exact
+# mean over each batch's query tokens either way.)
 NON_RESULT_KEYS = ("output", "name", "log", "data.cache_dir", "train.device", "train.num_threads",
-                   "train.eval_batch_size")
+                   "train.eval_batch_size", "train.micro_batch_size", "train.micro_batch_tokens", "train.compile",
+                   "train.loss_chunk_rows", "train.checkpoint")
 
+DEFAULT_EPOCH_TIMES = sorted((REPO_ROOT / "benchmarks" / "results" / "mqar").glob("mqar_speed_*.json"))
 DEFAULT_SLURM_OPTIONS = {"job-name": "mqar", "nodes": "1", "ntasks": "1", "gpus": "1", "cpus-per-task": "8",
                          "time": "08:00:00"}
 
@@ -108,8 +115,6 @@ def _drop_key(tree: dict, dotted: str) -> None:
 
 def result_relevant_config(config: dict) -> dict:
     """The config without the keys that do not change the result (paths, logging, device placement)."""
-    import copy
-
     config = copy.deepcopy(config)
     for key in NON_RESULT_KEYS:
         _drop_key(config, key)
@@ -248,7 +253,7 @@ def resolve_config_path(path: str) -> Path:
 def visible_gpus() -> list[str]:
     """The local GPUs as CUDA_VISIBLE_DEVICES entries (respecting an existing CUDA_VISIBLE_DEVICES)."""
     try:
-        import torch
+        import torch  # only here: the sweep's own process needs torch for nothing else
 
         count = torch.cuda.device_count()
     except Exception:  # no usable CUDA runtime: a CPU machine
@@ -272,7 +277,11 @@ def worker_slots(gpus: str | None, workers: int | None, runs_per_gpu: int) -> li
         if workers is not None:
             print(f"sweep: --workers {workers} ignored: one worker per GPU ({len(gpu_ids)} GPUs, "
                   f"{runs_per_gpu} run(s) each)", file=sys.stderr)
-        return [{"CUDA_VISIBLE_DEVICES": g} for g in gpu_ids for _ in range(runs_per_gpu)]
+        # MQAR_RUNS_PER_DEVICE: a run records it, so its epoch time can be read as GPU time (epoch time / runs);
+        # set it beforehand when several sweeps share the GPUs
+        share = os.environ.get("MQAR_RUNS_PER_DEVICE") or str(runs_per_gpu)
+        return [{"CUDA_VISIBLE_DEVICES": g, "MQAR_RUNS_PER_DEVICE": share}
+                for g in gpu_ids for _ in range(runs_per_gpu)]
     n = workers or 1
     threads = str(max(1, (os.cpu_count() or 1) // n))
     slot = {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
@@ -396,6 +405,67 @@ def slurm_script(args, pending: list[int], total: int) -> str:
 
 # ---------------------------------------------------------------- CLI
 
+# ---------------------------------------------------------------- time estimate
+
+def measured_epoch_times(sources: list[str | os.PathLike]) -> dict[tuple[str, int, int], float]:
+    """GPU seconds per epoch by (mixer, d_model, seq_len), from ``benchmarks/mqar_speed.py`` tables
+    (``mqar_speed.json``: gpu_s_per_epoch) and from finished results (their steady epoch time divided by the runs
+    that shared the device). The smallest measurement of a setting wins (the least disturbed one)."""
+    table: dict[tuple[str, int, int], float] = {}
+
+    def add(key, seconds):
+        if seconds and seconds > 0:
+            table[key] = min(seconds, table.get(key, float("inf")))
+
+    for source in sources:
+        path = Path(source)
+        if path.is_file() and path.suffix == ".json" and path.name != "mqar_summary.json":
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            for row in data.get("rows", []) if isinstance(data, dict) else []:
+                if row.get("tree", "now") == "now" and not row.get("overrides"):
+                    mixer, d, L = row["setting"].split(":")
+                    add((mixer, int(d), int(L)), row.get("gpu_s_per_epoch"))
+        elif path.is_dir():
+            for result_file in sorted(path.glob("*.json")):
+                result = read_result(result_file)
+                time_ = (result or {}).get("time", {})
+                if result and time_.get("steady_epoch_s") and result.get("setting"):
+                    st = result["setting"]
+                    add((st["mixer"], st["d_model"], st["seq_len"]),
+                        time_["steady_epoch_s"] / max(1, time_.get("runs_sharing_device", 1)))
+    return table
+
+
+def estimate_epoch_s(table: dict, mixer: str, d_model: int, seq_len: int) -> float | None:
+    """A setting's GPU seconds per epoch: measured, else scaled from the same width (this mixer first, then the
+    other) at the nearest measured length, in proportion to the length (an epoch's tokens and query rows both grow
+    with it)."""
+    if (mixer, d_model, seq_len) in table:
+        return table[(mixer, d_model, seq_len)]
+    for same_mixer in (True, False):
+        near = [(abs(math.log2(L / seq_len)), L, t) for (m, d, L), t in table.items()
+                if d == d_model and (m == mixer) == same_mixer]
+        if near:
+            _, L, t = min(near)
+            return t * seq_len / L
+    return None
+
+
+def print_estimate(statuses: list[SettingStatus], table: dict, max_epochs: int) -> None:
+    pending = [s.setting for s in statuses if s.state != "done"]
+    if not pending:
+        return
+    known = [(s, estimate_epoch_s(table, s.mixer, s.d_model, s.seq_len)) for s in pending]
+    unknown = [s for s, t in known if t is None]
+    total_h = sum(t for _, t in known if t is not None) * max_epochs / 3600
+    print(f"estimate: {total_h:.2f} GPU-hours for the {len(pending) - len(unknown)} pending settings with a measured "
+          f"or scaled epoch time ({max_epochs} epochs each: an upper bound, early stops end runs sooner)"
+          + (f"; no epoch time for {len(unknown)} (d_model {sorted({s.d_model for s in unknown})})" if unknown else ""))
+
+
 def _print_statuses(statuses: list[SettingStatus], out_dir: Path) -> None:
     width = max((len(s.setting.name) for s in statuses), default=10)
     for st in statuses:
@@ -422,7 +492,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-lens", nargs="+", type=int, default=list(DEFAULT_SEQ_LENS), metavar="L")
     p.add_argument("--lrs", nargs="+", type=float, default=list(DEFAULT_LRS), metavar="LR")
     p.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS), metavar="SEED")
-    p.add_argument("--dry-run", action="store_true", help="list the settings and their state; run nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list the settings and their state, and estimate the GPU time of the pending ones; run nothing")
+    p.add_argument("--epoch-times", nargs="*", default=[str(p) for p in DEFAULT_EPOCH_TIMES if p.exists()],
+                   metavar="FILE", help="measured epoch times for --dry-run's estimate: mqar_speed.json tables or "
+                   "result folders (default: the H200 table in benchmarks/results/mqar; OUT's results always count)")
     p.add_argument("--rerun-stale", action="store_true",
                    help="rerun (and overwrite) results that were made with another config")
     place = p.add_argument_group("local placement")
@@ -491,6 +565,9 @@ def main(argv=None) -> int:
     statuses = sweep.statuses()
     if args.dry_run:
         _print_statuses(statuses, sweep.out_dir)
+        table = measured_epoch_times([*args.epoch_times, sweep.out_dir])
+        max_epochs = load_mqar_config(sweep.config, list(sweep.overrides)).train.max_epochs
+        print_estimate(statuses, table, max_epochs)
         return 0
     stale = [s for s in statuses if s.state == "stale"]
     if stale and not args.rerun_stale:

@@ -6,14 +6,20 @@ epoch, early stop once validation accuracy reaches ``early_stop_accuracy``. Accu
 positions (over the whole test split) whose argmax is the bound value; the reported metric is the best
 validation accuracy over epochs (what the paper's figure plots), the last one is recorded too.
 
-Only the logits at the query positions are computed: a forward hook on the model's final norm gathers those
-positions before the LM head, so the [B, T, vocab] logits tensor is never built (at vocab 8192 it would dominate
-time and memory). The loss is the exact mean over all query tokens of the optimizer batch, also when the batch is
-split into micro-batches.
+Speed without changing the result: only the final states at the query positions are normed and projected, and
+the LM head and the cross-entropy run fused in chunks of query rows (``chunked_cross_entropy``: no [B, N, vocab]
+logits tensor lives beyond one chunk); the loss is the exact mean over all query tokens of the optimizer batch,
+whatever the micro-batch; a short last micro-batch is padded with ignored rows, so every step has one shape
+(compiled once); the model body is compiled on CUDA; losses stay on the device until the epoch ends.
+
+With ``output`` set, the run's state is saved after every epoch to ``<output>.ckpt`` and a rerun resumes from it
+(same numbers as an uninterrupted run); the file is removed when the result is written.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import math
 import os
 import platform
@@ -22,15 +28,25 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from pretrain.config import to_dict
+from pretrain.models import build_model, count_parameters
+from pretrain.models.loss import chunked_cross_entropy
 from pretrain.mqar.config import MQARConfig
-from pretrain.mqar.data import MQARSplit, load_mqar
-from pretrain.mqar.results import SCHEMA, write_json_atomic
+from pretrain.mqar.data import IGNORE_INDEX, MQARSplit, load_mqar
+from pretrain.atomic import write_bytes_atomic, write_json_atomic
+from pretrain.mqar.results import SCHEMA
+from pretrain.mqar.sweep import result_relevant_config
+from pretrain.training.metrics import init_wandb
+
+CHECKPOINT_VERSION = 1
 
 
 def resolve_device(name: str) -> torch.device:
@@ -54,56 +70,65 @@ def git_commit() -> str | None:
         return None
 
 
+def source_digest() -> str:
+    """sha256 (12 hex) of the code and configs a run executes (pretrain/, kernels/, configs/): names the code also
+    where git's HEAD does not (a copied tree, uncommitted changes)."""
+    root = Path(__file__).resolve().parents[2]
+    h = hashlib.sha256()
+    for path in sorted(p for d in ("pretrain", "kernels", "configs") for p in (root / d).rglob("*")
+                       if p.suffix in (".py", ".yaml")):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
+
+
 def query_logits(model, inputs: torch.Tensor, qpos: torch.Tensor) -> torch.Tensor:
     """Logits [B, N, vocab] at positions qpos [B, N] of inputs [B, T]."""
-    norm = getattr(model, "final_norm", None)
-    if norm is None:  # unknown model layout: full logits, then gather
-        logits = model(inputs)
-        return logits.gather(1, qpos[..., None].expand(-1, -1, logits.shape[-1]))
+    return model.lm_head(model.hidden_states(inputs, select=qpos))
 
-    def gather(_module, _args, out):
-        return out.gather(1, qpos[..., None].expand(-1, -1, out.shape[-1]))
 
-    handle = norm.register_forward_hook(gather)
-    try:
-        logits = model(inputs)
-    finally:
-        handle.remove()
-    if logits.shape[:2] != qpos.shape:
-        raise RuntimeError(f"query gather failed: logits {tuple(logits.shape)} for query positions {tuple(qpos.shape)}")
-    return logits
+def _padded(idx: torch.Tensor, size: int) -> tuple[torch.Tensor, int]:
+    """idx grown to ``size`` rows by repeating its first example (the copies' labels are ignored), and the count
+    of real rows: every micro-batch then has one shape, so a compiled body is built once."""
+    real = idx.numel()
+    if real < size:
+        idx = torch.cat([idx, idx[:1].expand(size - real)])
+    return idx, real
+
+
+def _query_labels(split: MQARSplit, idx: torch.Tensor, real: int) -> torch.Tensor:
+    values = split.values[idx]
+    if real < values.shape[0]:
+        values = values.clone()
+        values[real:] = IGNORE_INDEX
+    return values
 
 
 @torch.no_grad()
-def evaluate(model, split: MQARSplit, batch_size: int, autocast) -> dict:
-    was_training = model.training
-    model.eval()
-    correct, total, loss_sum = 0, 0, 0.0
+def evaluate(hidden_fn, lm_head, split: MQARSplit, batch_size: int, autocast) -> dict:
+    """Validation loss (mean over query tokens) and accuracy (argmax == bound value) over the whole split."""
+    correct = torch.zeros((), dtype=torch.long, device=split.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=split.device)
+    total = 0
     for start in range(0, len(split), batch_size):
-        sl = slice(start, start + batch_size)
-        inputs, _ = split.batch(sl)
-        qpos, values = split.qpos[sl], split.values[sl]
+        idx, real = _padded(torch.arange(start, min(start + batch_size, len(split)), device=split.device),
+                            batch_size)
+        inputs, qpos = split.inputs(idx), split.qpos[idx]
         with autocast():
-            logits = query_logits(model, inputs, qpos)
+            logits = lm_head(hidden_fn(inputs, qpos)[:real])
+        values = split.values[idx[:real]]
         logits = logits.float()
-        loss_sum += F.cross_entropy(logits.flatten(0, 1), values.flatten(), reduction="sum").item()
-        correct += (logits.argmax(-1) == values).sum().item()
+        loss_sum += F.cross_entropy(logits.flatten(0, 1), values.flatten(), reduction="sum")
+        correct += (logits.argmax(-1) == values).sum()
         total += values.numel()
-    model.train(was_training)
-    return {"valid_loss": loss_sum / max(total, 1), "valid_accuracy": correct / max(total, 1)}
+    return {"valid_loss": loss_sum.item() / max(total, 1), "valid_accuracy": correct.item() / max(total, 1)}
 
 
-def _wandb_run(cfg: MQARConfig, log):
-    if cfg.log.wandb == "disabled":
-        return None
-    try:
-        import wandb  # optional: not needed unless asked for
-    except ImportError:
-        log("mqar: wandb is not installed; logging to stdout and the result JSON only")
-        return None
-    os.makedirs(cfg.log.wandb_dir, exist_ok=True)
-    return wandb.init(project=cfg.log.wandb_project, name=cfg.run_name(), mode=cfg.log.wandb, dir=cfg.log.wandb_dir,
-                      config=to_dict(cfg), reinit=True)
+def _wandb_run(cfg: MQARConfig):
+    """The trainer's W&B init (offline needs no account; a failing online init falls back to offline)."""
+    if cfg.log.wandb != "disabled":
+        os.makedirs(cfg.log.wandb_dir, exist_ok=True)
+    return init_wandb(os.environ.get("WANDB_MODE") or cfg.log.wandb, project=cfg.log.wandb_project,
+                      name=cfg.run_name(), dir=cfg.log.wandb_dir, config=to_dict(cfg), reinit=True)
 
 
 def epoch_lr(cfg: MQARConfig, epoch: int) -> float:
@@ -112,170 +137,270 @@ def epoch_lr(cfg: MQARConfig, epoch: int) -> float:
     return cfg.train.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / cfg.train.max_epochs))
 
 
-def train_mqar(cfg: MQARConfig, *, log=print, command: str | None = None) -> dict:
-    from pretrain.models import build_model, count_parameters
+@dataclass
+class Progress:
+    """What a run has done so far: saved with the weights after every epoch, so a rerun resumes exactly."""
 
-    t_start = time.time()
-    tc = cfg.train
-    device = resolve_device(tc.device)
-    if tc.num_threads is not None:
-        torch.set_num_threads(tc.num_threads)
-    torch.manual_seed(tc.seed)
-    if device.type == "cuda":
-        torch.cuda.manual_seed_all(tc.seed)
-        torch.backends.cuda.matmul.allow_tf32 = tc.precision != "fp32"
-        torch.backends.cudnn.allow_tf32 = tc.precision != "fp32"
-    if tc.precision == "bf16" and device.type == "cuda":
-        def autocast():
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-    else:
-        autocast = nullcontext
+    epoch: int = 0  # epochs finished
+    step: int = 0
+    examples_seen: int = 0
+    best: float = -1.0
+    best_epoch: int = -1
+    history: list = field(default_factory=list)
+    train_s: float = 0.0
+    eval_s: float = 0.0
+    elapsed_s: float = 0.0  # wall time of earlier attempts
+    attempts: int = 1
 
-    spec = cfg.data.spec()
-    data = load_mqar(spec, cfg.data.cache_dir, device=device, log=log)
-    t_data = time.time() - t_start
-    model_cfg = cfg.model_config()
-    model = build_model(model_cfg).to(device)
-    params = count_parameters(model)
-    n_params = params["total"]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=tuple(tc.betas))
-    micro = cfg.micro_batch_size()
-    eval_bs = tc.eval_batch_size or micro
-    n_train, N = len(data.train), spec.num_kv_pairs
-    steps_per_epoch = math.ceil(n_train / tc.batch_size)
-    name = cfg.run_name()
-    log(f"mqar {name}: {model_cfg.layers} d_model={model_cfg.d_model} params={n_params:,} | seq_len={spec.seq_len} "
-        f"kv_pairs={N} train={n_train} test={len(data.test)} | batch {tc.batch_size} (micro {micro}) "
-        f"{steps_per_epoch} steps/epoch | device {device_name(device)} | data {'cached' if data.from_cache else 'generated'}"
-        f" in {t_data:.1f}s")
-    run = _wandb_run(cfg, log)
 
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = None
+class MQARRun:
+    """One setting's model, optimizer, data and progress on one device."""
 
-    gen = torch.Generator().manual_seed(tc.seed)
-    history, best, best_epoch, step, examples_seen = [], -1.0, -1, 0, 0
-    stopped_by = "max_epochs"
-    train_time = eval_time = 0.0
-    model.train()
-    for epoch in range(tc.max_epochs):
-        lr = epoch_lr(cfg, epoch)
-        for group in optimizer.param_groups:
+    def __init__(self, cfg: MQARConfig, log=print):
+        self.cfg, self.log = cfg, log
+        tc = cfg.train
+        self.t_start = time.time()
+        self.device = resolve_device(tc.device)
+        if tc.num_threads is not None:
+            torch.set_num_threads(tc.num_threads)
+        torch.manual_seed(tc.seed)
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.manual_seed_all(tc.seed)
+            torch.backends.cuda.matmul.allow_tf32 = tc.precision != "fp32"
+            torch.backends.cudnn.allow_tf32 = tc.precision != "fp32"
+        bf16 = tc.precision == "bf16" and cuda
+        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else nullcontext
+
+        self.spec = cfg.data.spec()
+        self.data = load_mqar(self.spec, cfg.data.cache_dir, device=self.device, log=log)
+        self.data_s = time.time() - self.t_start
+        self.model_cfg = cfg.model_config()
+        self.model = build_model(self.model_cfg).to(self.device)
+        self.params = count_parameters(self.model)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
+                                           betas=tuple(tc.betas), fused=cuda or None)
+        self.micro = cfg.micro_batch_size()
+        self.eval_bs = tc.eval_batch_size or self.micro
+        self.compiled = cuda if tc.compile is None else tc.compile
+        if self.compiled:
+            body = torch.compile(self.model.hidden_states, dynamic=False)
+            self.hidden = lambda inputs, qpos: body(inputs, select=qpos)
+        else:
+            self.hidden = lambda inputs, qpos: self.model.hidden_states(inputs, select=qpos)
+        self.perm_gen = torch.Generator().manual_seed(tc.seed)
+        self.progress = Progress()
+        self.checkpoint_path = cfg.checkpoint_path()
+        self.resumed_from = self._resume() if self.checkpoint_path is not None else None
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _checkpoint_config(self) -> dict:
+        return result_relevant_config(to_dict(self.cfg))
+
+    def save_checkpoint(self) -> None:
+        progress = asdict(self.progress)
+        progress["elapsed_s"] += time.time() - self.t_start  # this attempt's wall time so far
+        state = {
+            "version": CHECKPOINT_VERSION, "config": self._checkpoint_config(), "progress": progress,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "perm_generator": self.perm_gen.get_state(), "cpu_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+        }
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        write_bytes_atomic(self.checkpoint_path, buffer.getvalue())
+
+    def _resume(self) -> str | None:
+        path = self.checkpoint_path
+        if not path.exists():
+            return None
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=False)
+            if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
+                raise ValueError("not an MQAR run checkpoint of this version")
+            if state["config"] != self._checkpoint_config():
+                self.log(f"mqar: {path} was saved by a run with another config; starting afresh")
+                return None
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.perm_gen.set_state(state["perm_generator"])
+            torch.set_rng_state(state["cpu_rng"])
+            if state["cuda_rng"] is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state_all(state["cuda_rng"])
+            self.progress = Progress(**state["progress"])
+        except Exception as e:  # a torn or foreign file: the run starts afresh and overwrites it
+            self.log(f"mqar: ignoring unreadable checkpoint {path}: {type(e).__name__}: {e}")
+            return None
+        self.progress.attempts += 1
+        self.log(f"mqar: resuming from {path} after epoch {self.progress.epoch} (step {self.progress.step})")
+        return str(path)
+
+    # ------------------------------------------------------------------ training
+
+    def train_epoch(self, epoch: int, bar=None, wandb_run=None) -> tuple[float, bool]:
+        """One pass over the shuffled training split; (mean train loss over its query tokens, out of steps)."""
+        tc, data, N = self.cfg.train, self.data.train, self.spec.num_kv_pairs
+        lr = epoch_lr(self.cfg, epoch)
+        for group in self.optimizer.param_groups:
             group["lr"] = lr
-        t_epoch = time.time()
-        perm = torch.randperm(n_train, generator=gen)
-        bar = tqdm(total=steps_per_epoch, desc=f"{name} epoch {epoch + 1}/{tc.max_epochs}", leave=False,
-                   disable=not cfg.log.tqdm, mininterval=2.0) if tqdm else None
-        loss_sum, loss_tokens = 0.0, 0
-        out_of_steps = False
-        for start in range(0, n_train, tc.batch_size):
-            idx = perm[start:start + tc.batch_size].to(device)
+        perm = torch.randperm(len(data), generator=self.perm_gen).to(self.device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        loss_tokens = 0
+        head_weight = self.model.lm_head.weight
+        for start in range(0, len(data), tc.batch_size):
+            idx = perm[start:start + tc.batch_size]
             total = idx.numel() * N
-            optimizer.zero_grad(set_to_none=True)
-            batch_loss = 0.0
-            for m in range(0, idx.numel(), micro):
-                sub = idx[m:m + micro]
-                inputs, _ = data.train.batch(sub)
-                qpos, values = data.train.qpos[sub], data.train.values[sub]
-                with autocast():
-                    logits = query_logits(model, inputs, qpos)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), values.flatten(), reduction="sum") / total
+            self.optimizer.zero_grad(set_to_none=True)
+            batch_loss = torch.zeros((), dtype=torch.float32, device=self.device)
+            for m in range(0, idx.numel(), self.micro):
+                sub, real = _padded(idx[m:m + self.micro], self.micro)
+                with self.autocast():
+                    hidden = self.hidden(data.inputs(sub), data.qpos[sub])
+                    loss = chunked_cross_entropy(hidden, head_weight, _query_labels(data, sub, real),
+                                                 reduction="sum", chunk_tokens=tc.loss_chunk_rows) / total
                 loss.backward()
                 batch_loss += loss.detach()
             if tc.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            optimizer.step()
-            step += 1
-            examples_seen += idx.numel()  # the last batch of an epoch may be short
-            batch_loss = float(batch_loss)
-            loss_sum += batch_loss * total
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+            self.optimizer.step()
+            self.progress.step += 1
+            self.progress.examples_seen += idx.numel()  # the last batch of an epoch may be short
+            loss_sum += batch_loss.double() * total
             loss_tokens += total
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{batch_loss:.3f}", refresh=False)
-            if run is not None:
-                run.log({"train/loss": batch_loss, "lr": lr, "epoch": epoch}, step=step)
-            if tc.eval_every_steps and step % tc.eval_every_steps == 0:
+            if wandb_run is not None:
+                wandb_run.log({"train/loss": batch_loss.item(), "lr": lr, "epoch": epoch}, step=self.progress.step)
+            if tc.eval_every_steps and self.progress.step % tc.eval_every_steps == 0:
                 t_eval = time.time()
-                metrics = evaluate(model, data.test, eval_bs, autocast)
-                eval_time += time.time() - t_eval
-                log(f"  step {step}: valid acc {metrics['valid_accuracy']:.4f}")
-            if tc.max_steps is not None and step >= tc.max_steps:
-                out_of_steps = True
-                break
-        if bar is not None:
-            bar.close()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        train_time += time.time() - t_epoch
-        t_eval = time.time()
-        metrics = evaluate(model, data.test, eval_bs, autocast)
-        eval_time += time.time() - t_eval
-        acc = metrics["valid_accuracy"]
-        if acc > best:
-            best, best_epoch = acc, epoch
-        entry = {"epoch": epoch + 1, "step": step, "lr": lr, "train_loss": loss_sum / max(loss_tokens, 1), **metrics,
-                 "epoch_s": round(time.time() - t_epoch, 3), "elapsed_s": round(time.time() - t_start, 3)}
-        history.append(entry)
-        log(f"{name} epoch {epoch + 1}/{tc.max_epochs} step {step} lr {lr:.2e} train_loss {entry['train_loss']:.4f} "
-            f"valid_loss {metrics['valid_loss']:.4f} valid_acc {acc:.4f} ({entry['epoch_s']:.1f}s)")
-        if run is not None:
-            run.log({"valid/loss": metrics["valid_loss"], "valid/accuracy": acc, "epoch": epoch + 1}, step=step)
-        if tc.early_stop_accuracy is not None and acc >= tc.early_stop_accuracy:
-            stopped_by = "early_stop"
-            break
-        if out_of_steps:
-            stopped_by = "max_steps"
-            break
-        if tc.time_limit_s is not None and time.time() - t_start >= tc.time_limit_s:
-            stopped_by = "time_limit"
-            break
+                metrics = self.evaluate()
+                self.progress.eval_s += time.time() - t_eval
+                self.log(f"  step {self.progress.step}: valid acc {metrics['valid_accuracy']:.4f}")
+            if tc.max_steps is not None and self.progress.step >= tc.max_steps:
+                return loss_sum.item() / max(loss_tokens, 1), True
+        return loss_sum.item() / max(loss_tokens, 1), False
 
-    total_s = time.time() - t_start
-    epochs_run = len(history)
-    tokens = examples_seen * spec.seq_len
-    result = {
-        "schema": SCHEMA,
-        "name": name,
-        "setting": {"mixer": cfg.model.mixer, "d_model": cfg.model.d_model, "seq_len": spec.seq_len,
-                    "num_kv_pairs": N, "lr": tc.lr, "seed": tc.seed},
-        "best_accuracy": best,
-        "final_accuracy": history[-1]["valid_accuracy"],
-        "best_epoch": best_epoch + 1,
-        "epochs_run": epochs_run,
-        "steps": step,
-        "stopped_by": stopped_by,
-        "n_params": n_params,
-        "params": params,
-        "time": {
-            "total_s": round(total_s, 3), "data_s": round(t_data, 3), "train_s": round(train_time, 3),
-            "eval_s": round(eval_time, 3), "per_epoch_s": round((train_time + eval_time) / max(epochs_run, 1), 3),
-            "per_step_s": round(train_time / max(step, 1), 5),
-            "train_tokens_per_s": round(tokens / max(train_time, 1e-9), 1),
-        },
-        "protocol": {"num_train": spec.num_train, "num_test": spec.num_test, "max_epochs": tc.max_epochs,
-                     "batch_size": tc.batch_size, "micro_batch_size": micro, "precision": tc.precision,
-                     "max_steps": tc.max_steps, "time_limit_s": tc.time_limit_s,
-                     "early_stop_accuracy": tc.early_stop_accuracy},
-        "history": history,
-        "device": device_name(device),
-        "torch": torch.__version__,
-        "python": sys.version.split()[0],
-        "hostname": socket.gethostname(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git_commit(),
-        "command": command,
-        "config": to_dict(cfg),
-        "model_config": to_dict(model_cfg),
-    }
-    if run is not None:
-        run.summary["max_accuracy"] = best
-        run.finish()
-    if cfg.output:
-        write_json_atomic(cfg.output, result)
-        log(f"mqar {name}: best valid accuracy {best:.4f} (epoch {best_epoch + 1}) -> {cfg.output}")
-    else:
-        log(f"mqar {name}: best valid accuracy {best:.4f} (epoch {best_epoch + 1})")
-    return result
+    def evaluate(self) -> dict:
+        self.model.eval()
+        try:
+            return evaluate(self.hidden, self.model.lm_head, self.data.test, self.eval_bs, self.autocast)
+        finally:
+            self.model.train()
+
+    def run(self, command: str | None = None) -> dict:
+        cfg, tc, p = self.cfg, self.cfg.train, self.progress
+        name = cfg.run_name()
+        steps_per_epoch = math.ceil(len(self.data.train) / tc.batch_size)
+        self.log(f"mqar {name}: {self.model_cfg.layers} d_model={self.model_cfg.d_model} "
+                 f"params={self.params['total']:,} | seq_len={self.spec.seq_len} kv_pairs={self.spec.num_kv_pairs} "
+                 f"train={len(self.data.train)} test={len(self.data.test)} | batch {tc.batch_size} (micro "
+                 f"{self.micro}) {steps_per_epoch} steps/epoch | device {device_name(self.device)} | "
+                 f"{tc.precision}{', compiled' if self.compiled else ''} | data "
+                 f"{'cached' if self.data.from_cache else 'generated'} in {self.data_s:.1f}s")
+        wandb_run = _wandb_run(cfg)
+        stopped_by = "max_epochs"
+        self.model.train()
+        while p.epoch < tc.max_epochs:
+            epoch = p.epoch
+            t_epoch = time.time()
+            bar = tqdm(total=steps_per_epoch, desc=f"{name} epoch {epoch + 1}/{tc.max_epochs}", leave=False,
+                       disable=not cfg.log.tqdm, mininterval=2.0)
+            train_loss, out_of_steps = self.train_epoch(epoch, bar, wandb_run)
+            bar.close()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            train_s = time.time() - t_epoch
+            p.train_s += train_s
+            t_eval = time.time()
+            metrics = self.evaluate()
+            eval_s = time.time() - t_eval
+            p.eval_s += eval_s
+            acc = metrics["valid_accuracy"]
+            if acc > p.best:
+                p.best, p.best_epoch = acc, epoch
+            entry = {"epoch": epoch + 1, "step": p.step, "lr": epoch_lr(cfg, epoch), "train_loss": train_loss,
+                     **metrics, "train_s": round(train_s, 3), "eval_s": round(eval_s, 3),
+                     "epoch_s": round(time.time() - t_epoch, 3),
+                     "elapsed_s": round(p.elapsed_s + time.time() - self.t_start, 3)}
+            p.history.append(entry)
+            p.epoch += 1
+            self.log(f"{name} epoch {epoch + 1}/{tc.max_epochs} step {p.step} lr {entry['lr']:.2e} train_loss "
+                     f"{train_loss:.4f} valid_loss {metrics['valid_loss']:.4f} valid_acc {acc:.4f} "
+                     f"({entry['epoch_s']:.1f}s)")
+            if wandb_run is not None:
+                wandb_run.log({"valid/loss": metrics["valid_loss"], "valid/accuracy": acc, "epoch": epoch + 1},
+                              step=p.step)
+            if tc.early_stop_accuracy is not None and acc >= tc.early_stop_accuracy:
+                stopped_by = "early_stop"
+                break
+            if out_of_steps:
+                stopped_by = "max_steps"
+                break
+            if tc.time_limit_s is not None and p.elapsed_s + time.time() - self.t_start >= tc.time_limit_s:
+                stopped_by = "time_limit"
+                break
+            if self.checkpoint_path is not None and p.epoch < tc.max_epochs:
+                self.save_checkpoint()
+        result = self.result(stopped_by, command)
+        if wandb_run is not None:
+            wandb_run.summary["max_accuracy"] = p.best
+            wandb_run.finish()
+        if cfg.output:
+            write_json_atomic(cfg.output, result)
+            if self.checkpoint_path is not None and self.checkpoint_path.exists():
+                self.checkpoint_path.unlink()
+            self.log(f"mqar {name}: best valid accuracy {p.best:.4f} (epoch {p.best_epoch + 1}) -> {cfg.output}")
+        else:
+            self.log(f"mqar {name}: best valid accuracy {p.best:.4f} (epoch {p.best_epoch + 1})")
+        return result
+
+    def result(self, stopped_by: str, command: str | None) -> dict:
+        cfg, tc, p, spec = self.cfg, self.cfg.train, self.progress, self.spec
+        total_s = p.elapsed_s + time.time() - self.t_start
+        epochs_run = len(p.history)
+        # steady-state seconds per epoch: the median over epochs after the first (which compiles)
+        steady = sorted(h["epoch_s"] for h in p.history[1:]) or [p.history[-1]["epoch_s"]]
+        return {
+            "schema": SCHEMA,
+            "name": cfg.run_name(),
+            "setting": {"mixer": cfg.model.mixer, "d_model": cfg.model.d_model, "seq_len": spec.seq_len,
+                        "num_kv_pairs": spec.num_kv_pairs, "lr": tc.lr, "seed": tc.seed},
+            "best_accuracy": p.best,
+            "final_accuracy": p.history[-1]["valid_accuracy"],
+            "best_epoch": p.best_epoch + 1,
+            "epochs_run": epochs_run,
+            "steps": p.step,
+            "stopped_by": stopped_by,
+            "n_params": self.params["total"],
+            "params": self.params,
+            "time": {
+                "total_s": round(total_s, 3), "data_s": round(self.data_s, 3), "train_s": round(p.train_s, 3),
+                "eval_s": round(p.eval_s, 3), "per_epoch_s": round((p.train_s + p.eval_s) / max(epochs_run, 1), 3),
+                "steady_epoch_s": steady[len(steady) // 2],
+                "per_step_s": round(p.train_s / max(p.step, 1), 5),
+                "train_tokens_per_s": round(p.examples_seen * spec.seq_len / max(p.train_s, 1e-9), 1),
+                "attempts": p.attempts,
+                # runs that shared the device (set by the sweep): epoch time / this = the GPU time one run used
+                "runs_sharing_device": int(os.environ.get("MQAR_RUNS_PER_DEVICE", "1")),
+            },
+            "protocol": {"num_train": spec.num_train, "num_test": spec.num_test, "max_epochs": tc.max_epochs,
+                         "batch_size": tc.batch_size, "micro_batch_size": self.micro, "precision": tc.precision,
+                         "compiled": self.compiled, "max_steps": tc.max_steps, "time_limit_s": tc.time_limit_s,
+                         "early_stop_accuracy": tc.early_stop_accuracy, "model_variant": cfg.model.variant},
+            "history": p.history,
+            "device": device_name(self.device),
+            "torch": torch.__version__,
+            "python": sys.version.split()[0],
+            "hostname": socket.gethostname(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "git_commit": git_commit(),
+            "source_digest": source_digest(),
+            "command": command,
+            "config": to_dict(cfg),
+            "model_config": to_dict(self.model_cfg),
+        }
+
+
+def train_mqar(cfg: MQARConfig, *, log=print, command: str | None = None) -> dict:
+    return MQARRun(cfg, log).run(command)

@@ -5,6 +5,8 @@ fail with a message naming the file and the dotted key; ``key.sub=value`` overri
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -136,6 +138,65 @@ class RunConfig:
 
     @property
     def checkpoint_dir(self) -> str:
-        import os
-
         return self.checkpoint.dir or os.path.join(self.out_dir, "checkpoints")
+
+
+def _writable_dir_problem(key: str, path: str) -> str | None:
+    """``path`` can be created (or exists) as a directory we may write to."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        return f"{key}: {path!r} cannot be created ({probe!r} is a file)"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{key}: {path!r} is not writable ({probe!r} is read-only for this user)"
+    return None
+
+
+def check_paths(cfg: RunConfig) -> list[str]:
+    """Every path the run will use, checked before anything starts (no process group, no model): the model
+    config, each train/valid dataset (its shards open and hold at least one sequence), the DeepSpeed JSON, an
+    explicit resume path and the output directories. Returns one line per problem (empty: all fine), so that a
+    missing validation path fails at the start and not after training."""
+    from pretrain.config import ConfigError
+    from pretrain.data.packed import TokenStream
+    from pretrain.models import load_model_config
+
+    problems = []
+    try:
+        load_model_config(cfg.model, cfg.model_overrides)
+    except ConfigError as e:
+        problems.append(f"model: {e}")
+    if not cfg.data.train:
+        problems.append("data.train: empty; give at least one {path, weight}")
+    for group in ("train", "valid"):
+        for i, source in enumerate(getattr(cfg.data, group)):
+            key = f"data.{group}[{i}].path"
+            try:
+                stream = TokenStream(source.path)
+            except (OSError, ValueError) as e:  # missing or unreadable files, malformed index
+                problems.append(f"{key}: {e}")
+                continue
+            if stream.num_tokens < cfg.data.seq_len + 1:
+                problems.append(f"{key}: {source.path!r} holds {stream.num_tokens} tokens, fewer than "
+                                f"data.seq_len + 1 = {cfg.data.seq_len + 1}")
+    if cfg.parallel.strategy == "deepspeed":
+        path = cfg.parallel.deepspeed_config
+        try:
+            with open(path) as f:
+                ds = json.load(f)
+            if not isinstance(ds, dict):
+                problems.append(f"parallel.deepspeed_config: {path!r} holds a JSON {type(ds).__name__}, not an object")
+        except OSError as e:
+            problems.append(f"parallel.deepspeed_config: cannot read {path!r}: {e.strerror or e}")
+        except ValueError as e:
+            problems.append(f"parallel.deepspeed_config: {path!r} is not valid JSON: {e}")
+    resume = cfg.checkpoint.resume
+    if resume not in ("auto", "none") and not os.path.isdir(resume):
+        problems.append(f"checkpoint.resume: {resume!r} is not a directory (give a checkpoint, a checkpoint "
+                        "directory, 'auto' or 'none')")
+    for key, path in (("out_dir", cfg.out_dir), ("checkpoint.dir", cfg.checkpoint_dir)):
+        problem = _writable_dir_problem(key, path)
+        if problem:
+            problems.append(problem)
+    return problems

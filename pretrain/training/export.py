@@ -15,10 +15,13 @@ import tempfile
 
 import torch
 
+from pretrain.models.io import write_export
+from pretrain.training.checkpoint import CheckpointError, find_latest, is_complete, read_meta, verify
+
 
 def _model_state_from_checkpoint(path: str, meta: dict) -> dict[str, torch.Tensor]:
     if meta["format"] == "dcp":
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save  # only for DCP checkpoints
 
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "full.pt")
@@ -26,16 +29,16 @@ def _model_state_from_checkpoint(path: str, meta: dict) -> dict[str, torch.Tenso
             full = torch.load(out, weights_only=False, map_location="cpu")
         return full["model"]
     if meta["format"] == "deepspeed":
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # optional and heavy
 
         return get_fp32_state_dict_from_zero_checkpoint(os.path.join(path, "deepspeed"), tag="native")
     raise ValueError(f"{path}: unknown checkpoint format {meta['format']!r}")
 
 
 def export_checkpoint(path: str, out_dir: str, dtype: str = "float32") -> str:
-    from pretrain.models.io import write_export
-    from pretrain.training.checkpoint import read_meta
-
+    problems = verify(path)
+    if problems:
+        raise CheckpointError(f"{path} fails verification, not exporting it: {'; '.join(problems)}")
     meta = read_meta(path)
     state = _model_state_from_checkpoint(path, meta)
     write_export(state, meta["model_config"], out_dir, metadata={"format": "pt", "step": meta["step"]},
@@ -51,12 +54,13 @@ def main(argv=None):
     p.add_argument("out_dir")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     a = p.parse_args(argv)
-    from pretrain.training.checkpoint import find_latest, is_complete
-
     path = a.checkpoint if is_complete(a.checkpoint) else find_latest(a.checkpoint)
     if path is None:
         raise SystemExit(f"no complete checkpoint at {a.checkpoint}")
-    print(export_checkpoint(path, a.out_dir, a.dtype))
+    try:
+        print(export_checkpoint(path, a.out_dir, a.dtype))
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -42,6 +42,38 @@ def _clean(v):
     return v
 
 
+def wandb_mode(mode: str | None) -> str | None:
+    """'online' or 'offline' (W&B's old 'dryrun' is offline), or None when W&B is off."""
+    mode = "offline" if mode == "dryrun" else mode
+    return mode if mode in ("online", "offline") else None
+
+
+def init_wandb(mode: str | None, **kwargs):
+    """A W&B run in ``mode`` (online | offline; anything else: None), or None when wandb is missing or fails. A
+    failing online init (no account, no network) falls back to offline, so a run never stops for its logging."""
+    mode = wandb_mode(mode)
+    if mode is None:
+        return None
+    try:
+        import wandb  # optional: only when W&B logging is asked for
+    except ImportError:
+        log.warning("wandb is not installed; W&B logging is off")
+        return None
+    try:
+        return wandb.init(mode=mode, **kwargs)
+    except Exception as e:
+        if mode != "online":
+            log.warning("wandb init failed (%s); W&B logging is off", e)
+            return None
+        log.warning("wandb online init failed (%s); falling back to offline mode (sync later with `wandb sync %s`)",
+                    e, os.path.join(str(kwargs.get("dir") or "."), "wandb"))
+        try:
+            return wandb.init(mode="offline", **kwargs)
+        except Exception as e2:
+            log.warning("wandb offline init failed too (%s); W&B logging is off", e2)
+            return None
+
+
 class MetricsLogger:
     def __init__(self, cfg, rank: int, start_step: int, max_steps: int, config_dict: dict):
         self.enabled = rank == 0
@@ -54,23 +86,16 @@ class MetricsLogger:
         self.jsonl = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a", buffering=1)
         self._init_wandb(config_dict)
         if cfg.logging.progress_bar and max_steps > start_step:
-            from tqdm import tqdm
+            from tqdm import tqdm  # only for a bar: rank 0, with progress_bar on
 
             self.bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                             file=sys.stderr, disable=not sys.stderr.isatty() and os.environ.get("TQDM_FORCE") != "1")
 
     def _init_wandb(self, config_dict):
-        mode = os.environ.get("WANDB_MODE") or self.cfg.logging.wandb.mode
-        if mode == "dryrun":
-            mode = "offline"
-        if mode not in ("online", "offline"):
-            return
-        try:
-            import wandb
-        except ImportError:
-            log.warning("wandb is not installed; W&B logging is off")
-            return
         wcfg = self.cfg.logging.wandb
+        mode = os.environ.get("WANDB_MODE") or wcfg.mode
+        if wandb_mode(mode) is None:
+            return
         id_file = os.path.join(self.cfg.out_dir, "wandb_id")
         if os.path.isfile(id_file):
             run_id = open(id_file).read().strip()
@@ -78,20 +103,8 @@ class MetricsLogger:
             run_id = secrets.token_hex(4)  # wandb ids: lowercase letters and digits
             with open(id_file, "w") as f:
                 f.write(run_id)
-        kwargs = dict(project=wcfg.project, entity=wcfg.entity, name=wcfg.name or self.cfg.name, id=run_id,
-                      resume="allow", dir=self.cfg.out_dir, config=config_dict)
-        try:
-            self.wandb_run = wandb.init(mode=mode, **kwargs)
-        except Exception as e:  # no account / no network: keep training, log offline instead
-            if mode == "online":
-                log.warning("wandb online init failed (%s); falling back to offline mode (sync later with "
-                            "`wandb sync %s/wandb`)", e, self.cfg.out_dir)
-                try:
-                    self.wandb_run = wandb.init(mode="offline", **kwargs)
-                except Exception as e2:
-                    log.warning("wandb offline init failed too (%s); W&B logging is off", e2)
-            else:
-                log.warning("wandb init failed (%s); W&B logging is off", e)
+        self.wandb_run = init_wandb(mode, project=wcfg.project, entity=wcfg.entity, name=wcfg.name or self.cfg.name,
+                                    id=run_id, resume="allow", dir=self.cfg.out_dir, config=config_dict)
 
     def log(self, record: dict, console: bool = True):
         if not self.enabled:

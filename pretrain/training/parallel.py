@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from pretrain.atomic import publish_dir
 from pretrain.training import optim as optim_lib
 
 log = logging.getLogger("pretrain")
@@ -264,18 +265,27 @@ class DeepSpeedStrategy(Strategy):
 
     @staticmethod
     def convert_to_universal(path: str):
-        """Once per checkpoint (rank 0): native ZeRO checkpoint → universal one, written atomically."""
+        """Once per checkpoint (rank 0, the native files already verified): native ZeRO checkpoint → universal
+        one, written atomically with its own checksummed ``COMPLETE``. A universal checkpoint kept from an earlier
+        run is used only if it verifies; else it is converted again from the native files."""
+        from pretrain.training import checkpoint as ckpt
+
         root = os.path.join(path, "deepspeed")
         final = os.path.join(root, "universal")
         if os.path.isdir(final):
-            return
+            problems = ckpt.verify(final, required=())
+            if not problems:
+                return
+            log.warning("%s fails verification (%s); converting the native checkpoint again", final, problems[0])
+            shutil.rmtree(final)
         tmp = f"{final}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         log.info("converting %s to a DeepSpeed universal checkpoint (world size change)", root)
         subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--inject_missing_state",
                         "--input_folder", os.path.join(root, "native"), "--output_folder", tmp],
                        check=True, stdout=subprocess.DEVNULL)
-        os.replace(tmp, final)
+        ckpt.write_marker(tmp, None, ckpt.checksum_share(tmp, ckpt.list_files(tmp)))
+        publish_dir(tmp, final)
 
 
 STRATEGIES = {"single": SingleStrategy, "ddp": DDPStrategy, "fsdp": FSDPStrategy, "deepspeed": DeepSpeedStrategy}

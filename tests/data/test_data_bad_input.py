@@ -1,7 +1,13 @@
-"""Bad input: every case stops with file/line/problem by default, and is skipped and counted with on_error=skip."""
+"""Bad input: every case stops with file/line/problem by default, and is skipped and counted with on_error=skip.
+
+A damaged compressed file (truncated or corrupt zstd or gzip) keeps its complete leading documents under skip, the
+error names the position reached, and the manifest lists the file as not complete (as it does an empty or
+unreadable file); a file with bad lines was read completely.
+"""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import subprocess
@@ -13,8 +19,8 @@ from datagen import jsonl_bytes, make_docs, write_zst
 from mmidx_reference import read_mmidx
 
 from data_prep.pipeline import TokenizeConfig, tokenize
-from data_prep.sources import InputError
-from data_prep.tokenizer import Tokenizer
+from pretrain.data.sources import InputError
+from pretrain.data.tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GOOD = make_docs(10, seed=21)
@@ -48,11 +54,12 @@ def build_case(case: str, d) -> tuple[str, str, int | None, list[str], int]:
         "invalid_utf8": b'{"text": "bad \xff\xfe bytes"}',
         "surrogate": b'{"text": "lone \\ud800 surrogate"}',
         "empty_text": b'{"text": ""}',
+        "whitespace_text": b'{"text": " \\n\\t\\r\\n  "}',  # counted as empty: nothing to learn from
         "blank_line": b"   ",
         "enormous": json.dumps({"text": "x" * (3 * MAX_DOC_BYTES)}).encode(),
     }
     if case in line_cases:
-        reason = {"surrogate": "invalid_utf8", "enormous": "too_long"}.get(case, case)
+        reason = {"surrogate": "invalid_utf8", "enormous": "too_long", "whitespace_text": "empty_text"}.get(case, case)
         open(path, "wb").write(zst(with_bad_line(line_cases[case])))
         return path, reason, 3, around, 1
     if case == "truncated_zstd":
@@ -60,6 +67,16 @@ def build_case(case: str, d) -> tuple[str, str, int | None, list[str], int]:
         blob = zst(jsonl_bytes(docs))
         open(path, "wb").write(blob[: len(blob) // 2])
         return path, "corrupt_compression", None, None, 1  # None: a prefix of docs, checked below
+    if case == "truncated_gzip":
+        path = str(d / "bad.jsonl.gz")
+        docs = make_docs(2000, seed=23)
+        blob = gzip.compress(jsonl_bytes(docs))
+        open(path, "wb").write(blob[: len(blob) // 2])
+        return path, "corrupt_compression", None, None, 1
+    if case == "corrupt_gzip":  # a complete member, then bytes that are neither a member nor zero padding
+        path = str(d / "bad.jsonl.gz")
+        open(path, "wb").write(gzip.compress(jsonl_bytes(AROUND)) + b"\x00garbage that is not a gzip member" * 4)
+        return path, "corrupt_compression", 5, around, 1
     if case == "corrupt_zstd":
         open(path, "wb").write(zst(jsonl_bytes(AROUND)) + b"\x00garbage that is not a zstd frame" * 4)
         return path, "corrupt_compression", 5, around, 1
@@ -71,8 +88,10 @@ def build_case(case: str, d) -> tuple[str, str, int | None, list[str], int]:
     raise AssertionError(case)
 
 
-CASES = ["truncated_zstd", "corrupt_zstd", "invalid_json", "not_an_object", "missing_text", "text_not_string",
-         "invalid_utf8", "surrogate", "empty_text", "blank_line", "enormous", "empty_file", "unreadable_file"]
+CASES = ["truncated_zstd", "corrupt_zstd", "truncated_gzip", "corrupt_gzip", "invalid_json", "not_an_object",
+         "missing_text", "text_not_string", "invalid_utf8", "surrogate", "empty_text", "whitespace_text", "blank_line",
+         "enormous", "empty_file", "unreadable_file"]
+READER_LEVEL = ("truncated_zstd", "corrupt_zstd", "truncated_gzip", "corrupt_gzip", "empty_file", "unreadable_file")
 
 
 @pytest.mark.parametrize("mode", ["stop", "skip"])
@@ -89,6 +108,8 @@ def test_bad_input(case, mode, tokenizer_model, tmp_path):
         assert bad in msg and reason in msg
         if line is not None:
             assert f"{bad}:{line}:" in msg
+        if case.startswith(("truncated", "corrupt")):  # where the damage is
+            assert "compressed bytes" in msg and "decompressed" in msg, msg
         assert not os.path.exists(tmp_path / "out" / "manifest.json")
         leftovers = [f for _, _, fs in os.walk(tmp_path / "out") for f in fs if ".tmp-" in f]
         assert leftovers == []
@@ -111,6 +132,11 @@ def test_bad_input(case, mode, tokenizer_model, tmp_path):
     assert c["documents_written"] == len(texts)
     ex = m["skipped_examples"][0]
     assert ex["reason"] == reason and ex["input"] == bad
+    info = {i["path"]: i for i in m["inputs"]}
+    assert info[good]["complete"] is True and "error" not in info[good]
+    assert info[bad]["complete"] is (case not in READER_LEVEL), info[bad]
+    if case in READER_LEVEL:
+        assert info[bad]["error"].startswith(reason), info[bad]
 
 
 def test_cli_reports_error_and_exit_code(tokenizer_model, tmp_path):

@@ -17,7 +17,7 @@ import pytest
 from test_data_tokenize import shard_bytes
 
 from data_prep.pipeline import TokenizeConfig, tokenize
-from data_prep.sources import InputError
+from pretrain.data.sources import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

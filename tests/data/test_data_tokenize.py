@@ -15,7 +15,7 @@ from datagen import jsonl_bytes, make_docs, write_zst
 from mmidx_reference import read_mmidx
 
 from data_prep.pipeline import TokenizeConfig, tokenize
-from data_prep.tokenizer import Tokenizer
+from pretrain.data.tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

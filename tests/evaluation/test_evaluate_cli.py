@@ -21,7 +21,7 @@ def _free_port():
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    from data_prep.tokenizer import Tokenizer  # noqa: F401  (the data pipeline must be importable)
+    from pretrain.data.tokenizer import Tokenizer  # noqa: F401  (the data pipeline must be importable)
     from pretrain.models import build_model, load_model_config
     from pretrain.models.io import export_model
     import torch

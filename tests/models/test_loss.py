@@ -135,10 +135,11 @@ def test_never_more_than_one_chunk_of_logits(chunk, largest):
     assert hidden.grad is not None and head.weight.grad is not None
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled chunk runs on CUDA")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton loss kernel runs on CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compiled_chunk_on_cuda(dtype):
-    """The CUDA path (one compiled pass per chunk) against float64 F.cross_entropy on the same rounded inputs."""
+def test_triton_chunk_on_cuda(dtype):
+    """The CUDA path (the Triton loss-and-gradient kernel per chunk) against float64 F.cross_entropy on the same
+    rounded inputs."""
     g = torch.Generator().manual_seed(0)
     n, d, vocab = 300, 64, 1000
     hidden = torch.randn(n, d, generator=g).to(dtype)

@@ -9,7 +9,6 @@ import torch
 
 import kernels
 from pretrain.models import CausalLM, ModelConfig, build_model, count_parameters, flops_per_token, load_model_config
-from pretrain.models.mixers import KVCache, RecurrentCache
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "models"
 
@@ -31,6 +30,18 @@ def make_model(cfg: ModelConfig, seed: int = 0) -> CausalLM:
             if name.endswith(("gamma", "beta", "conv_bias")):
                 p.add_(0.3 * torch.randn_like(p))
     return model
+
+
+def decode(model, ids, pieces, cache=None):
+    """model over ids [B, T] in consecutive pieces (lengths) through one cache (made here unless given): the
+    outputs concatenated."""
+    cache = model.init_cache() if cache is None else cache
+    out, start = [], 0
+    with torch.no_grad():
+        for n in pieces:
+            out.append(model(ids[:, start:start + n], cache=cache))
+            start += n
+    return torch.cat(out, dim=1)
 
 
 def assert_close(a, b, tol=1e-10):
@@ -56,11 +67,9 @@ def test_incremental_decoding_matches_full_forward(name, learned_positions):
     ids = torch.randint(0, cfg.vocab_size, (2, 19))
     full = model(ids)
     cache = model.init_cache()
-    pieces = [model(ids[:, :7], cache=cache)]  # prefill, then one token at a time, then a block of 3
-    pieces += [model(ids[:, t:t + 1], cache=cache) for t in range(7, 16)]
-    pieces.append(model(ids[:, 16:], cache=cache))
-    assert_close(torch.cat(pieces, dim=1), full)
-    assert cache.seen_tokens == 19
+    # prefill, then one token at a time, then a block of 3
+    assert_close(decode(model, ids, [7] + [1] * 9 + [3], cache), full)
+    assert cache.seen_tokens == 19 and cache.seen.tolist() == [19, 19]
 
 
 def test_360m_layout_at_reduced_width_decodes_exactly():
@@ -72,29 +81,25 @@ def test_360m_layout_at_reduced_width_decodes_exactly():
     assert [i for i, k in enumerate(cfg.layers) if k == "sliding_window"] == [2, 7, 12, 17, 22]
     model = make_model(cfg)
     ids = torch.randint(0, cfg.vocab_size, (1, 14))
-    cache = model.init_cache()
-    steps = [model(ids[:, :5], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(5, 14)]
-    assert_close(torch.cat(steps, dim=1), model(ids))
+    assert_close(decode(model, ids, [5] + [1] * 9), model(ids))
 
 
 def _cache_bytes(cache) -> int:
-    total = 0
-    for layer in cache.layers:
-        tensors = [layer.k, layer.v] if isinstance(layer, KVCache) else list(torch.utils._pytree.tree_leaves(layer.state))
-        total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
-    return total
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in vars(layer).values()
+               if isinstance(t, torch.Tensor))
 
 
 def test_generation_memory_is_constant_for_recurrent_layers():
     cfg = small_config(["short_conv", "rebased", "based", "sliding_window"])
     model = make_model(cfg).float()
     cache = model.init_cache()
-    model(torch.randint(0, 97, (1, 8)), cache=cache)
     sizes = []
-    for _ in range(12):
-        model(torch.randint(0, 97, (1, 1)), cache=cache)
-        sizes.append(_cache_bytes(cache))
-    assert len(set(sizes)) == 1, sizes  # the window (5) is full after the prompt: nothing grows
+    with torch.no_grad():
+        model(torch.randint(0, 97, (1, 8)), cache=cache)
+        for _ in range(12):
+            model(torch.randint(0, 97, (1, 1)), cache=cache)
+            sizes.append(_cache_bytes(cache))
+    assert len(set(sizes)) == 1, sizes  # the window (5) is a ring: nothing grows
     out = model.generate(torch.randint(0, 97, (2, 4)), max_new_tokens=6, temperature=0.8, top_k=5)
     assert out.shape == (2, 10)
 
@@ -109,12 +114,12 @@ def test_greedy_generation_follows_full_forward_argmax():
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_generate_steps_states_in_place_like_the_functional_path(backend, monkeypatch):
-    """generate() decodes rebased/based layers with kernels.linear_attention_step (state updated in place); its
-    greedy tokens and the per-token logits equal the functional path (a new state per token), which a forward
-    with autograd on still takes."""
+def test_decoding_steps_states_in_place_like_the_full_forward(backend, monkeypatch):
+    """Decoding advances rebased/based states in place with kernels.linear_attention_step (torch, or the Triton
+    kernel: on the CPU through the interpreter); the logits of every step equal the full forward's, and the
+    state buffers are the ones the prefill made."""
     device = "cpu"
-    if backend == "triton":  # on the CPU through the Triton interpreter (tests/conftest.py)
+    if backend == "triton":
         pytest.importorskip("triton")
         device = "cuda" if torch.cuda.is_available() else "cpu"
         monkeypatch.setattr(kernels, "linear_attention_step",
@@ -122,29 +127,21 @@ def test_generate_steps_states_in_place_like_the_functional_path(backend, monkey
     heads = {"num_heads": 2, "feature_dim": 16}
     cfg = small_config(["short_conv", "rebased", "sliding_window", "based"], rebased=heads, based=heads)
     model = make_model(cfg).float().to(device)
-    prompt_len, new_tokens = 6, 8
-    prompt = torch.randint(0, 97, (3, prompt_len)).to(device)
-    out = model.generate(prompt, max_new_tokens=new_tokens, temperature=0)
+    ids = torch.randint(0, 97, (3, 14)).to(device)
+    cache = model.init_cache()
+    with torch.no_grad():
+        full = model(ids)
+        steps = [model(ids[:, :6], cache=cache)]
+        buffers = [cache.layers[i].kv for i in (1, 3)]
+        steps += [model(ids[:, t:t + 1], cache=cache) for t in range(6, 14)]
+    assert all(cache.layers[i].kv is b for i, b in zip((1, 3), buffers))
+    assert_close(torch.cat(steps, 1), full, tol=1e-5)
 
-    def decode(in_place: bool):
-        cache = model.init_cache()
-        with torch.set_grad_enabled(not in_place):
-            logits = [model(out[:, :prompt_len], cache=cache)[:, -1]]
-            prefill_states = [cache.layers[i].state for i in (1, 3)]
-            for t in range(prompt_len, out.shape[1] - 1):
-                logits.append(model(out[:, t:t + 1], cache=cache)[:, -1])
-        kept = all(cache.layers[i].state[0] is s[0] and cache.layers[i].state[1] is s[1]
-                   for i, s in zip((1, 3), prefill_states))
-        return torch.stack(logits, 1).detach(), kept
 
-    functional, functional_kept = decode(in_place=False)
-    in_place, in_place_kept = decode(in_place=True)
-    assert in_place_kept and not functional_kept
-    assert torch.equal(functional.argmax(-1), out[:, prompt_len:])
-    if backend == "torch":  # the torch step is the reference recurrence itself
-        assert torch.equal(in_place, functional)
-    else:
-        assert_close(in_place, functional, tol=1e-5)
+def test_caches_are_for_inference_only():
+    model = make_model(small_config(["short_conv", "rebased"]))
+    with pytest.raises(ValueError, match="no_grad"):
+        model(torch.randint(0, 97, (1, 3)), cache=model.init_cache())
 
 
 @pytest.mark.parametrize("name", ["hybrid", "attention", "sliding_window"])
@@ -173,9 +170,7 @@ def test_rebased_feature_map_options(use_gamma, use_beta, normalize, norm_scope)
     for p in (fmap.gamma, fmap.beta):
         if p is not None:
             assert p.grad is not None and p.grad.abs().sum() > 0
-    cache = model.init_cache()
-    steps = torch.cat([model(ids[:, t:t + 1], cache=cache) for t in range(9)], dim=1)
-    assert_close(steps, model(ids))
+    assert_close(decode(model, ids, [1] * 9), model(ids))
 
 
 def test_norm_scopes_differ():
@@ -194,8 +189,46 @@ def test_value_heads_share_one_wide_value():
     mixer = model.blocks[0].mixer
     assert mixer.v_proj.out_features == 32 and mixer.o_proj.in_features == 4 * 32
     ids = torch.randint(0, 97, (1, 6))
-    cache = model.init_cache()
-    assert_close(torch.cat([model(ids[:, t:t + 1], cache=cache) for t in range(6)], 1), model(ids))
+    assert_close(decode(model, ids, [1] * 6), model(ids))
+
+
+@pytest.mark.parametrize("kind", ["rebased", "based"])
+def test_value_heads_of_floor_width_decode_like_the_full_pass(kind):
+    """d_model 32 over 3 value heads: heads of 10, projections 30 wide (the original MQAR code's rule); the
+    identity second sub-layer, separate q/k maps and embedding dropout (off in eval) keep the cache exact."""
+    cfg = small_config([kind, "short_conv"], mlp="identity", embed_dropout=0.1, init_scheme="zoology",
+                       **{kind: {"num_heads": 3, "feature_dim": 8, **({"qk_feature_map": "separate"}
+                                                                       if kind == "rebased" else {})}})
+    model = make_model(cfg)
+    mixer = model.blocks[0].mixer
+    assert (mixer.v_proj.out_features, mixer.o_proj.in_features, mixer.o_proj.out_features) == (30, 30, 32)
+    assert isinstance(model.blocks[0].mlp, torch.nn.Identity)
+    ids = torch.randint(0, 97, (2, 7))
+    assert_close(decode(model, ids, [1] * 7), model(ids))
+
+
+def test_identity_sublayer_adds_the_normed_stream():
+    cfg = small_config(["short_conv"], mlp="identity", norm="layernorm")
+    model = make_model(cfg)
+    block = model.blocks[0]
+    x = torch.randn(2, 5, 32, dtype=torch.float64)
+    positions = torch.arange(5)
+    y = x + block.mixer(block.mixer_norm(x), positions=positions)
+    assert_close(block(x, positions), y + block.mlp_norm(y))
+
+
+def test_init_schemes_differ_only_where_the_original_names_differ():
+    layers = ["short_conv", "rebased", "attention"]
+    scaled, zoology = (build_model(small_config(layers, d_model=256, init_scheme=s, mlp="gelu", mlp_hidden=1024))
+                       for s in ("scaled", "zoology"))
+    residual_std = 0.02 / (2 * 3) ** 0.5
+    for model, linear_attention_out in ((scaled, residual_std), (zoology, 0.02)):
+        blocks = model.blocks
+        assert abs(blocks[1].mixer.o_proj.weight.std().item() - linear_attention_out) < 0.1 * linear_attention_out
+        assert abs(blocks[2].mixer.o_proj.weight.std().item() - residual_std) < 0.1 * residual_std
+        assert abs(blocks[0].mlp.down_proj.weight.std().item() - residual_std) < 0.1 * residual_std
+    assert torch.count_nonzero(scaled.blocks[0].mixer.conv_bias) == 0
+    assert torch.count_nonzero(zoology.blocks[0].mixer.conv_bias) == 256
 
 
 def expected_parameters(cfg: ModelConfig) -> int:
@@ -208,15 +241,19 @@ def expected_parameters(cfg: ModelConfig) -> int:
         total += norm
         if kind in ("rebased", "based"):
             sub = getattr(cfg, kind)
-            dv = d // (sub.value_heads or sub.num_heads)
-            total += 2 * d * sub.num_heads * sub.feature_dim + d * d + sub.num_heads * dv * d
+            vh = sub.value_heads or sub.num_heads
+            dv = d // vh
+            total += 2 * d * sub.num_heads * sub.feature_dim + d * vh * dv + sub.num_heads * dv * d
             if kind == "rebased":
-                total += sub.num_heads * sub.feature_dim * (sub.use_gamma + sub.use_beta)
+                maps = 2 if sub.qk_feature_map == "separate" else 1
+                total += maps * sub.num_heads * sub.feature_dim * (sub.use_gamma + sub.use_beta)
         elif kind == "short_conv":
             total += d * d + d + d * cfg.short_conv.kernel_size + d
         else:
             total += 4 * d * d
-        if cfg.mlp != "none":
+        if cfg.mlp == "identity":
+            total += norm
+        elif cfg.mlp != "none":
             total += norm + (3 if cfg.mlp == "swiglu" else 2) * d * cfg.mlp_hidden
     return total
 

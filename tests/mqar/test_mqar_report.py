@@ -8,7 +8,8 @@ from matplotlib.image import imread
 
 from pretrain.mqar.report import (FIGURE_FILE, SUMMARY_FILE, TABLE_FILE, load_results, main, mean_std, summarize,
                                   write_report)
-from pretrain.mqar.results import SCHEMA, write_json_atomic
+from pretrain.atomic import write_json_atomic
+from pretrain.mqar.results import SCHEMA
 
 PROTOCOL = {"num_train": 100000, "num_test": 3000, "max_epochs": 64, "batch_size": 512}
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from pretrain.mqar import sweep as mqar_sweep
-from pretrain.mqar.results import SCHEMA, read_result, write_json_atomic
+from pretrain.atomic import write_json_atomic
+from pretrain.mqar.results import SCHEMA, read_result
 from pretrain.mqar.sweep import (Sweep, compress_indices, enumerate_settings, log_path, main, result_path,
                                  split_overrides, worker_slots)
 
@@ -84,15 +85,15 @@ def dry_run_states(out, capsys, *extra) -> list[str]:
 def test_default_grid_is_the_papers(tmp_path, capsys):
     settings = enumerate_settings(*(mqar_sweep.DEFAULT_MIXERS, mqar_sweep.DEFAULT_D_MODELS,
                                     mqar_sweep.DEFAULT_SEQ_LENS, mqar_sweep.DEFAULT_LRS, mqar_sweep.DEFAULT_SEEDS))
-    assert len(settings) == 2 * 2 * 4 * 4 * 2 == 128
-    assert [s.index for s in settings] == list(range(128))
-    assert settings[0].name == "rebased_d64_L256_lr0.0005_s0" and settings[1].name == "rebased_d64_L256_lr0.0005_s1"
-    assert settings[2].name == "rebased_d64_L256_lr0.001_s0" and settings[-1].name == "based_d128_L2048_lr0.01_s1"
-    assert len({s.name for s in settings}) == 128
+    assert len(settings) == 2 * 4 * 5 * 4 * 1 == 160
+    assert [s.index for s in settings] == list(range(160))
+    assert settings[0].name == "rebased_d64_L128_lr0.0005_s0" and settings[1].name == "rebased_d64_L128_lr0.001_s0"
+    assert settings[4].name == "rebased_d64_L256_lr0.0005_s0" and settings[-1].name == "based_d512_L2048_lr0.01_s0"
+    assert len({s.name for s in settings}) == 160
     assert main(["--out", str(tmp_path / "r"), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "128 settings: 0 done, 128 pending, 0 failed, 0 stale" in out
-    assert "  17  rebased_d64_L1024_lr0.0005_s1 " in out
+    assert "160 settings: 0 done, 160 pending, 0 failed, 0 stale" in out
+    assert "  17  rebased_d64_L2048_lr0.001_s0 " in out
     assert not (tmp_path / "r").exists(), "a dry run writes nothing"
 
 
@@ -178,7 +179,8 @@ def test_failed_runs_are_reported_and_retried(tmp_path, capsys, fake_runs):
 
 
 def test_one_worker_per_gpu_pins_each_run(tmp_path, fake_runs):
-    assert worker_slots("0,1", None, 2) == [{"CUDA_VISIBLE_DEVICES": d} for d in ("0", "0", "1", "1")]
+    assert worker_slots("0,1", None, 2) == [{"CUDA_VISIBLE_DEVICES": d, "MQAR_RUNS_PER_DEVICE": "2"}
+                                            for d in ("0", "0", "1", "1")]
     fake_runs.delenv("OMP_NUM_THREADS", raising=False)
     cores = os.cpu_count()
     assert worker_slots("none", 2, 1) == [{"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(max(1, cores // 2))}] * 2
@@ -238,3 +240,32 @@ def test_slurm_array_covers_the_unfinished_settings(tmp_path, capsys, fake_runs)
     capsys.readouterr()
     assert main([*args, "--slurm-array"]) == 0
     assert "all 3 settings are done" in capsys.readouterr().out
+
+
+def test_dry_run_estimates_gpu_time_from_measured_epochs(tmp_path, capsys):
+    """Measured GPU seconds per epoch (a speed table, finished results shared by 2 runs per GPU) give each pending
+    setting's time: measured, else scaled by length from the same width (this mixer, else the other)."""
+    table = tmp_path / "mqar_speed.json"
+    table.write_text(json.dumps({"rows": [
+        {"tree": "now", "setting": "rebased:64:2048", "overrides": [], "gpu_s_per_epoch": 8.0},
+        {"tree": "before", "setting": "rebased:64:1024", "overrides": [], "gpu_s_per_epoch": 99.0},  # other code
+        {"tree": "now", "setting": "rebased:64:1024", "overrides": ["train.compile=false"], "gpu_s_per_epoch": 50},
+    ]}))
+    out = tmp_path / "r"
+    out.mkdir()
+    write_json_atomic(out / "based_d64_L512_lr0.001_s0.json", {
+        "schema": SCHEMA, "best_accuracy": 0.5, "setting": {"mixer": "based", "d_model": 64, "seq_len": 512},
+        "time": {"steady_epoch_s": 6.0, "runs_sharing_device": 2}})
+    measured = mqar_sweep.measured_epoch_times([table, out])
+    assert measured == {("rebased", 64, 2048): 8.0, ("based", 64, 512): 3.0}
+    est = mqar_sweep.estimate_epoch_s
+    assert est(measured, "rebased", 64, 2048) == 8.0
+    assert est(measured, "rebased", 64, 1024) == 4.0  # half the length of the nearest same-mixer measurement
+    assert est(measured, "based", 64, 1024) == 6.0  # twice the based measurement at 512
+    assert est(measured, "rebased", 128, 2048) is None
+    assert main(["--out", str(out), "--mixers", "rebased", "--d-models", "64", "128", "--seq-lens", "1024", "2048",
+                 "--lrs", "0.001", "--dry-run", "--epoch-times", str(table), "train.max_epochs=10"]) == 0
+    printed = capsys.readouterr().out
+    hours = 10 * (4.0 + 8.0) / 3600
+    assert f"estimate: {hours:.2f} GPU-hours for the 2 pending settings" in printed
+    assert "no epoch time for 2 (d_model [128])" in printed

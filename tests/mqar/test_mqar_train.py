@@ -70,3 +70,73 @@ def test_cli_rejects_bad_keys_naming_the_file(capsys):
     assert mqar_main(["--config", str(TINY), "model.mixer=mamba"]) == 2
     err = capsys.readouterr().err
     assert "model.mixer" in err and "'rebased'" in err
+
+
+SHORT = ["data.num_train=1000", "data.num_test=256", "train.max_epochs=3", "train.early_stop_accuracy=null"]
+
+
+def test_resume_after_an_interruption_equals_the_uninterrupted_run(tmp_path, one_thread, monkeypatch):
+    """A run killed after epoch 2 resumes from <output>.ckpt and ends with the same numbers; the checkpoint goes."""
+    from pretrain.mqar import train as mqar_train
+
+    whole = tmp_path / "whole.json"
+    assert mqar_main(["--config", str(TINY), *SHORT, "--output", str(whole)]) == 0
+    assert not Path(str(whole) + ".ckpt").exists()
+
+    out = tmp_path / "resumed.json"
+    save = mqar_train.MQARRun.save_checkpoint
+
+    def save_then_die(self):
+        save(self)
+        if self.progress.epoch == 2:
+            raise KeyboardInterrupt("killed after epoch 2")
+
+    monkeypatch.setattr(mqar_train.MQARRun, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        mqar_main(["--config", str(TINY), *SHORT, "--output", str(out)])
+    assert Path(str(out) + ".ckpt").exists() and not out.exists()
+    monkeypatch.setattr(mqar_train.MQARRun, "save_checkpoint", save)
+    assert mqar_main(["--config", str(TINY), *SHORT, "--output", str(out)]) == 0
+    a, b = read_result(whole), read_result(out)
+    assert b["time"]["attempts"] == 2 and not Path(str(out) + ".ckpt").exists()
+    keys = ("epoch", "step", "lr", "train_loss", "valid_loss", "valid_accuracy")
+    assert [[h[k] for k in keys] for h in b["history"]] == [[h[k] for k in keys] for h in a["history"]]
+    assert (b["best_accuracy"], b["steps"]) == (a["best_accuracy"], a["steps"])
+
+
+def test_a_checkpoint_of_another_config_or_a_torn_file_is_not_used(tmp_path, one_thread, capsys):
+    out = tmp_path / "r.json"
+    ckpt = Path(str(out) + ".ckpt")
+    ckpt.write_bytes(b"not a checkpoint")
+    assert mqar_main(["--config", str(TINY), *SHORT, "train.max_epochs=1", "--output", str(out)]) == 0
+    assert "ignoring unreadable checkpoint" in capsys.readouterr().out
+    assert read_result(out)["time"]["attempts"] == 1
+
+
+def test_padded_micro_batches_leave_the_loss_and_gradients_unchanged():
+    """A short last micro-batch is padded to the full size with ignored rows: same loss, same gradients."""
+    from pretrain.models import build_model
+    from pretrain.models.loss import chunked_cross_entropy
+    from pretrain.mqar.train import _padded, _query_labels
+
+    cfg = load_mqar_config(TINY, [])
+    data = load_mqar(cfg.data.spec(), cache_dir=None)
+    torch.manual_seed(0)
+    model = build_model(cfg.model_config()).double().eval()
+
+    def loss_and_grads(idx, real):
+        model.zero_grad()
+        hidden = model.hidden_states(data.train.inputs(idx), select=data.train.qpos[idx])
+        loss = chunked_cross_entropy(hidden, model.lm_head.weight, _query_labels(data.train, idx, real),
+                                     reduction="sum", chunk_tokens=7)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    idx = torch.tensor([5, 3, 9])
+    padded, real = _padded(idx, 8)
+    assert real == 3 and padded.shape == (8,) and torch.equal(padded[:3], idx)
+    loss, grads = loss_and_grads(idx, 3)
+    loss_p, grads_p = loss_and_grads(padded, real)
+    torch.testing.assert_close(loss_p, loss, rtol=1e-12, atol=0)
+    for g, gp in zip(grads, grads_p):
+        torch.testing.assert_close(gp, g, rtol=1e-10, atol=1e-14)

@@ -11,7 +11,8 @@ import subprocess
 
 import pytest
 
-from slurm_jobs import CLUSTER, REPO, job_env, losses, write_run_config
+from pretrain.data.synthetic import write_synthetic_shard
+from .slurm_jobs import CLUSTER, REPO, job_env, losses, write_run_config
 
 
 @pytest.fixture(scope="session")
@@ -31,8 +32,6 @@ def slurm_cluster():
 
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory):
-    from pretrain.training.synthetic import write_synthetic_shard
-
     root = tmp_path_factory.mktemp("slurm_shards")
     write_synthetic_shard(str(root / "train"), 60_000, 1024, seed=0)
     write_synthetic_shard(str(root / "valid"), 8_000, 1024, seed=2)

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from slurm_jobs import CPU_JOB, REPO, Job, job_env
+from .slurm_jobs import CPU_JOB, REPO, Job, job_env
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 

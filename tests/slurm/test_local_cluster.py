@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm_jobs import CLUSTER
+from .slurm_jobs import CLUSTER
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 

@@ -17,7 +17,7 @@ import random
 
 import pytest
 
-from slurm_jobs import CPU_JOB, Job, assert_same_losses, job_env, losses, slurm, wait_for_step, write_run_config
+from .slurm_jobs import CPU_JOB, Job, assert_same_losses, job_env, losses, slurm, wait_for_step, write_run_config
 from pretrain.training import checkpoint as ckpt
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
@@ -89,10 +89,14 @@ def test_preempt_requeue_and_hard_kill_resume_exactly(tmp_path, shards, referenc
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
-@pytest.mark.parametrize("error", ["config", "nonfinite"])
+@pytest.mark.parametrize("error", ["config", "paths", "nonfinite"])
 def test_errors_end_the_job_with_our_code_and_message_once(tmp_path, shards, launcher, error):
     if error == "config":  # found by the trainer processes, once they know the world size
         overrides, code, message = ["training.micro_batch_size=3"], 2, "config error: training.global_batch_size=8 is"
+    elif error == "paths":  # every path problem in one message of several lines, before any process group
+        overrides, code = [f"data.valid=[{{path: {tmp_path / 'missing'}}}]"], 2
+        message = (f"config error: {tmp_path / 'run.yaml'}: 1 problem(s) with paths:\n"
+                   f"  data.valid[0].path: no indexed dataset (.idx/.bin) found at '{tmp_path / 'missing'}'")
     else:  # NaN losses at steps 6, 7, 8 (after the periodic checkpoint of step 5)
         overrides, code = ["training.inject_nan_at_steps=[5,6,7]", "training.max_nonfinite_in_a_row=3"], 3
         message = "error: stopping at step 8: 3 non-finite steps in a row"
@@ -104,7 +108,8 @@ def test_errors_end_the_job_with_our_code_and_message_once(tmp_path, shards, lau
     log = job.log()
     assert (info["JobState"], info["ExitCode"]) == ("FAILED", f"{code}:0"), log[-4000:]
     assert log.count(message) == 1, log[-4000:]
-    assert log.rstrip().splitlines()[-1].startswith(message), "the message ends the log"
+    tail = log[log.index(message):].rstrip("\n")
+    assert tail.count("\n") == message.count("\n"), f"the message must end the log:\n{tail}"
     assert "Traceback" not in log and "ChildFailedError" not in log, log[-4000:]
 
 

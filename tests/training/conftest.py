@@ -31,7 +31,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory):
-    from pretrain.training.synthetic import write_synthetic_shard
+    from pretrain.data.synthetic import write_synthetic_shard
 
     root = tmp_path_factory.mktemp("shards")
     write_synthetic_shard(str(root / "train_a"), 60_000, 1024, seed=0)

@@ -34,8 +34,8 @@ def _make_complete(root, step: int, keep_last: int = 0):
     """A complete checkpoint through the real commit protocol (the payload does not matter here)."""
     tmp = root / ckpt.temp_dir_name(step)
     tmp.mkdir(parents=True)
-    (tmp / "payload").write_text("x")
-    return ckpt.commit(str(root), str(tmp), step, {"step": step}, keep_last)
+    ckpt.write_meta(str(tmp), {"step": step})
+    return ckpt.commit(str(root), str(tmp), step, ckpt.checksum_share(str(tmp), ckpt.list_files(str(tmp))), keep_last)
 
 
 # --- completeness: which directory `resume: auto` may pick ------------------------------------------------------
@@ -234,20 +234,50 @@ def test_skipped_step_leaves_weights_and_optimizer_state_untouched():
 @pytest.mark.parametrize("nproc,strategy", [(1, "single"), (2, "fsdp")])
 def test_too_many_nonfinite_steps_in_a_row_stop_the_run(shards, tmp_path, nproc, strategy):
     """NaN at recorded steps 10, 11, 12 with max_nonfinite_in_a_row=3: the run stops after step 12 with exit code 3
-    (torchrun reports the failed workers with its own non-zero code), names the limit and the last checkpoint,
-    records the stopping step in metrics.jsonl and saves nothing more (no final checkpoint of a diverged run)."""
+    (torchrun reports the failed workers with its own non-zero code), names the limit and the newest checkpoint
+    saved before the non-finite steps began (step 5: the one of step 10 was saved during them), records the stopping
+    step in metrics.jsonl and saves nothing more (no final checkpoint of a diverged run). With keep_last=1 the save
+    of step 10 would have deleted step 5: the rotation keeps the last checkpoint from before the streak."""
     out = tmp_path / "run"
     p = run(shards, out, nproc, strategy, ["training.inject_nan_at_steps=[9,10,11]",
-                                           "training.max_nonfinite_in_a_row=3"], check=False, timeout=120)
+                                           "training.max_nonfinite_in_a_row=3", "checkpoint.keep_last=1"],
+            check=False, timeout=120)
     root = out / "checkpoints"
     if nproc == 1:
         assert p.returncode == 3, p.stderr[-3000:]
     else:
         assert p.returncode != 0 and "exitcode  : 3" in p.stderr, p.stderr[-3000:]
-    assert ("stopping at step 12: 3 non-finite steps in a row (training.max_nonfinite_in_a_row=3); the last "
-            f"checkpoint is {root / 'step_00000010'}") in p.stderr
+    assert ("stopping at step 12: 3 non-finite steps in a row (training.max_nonfinite_in_a_row=3); the newest "
+            f"checkpoint saved before they began (step 10) is {root / 'step_00000005'}.") in p.stderr
     got = losses(out)
     assert sorted(got) == list(range(1, 13)), "nothing after the stopping step"
     assert [got[s]["skipped_steps"] for s in (9, 10, 11, 12)] == [0, 1, 2, 3]
     assert [step for step, _ in ckpt.list_complete(str(root))] == [5, 10]
     assert json.loads((root / "step_00000010" / "meta.json").read_text())["nonfinite_in_a_row"] == 1
+    assert json.loads((root / "step_00000005" / "meta.json").read_text())["nonfinite_in_a_row"] == 0
+
+
+def test_nonfinite_stop_without_an_earlier_checkpoint_says_so(shards, tmp_path):
+    out = tmp_path / "run"
+    p = run(shards, out, 1, "single", ["training.inject_nan_at_steps=[4,5]", "training.max_nonfinite_in_a_row=2"],
+            check=False, timeout=120)
+    assert p.returncode == 3, p.stderr[-3000:]
+    assert "stopping at step 6: 2 non-finite steps in a row (training.max_nonfinite_in_a_row=2); no checkpoint was " \
+           "saved before they began (step 5)." in p.stderr, p.stderr[-3000:]
+    assert [step for step, _ in ckpt.list_complete(str(out / "checkpoints"))] == [5]
+
+
+def test_final_checkpoint_is_saved_before_the_final_evaluation(shards, tmp_path):
+    """A run whose end-of-run evaluation fails (here: validation tokens outside the model's vocabulary, which no
+    cheap start-up check sees) still keeps all its training: the final checkpoint is written first."""
+    from pretrain.data.synthetic import write_synthetic_shard
+
+    bad_valid = tmp_path / "valid_vocab_4096"
+    write_synthetic_shard(str(bad_valid), 8_000, 4096, seed=3)
+    out = tmp_path / "run"
+    p = run(shards, out, 1, "single", ["checkpoint.every=0"], check=False,
+            **{"data.valid": [{"path": str(bad_valid)}]})
+    assert p.returncode != 0, "the evaluation must fail for this test to mean anything"
+    assert max(losses(out)) == STEPS
+    assert [step for step, _ in ckpt.list_complete(str(out / "checkpoints"))] == [STEPS]
+    assert ckpt.verify(str(out / "checkpoints" / f"step_{STEPS:08d}")) == []

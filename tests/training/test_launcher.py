@@ -39,10 +39,14 @@ def _is_trainer(pid: int) -> bool:
         return False
 
 
-@pytest.mark.parametrize("error", ["config", "nonfinite"])
+@pytest.mark.parametrize("error", ["config", "paths", "nonfinite"])
 def test_errors_exit_with_the_trainers_code_and_message_once(shards, tmp_path, error):
     if error == "config":  # found by the workers, once they know the world size
         overrides, code, message = ["training.micro_batch_size=3"], 2, "config error: training.global_batch_size=8 is"
+    elif error == "paths":  # every path problem in one message of several lines, before any process group
+        overrides, code = [f"data.valid=[{{path: {tmp_path / 'missing'}}}]"], 2
+        message = (f"config error: {tmp_path / 'run.yaml'}: 1 problem(s) with paths:\n"
+                   f"  data.valid[0].path: no indexed dataset (.idx/.bin) found at '{tmp_path / 'missing'}'")
     else:
         overrides, code = ["training.inject_nan_at_steps=[9,10,11]", "training.max_nonfinite_in_a_row=3"], 3
         message = "error: stopping at step 12: 3 non-finite steps in a row"
@@ -52,7 +56,8 @@ def test_errors_exit_with_the_trainers_code_and_message_once(shards, tmp_path, e
     output = p.stdout + p.stderr
     assert p.returncode == code, output[-4000:]
     assert output.count(message) == 1, output[-4000:]
-    assert p.stderr.rstrip().splitlines()[-1].startswith(message), "the message must come last"
+    tail = p.stderr[p.stderr.index(message):].rstrip("\n")
+    assert tail.count("\n") == message.count("\n"), f"the message must come last:\n{tail}"
     assert "Traceback" not in output and "ChildFailedError" not in output, output[-4000:]
 
 

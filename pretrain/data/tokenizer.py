@@ -18,14 +18,19 @@ import sentencepiece as spm
 _META_SPACE = "\u2581"
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20, limit: int | None = None) -> str:
+    """SHA-256 of a file, or of its first ``limit`` bytes."""
     h = hashlib.sha256()
+    left = limit
     with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
+        while left is None or left > 0:
+            block = f.read(chunk if left is None else min(chunk, left))
             if not block:
-                return h.hexdigest()
+                break
             h.update(block)
+            if left is not None:
+                left -= len(block)
+    return h.hexdigest()
 
 
 class Tokenizer:

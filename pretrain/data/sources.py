@@ -11,9 +11,9 @@ events (size, checksum and record count of an input once it has been read to the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
-import gzip
 import hashlib
 import os
 import urllib.parse
@@ -78,7 +78,8 @@ def parse_hf_spec(spec: str) -> dict:
 def resolve_inputs(specs: list[str], group: str) -> list[Source]:
     """Expand paths, directories (recursively, files with a JSONL suffix) and globs into sorted sources.
 
-    A path that does not exist and matches nothing is kept (it is reported as unreadable when read).
+    Every input named must contribute: a directory without a file of a known suffix and a glob that matches no
+    file raise InputError. A path that does not exist is kept (it is reported as unreadable when read).
     """
     out: list[Source] = []
     seen: set[str] = set()
@@ -93,6 +94,8 @@ def resolve_inputs(specs: list[str], group: str) -> list[Source]:
                 for f in files
                 if f.endswith(SUFFIXES)
             )
+            if not paths:
+                raise InputError(f"{spec}: directory holds no input file (none ends in {', '.join(SUFFIXES)})")
         elif any(c in spec for c in "*?["):
             paths = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
             if not paths:
@@ -108,7 +111,8 @@ def resolve_inputs(specs: list[str], group: str) -> list[Source]:
 
 
 class _HashingReader:
-    """File wrapper that hashes and counts the raw bytes read."""
+    """File wrapper that hashes and counts the raw bytes read (the hash of the bytes read so far identifies the
+    prefix of the input a run has used; see ``pipeline.Tokenization``)."""
 
     def __init__(self, f):
         self.f = f
@@ -134,11 +138,13 @@ class CompressionError(Exception):
 
 
 def _zstd_blocks(raw: _HashingReader) -> Iterator[bytes]:
-    """Decompressed blocks of a (possibly multi-frame) zstd stream; raises CompressionError on bad/truncated data."""
+    """Decompressed blocks of a (possibly multi-frame) zstd stream; raises CompressionError on bad/truncated data,
+    after yielding everything decompressed before the damage."""
     dctx = zstandard.ZstdDecompressor()
     dobj = dctx.decompressobj()
     in_frame = False
     pending = b""
+    produced = 0
     while True:
         data = pending or raw.read(READ_CHUNK // 4)
         pending = b""
@@ -147,28 +153,59 @@ def _zstd_blocks(raw: _HashingReader) -> Iterator[bytes]:
         try:
             out = dobj.decompress(data)
         except zstandard.ZstdError as e:
-            raise CompressionError(f"corrupt zstd data near compressed byte {raw.bytes}: {e}") from None
+            raise CompressionError(f"corrupt zstd data within compressed bytes {raw.bytes - len(data)}-{raw.bytes} "
+                                   f"({produced} bytes decompressed before it): {e}") from None
         in_frame = True
         if out:
+            produced += len(out)
             yield out
         if dobj.eof:
             pending = dobj.unused_data
             dobj = dctx.decompressobj()
             in_frame = False
     if in_frame:
-        raise CompressionError(f"truncated zstd stream (ends inside a frame after {raw.bytes} compressed bytes)")
+        raise CompressionError(f"truncated zstd stream: ends inside a frame after {raw.bytes} compressed bytes "
+                               f"({produced} bytes decompressed)")
 
 
 def _gzip_blocks(raw: _HashingReader) -> Iterator[bytes]:
-    with gzip.GzipFile(fileobj=raw, mode="rb") as g:
-        while True:
-            try:
-                data = g.read(READ_CHUNK)
-            except (EOFError, OSError, zlib.error) as e:
-                raise CompressionError(f"corrupt or truncated gzip data: {e}") from None
+    """Decompressed blocks of a (possibly multi-member) gzip stream, at most READ_CHUNK bytes each; raises
+    CompressionError on bad/truncated data after yielding everything decompressed before the damage (so, as for
+    zstd, the complete leading documents of a truncated file are kept). Zero padding after a member is ignored,
+    as gzip does."""
+    dobj = zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip header and trailer required
+    in_member = False
+    pending = b""
+    produced = 0
+    while True:
+        data = pending or raw.read(READ_CHUNK // 4)
+        pending = b""
+        if not data:
+            break
+        if not in_member:
+            data = data.lstrip(b"\0")
             if not data:
-                return
-            yield data
+                continue
+        try:
+            out = dobj.decompress(data, READ_CHUNK)
+            while True:
+                in_member = True
+                if out:
+                    produced += len(out)
+                    yield out
+                if not dobj.unconsumed_tail:
+                    break
+                out = dobj.decompress(dobj.unconsumed_tail, READ_CHUNK)
+        except zlib.error as e:
+            raise CompressionError(f"corrupt gzip data within compressed bytes {raw.bytes - len(data)}-{raw.bytes} "
+                                   f"({produced} bytes decompressed before it): {e}") from None
+        if dobj.eof:
+            pending = dobj.unused_data
+            dobj = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            in_member = False
+    if in_member:
+        raise CompressionError(f"truncated gzip stream: ends inside a member after {raw.bytes} compressed bytes "
+                               f"({produced} bytes decompressed)")
 
 
 def _plain_blocks(raw: _HashingReader) -> Iterator[bytes]:
@@ -227,8 +264,15 @@ def _lines(blocks: Iterator[bytes], max_line_bytes: int) -> Iterator[tuple[bytes
         yield bytes(buf), len(buf)
 
 
-def read_file(source: Source, index: int, skip: int, max_line_bytes: int, limit: int | None) -> Iterator[Record | FileDone]:
-    """Records of one file after the first ``skip``; at most ``limit`` records are yielded (``None``: all)."""
+def read_file(source: Source, index: int, skip: int, max_line_bytes: int, limit: int | None,
+              progress: dict | None = None) -> Iterator[Record | FileDone]:
+    """Records of one file after the first ``skip``; at most ``limit`` records are yielded (``None``: all).
+
+    ``FileDone.info``: ``complete`` is true only when every record of the file was read without a reader-level
+    problem (``error`` names one); ``sha256`` covers the whole file when it was read to its end, else
+    ``prefix_bytes``/``prefix_sha256`` the part read. ``progress`` (when given) holds the reader of the file being
+    read, so that the caller can take the hash of the prefix read so far.
+    """
     path = source.path
     assert path is not None
     rec_no = 0
@@ -239,11 +283,14 @@ def read_file(source: Source, index: int, skip: int, max_line_bytes: int, limit:
         if skip < 1:
             yield Record(index, 1, 0, None, "unreadable_file", f"cannot open: {e.strerror or e}")
         yield FileDone(index, {"path": path, "group": source.group, "size_bytes": None, "sha256": None,
-                               "records": 1, "complete": False})
+                               "records": 1, "complete": False, "error": f"unreadable_file: {e.strerror or e}"})
         return
-    complete = True
+    limited = False
+    error = None
     with f:
         raw = _HashingReader(f)
+        if progress is not None:
+            progress.update(source=index, reader=raw)
         line_no = 0
         try:
             for line, size in _lines(_blocks(path, raw), max_line_bytes):
@@ -251,7 +298,7 @@ def read_file(source: Source, index: int, skip: int, max_line_bytes: int, limit:
                 rec_no += 1
                 if limit is not None and yielded >= limit:
                     rec_no -= 1
-                    complete = False
+                    limited = True
                     break
                 if rec_no <= skip:
                     continue
@@ -263,21 +310,32 @@ def read_file(source: Source, index: int, skip: int, max_line_bytes: int, limit:
                     yield Record(index, rec_no, line_no, line)
         except CompressionError as e:
             rec_no += 1
+            error = ("corrupt_compression", str(e))
             if rec_no > skip:
-                yield Record(index, rec_no, line_no + 1, None, "corrupt_compression", str(e))
+                yield Record(index, rec_no, line_no + 1, None, *error)
         except OSError as e:
             rec_no += 1
+            error = ("unreadable_file", f"read error: {e}")
             if rec_no > skip:
-                yield Record(index, rec_no, line_no + 1, None, "unreadable_file", f"read error: {e}")
-        if rec_no == 0 and complete:
+                yield Record(index, rec_no, line_no + 1, None, *error)
+        if rec_no == 0 and not limited:
             rec_no = 1
+            error = ("empty_file", "file contains no documents")
             if rec_no > skip:
-                yield Record(index, 1, 0, None, "empty_file", "file contains no documents")
-        if complete:
-            raw.drain()  # e.g. bytes after the gzip trailer: the checksum covers the whole file
-        yield FileDone(index, {"path": path, "group": source.group, "size_bytes": os.fstat(f.fileno()).st_size,
-                               "sha256": raw.sha.hexdigest() if complete else None, "records": rec_no,
-                               "complete": complete})
+                yield Record(index, 1, 0, None, *error)
+        info = {"path": path, "group": source.group, "size_bytes": os.fstat(f.fileno()).st_size, "sha256": None,
+                "records": rec_no, "complete": not limited and error is None}
+        if error is not None:
+            info["error"] = f"{error[0]}: {error[1]}"
+        if limited:  # the rest is never read: the hash covers what was
+            info.update(prefix_bytes=raw.bytes, prefix_sha256=raw.sha.hexdigest())
+        else:
+            with contextlib.suppress(OSError):
+                raw.drain()  # e.g. bytes after the gzip trailer: the checksum covers the whole file
+                info["sha256"] = raw.sha.hexdigest()
+        if progress is not None:
+            progress.clear()
+        yield FileDone(index, info)
 
 
 def read_hf(source: Source, index: int, skip: int, limit: int | None) -> Iterator[Record | FileDone]:
@@ -312,11 +370,12 @@ def read_hf(source: Source, index: int, skip: int, limit: int | None) -> Iterato
 
 
 def iter_records(sources: list[Source], *, start: tuple[int, int] = (0, 0), max_docs: int | None = None,
-                 max_line_bytes: int = 1 << 28, group_counts: dict | None = None) -> Iterator[Record | FileDone]:
+                 max_line_bytes: int = 1 << 28, group_counts: dict | None = None,
+                 progress: dict | None = None) -> Iterator[Record | FileDone]:
     """All records of ``sources`` in order, starting after record ``start[1]`` of source ``start[0]``.
 
     ``max_docs`` limits the records read per input group (main / val / test); ``group_counts`` holds the records
-    already read per group before ``start`` (for resuming).
+    already read per group before ``start`` (for resuming); ``progress``: see ``read_file``.
     """
     counts = dict(group_counts or {})
     first, skip = start
@@ -328,7 +387,7 @@ def iter_records(sources: list[Source], *, start: tuple[int, int] = (0, 0), max_
         if limit == 0 and skip_here == 0:
             continue  # the group's limit is reached: later inputs of the group are not opened
         gen = read_hf(src, i, skip_here, limit) if src.hf is not None else read_file(
-            src, i, skip_here, max_line_bytes, limit)
+            src, i, skip_here, max_line_bytes, limit, progress)
         for ev in gen:
             if isinstance(ev, Record):
                 counts[src.group] = counts.get(src.group, 0) + 1

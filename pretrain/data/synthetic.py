@@ -3,7 +3,7 @@
 Documents follow a noisy affine recurrence ``x_{t+1} = (a·x_t + c) mod V`` with per-document (a, c), so a model
 can learn them (the loss falls well below log V) while the data stays cheap to generate at any size.
 
-    python -m pretrain.training.synthetic OUT_PREFIX --tokens 2000000 --vocab 50304
+    python -m pretrain.data.synthetic OUT_PREFIX --tokens 2000000 --vocab 50304
 """
 
 from __future__ import annotations

@@ -1,0 +1,131 @@
+"""Where an MQAR training step spends its GPU time, and the attention kernels at the MQAR models' shapes.
+
+    python benchmarks/mqar_profile.py profile [--setting rebased:128:2048] [--steps 4]
+    python benchmarks/mqar_profile.py errors                     # kernel error vs float64 at the MQAR shapes
+    python benchmarks/mqar_profile.py attention [--variants JSON] # fwd+bwd ms of the op per TUNING variant
+
+``profile`` builds the run exactly as ``python -m pretrain.mqar`` does (compiled body, fused LM head + loss),
+warms it up, then records ``--steps`` optimizer steps with torch.profiler and prints the CUDA time per kernel
+(ms per optimizer step, grouped by name) and the share of the step. ``attention`` times the op alone (batch 256 ×
+2048 tokens × 12 heads, feature dim 16, value heads of 10, bf16), each variant in its own process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+
+from kernels_tune import _inputs  # noqa: E402  (random q, k [B, T, H, 16], v and the output gradient on CUDA)
+
+
+def profile(setting: str, steps: int, overrides: list[str]) -> None:
+    import torch
+
+    from pretrain.mqar.config import load_mqar_config
+    from pretrain.mqar.train import MQARRun
+
+    mixer, d, L = setting.split(":")
+    cfg = load_mqar_config(os.path.join(ROOT, "configs/mqar/base.yaml"),
+                           [f"model.mixer={mixer}", f"model.d_model={d}", f"data.seq_len={L}", "log.tqdm=false",
+                            f"train.max_steps={steps}", *overrides])
+    run = MQARRun(cfg, log=lambda *a: None)
+    t = time.time()
+    run.train_epoch(0)  # compiles; stops after `steps` optimizer steps
+    torch.cuda.synchronize()
+    print(f"warm-up ({steps} steps, compile included): {time.time() - t:.1f} s", flush=True)
+    run.progress.step = 0
+    t = time.time()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        run.train_epoch(0)
+        torch.cuda.synchronize()
+    wall = (time.time() - t) / steps * 1e3
+    rows = {}
+    for ev in prof.key_averages():
+        us = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0)
+        if us > 0:
+            rows[ev.key] = rows.get(ev.key, 0.0) + us / 1e3 / steps
+    total = sum(rows.values())
+    print(f"{setting}: {wall:.2f} ms per optimizer step (profiled wall), {total:.2f} ms GPU time; micro batch "
+          f"{run.micro}; per epoch ≈ {total * 196 / 1e3:.2f} s GPU")
+    for name, ms in sorted(rows.items(), key=lambda r: -r[1])[:30]:
+        print(f"  {ms:8.3f} ms  {100 * ms / total:5.1f}%  {name[:110]}")
+
+
+def errors() -> None:
+    import torch
+
+    import kernels
+
+    for kind in ("rebased", "based"):
+        fn = kernels.rebased_attention if kind == "rebased" else kernels.based_attention
+        for dv in (5, 10, 16, 64):
+            q, k, v, do = _inputs(8, 2048, 12, dv, torch.bfloat16)
+            o, _ = fn(q, k, v, backend="triton")
+            g = torch.autograd.grad(o, (q, k, v), do)
+            ref = [x.detach().double().requires_grad_() for x in (q, k, v)]
+            o_ref, _ = fn(*ref, backend="torch", mode="chunk")
+            g_ref = torch.autograd.grad(o_ref, ref, do.double())
+            err = {n: ((a.double() - r).norm() / r.norm()).item()
+                   for n, a, r in zip(("o", "dq", "dk", "dv"), (o, *g), (o_ref, *g_ref))}
+            print(f"{kind} dv={dv} bf16 B=8 T=2048 H=12: " + " ".join(f"{n} {e:.2e}" for n, e in err.items()),
+                  flush=True)
+
+
+def attention_one(tuning: dict) -> dict:
+    import torch
+    import triton
+
+    import kernels
+    from kernels.linear_attention import triton_chunk as tc
+
+    tc.TUNING.update(tuning)
+    out = {"tuning": tuning}
+    for kind in ("rebased", "based"):
+        fn = kernels.rebased_attention if kind == "rebased" else kernels.based_attention
+        q, k, v, do = _inputs(256, 2048, 12, 10, torch.bfloat16)
+
+        def step():
+            o, _ = fn(q, k, v, backend="triton")
+            torch.autograd.grad(o, (q, k, v), do)
+
+        step()
+        out[kind] = round(triton.testing.do_bench(step, warmup=50, rep=300, return_mode="median"), 3)
+    return out
+
+
+def attention(variants: list[dict]) -> None:
+    for tuning in variants:  # one process each: a tuning's compiled kernels and faults stay in it
+        cmd = [sys.executable, __file__, "attention-one", json.dumps(tuning)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        print(lines[-1][7:] if lines else f"{tuning}: failed {proc.stderr[-400:]}", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["profile", "errors", "attention", "attention-one"])
+    p.add_argument("arg", nargs="?")
+    p.add_argument("--setting", default="rebased:128:2048")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--variants", default='[{}]')
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="MQAR config override")
+    args = p.parse_args()
+    if args.what == "profile":
+        profile(args.setting, args.steps, args.override)
+    elif args.what == "errors":
+        errors()
+    elif args.what == "attention":
+        attention(json.loads(args.variants))
+    else:
+        print("RESULT " + json.dumps(attention_one(json.loads(args.arg))), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""What evaluation and generation load: a model from an export or any training checkpoint, the documents to score
+(indexed shards or raw JSONL text), the tokenizer. Bad input raises ``EvaluationInputError`` naming the file;
+the command-line tools turn it into a one-line message and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from pretrain.config import ConfigError
+from pretrain.data.indexed import IndexedDataset
+from pretrain.data.packed import resolve_shards
+from pretrain.data.sources import Record, iter_records, resolve_inputs
+from pretrain.data.tokenizer import Tokenizer
+from pretrain.evaluation.scoring import Document
+from pretrain.models.io import WEIGHTS, load_exported
+from pretrain.training.checkpoint import find_latest, is_complete
+from pretrain.training.export import export_checkpoint
+
+
+class EvaluationInputError(ConfigError):
+    """A checkpoint, data path or record that cannot be used."""
+
+
+def load_tokenizer(path):
+    """The SentencePiece wrapper for ``path``, or None without one."""
+    return Tokenizer(path) if path else None
+
+
+def load_documents(data: str, tokenizer, *, text_key: str = "text", max_documents: int | None = None) -> list[Document]:
+    """Documents from indexed shards or raw JSONL text (each ends with EOD)."""
+    raw_suffixes = (".jsonl", ".jsonl.zst", ".jsonl.zstd", ".jsonl.gz")
+    is_raw = data.endswith(raw_suffixes) or (os.path.isdir(data) and any(
+        f.endswith(raw_suffixes) for _, _, files in os.walk(data) for f in files))
+    if is_raw:
+        if tokenizer is None:
+            raise EvaluationInputError(f"{data}: raw text needs a tokenizer (--tokenizer)")
+        return _raw_documents(data, tokenizer, text_key, max_documents)
+    docs = []
+    for prefix in resolve_shards(data):
+        ds = IndexedDataset(prefix)
+        for d in range(ds.num_documents):
+            if max_documents is not None and len(docs) >= max_documents:
+                return docs
+            tokens = ds.document(d).tolist()
+            num_bytes = None
+            if tokenizer is not None:
+                body = tokens[:-1] if tokens and tokens[-1] == tokenizer.eod_id else tokens
+                num_bytes = len(tokenizer.decode(body).encode("utf-8"))
+            docs.append(Document(tokens, num_bytes))
+    return docs
+
+
+def _raw_documents(data: str, tokenizer, text_key: str, max_documents: int | None) -> list[Document]:
+    docs = []
+    for event in iter_records(resolve_inputs([data], "main"), max_docs=max_documents):
+        if not isinstance(event, Record):
+            continue
+        where = f"{event.source}:{event.line_no}"
+        if event.payload is None:
+            raise EvaluationInputError(f"{data}: {event.reason}: {event.message}")
+        try:
+            obj = json.loads(event.payload) if isinstance(event.payload, bytes) else event.payload
+            text = obj[text_key]
+        except (ValueError, KeyError, TypeError) as e:
+            raise EvaluationInputError(f"{data} record {where}: cannot read '{text_key}': {e}") from e
+        if not isinstance(text, str) or not text:
+            continue
+        meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
+        docs.append(Document(tokenizer.encode(text) + [tokenizer.eod_id], len(text.encode("utf-8")),
+                             meta.get("pile_set_name")))
+    return docs
+
+
+def load_model(checkpoint: str, device):
+    """A model from a consolidated export or a training checkpoint (any strategy / world size), in eval mode."""
+    path = Path(checkpoint)
+    if (path / WEIGHTS).exists():
+        return load_exported(path, device=device)
+    if not is_complete(str(path)):  # a run's checkpoint root: take its latest complete checkpoint
+        latest = find_latest(str(path))
+        if latest is None:
+            raise EvaluationInputError(f"{path}: neither an export (model.safetensors) nor a complete checkpoint")
+        path = Path(latest)
+    with tempfile.TemporaryDirectory() as tmp:  # consolidate the sharded checkpoint, then load it
+        export_checkpoint(str(path), os.path.join(tmp, "export"))
+        return load_exported(os.path.join(tmp, "export"), device=device)

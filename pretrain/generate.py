@@ -1,0 +1,155 @@
+"""Sample text from a trained model.
+
+    python -m pretrain.generate --checkpoint runs/x/export --tokenizer tok.model --prompt "Once upon a time"
+        [--max-new-tokens 128] [--temperature 0.8] [--top-k 50] [--top-p 0.95] [--seed 0] [--stop "\\n\\n"]
+    python -m pretrain.generate --checkpoint ... --tokenizer ... --prompts prompts.txt [--out samples.jsonl]
+
+One prompt streams its continuation to the terminal as it is decoded. ``--prompts FILE`` takes one prompt per line
+(or a ``.jsonl`` file of {"prompt": ...} objects), decodes them as one batch and prints each continuation when the
+batch is done (and writes them to ``--out`` as JSON lines). Every prompt starts after the end-of-document token,
+as every training document did. ``--temperature 0`` is greedy. A row stops at the end-of-document token (unless
+``--ignore-eos``), at a ``--stop`` string (cut from the output), or after ``--max-new-tokens``.
+``--checkpoint`` takes an export or any training checkpoint (a run's checkpoint folder: its latest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pretrain.config import ConfigError
+from pretrain.data.tokenizer import Tokenizer
+from pretrain.evaluation.loading import load_model
+from pretrain.generation.decoder import generate
+from pretrain.generation.sampling import Sampling
+
+
+def read_prompts(path: str) -> list[str]:
+    """One prompt per line of a text file (blank lines skipped), or the "prompt" field of each JSON line."""
+    text = Path(path).read_text(encoding="utf-8")
+    if path.endswith(".jsonl"):
+        prompts = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                prompts.append(json.loads(line)["prompt"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{n}: expected a JSON object with a 'prompt' string ({e})") from None
+        return prompts
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """text up to the first stop string, and whether one was found."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+class Streamer:
+    """Prints the new text of one row as tokens arrive (decoding the whole continuation each time: a token may
+    complete a multi-byte character begun by the previous one)."""
+
+    def __init__(self, tokenizer, stops: list[str], out=sys.stdout):
+        self.tokenizer, self.stops, self.out = tokenizer, stops, out
+        self.tokens: list[int] = []
+        self.printed = 0
+
+    def __call__(self, new: list[int | None]) -> None:
+        if new[0] is None:
+            return
+        self.tokens.append(new[0])
+        text, _ = cut_at_stop(self.tokenizer.decode(self._body()), self.stops)
+        if "\ufffd" in text[self.printed:]:  # an incomplete character: wait for its next byte
+            return
+        self.out.write(text[self.printed:])
+        self.out.flush()
+        self.printed = len(text)
+
+    def _body(self) -> list[int]:
+        eod = self.tokenizer.eod_id
+        return self.tokens[:-1] if self.tokens and self.tokens[-1] == eod else self.tokens
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pretrain.generate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="export dir (model.safetensors) or checkpoint dir")
+    parser.add_argument("--tokenizer", required=True, help="SentencePiece .model the model was trained with")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="one prompt (streamed)")
+    source.add_argument("--prompts", help="a file of prompts: one per line, or .jsonl with a 'prompt' field")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-document token")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="weights and activations (auto: bf16 on CUDA, fp32 on the CPU)")
+    parser.add_argument("--device", help="default: cuda when available")
+    parser.add_argument("--no-cuda-graph", action="store_true", help="run every decoding step eagerly")
+    parser.add_argument("--out", help="write {prompt, completion, tokens} JSON lines here")
+    args = parser.parse_args(argv)
+
+    try:
+        sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        if args.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
+        prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
+        if not prompts:
+            raise ValueError(f"{args.prompts}: no prompts")
+        tokenizer = Tokenizer(args.tokenizer)
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model = load_model(args.checkpoint, device)
+    except (ValueError, OSError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if tokenizer.vocab_size > model.config.vocab_size:
+        print(f"error: {args.tokenizer} has {tokenizer.vocab_size} tokens, more than the model's "
+              f"{model.config.vocab_size}", file=sys.stderr)
+        return 2
+    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    if precision == "bf16":
+        model = model.to(torch.bfloat16)
+    ids = [[tokenizer.eod_id] + tokenizer.encode(p) for p in prompts]
+
+    def should_stop(row: int, tokens: list[int]) -> bool:
+        return bool(args.stop) and cut_at_stop(tokenizer.decode(tokens), args.stop)[1]
+
+    streamer = Streamer(tokenizer, args.stop) if len(prompts) == 1 else None
+    if streamer is not None:
+        sys.stdout.write(prompts[0])
+        sys.stdout.flush()
+    start = time.perf_counter()
+    out = generate(model, ids, args.max_new_tokens, sampling=sampling,
+                   eos_ids=() if args.ignore_eos else (tokenizer.eod_id,), should_stop=should_stop,
+                   on_tokens=streamer, cuda_graph=not args.no_cuda_graph)
+    seconds = time.perf_counter() - start
+    records = []
+    for prompt, tokens in zip(prompts, out):
+        body = tokens[:-1] if tokens and tokens[-1] == tokenizer.eod_id and not args.ignore_eos else tokens
+        text, _ = cut_at_stop(tokenizer.decode(body), args.stop)
+        records.append({"prompt": prompt, "completion": text, "tokens": len(tokens)})
+    if streamer is not None:
+        sys.stdout.write("\n")
+    else:
+        for i, r in enumerate(records):
+            print(f"=== {i}: {r['prompt']}\n{r['prompt']}{r['completion']}\n")
+    new_tokens = sum(r["tokens"] for r in records)
+    print(f"[{len(prompts)} prompt(s), {new_tokens} new tokens in {seconds:.2f} s, {precision}, {device.type}]",
+          file=sys.stderr)
+    if args.out:
+        Path(args.out).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+                                  encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Batched generation: one varlen prefill of all prompts, then one-token steps on preallocated caches.
+
+The prompts (any lengths) are packed into one row with ``cu_seqlens``; the chunked kernels run the linear-attention
+and convolution layers over every document at once and leave each document's final state in its cache row, the
+attention layers fill their KV buffers. Each step then feeds one token per row: nothing is allocated outside the
+caches' own buffers, so on CUDA the whole step (embedding to logits) is captured once as a CUDA graph and replayed
+for every later token. The choice of the next token (greedy, temperature, top-k, top-p), EOS and stop checks run
+on the host between steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from pretrain.generation.sampling import Sampling, choose
+
+
+class DecodeStep:
+    """``step(tokens [B]) -> logits [B, vocab]``: feeds one token per row through the model and its cache.
+
+    With ``cuda_graph``, the first ``warmup`` steps run eagerly (they compile and initialise the kernels), the next
+    is captured and every later one replays the graph on the same buffers."""
+
+    def __init__(self, model, cache, *, cuda_graph: bool, warmup: int = 2):
+        self.model, self.cache = model, cache
+        device = cache.seen.device
+        self.tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=device)
+        self.cuda_graph = cuda_graph and device.type == "cuda"
+        self.warmup, self.calls = warmup, 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def _forward(self) -> torch.Tensor:
+        hidden = self.model.hidden_states(self.tokens, cache=self.cache)
+        return self.model.lm_head(hidden[:, -1])
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens.view(-1, 1))
+        self.calls += 1
+        if not self.cuda_graph or self.calls <= self.warmup:
+            return self._forward()
+        if self.graph is None:  # recording runs no kernel; the replay below runs this step
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self._forward()
+        else:  # the replay advances the rows' positions on the GPU; the host's count and bounds are kept here
+            self.cache.reserve(1, *self.model.cache_limits())
+        self.graph.replay()
+        return self.logits
+
+
+@torch.no_grad()
+def prefill(model, prompts: Sequence[Sequence[int]], max_len: int):
+    """(cache with the prompts consumed, logits [N, vocab] after each prompt's last token)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    device = next(model.parameters()).device
+    lengths = torch.tensor([len(p) for p in prompts])
+    cu_seqlens = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(device)
+    ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=device)[None]
+    cache = model.init_cache(len(prompts), max_len)
+    hidden = model.hidden_states(ids, cu_seqlens=cu_seqlens, cache=cache)
+    return cache, model.lm_head(hidden[0, cu_seqlens[1:] - 1])
+
+
+@torch.no_grad()
+def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, sampling: Sampling | None = None,
+             eos_ids: Sequence[int] = (), should_stop: Callable[[int, list[int]], bool] | None = None,
+             on_tokens: Callable[[list[int | None]], None] | None = None, cuda_graph: bool = True,
+             generator: torch.Generator | None = None) -> list[list[int]]:
+    """New tokens for each prompt (token lists of any lengths), at most ``max_new_tokens`` each.
+
+    A row stops after an ``eos_ids`` token (kept in its output) or when ``should_stop(row, tokens so far)`` says
+    so (stop strings: the caller decodes). ``on_tokens`` gets each step's new token per row (None for a row that
+    has stopped), for streaming. The batch runs until every row has stopped. Draws come from ``generator``, else
+    from one seeded with ``sampling.seed``, else from torch's default generator.
+    """
+    sampling = sampling or Sampling(temperature=0.0)
+    if max_new_tokens < 1:
+        return [[] for _ in prompts]
+    cache, logits = prefill(model, prompts, max(len(p) for p in prompts) + max_new_tokens)
+    if generator is None and sampling.seed is not None:
+        generator = torch.Generator(logits.device).manual_seed(sampling.seed)
+    step = DecodeStep(model, cache, cuda_graph=cuda_graph)
+    out: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    eos = set(eos_ids)
+    for i in range(max_new_tokens):
+        tokens = choose(logits, sampling, generator)
+        new: list[int | None] = []
+        for row, token in enumerate(tokens.tolist()):
+            if done[row]:
+                new.append(None)
+                continue
+            out[row].append(token)
+            new.append(token)
+            done[row] = token in eos or (should_stop is not None and should_stop(row, out[row]))
+        if on_tokens is not None:
+            on_tokens(new)
+        if all(done) or i + 1 == max_new_tokens:
+            break
+        logits = step(tokens)
+    return out

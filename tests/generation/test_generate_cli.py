@@ -1,0 +1,98 @@
+"""``python -m pretrain.generate``: streamed single prompts, batches from a file, stop strings, bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    from pretrain.data.tokenizer import Tokenizer
+    from pretrain.models import build_model, load_model_config
+    from pretrain.models.io import export_model
+
+    tmp = tmp_path_factory.mktemp("generate")
+    words = "the cat sat on a mat and then it ran far away from home to see the sea".split()
+    lines = [json.dumps({"text": " ".join(words[(i * 5 + j) % len(words)] for j in range(12))}) for i in range(60)]
+    (tmp / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+    subprocess.run([sys.executable, "data_prep/train_tokenizer.py", "--inputs", str(tmp / "corpus.jsonl"),
+                    "--vocab-size", "300", "--out", str(tmp / "tok.model")], check=True, cwd=ROOT,
+                   capture_output=True)
+    tokenizer = Tokenizer(tmp / "tok.model")
+    torch.manual_seed(0)
+    cfg = load_model_config(ROOT / "configs/models/tiny_rebased.yaml", [f"vocab_size={tokenizer.vocab_size}"])
+    model = build_model(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10)  # decisive logits: greedy is far from ties
+    export_model(model, tmp / "model")
+    return tmp, tokenizer
+
+
+def run(workspace, *args):
+    tmp, _ = workspace
+    return subprocess.run([sys.executable, "-m", "pretrain.generate", "--checkpoint", str(tmp / "model"),
+                           "--tokenizer", str(tmp / "tok.model"), *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def greedy_text(workspace, prompt: str, new: int) -> str:
+    from pretrain.generation.decoder import generate
+    from pretrain.models.io import load_exported
+
+    tmp, tok = workspace
+    model = load_exported(tmp / "model", device="cpu")
+    tokens = generate(model, [[tok.eod_id] + tok.encode(prompt)], new, eos_ids=(tok.eod_id,))[0]
+    return tok.decode(tokens[:-1] if tokens and tokens[-1] == tok.eod_id else tokens)
+
+
+def test_one_prompt_streams_the_greedy_continuation(workspace):
+    proc = run(workspace, "--prompt", "the cat", "--temperature", "0", "--max-new-tokens", "12")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "the cat" + greedy_text(workspace, "the cat", 12) + "\n"
+    assert "1 prompt(s)" in proc.stderr and "fp32, cpu" in proc.stderr
+
+
+def test_a_file_of_prompts_runs_as_one_batch(workspace, tmp_path):
+    prompts = ["the sea", "a mat and", "far"]
+    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n\n")
+    out = tmp_path / "samples.jsonl"
+    proc = run(workspace, "--prompts", str(tmp_path / "p.txt"), "--temperature", "0", "--max-new-tokens", "9",
+               "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in records] == prompts
+    for r in records:
+        assert r["completion"] == greedy_text(workspace, r["prompt"], 9)
+        assert f"{r['prompt']}{r['completion']}\n" in proc.stdout
+
+
+def test_stop_strings_cut_the_output(workspace):
+    full = greedy_text(workspace, "the cat", 20)
+    stop = full[3:5]
+    assert stop.strip(), full
+    proc = run(workspace, "--prompt", "the cat", "--temperature", "0", "--max-new-tokens", "20", "--stop", stop)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "the cat" + full[:full.find(stop)] + "\n"
+
+
+def test_sampling_is_reproducible_with_a_seed(workspace):
+    args = ["--prompt", "a", "--temperature", "1.5", "--top-k", "20", "--max-new-tokens", "10", "--ignore-eos"]
+    first, again = run(workspace, *args, "--seed", "7"), run(workspace, *args, "--seed", "7")
+    assert first.returncode == 0 and first.stdout == again.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prompts", "no/such/file.txt"], "no/such/file.txt"),
+    (["--prompt", "x", "--top-p", "1.5"], "top_p=1.5"),
+    (["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens 0"),
+])
+def test_bad_input_is_one_line(workspace, args, message):
+    proc = run(workspace, *args)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
