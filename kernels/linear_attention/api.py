@@ -8,9 +8,9 @@ from typing import Optional, Sequence
 import torch
 
 from ..backend import get_triton_impl, resolve_backend
+from ..common import compute_dtype
 from .feature_maps import default_scale
-from .reference import (compute_dtype, linear_attention_reference, linear_attention_step_reference,
-                        validate_attention_inputs)
+from .reference import linear_attention_reference, linear_attention_step_reference, validate_attention_inputs
 
 __all__ = ["dispatch_linear_attention", "linear_attention_step"]
 
