@@ -1,4 +1,5 @@
-"""Shared reference machinery for (Re)Based causal linear attention (feature maps, varlen, cores)."""
+"""The (Re)Based causal linear-attention family: public entry points (``api``), feature maps, PyTorch references;
+the Triton backend registers itself from ``triton_ops``."""
 
 from .feature_maps import (KINDS, based_feature_map, default_scale, feature_map, kernel_from_dot,
                            rebased_feature_map, state_size, zero_state)
