@@ -96,10 +96,10 @@ def profile(kind: str, t: int) -> list:
 
 def kernel_stats(dump_dir=None) -> list:
     """Registers, spills, shared memory and layout conversions of every compiled chunk kernel (ttgir dumped)."""
-    from kernels.linear_attention import triton_chunk as tc
+    from kernels.linear_attention.triton_chunk import jit
     rows = []
     for name in ("_state_kernel", "_out_kernel", "_grad_kernel"):
-        for entry in getattr(tc, name).device_caches.values():
+        for entry in getattr(jit, name).device_caches.values():
             for i, ck in enumerate(entry[0].values()):
                 ttgir = ck.asm.get("ttgir", "")
                 rows.append({"kernel": name, "n_regs": ck.n_regs, "n_spills": ck.n_spills,
