@@ -1,6 +1,6 @@
 """Tune the Triton (Re)Based chunk kernels on one GPU: check and time tuning variants, then profile the best.
 
-Each variant (a ``kernels.linear_attention.triton_chunk.TUNING`` dict) runs in its own process, so a CUDA fault in
+Each variant (a dict of ``kernels.linear_attention.triton_chunk.ChunkLaunchConfig`` knobs) runs in its own process, so a CUDA fault in
 one does not stop the others. Pass 1 compiles all variants in parallel (Triton's on-disk cache keeps the binaries)
 and checks each against the float64 reference (B=2, T=2048, H=4, bf16); pass 2 times them one after the other;
 then the fastest correct variant is profiled kernel by kernel (torch.profiler, CUDA time per kernel name).
@@ -113,10 +113,10 @@ def kernel_stats(dump_dir=None) -> list:
 
 
 def run_variant(cfg: dict, mode: str, lengths: list) -> dict:
-    from kernels.linear_attention import triton_chunk as tc
-    tc.TUNING.update(cfg)
+    from kernels.linear_attention.triton_chunk import CHUNK_LAUNCH
     res = {"cfg": cfg}
     try:
+        CHUNK_LAUNCH.update(**cfg)  # this process runs one variant; an unknown or invalid knob is its result
         res["rebased"] = check("rebased")
         res["based"] = check("based")
         if mode == "time":
@@ -155,7 +155,7 @@ def markdown(result: dict) -> str:
              f"tokens per call, H={meta['heads']}, Dv={meta['dv']}, bf16. Every variant first passed the float64 "
              "check (B=2, T=2048, H=4; relative error of o, dq, dk, dv <= 1e-2). Times: median ms per call (fwd / "
              "fwd+bwd), and fwd+bwd GPU time (CUDA graph) after the bar when measured.", "",
-             "| variant (TUNING) | " + " | ".join(f"ReBased T={t}" for t in lengths)
+             "| variant (ChunkLaunchConfig) | " + " | ".join(f"ReBased T={t}" for t in lengths)
              + f" | Based T={lengths[0]} |", "|---" * (len(lengths) + 2) + "|"]
     for r in result["variants"]:
         cells = [r.get(key) for key in [f"rebased_T{t}" for t in lengths] + [f"based_T{lengths[0]}"]]

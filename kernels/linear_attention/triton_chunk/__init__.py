@@ -1,9 +1,10 @@
 """Chunked linear-time (Re)Based causal attention in Triton: forward, backward, autograd, custom ops.
 
-Modules: ``jit`` (the @triton.jit kernels), ``tables`` (tuning knobs, the state layout's sizes, tile and segment
-tables, block sizes and warps), ``launch`` (buffers and launches of the forward and backward), ``ops`` (the custom
-ops, autograd and the entry point :func:`chunk_linear_attention`), ``state_layout`` (the public state layout to and
-from the internal one).
+Modules: ``config`` (the typed launch configuration :class:`ChunkLaunchConfig` and :data:`CHUNK_LAUNCH`, the one in
+force), ``jit`` (the @triton.jit kernels), ``tables`` (the state layout's sizes, tile and segment tables, block
+sizes, warps and stages from the config), ``launch`` (buffers and launches of the forward and backward), ``ops``
+(the custom ops, autograd and the entry point :func:`chunk_linear_attention`), ``state_layout`` (the public state
+layout to and from the internal one).
 
 Algorithm (see /work/shared/notes/rebased-math.md for the math)
 -----------------------------------------------------------------
@@ -46,17 +47,19 @@ backward: [Hc not kept by the forward: _state_kernel again]
           dL/dS_final -> each segment's reverse start and dL/dS_initial;
           _grad_kernel: per chunk, dq, dk, dv from Hc + S_start, dHc + its start and the intra-chunk part.
 
-Defaults from benchmarks/kernels_tune.py on an H100 (bf16, Dv 64; results in benchmarks/results/kernels_tune_*.md):
+Defaults of :class:`ChunkLaunchConfig`, from benchmarks/kernels_tune.py on an H100 (bf16, Dv 64; results in
+benchmarks/results/kernels_tune_*.md):
 C = 64, 8 x 8 tiles, a 64-row tile x 64 Dv per state program with 2 warps, 4 warps for the output and gradient
 kernels (2 pipeline stages for the output kernel, 1 for the gradient kernel), and the forward's per-chunk states
 kept for the backward (without cu_seqlens; 384 bytes per token and head in bf16) instead of a third state pass.
 """
 
+from .config import CHUNK_LAUNCH, ChunkLaunchConfig
 from .ops import chunk_linear_attention
 from .state_layout import state_from_internal, state_to_internal
-from .tables import MAX_CHUNK, MAX_CHUNK_FP32, TUNING, supports
+from .tables import MAX_CHUNK, MAX_CHUNK_FP32, supports
 
 __all__ = [
     "chunk_linear_attention", "state_to_internal", "state_from_internal",
-    "TUNING", "supports", "MAX_CHUNK", "MAX_CHUNK_FP32",
+    "CHUNK_LAUNCH", "ChunkLaunchConfig", "supports", "MAX_CHUNK", "MAX_CHUNK_FP32",
 ]

@@ -8,12 +8,13 @@ import triton
 
 from ...poison import poison
 from .jit import _grad_kernel, _h_kernel, _out_kernel, _scan_kernel, _state_kernel
+from .config import CHUNK_LAUNCH
 from .tables import _kernel_args, _layout, _mm_mode, _ns_max, _segment_tables, _state_dtype
 
 
 def _launch_state(x, y, den, hbuf, seg, ch, ch_z, tot, tot_z, *, ns_max, h, scale, c_psi, eps, dk, dv, tile, chunk,
-                  reverse, normalize, based, mm):
-    nvb, meta, tiles = _kernel_args("state", dv, dk, based, tile, x.device)
+                  reverse, normalize, based, mm, config):
+    nvb, meta, tiles = _kernel_args("state", dv, dk, based, tile, x.device, config)
     dummy = den
     _state_kernel[(ns_max * h * (tiles.shape[0] + 1 + based) * nvb,)](
         x, y, den, hbuf if hbuf is not None else dummy, seg, tiles, ch, ch_z,
@@ -57,6 +58,7 @@ def _state_pass(x, y, den, hbuf, seg, doc, *, n_docs, n_chunks, starts=None, ini
 
 def _fwd_impl(q, k, v, cu_seqlens, S0, z0, scale, eps, normalize, based, tile, chunk, seg_tokens, store_final,
               save_states):
+    config = CHUNK_LAUNCH.get()  # Dv blocks, warps and stages of the launches (the layout came with the op's inputs)
     b, t, h, dk = q.shape
     dv = v.shape[-1]
     total = b * t
@@ -83,8 +85,8 @@ def _fwd_impl(q, k, v, cu_seqlens, S0, z0, scale, eps, normalize, based, tile, c
                          starts=(S_start, z_start) if has_start or store_final else None,
                          init=(S0, z0) if has_init else None, fin=(S_fin, z_fin) if store_final else None,
                          ns_max=ns_max, h=h, scale=scale, c_psi=scale, eps=eps, dk=dk, dv=dv, tile=tile,
-                         chunk=chunk, reverse=False, normalize=normalize, based=based, mm=mm)
-    nvb, meta, tiles = _kernel_args("out", dv, dk, based, tile, dev)
+                         chunk=chunk, reverse=False, normalize=normalize, based=based, mm=mm, config=config)
+    nvb, meta, tiles = _kernel_args("out", dv, dk, based, tile, dev, config)
     _out_kernel[(ns_max, max_chunks, h * nvb)](
         q, k, v, o, den, hc, hz, S_start, z_start, seg, tiles, h, scale, eps, C=chunk, NORMALIZE=normalize,
         BASED=based, MM=mm, HAS_START=has_start, **meta)
@@ -95,6 +97,7 @@ def _fwd_impl(q, k, v, cu_seqlens, S0, z0, scale, eps, normalize, based, tile, c
 
 def _bwd_impl(q, k, v, o, den, S_start, z_start, hc, hz, do, dSf, dzf, cu_seqlens, has_init, scale, eps,
               normalize, based, tile, chunk, seg_tokens):
+    config = CHUNK_LAUNCH.get()
     b, t, h, dk = q.shape
     dv = v.shape[-1]
     total = b * t
@@ -107,7 +110,7 @@ def _bwd_impl(q, k, v, o, den, S_start, z_start, hc, hz, do, dSf, dzf, cu_seqlen
     do, o = do.contiguous(), o.contiguous()
     c2 = scale * 0.5 if based else scale
     common = dict(ns_max=ns_max, h=h, scale=scale, eps=eps, dk=dk, dv=dv, tile=tile, chunk=chunk,
-                  normalize=normalize, based=based, mm=mm)
+                  normalize=normalize, based=based, mm=mm, config=config)
     has_start = max_per_doc > 1 or has_init
     if hc.shape[0] != n_chunks:  # not saved by the forward: recompute
         hc, hz = _state_pass(k, v, den, None, seg, doc, n_docs=n_docs, n_chunks=n_chunks, c_psi=scale,
@@ -130,7 +133,7 @@ def _bwd_impl(q, k, v, o, den, S_start, z_start, hc, hz, do, dSf, dzf, cu_seqlen
                          starts=(R_start, r_start) if has_rstart or has_init else None,
                          init=(dSf, dzf) if dSf is not None else None, fin=(dS0, dz0) if has_init else None,
                          c_psi=c2, reverse=True, **common)
-    nvb, meta, tiles = _kernel_args("grad", dv, dk, based, tile, dev)
+    nvb, meta, tiles = _kernel_args("grad", dv, dk, based, tile, dev, config)
     # dq, dk: in the input dtype from one Dv block, else fp32 partials per block, summed here
     dq, dkk = ((torch.empty(nvb, b, t, h, dk, dtype=torch.float32, device=dev) if nvb > 1
                 else torch.empty_like(x, memory_format=torch.contiguous_format))

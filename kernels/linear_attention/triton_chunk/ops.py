@@ -9,8 +9,9 @@ import torch
 
 from .launch import _bwd_impl, _fwd_impl
 from .state_layout import state_from_internal, state_to_internal
-from .tables import (MAX_CHUNK, MAX_CHUNK_FP32, TUNING, _default_tile, _layout, _ns_max, _saved_chunks,
-                     _state_blocks, _state_dtype, choose_seg_tokens)
+from .config import CHUNK_LAUNCH
+from .tables import (MAX_CHUNK, MAX_CHUNK_FP32, _layout, _ns_max, _saved_chunks, _state_blocks, _state_dtype,
+                     choose_seg_tokens)
 
 _LIB = "rebased_kernels"
 
@@ -102,24 +103,25 @@ _op_fwd.register_autograd(_backward, setup_context=_setup_context)
 def chunk_linear_attention(kind: str, q, k, v, *, scale: float, eps: float = 1e-6, normalize: bool = True,
                            cu_seqlens=None, initial_state=None, output_final_state: bool = False,
                            chunk_size: int = 64, mode=None):
-    """Triton (Re)Based attention with the public contract of ``kernels.rebased_attention``."""
+    """Triton (Re)Based attention with the public contract of ``kernels.rebased_attention``; the chunk, tile and
+    segment length come from the launch configuration in force (:data:`.config.CHUNK_LAUNCH`)."""
+    config = CHUNK_LAUNCH.get()
     based = kind == "based"
     b, t, h, dk = q.shape
     # Chunks above MAX_CHUNK are clamped: C = 64 is the fastest measured on an H100 (benchmarks/kernels_tune.py)
-    # and C = 128 has not been checked on a GPU; TUNING["chunk"] bypasses the clamp.
+    # and C = 128 has not been checked on a GPU; the config's chunk bypasses the clamp.
     max_chunk = MAX_CHUNK_FP32 if q.dtype == torch.float32 else MAX_CHUNK
-    chunk = min(chunk_size if chunk_size in (16, 32, 64, 128) else max_chunk, max_chunk)
-    if TUNING.get("chunk"):
-        chunk = int(TUNING["chunk"])
+    chunk = config.chunk or min(chunk_size if chunk_size in (16, 32, 64, 128) else max_chunk, max_chunk)
     n_docs = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    tile = _layout(based, dk, _default_tile(v.shape[-1]))[0]
-    seg_tokens = choose_seg_tokens(b * t, n_docs, h, chunk, q.device, _state_blocks(v.shape[-1], dk, tile))
+    tile = _layout(based, dk, config.tile_for(v.shape[-1]))[0]
+    seg_tokens = choose_seg_tokens(b * t, n_docs, h, chunk, q.device, _state_blocks(v.shape[-1], dk, tile, config),
+                                   config)
     # the kernels index rows densely; copies made here are also what the op saves for its backward
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     S0 = z0 = None
     if initial_state is not None:
         S0, z0 = state_to_internal(kind, initial_state[0], initial_state[1], dk, tile)
-    save = TUNING.get("save_states") is not False and cu_seqlens is None
+    save = config.save_states and cu_seqlens is None
     o, den, S_start, z_start, S_fin, z_fin, _, _ = _op_fwd(q, k, v, cu_seqlens, S0, z0, float(scale), float(eps),
                                                            bool(normalize), based, tile, chunk, seg_tokens,
                                                            bool(output_final_state), save)

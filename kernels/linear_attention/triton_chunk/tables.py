@@ -1,5 +1,6 @@
-"""Host-side tables of the chunked kernels: tuning knobs, the internal state layout's sizes, the tile table, the
-segment tables, Dv blocks, warps and pipeline stages of each kernel, and the matmul mode."""
+"""Host-side tables of the chunked kernels: the internal state layout's sizes, the tile table, the segment tables,
+the Dv blocks, warps and pipeline stages of each kernel (from the launch configuration, :mod:`.config`), and the
+matmul mode."""
 
 from __future__ import annotations
 
@@ -9,23 +10,7 @@ from typing import List, Optional, Tuple
 import torch
 import triton
 
-# Tunables (benchmarks/kernels_tune.py sweeps these). None -> default.
-TUNING = {
-    "chunk": None,            # chunk length override (16, 32, 64, 128)
-    "seg_tokens": None,       # tokens per segment (multiple of the chunk)
-    "target_programs": None,  # wanted number of state-kernel programs (segments x heads x blocks)
-    "tile": None,             # side of the stored tiles of the symmetric second-order state (4, 8 or 16): the
-                              # feature rows of a state program and of one step of the output / gradient loops
-    "bv_state": None,         # Dv block of the state kernel
-    "bv_out": None,           # Dv block of the output kernel
-    "bv_grad": None,          # Dv block of the gradient kernel
-    "warps_state": None,
-    "warps_out": None,
-    "warps_grad": None,
-    "stages": None,           # software-pipelining stages of every kernel ("stages_<kernel>" for one)
-    "save_states": None,      # keep the forward's per-chunk states for the backward (default; no cu_seqlens only)
-}
-
+from .config import CHUNK_LAUNCH, ChunkLaunchConfig
 
 MAX_CHUNK = 64
 MAX_CHUNK_FP32 = 32  # fp32 operands at C = 64, Dv 128 need 263 KB of shared memory; an H100 has 227 KB
@@ -51,9 +36,9 @@ def _layout(based: bool, dk: int = 16, tile: Optional[int] = None) -> Tuple[int,
     row-major inside a tile: the state is symmetric in (i, j), so the tiles below the diagonal are left out
     (Dk = 16: TS = 8 keeps 3 of 4 tiles, 192 rows instead of 256; TS = 4 keeps 10 of 16, 160 rows). The normaliser
     z keeps its full Dk x Dk matrix."""
-    ts = tile or TUNING.get("tile") or 8
+    ts = tile or CHUNK_LAUNCH.get().tile or 8
     if ts not in (4, 8, 16) or dk % ts:
-        raise ValueError(f"TUNING['tile'] = {ts}: the tile side must be 4, 8 or 16 and divide Dk = {dk}")
+        raise ValueError(f"tile = {ts}: the tile side must be 4, 8 or 16 and divide Dk = {dk}")
     ng = dk // ts
     f2 = ng * (ng + 1) // 2 * ts * ts
     extra = dk + 1 if based else 0
@@ -80,13 +65,15 @@ def _num_sms(device: torch.device) -> int:
 
 
 def choose_seg_tokens(total_tokens: int, n_docs: int, heads: int, chunk: int, device: torch.device,
-                      blocks: int = 1) -> int:
+                      blocks: int = 1, config: Optional[ChunkLaunchConfig] = None) -> int:
     """Tokens per segment: a multiple of ``chunk`` giving about ``target_programs`` state-kernel programs
-    (segments x heads x ``blocks`` state blocks). A document of several segments costs a scan of their totals
-    and the chunks' loads of their segment's start state."""
-    if TUNING.get("seg_tokens"):
-        return max(chunk, (int(TUNING["seg_tokens"]) // chunk) * chunk)
-    target = TUNING.get("target_programs") or 4 * _num_sms(device)
+    (segments x heads x ``blocks`` state blocks), or the config's ``seg_tokens``. A document of several segments
+    costs a scan of their totals and the chunks' loads of their segment's start state. ``config``: the launch
+    configuration (default: the one in force)."""
+    config = config or CHUNK_LAUNCH.get()
+    if config.seg_tokens:
+        return max(chunk, (config.seg_tokens // chunk) * chunk)
+    target = config.target_programs or 4 * _num_sms(device)
     per = max(1, total_tokens * heads * blocks // max(1, target))
     seg = chunk
     while seg * 2 <= per and seg < 16384:
@@ -147,32 +134,24 @@ def _ns_max(total_tokens: int, n_docs: int, seg_tokens: int) -> int:
     return total_tokens // seg_tokens + n_docs
 
 
-def _cfg(which: str, dv: int) -> Tuple[int, int, int]:
+def _cfg(which: str, dv: int, config: ChunkLaunchConfig) -> Tuple[int, int, int]:
     """(Dv block, Dv blocks, warps) of kernel `which` ("state" | "out" | "grad"); a feature block is one tile."""
     dvp = max(16, triton.next_power_of_2(dv))
-    bv = min(TUNING.get("bv_" + which) or 64, dvp)
-    # 2 warps suit the state programs (one tile each; the first/zeroth-order rows and z have their own program)
-    warps = TUNING.get("warps_" + which) or (2 if which == "state" else 4)
-    return bv, triton.cdiv(dv, bv), warps
+    bv = min(config.block_v(which), dvp)
+    return bv, triton.cdiv(dv, bv), config.num_warps(which)
 
 
-def _kernel_args(which: str, dv: int, dk: int, based: bool, tile: Optional[int], device):
+def _kernel_args(which: str, dv: int, dk: int, based: bool, tile: Optional[int], device, config: ChunkLaunchConfig):
     """(Dv blocks, the layout and launch keywords, the tile table) of kernel `which` ("state" | "out" | "grad")."""
     ts, f2, ft, fz = _layout(based, dk, tile)
-    bv, nvb, warps = _cfg(which, dv)
+    bv, nvb, warps = _cfg(which, dv, config)
     return nvb, dict(DK=dk, DV=dv, BV=bv, NVB=nvb, TS=ts, F2=f2, FT=ft, FZ=fz, num_warps=warps,
-                     **_stages(which)), _tile_table(dk, ts, device)
+                     **_stages(which, config)), _tile_table(dk, ts, device)
 
 
-def _default_tile(dv: int) -> int:
-    # narrow value heads: the full 16 x 16 pair matrix as one tile (fewer, larger feature blocks per program) was
-    # 8% faster at Dv = 10 on an H200 (benchmarks/results/mqar/); 8 x 8 tiles from Dv 32 (kernels_tune, H100)
-    return TUNING.get("tile") or (16 if dv <= 16 else 8)
-
-
-def _state_blocks(dv: int, dk: int, tile: int) -> int:
+def _state_blocks(dv: int, dk: int, tile: int, config: ChunkLaunchConfig) -> int:
     ts, f2, _, _ = _layout(False, dk, tile)
-    _, nvb, _ = _cfg("state", dv)
+    _, nvb, _ = _cfg("state", dv, config)
     return f2 // (ts * ts) * nvb
 
 
@@ -182,10 +161,8 @@ def _offsets_of(cu_seqlens: Optional[torch.Tensor], b: int, t: int) -> List[int]
     return [int(x) for x in cu_seqlens.tolist()]
 
 
-def _stages(which: str):
-    # measured on an H100 (kernels_tune): 2 stages for the output kernel; 1 for the gradient kernel, whose 255
-    # registers leave no room for prefetched tiles
-    s = TUNING.get("stages_" + which) or TUNING.get("stages") or {"out": 2, "grad": 1}.get(which)
+def _stages(which: str, config: ChunkLaunchConfig):
+    s = config.num_stages(which)
     return {"num_stages": s} if s else {}
 
 
