@@ -3,7 +3,7 @@
 One GPU run: forward and forward+backward times for T = 512 ... 65536 at 32768 tokens per call (B = 32768 // T,
 at least 1), 16 heads, Dk 16, Dv 64, bf16; SDPA with head dim 64 (flash backend when available), causal.
 Prints a table with ratios and writes benchmarks/results/kernels_speed_<device>_<date>.{json,md} (or --out DIR)
-with the device, date, command, and the floor (FLOPs and bytes, see /work/shared/notes/rebased-math.md).
+with the device, date, command, and the floor (FLOPs and bytes, see kernels/linear_attention/DESIGN.md, section 8).
 
     python benchmarks/kernels_speed.py [--quick] [--decode-only] [--out DIR]
 
@@ -57,7 +57,7 @@ def bench_graph(fn, calls=20):
 
 
 def floor(t_tokens, heads, dv, chunk=MAX_CHUNK, feat=136, peak_flops=700e12, bw=3.0e12):
-    # per token and head (notes): fwd = 2*2*feat*dv (state read + update) + 2*C*(dk + dv); bwd ~ 2x fwd
+    # per token and head (DESIGN.md, section 8): fwd = 2*2*feat*dv (state read + update) + 2*C*(dk + dv); bwd ~ 2x fwd
     fwd_flops = (4 * feat * dv + 2 * chunk * (DK + dv)) * t_tokens * heads
     total_flops = 3 * fwd_flops
     b = 2  # bf16

@@ -14,10 +14,12 @@ Public API (layout [B, T, H, D]; see each function's docstring for the full cont
 
     rebased_feature_map(x, scale=None), based_feature_map(x, scale=None), state_size(kind, dk)
 
-Families: ``linear_attention/`` (ReBased and Based, generated from one table of kinds in its ``api.py``),
-``short_conv/`` and ``cross_entropy/``; helpers they share in ``common.py``. Backends: the "torch" references live in each family (``linear_attention/reference.py``,
-``<family>/naive.py``); Triton implementations register themselves from ``kernels/<family>/triton_ops.py``
-(imported automatically below when the file exists) via :func:`kernels.backend.register_triton_impl`.
+Families: ``linear_attention/`` (ReBased and Based, generated from one table of kinds in its ``api.py``; the math
+and the kernels' design in its ``DESIGN.md``), ``short_conv/`` and ``cross_entropy/``; helpers they share in
+``common.py``, the machinery of their typed launch configurations in ``launch_config.py``. Backends: the "torch"
+references live in each family (``linear_attention/reference.py``, ``<family>/naive.py``); Triton implementations
+register themselves from ``kernels/<family>/triton_ops.py`` (imported automatically below when the file exists) via
+:func:`kernels.backend.register_triton_impl`.
 """
 
 import importlib

@@ -3,7 +3,7 @@ dispatch, their torch references ``rebased_attention_torch`` / ``based_attention
 decoding step ``linear_attention_step``.
 
 The kinds differ only in the kernel a_ts and the explicit feature map that linearises it (see
-:mod:`kernels.linear_attention.feature_maps`), so each kind's two public functions
+:mod:`kernels.linear_attention.feature_maps` and ``DESIGN.md`` beside this file), so each kind's two public functions
 are generated from :data:`KIND_KERNELS` by :func:`_make_attention` and :func:`_make_attention_torch`; the Triton
 implementations are registered for every kind by :mod:`kernels.linear_attention.triton_ops`.
 """

@@ -1,4 +1,5 @@
-"""PyTorch reference implementations of causal (Re)Based linear attention.
+"""PyTorch reference implementations of causal (Re)Based linear attention (the math: ``DESIGN.md`` beside this
+file, sections 1-4).
 
 Three mathematically identical forms, all differentiable by autograd:
 

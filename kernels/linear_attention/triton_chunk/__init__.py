@@ -6,8 +6,8 @@ sizes, warps and stages from the config), ``launch`` (buffers and launches of th
 (the custom ops, autograd and the entry point :func:`chunk_linear_attention`), ``state_layout`` (the public state
 layout to and from the internal one).
 
-Algorithm (see /work/shared/notes/rebased-math.md for the math)
------------------------------------------------------------------
+Algorithm (the math, the backward and the state layout are derived in ``kernels/linear_attention/DESIGN.md``)
+---------------------------------------------------------------------------------------------------------------
 The second-order features are the pair products x_i x_j, built per chunk in registers from the 16-wide rows
 (never stored in HBM). The state is symmetric in (i, j), so only the TS x TS tiles (I, J), I <= J, of the
 Dk x Dk pair matrix are kept (TS = 8 by default: tiles (0,0), (0,1), (1,1), 192 rows instead of 256; TS = 4

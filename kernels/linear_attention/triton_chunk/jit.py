@@ -1,5 +1,6 @@
-"""The @triton.jit kernels of the chunked (Re)Based attention (see the package docstring for the algorithm);
-launched from :mod:`.launch`."""
+"""The @triton.jit kernels of the chunked (Re)Based attention (the algorithm: the package docstring; the math and
+the symmetric-tile state layout: ``kernels/linear_attention/DESIGN.md``, sections 4-7); launched from
+:mod:`.launch`."""
 
 import triton
 import triton.language as tl

@@ -1,6 +1,6 @@
 """The public (contract) state layout of ``kernels.rebased_feature_map`` / ``based_feature_map`` to and from the
-internal one of the chunked kernels (symmetric tiles of the pair matrix; see the package docstring), in PyTorch and
-differentiable."""
+internal one of the chunked kernels (symmetric tiles of the pair matrix; ``kernels/linear_attention/DESIGN.md``,
+section 6), in PyTorch and differentiable."""
 
 from __future__ import annotations
 
