@@ -1,9 +1,10 @@
 """Tune the Triton (Re)Based chunk kernels on one GPU: check and time tuning variants, then profile the best.
 
-Each variant (a dict of ``kernels.linear_attention.triton_chunk.ChunkLaunchConfig`` knobs) runs in its own process, so a CUDA fault in
-one does not stop the others. Pass 1 compiles all variants in parallel (Triton's on-disk cache keeps the binaries)
-and checks each against the float64 reference (B=2, T=2048, H=4, bf16); pass 2 times them one after the other;
-then the fastest correct variant is profiled kernel by kernel (torch.profiler, CUDA time per kernel name).
+Each variant (a dict of ``kernels.linear_attention.triton_chunk.ChunkLaunchConfig`` knobs) runs in its own process,
+so a CUDA fault in one does not stop the others. Pass 1 compiles all variants in parallel (Triton's on-disk cache
+keeps the binaries) and checks each against the float64 reference (B=2, T=2048, H=4, bf16); pass 2 times them one
+after the other; then the fastest correct variant is profiled kernel by kernel (torch.profiler, CUDA time per kernel
+name).
 
     python benchmarks/kernels_tune.py [--out DIR] [--lengths 2048,8192,32768] [--variants JSON_LIST]
     python benchmarks/kernels_tune.py --report RESULT.json [--out DIR]   # (re)write the .md of a saved run
