@@ -56,15 +56,19 @@ def _state_pass(x, y, den, hbuf, seg, doc, *, n_docs, n_chunks, starts=None, ini
     return ch, ch_z
 
 
+def _sizes(q, v, cu_seqlens, based, tile, seg_tokens):
+    """(b, t, h, dk, dv, n_docs, ft, fz, ns_max) of a forward or backward call: the shapes, the documents, the
+    internal state's rows and normaliser rows, and the rows of the per-segment buffers."""
+    b, t, h, dk = q.shape
+    n_docs = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    _, _, ft, fz = _layout(based, dk, tile)
+    return b, t, h, dk, v.shape[-1], n_docs, ft, fz, _ns_max(b * t, n_docs, seg_tokens)
+
+
 def _fwd_impl(q, k, v, cu_seqlens, S0, z0, scale, eps, normalize, based, tile, chunk, seg_tokens, store_final,
               save_states):
     config = CHUNK_LAUNCH.get()  # Dv blocks, warps and stages of the launches (the layout came with the op's inputs)
-    b, t, h, dk = q.shape
-    dv = v.shape[-1]
-    total = b * t
-    n_docs = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    _, _, ft, fz = _layout(based, dk, tile)
-    ns_max = _ns_max(total, n_docs, seg_tokens)
+    b, t, h, dk, dv, n_docs, ft, fz, ns_max = _sizes(q, v, cu_seqlens, based, tile, seg_tokens)
     dev = q.device
     o = torch.empty_like(v, memory_format=torch.contiguous_format)
     den = torch.empty(b, t, h, dtype=torch.float32, device=dev)
@@ -98,12 +102,8 @@ def _fwd_impl(q, k, v, cu_seqlens, S0, z0, scale, eps, normalize, based, tile, c
 def _bwd_impl(q, k, v, o, den, S_start, z_start, hc, hz, do, dSf, dzf, cu_seqlens, has_init, scale, eps,
               normalize, based, tile, chunk, seg_tokens):
     config = CHUNK_LAUNCH.get()
-    b, t, h, dk = q.shape
-    dv = v.shape[-1]
+    b, t, h, dk, dv, n_docs, ft, fz, ns_max = _sizes(q, v, cu_seqlens, based, tile, seg_tokens)
     total = b * t
-    n_docs = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    _, _, ft, fz = _layout(based, dk, tile)
-    ns_max = _ns_max(total, n_docs, seg_tokens)
     dev = q.device
     seg, doc, max_per_doc, n_chunks, max_chunks = _segment_tables(cu_seqlens, b, t, seg_tokens, ns_max, chunk, dev)
     mm = _mm_mode(q.dtype)
