@@ -1,9 +1,9 @@
 """The (Re)Based causal linear-attention family: public entry points (``api``), feature maps, PyTorch references;
 the Triton backend registers itself from ``triton_ops``."""
 
+from ..common import check_cu_seqlens, compute_dtype, pack_documents, unpack_documents
 from .feature_maps import (KINDS, based_feature_map, default_scale, feature_map, kernel_from_dot,
                            rebased_feature_map, state_size, zero_state)
-from ..common import check_cu_seqlens, compute_dtype, pack_documents, unpack_documents
 from .reference import MODES, linear_attention_reference, validate_attention_inputs
 
 __all__ = [
