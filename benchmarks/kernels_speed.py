@@ -3,7 +3,7 @@
 One GPU run: forward and forward+backward times for T = 512 ... 65536 at 32768 tokens per call (B = 32768 // T,
 at least 1), 16 heads, Dk 16, Dv 64, bf16; SDPA with head dim 64 (flash backend when available), causal.
 Prints a table with ratios and writes benchmarks/results/kernels_speed_<device>_<date>.{json,md} (or --out DIR)
-with the device, date, command, and the floor (FLOPs and bytes, see /work/shared/notes/rebased-math.md).
+with the device, date, command, and the floor (FLOPs and bytes, see kernels/linear_attention/DESIGN.md, section 8).
 
     python benchmarks/kernels_speed.py [--quick] [--decode-only] [--out DIR]
 
@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import kernels  # noqa: E402
 from results_io import save_results  # noqa: E402
-from kernels.linear_attention import triton_chunk as tc  # noqa: E402
+from kernels.linear_attention.triton_chunk import CHUNK_LAUNCH, MAX_CHUNK  # noqa: E402
 
 TOKENS = 32768
 HEADS = 16
@@ -56,8 +56,8 @@ def bench_graph(fn, calls=20):
     return bench(graph.replay) / calls
 
 
-def floor(t_tokens, heads, dv, chunk=tc.MAX_CHUNK, feat=136, peak_flops=700e12, bw=3.0e12):
-    # per token and head (notes): fwd = 2*2*feat*dv (state read + update) + 2*C*(dk + dv); bwd ~ 2x fwd
+def floor(t_tokens, heads, dv, chunk=MAX_CHUNK, feat=136, peak_flops=700e12, bw=3.0e12):
+    # per token and head (DESIGN.md, section 8): fwd = 2*2*feat*dv (state read + update) + 2*C*(dk + dv); bwd ~ 2x fwd
     fwd_flops = (4 * feat * dv + 2 * chunk * (DK + dv)) * t_tokens * heads
     total_flops = 3 * fwd_flops
     b = 2  # bf16
@@ -291,13 +291,13 @@ def main():
                 decode_rows.append(time_decode_step(kind, batch))
                 print(decode_rows[-1], flush=True)
 
-    tuning = {key: val for key, val in tc.TUNING.items() if val is not None}
+    tuning = CHUNK_LAUNCH.get().overrides()
     lines = [f"# Kernel speed: {dev_name}, {meta['date_utc']}", "",
              f"Command: `{meta['command']}`; torch {meta['torch']}, triton {meta['triton']}; "
              f"{TOKENS} tokens per call (B = {TOKENS}//T), H={HEADS}, Dk={DK}, Dv={DV}, bf16; SDPA head dim 64 causal "
              f"(SDPA = the flash backend, FlashAttention-2; cuDNN = the cuDNN backend, PyTorch's default on an H100). "
              f"Times are medians of triton.testing.do_bench (ms); GPU = the same call replayed as a CUDA graph (no "
-             f"Python or launch overhead). Tuning overrides: {json.dumps(tuning)} (chunk {tc.MAX_CHUNK} by default).",
+             f"Python or launch overhead). Tuning overrides: {json.dumps(tuning)} (chunk {MAX_CHUNK} by default).",
              "",
              "| T | B | ReBased fwd | ReBased fwd+bwd | ReBased fwd+bwd GPU | Based fwd | Based fwd+bwd | SDPA fwd | "
              "SDPA fwd+bwd | cuDNN fwd+bwd | ReBased/SDPA fwd+bwd | ReBased/cuDNN fwd+bwd | Based/ReBased fwd+bwd | "

@@ -1,9 +1,10 @@
 """Tune the Triton (Re)Based chunk kernels on one GPU: check and time tuning variants, then profile the best.
 
-Each variant (a ``kernels.linear_attention.triton_chunk.TUNING`` dict) runs in its own process, so a CUDA fault in
-one does not stop the others. Pass 1 compiles all variants in parallel (Triton's on-disk cache keeps the binaries)
-and checks each against the float64 reference (B=2, T=2048, H=4, bf16); pass 2 times them one after the other;
-then the fastest correct variant is profiled kernel by kernel (torch.profiler, CUDA time per kernel name).
+Each variant (a dict of ``kernels.linear_attention.triton_chunk.ChunkLaunchConfig`` knobs) runs in its own process,
+so a CUDA fault in one does not stop the others. Pass 1 compiles all variants in parallel (Triton's on-disk cache
+keeps the binaries) and checks each against the float64 reference (B=2, T=2048, H=4, bf16); pass 2 times them one
+after the other; then the fastest correct variant is profiled kernel by kernel (torch.profiler, CUDA time per kernel
+name).
 
     python benchmarks/kernels_tune.py [--out DIR] [--lengths 2048,8192,32768] [--variants JSON_LIST]
     python benchmarks/kernels_tune.py --report RESULT.json [--out DIR]   # (re)write the .md of a saved run
@@ -96,10 +97,10 @@ def profile(kind: str, t: int) -> list:
 
 def kernel_stats(dump_dir=None) -> list:
     """Registers, spills, shared memory and layout conversions of every compiled chunk kernel (ttgir dumped)."""
-    from kernels.linear_attention import triton_chunk as tc
+    from kernels.linear_attention.triton_chunk import jit
     rows = []
     for name in ("_state_kernel", "_out_kernel", "_grad_kernel"):
-        for entry in getattr(tc, name).device_caches.values():
+        for entry in getattr(jit, name).device_caches.values():
             for i, ck in enumerate(entry[0].values()):
                 ttgir = ck.asm.get("ttgir", "")
                 rows.append({"kernel": name, "n_regs": ck.n_regs, "n_spills": ck.n_spills,
@@ -113,10 +114,10 @@ def kernel_stats(dump_dir=None) -> list:
 
 
 def run_variant(cfg: dict, mode: str, lengths: list) -> dict:
-    from kernels.linear_attention import triton_chunk as tc
-    tc.TUNING.update(cfg)
+    from kernels.linear_attention.triton_chunk import CHUNK_LAUNCH
     res = {"cfg": cfg}
     try:
+        CHUNK_LAUNCH.update(**cfg)  # this process runs one variant; an unknown or invalid knob is its result
         res["rebased"] = check("rebased")
         res["based"] = check("based")
         if mode == "time":
@@ -155,7 +156,7 @@ def markdown(result: dict) -> str:
              f"tokens per call, H={meta['heads']}, Dv={meta['dv']}, bf16. Every variant first passed the float64 "
              "check (B=2, T=2048, H=4; relative error of o, dq, dk, dv <= 1e-2). Times: median ms per call (fwd / "
              "fwd+bwd), and fwd+bwd GPU time (CUDA graph) after the bar when measured.", "",
-             "| variant (TUNING) | " + " | ".join(f"ReBased T={t}" for t in lengths)
+             "| variant (ChunkLaunchConfig) | " + " | ".join(f"ReBased T={t}" for t in lengths)
              + f" | Based T={lengths[0]} |", "|---" * (len(lengths) + 2) + "|"]
     for r in result["variants"]:
         cells = [r.get(key) for key in [f"rebased_T{t}" for t in lengths] + [f"based_T{lengths[0]}"]]

@@ -2,7 +2,7 @@
 
     python benchmarks/mqar_profile.py profile [--setting rebased:128:2048] [--steps 4]
     python benchmarks/mqar_profile.py errors                     # kernel error vs float64 at the MQAR shapes
-    python benchmarks/mqar_profile.py attention [--variants JSON] # fwd+bwd ms of the op per TUNING variant
+    python benchmarks/mqar_profile.py attention [--variants JSON] # fwd+bwd ms of the op per launch-config variant
 
 ``profile`` builds the run exactly as ``python -m pretrain.mqar`` does (compiled body, fused LM head + loss),
 warms it up, then records ``--steps`` optimizer steps with torch.profiler and prints the CUDA time per kernel
@@ -83,9 +83,9 @@ def attention_one(tuning: dict) -> dict:
     import triton
 
     import kernels
-    from kernels.linear_attention import triton_chunk as tc
+    from kernels.linear_attention.triton_chunk import CHUNK_LAUNCH
 
-    tc.TUNING.update(tuning)
+    CHUNK_LAUNCH.update(**tuning)  # this process runs one variant (a dict of ChunkLaunchConfig knobs)
     out = {"tuning": tuning}
     for kind in ("rebased", "based"):
         fn = kernels.rebased_attention if kind == "rebased" else kernels.based_attention

@@ -14,9 +14,12 @@ Public API (layout [B, T, H, D]; see each function's docstring for the full cont
 
     rebased_feature_map(x, scale=None), based_feature_map(x, scale=None), state_size(kind, dk)
 
-Backends: "torch" references live in ``kernels/<family>/naive.py``; Triton implementations register
-themselves from ``kernels/<family>/triton_ops.py`` (imported automatically below when the file exists)
-via :func:`kernels.backend.register_triton_impl`.
+Families: ``linear_attention/`` (ReBased and Based, generated from one table of kinds in its ``api.py``; the math
+and the kernels' design in its ``DESIGN.md``), ``short_conv/`` and ``cross_entropy/``; helpers they share in
+``common.py``, the machinery of their typed launch configurations in ``launch_config.py``. Backends: the "torch"
+references live in each family (``linear_attention/reference.py``, ``<family>/naive.py``); Triton implementations
+register themselves from ``kernels/<family>/triton_ops.py`` (imported automatically below when the file exists) via
+:func:`kernels.backend.register_triton_impl`.
 """
 
 import importlib
@@ -24,11 +27,10 @@ import importlib.util
 
 from .backend import (BACKEND_ENV_VAR, BackendUnavailableError, get_triton_impl, register_triton_impl,
                       registered_triton_ops, resolve_backend)
-from .based import based_attention, based_attention_torch
 from .cross_entropy import cross_entropy_grad, cross_entropy_grad_torch
-from .linear_attention.api import linear_attention_step
+from .linear_attention.api import (based_attention, based_attention_torch, linear_attention_step, rebased_attention,
+                                   rebased_attention_torch)
 from .linear_attention.feature_maps import based_feature_map, rebased_feature_map, state_size, zero_state
-from .rebased import rebased_attention, rebased_attention_torch
 from .short_conv import short_conv, short_conv_torch
 
 __all__ = [
@@ -39,7 +41,7 @@ __all__ = [
     "BackendUnavailableError", "BACKEND_ENV_VAR",
 ]
 
-_TRITON_FAMILIES = ("rebased", "based", "short_conv", "cross_entropy")
+_TRITON_FAMILIES = ("linear_attention", "short_conv", "cross_entropy")
 
 
 def _import_triton_ops() -> None:

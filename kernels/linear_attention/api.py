@@ -1,18 +1,52 @@
-"""Validation + backend dispatch shared by ``rebased_attention`` and ``based_attention``, and the one-token
-in-place decoding step ``linear_attention_step``."""
+"""The public entry points of the linear-attention family: ``rebased_attention`` and ``based_attention`` with backend
+dispatch, their torch references ``rebased_attention_torch`` / ``based_attention_torch``, and the one-token in-place
+decoding step ``linear_attention_step``.
+
+The kinds differ only in the kernel a_ts and the explicit feature map that linearises it (see
+:mod:`kernels.linear_attention.feature_maps` and ``DESIGN.md`` beside this file), so each kind's two public functions
+are generated from :data:`KIND_KERNELS` by :func:`_make_attention` and :func:`_make_attention_torch`; the Triton
+implementations are registered for every kind by :mod:`kernels.linear_attention.triton_ops`.
+"""
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 
 from ..backend import get_triton_impl, resolve_backend
-from .feature_maps import default_scale
-from .reference import (compute_dtype, linear_attention_reference, linear_attention_step_reference,
-                        validate_attention_inputs)
+from ..common import compute_dtype
+from .feature_maps import KINDS, default_scale
+from .reference import linear_attention_reference, linear_attention_step_reference, validate_attention_inputs
 
-__all__ = ["dispatch_linear_attention", "linear_attention_step"]
+__all__ = ["KIND_KERNELS", "dispatch_linear_attention", "linear_attention_step", "rebased_attention",
+           "based_attention", "rebased_attention_torch", "based_attention_torch"]
+
+# kind -> its kernel of the scaled dot product, as the docstrings state it
+KIND_KERNELS = {
+    "rebased": "a_ts = (scale * q_t.k_s)^2",
+    "based": "a_ts = 1 + x + x^2/2 with x = scale * q_t.k_s",
+}
+assert tuple(KIND_KERNELS) == KINDS
+
+_ATTENTION_DOC = """Causal {kind} attention, layout [B, T, H, D]; q, k already feature-mapped by the model.
+
+    Kernel: {kernel} (scale defaults to Dk**-0.5).
+    o_t = sum_{{s<=t}} a_ts v_s / (sum_{{s<=t}} a_ts + eps) if normalize else sum_{{s<=t}} a_ts v_s.
+
+    Args:
+        q, k: [B, T, H, Dk]; v: [B, T, H, Dv] (same dtype/device).
+        cu_seqlens: optional int32/int64 [N+1] document offsets (requires B == 1); state resets per document.
+        initial_state: optional (kv [N, H, F, Dv], z [N, H, F]) with F = kernels.state_size("{kind}", Dk),
+            in the feature layout of kernels.{kind}_feature_map.
+        output_final_state: also return the final (kv, z) state (float32; float64 for float64 inputs).
+        backend: None/"auto" | "torch" | "triton" (env var REBASED_KERNEL_BACKEND overrides auto).
+        mode: torch backend form, "quadratic" | "chunk" | "recurrent"; default "chunk" ("recurrent" if T == 1).
+        chunk_size: chunk length for mode="chunk".
+
+    Returns:
+        (o [B, T, H, Dv] in the input dtype, final_state or None).
+    """
 
 
 def dispatch_linear_attention(kind, q, k, v, *, scale, eps, normalize, cu_seqlens, initial_state,
@@ -29,6 +63,49 @@ def dispatch_linear_attention(kind, q, k, v, *, scale, eps, normalize, cu_seqlen
                                       cu_seqlens=cu_seqlens, initial_state=initial_state,
                                       output_final_state=output_final_state, mode=mode, chunk_size=chunk_size,
                                       _offsets=offsets, _validated=True)
+
+
+def _named(fn, name: str, doc: str):
+    fn.__name__ = fn.__qualname__ = name
+    fn.__doc__ = doc
+    return fn
+
+
+def _make_attention(kind: str):
+    """``<kind>_attention``: validation and backend dispatch (see :data:`_ATTENTION_DOC`)."""
+
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optional[float] = None,
+                  eps: float = 1e-6, normalize: bool = True, cu_seqlens: Optional[torch.Tensor] = None,
+                  initial_state: Optional[Sequence[torch.Tensor]] = None, output_final_state: bool = False,
+                  backend: Optional[str] = None, mode: Optional[str] = None, chunk_size: int = 64,
+                  ) -> Tuple[torch.Tensor, Optional[Tuple[torch.Tensor, torch.Tensor]]]:
+        return dispatch_linear_attention(kind, q, k, v, scale=scale, eps=eps, normalize=normalize,
+                                         cu_seqlens=cu_seqlens, initial_state=initial_state,
+                                         output_final_state=output_final_state, backend=backend, mode=mode,
+                                         chunk_size=chunk_size)
+
+    return _named(attention, f"{kind}_attention", _ATTENTION_DOC.format(kind=kind, kernel=KIND_KERNELS[kind]))
+
+
+def _make_attention_torch(kind: str):
+    """``<kind>_attention_torch``: the torch reference without backend dispatch."""
+
+    def attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optional[float] = None,
+                        eps: float = 1e-6, normalize: bool = True, cu_seqlens: Optional[torch.Tensor] = None,
+                        initial_state: Optional[Sequence[torch.Tensor]] = None, output_final_state: bool = False,
+                        mode: Optional[str] = None, chunk_size: int = 64):
+        return linear_attention_reference(kind, q, k, v, scale=scale, eps=eps, normalize=normalize,
+                                          cu_seqlens=cu_seqlens, initial_state=initial_state,
+                                          output_final_state=output_final_state, mode=mode, chunk_size=chunk_size)
+
+    return _named(attention_torch, f"{kind}_attention_torch",
+                  f'Torch-backend {kind} attention (no backend dispatch); modes "quadratic" | "chunk" | "recurrent".')
+
+
+rebased_attention = _make_attention("rebased")
+based_attention = _make_attention("based")
+rebased_attention_torch = _make_attention_torch("rebased")
+based_attention_torch = _make_attention_torch("based")
 
 
 def _validate_step_state(q, k, v, state) -> None:

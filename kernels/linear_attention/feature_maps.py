@@ -1,4 +1,5 @@
-"""Explicit feature maps for the ReBased and Based attention kernels.
+"""Explicit feature maps for the ReBased and Based attention kernels (derivation: ``DESIGN.md`` beside this file,
+section 2).
 
 These define the *state layout* shared by every backend (torch reference, Triton, decoding code).
 

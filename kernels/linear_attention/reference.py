@@ -1,4 +1,5 @@
-"""PyTorch reference implementations of causal (Re)Based linear attention.
+"""PyTorch reference implementations of causal (Re)Based linear attention (the math: ``DESIGN.md`` beside this
+file, sections 1-4).
 
 Three mathematically identical forms, all differentiable by autograd:
 
@@ -10,7 +11,7 @@ Three mathematically identical forms, all differentiable by autograd:
 
 Inputs are [B, T, H, D]; computation runs in float32 (float64 for float64 inputs) and the output is
 cast back to the input dtype. Documents given by ``cu_seqlens`` (B == 1) are handled by converting the
-packed batch to a right-padded batch of documents (see :mod:`kernels.linear_attention.varlen`).
+packed batch to a right-padded batch of documents (see :mod:`kernels.common`).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..common import check_cu_seqlens, compute_dtype, pack_documents, unpack_documents
 from .feature_maps import KINDS, default_scale, feature_map, kernel_from_dot, state_size
-from .varlen import check_cu_seqlens, pack_documents, unpack_documents
 
 __all__ = ["MODES", "compute_dtype", "validate_attention_inputs", "linear_attention_reference",
            "linear_attention_step_reference"]
@@ -29,10 +30,6 @@ __all__ = ["MODES", "compute_dtype", "validate_attention_inputs", "linear_attent
 MODES = ("quadratic", "chunk", "recurrent")
 
 State = Tuple[torch.Tensor, torch.Tensor]
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _shape(t: torch.Tensor) -> tuple:

@@ -1,4 +1,5 @@
-"""Fused one-token (decoding) step of (Re)Based attention in Triton, updating the state in place.
+"""Fused one-token (decoding) step of (Re)Based attention in Triton, updating the state in place (``DESIGN.md``
+beside this file, section 3).
 
 Per (batch row, head), with the state in the contract layout of :mod:`kernels.linear_attention.feature_maps`::
 

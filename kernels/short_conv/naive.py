@@ -13,8 +13,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..linear_attention.reference import compute_dtype
-from ..linear_attention.varlen import check_cu_seqlens, pack_documents, unpack_documents
+from ..common import check_cu_seqlens, compute_dtype, pack_documents, unpack_documents
 
 __all__ = ["SHORT_CONV_MODES", "validate_short_conv_inputs", "short_conv_torch"]
 

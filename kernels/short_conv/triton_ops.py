@@ -25,25 +25,13 @@ import triton.language as tl
 
 from ..backend import register_triton_impl
 from ..poison import poison
+from .config import SHORT_CONV_LAUNCH
 from .naive import short_conv_torch
 
-__all__ = ["short_conv_triton", "supports", "TUNING", "MAX_K"]
+__all__ = ["short_conv_triton", "supports", "MAX_K"]
 
 MAX_K = 8
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-# Tunables; None -> heuristic (see _blocks / _tiles_per_program). Tests shrink the tiles to cover the edges. The
-# defaults were the fastest on an H100 for bf16 [16, 2048, 1024] and [8, 4096, 2048] inputs.
-TUNING = {
-    "block_t_fwd": None,  # tokens per tile (forward, decode step)
-    "block_d_fwd": None,  # channels per tile
-    "warps_fwd": None,
-    "block_t_bwd": None,  # the same for the backward
-    "block_d_bwd": None,
-    "warps_bwd": None,
-    "bwd_tiles": None,    # T tiles per backward program (fewer dweight / dbias partials to reduce)
-}
-_DEFAULT_BLOCKS = {"fwd": (64, 64, 4), "bwd": (64, 32, 2)}  # (block_t, block_d, warps)
 
 
 def supports(x, weight, bias=None, gate=None, cache=None) -> bool:
@@ -283,11 +271,9 @@ def _step_kernel(x_ptr, w_ptr, bias_ptr, gate_ptr, cache_ptr, y_ptr, new_cache_p
 # ----------------------------------------------------------------------------------- launchers
 
 def _blocks(d: int, which: str) -> Tuple[int, int, int]:
-    block_t, block_d, warps = _DEFAULT_BLOCKS[which]
-    block_t = TUNING.get("block_t_" + which) or block_t
-    block_d = min(TUNING.get("block_d_" + which) or block_d, max(16, triton.next_power_of_2(d)))
-    warps = TUNING.get("warps_" + which) or warps
-    return block_t, block_d, warps
+    """(block_t, block_d, warps) of pass ``which`` from the launch configuration in force (:mod:`.config`)."""
+    block_t, block_d, warps = SHORT_CONV_LAUNCH.get().blocks(which)
+    return block_t, min(block_d, max(16, triton.next_power_of_2(d))), warps
 
 
 def _slot_block(k: int) -> int:
@@ -297,8 +283,9 @@ def _slot_block(k: int) -> int:
 
 def _tiles_per_program(t_tiles: int, other_programs: int, device: torch.device) -> int:
     """Group T tiles per backward program while at least ~8 programs per SM remain."""
-    if TUNING.get("bwd_tiles"):
-        return int(TUNING["bwd_tiles"])
+    tiles = SHORT_CONV_LAUNCH.get().bwd_tiles
+    if tiles:
+        return tiles
     if device.type != "cuda":
         return 1
     target = 8 * torch.cuda.get_device_properties(device).multi_processor_count

@@ -12,7 +12,7 @@ triton = pytest.importorskip("triton")
 
 import kernels  # noqa: E402
 from kernels import backend as kbackend  # noqa: E402
-from kernels.linear_attention import triton_chunk as tc  # noqa: E402
+from kernels.linear_attention.triton_chunk import CHUNK_LAUNCH  # noqa: E402
 from triton_checks import plausible_state, poisoned_run, rel  # noqa: E402
 
 _HAS_CUDA = torch.cuda.is_available()  # without CUDA, tests/conftest.py has switched Triton to its interpreter
@@ -24,7 +24,7 @@ KINDS = ("rebased", "based")
 
 @pytest.fixture(autouse=True)
 def _setup(monkeypatch):
-    with poisoned_run(monkeypatch, tc.TUNING):
+    with poisoned_run(monkeypatch, CHUNK_LAUNCH):
         yield
 
 
@@ -35,7 +35,7 @@ def attn(kind):
 def run_case(kind, b, t, h, dv, dtype, *, normalize=True, init=False, final=False, chunk=16, seg=None,
              cu_seqlens=None, dk=16):
     if seg is not None:
-        tc.TUNING["seg_tokens"] = seg
+        CHUNK_LAUNCH.update(seg_tokens=seg)
     n = b if cu_seqlens is None else cu_seqlens.numel() - 1
     q = torch.randn(b, t, h, dk, device=DEV).to(dtype)
     k = torch.randn(b, t, h, dk, device=DEV).to(dtype)
@@ -138,14 +138,14 @@ TUNINGS = [
 @pytest.mark.parametrize("tuning", TUNINGS, ids=lambda t: "-".join(f"{k}{v}" for k, v in t.items()))
 def test_tuning_variants(kind, tuning):
     """The block shapes the tuner can pick are exact too."""
-    tc.TUNING.update(tuning)
+    CHUNK_LAUNCH.update(**tuning)
     run_case(kind, 2, 37, 2, 32, torch.float32, init=True, final=True, chunk=16, seg=16)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_continuation_matches_single_call(kind):
     """Splitting a sequence in two calls with the returned state equals one call (fp32)."""
-    tc.TUNING["seg_tokens"] = 16
+    CHUNK_LAUNCH.update(seg_tokens=16)
     q, k = torch.randn(2, 2, 40, 2, 16, device=DEV).unbind(0)
     v = torch.randn(2, 40, 2, 32, device=DEV)
     f = attn(kind)

@@ -23,7 +23,7 @@ KINDS = ("rebased", "based")
 
 @pytest.fixture(autouse=True)
 def _setup(monkeypatch):
-    with poisoned_run(monkeypatch, {}):
+    with poisoned_run(monkeypatch):
         yield
 
 

@@ -14,6 +14,7 @@ triton = pytest.importorskip("triton")
 import kernels  # noqa: E402
 from kernels import backend as kbackend  # noqa: E402
 from kernels.short_conv import triton_ops as sc  # noqa: E402
+from kernels.short_conv.config import SHORT_CONV_LAUNCH  # noqa: E402
 from triton_checks import poisoned_run, rel  # noqa: E402
 
 _HAS_CUDA = torch.cuda.is_available()  # without CUDA, tests/conftest.py has switched Triton to its interpreter
@@ -28,7 +29,7 @@ NAMES = ("x", "weight", "bias", "gate", "cache")
 def _setup(monkeypatch):
     # small tiles without CUDA: several (partial) tiles even at interpreter-sized shapes
     small = {} if _HAS_CUDA else dict(block_t_fwd=8, block_d_fwd=16, block_t_bwd=8, block_d_bwd=16)
-    with poisoned_run(monkeypatch, sc.TUNING, **small):
+    with poisoned_run(monkeypatch, SHORT_CONV_LAUNCH, **small):
         yield
 
 
@@ -127,7 +128,7 @@ def test_varlen_documents(case, cache):
 
 def test_model_dtypes_and_grouped_backward_tiles():
     """bf16 x and gate with fp32 weight and bias (as under autocast); several T tiles per backward program."""
-    sc.TUNING["bwd_tiles"] = 3
+    SHORT_CONV_LAUNCH.update(bwd_tiles=3)
     run_case(2, 45, 24, 4, torch.float32, cache=True, final=True, dtypes={"x": BF16, "gate": BF16})
     run_case(1, 30, 16, 3, torch.float32, cache=True, final=True, cu_seqlens=documents([2, 20, 1, 7]))
 

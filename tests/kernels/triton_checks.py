@@ -25,17 +25,15 @@ def plausible_state(kind, n, h, dk, dv, device):
 
 
 @contextlib.contextmanager
-def poisoned_run(monkeypatch, tuning: dict, **overrides):
-    """A Triton test's surroundings: backend chosen by the call, outputs poisoned with NaN, seed 0, and the module's
-    TUNING dict with ``overrides`` applied, restored afterwards."""
+def poisoned_run(monkeypatch, launch=None, **overrides):
+    """A Triton test's surroundings: backend chosen by the call, outputs poisoned with NaN, seed 0, and (with
+    ``launch``, a family's :class:`kernels.launch_config.LaunchSettings`) its launch configuration with
+    ``overrides`` applied; whatever the test sets on it is undone afterwards."""
     monkeypatch.delenv(kbackend.BACKEND_ENV_VAR, raising=False)
     set_poison(True)
-    saved = dict(tuning)
-    tuning.update(overrides)
     torch.manual_seed(0)
     try:
-        yield
+        with launch.override(**overrides) if launch is not None else contextlib.nullcontext():
+            yield
     finally:
-        tuning.clear()
-        tuning.update(saved)
         set_poison(False)

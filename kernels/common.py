@@ -1,8 +1,9 @@
-"""Helpers for packed variable-length batches (FLA ``cu_seqlens`` convention).
+"""Helpers every kernel family shares: the compute dtype of the references and packed variable-length batches.
 
-Packed input: ``x`` of shape [1, T, ...] holding N documents back to back, with document ``n`` at
-``x[0, cu_seqlens[n]:cu_seqlens[n+1]]``. The references convert this to a right-padded batch
-[N, Tmax, ...] plus a ``valid`` mask [N, Tmax], run the batched algorithm, and convert back.
+Packed variable-length batches follow FLA's ``cu_seqlens`` convention. Packed input: ``x`` of shape [1, T, ...]
+holding N documents back to back, with document ``n`` at ``x[0, cu_seqlens[n]:cu_seqlens[n+1]]``. The references
+convert this to a right-padded batch [N, Tmax, ...] plus a ``valid`` mask [N, Tmax], run the batched algorithm, and
+convert back.
 """
 
 from __future__ import annotations
@@ -11,7 +12,12 @@ from typing import List, Optional, Tuple
 
 import torch
 
-__all__ = ["check_cu_seqlens", "pack_documents", "unpack_documents"]
+__all__ = ["compute_dtype", "check_cu_seqlens", "pack_documents", "unpack_documents"]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the PyTorch references compute in: float64 for float64 inputs, float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def check_cu_seqlens(cu_seqlens: Optional[torch.Tensor], batch_size: int, seq_len: int,
