@@ -1,7 +1,7 @@
 """What checkpoint checksums cost on a realistic checkpoint: the 150M ReBased hybrid with its AdamW state, saved the
 way the trainer saves it (one process, torch.distributed.checkpoint), on this machine's disk.
 
-    python benchmarks/checkpoint_checksum.py [--model configs/models/rebased_150m.yaml] [--repeats 3]
+    python -m benchmarks.checkpoint_checksum [--model configs/models/rebased_150m.yaml] [--repeats 3]
 
 Times, per save: the DCP write of model + optimizer; the fsync of every file (the save protocol fsyncs them anyway);
 the checksum pass that the trainer now runs instead (xxh3-64 + fsync of every file, ``checkpoint.checksum_share``);
@@ -23,15 +23,13 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from pretrain.models import build_model, load_model_config  # noqa: E402
-from pretrain.training import checkpoint as ckpt  # noqa: E402
-from pretrain.training.config import RunConfig  # noqa: E402
-from pretrain.training.parallel import SingleStrategy  # noqa: E402
-from results_io import save_results  # noqa: E402
-from tokenize_throughput import cpu_model  # noqa: E402
+from pretrain.models import build_model, load_model_config
+from pretrain.training import checkpoint as ckpt
+from pretrain.training.config import RunConfig
+from pretrain.training.parallel import SingleStrategy
+from benchmarks.results_io import save_results
+from benchmarks.tokenize_throughput import cpu_model
 
 
 def evict(root: str):
@@ -115,7 +113,7 @@ def main(argv=None) -> int:
     meta = {"date": now.isoformat(timespec="seconds"), "cpu": cpu_model(), "cores": os.cpu_count(),
             "torch": torch.__version__, "model": os.path.relpath(args.model, ROOT), "parameters": n_params,
             "checkpoint_bytes": rows[0]["bytes"], "files": rows[0]["files"], "repeats": args.repeats,
-            "command": "python benchmarks/checkpoint_checksum.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+            "command": "python -m benchmarks.checkpoint_checksum " + " ".join(argv if argv is not None else sys.argv[1:])}
     md = "\n".join([
         "# Checkpoint checksums: cost on a realistic checkpoint",
         "",

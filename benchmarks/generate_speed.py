@@ -1,7 +1,7 @@
 """Generation speed: prefill tokens/s and milliseconds per decoding step, the 360M hybrid against the 360M
 Transformer++, random weights in bf16, batches of equal-length random prompts.
 
-    python benchmarks/generate_speed.py [--models rebased_360m,transformer_360m] [--batches 1,16,64]
+    python -m benchmarks.generate_speed [--models rebased_360m,transformer_360m] [--batches 1,16,64]
         [--prompts 2048,8192,16384,65536] [--steps 64] [--compiled-baseline] [--out benchmarks/results] [--quick]
 
 Per (model, batch B, prompt length T): the packed prefill of the B prompts (``pretrain.generation.decoder.prefill``,
@@ -25,9 +25,8 @@ import time
 import torch
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, ROOT)
 
-from results_io import save_results  # noqa: E402
+from benchmarks.results_io import save_results
 
 
 def kv_bytes(cfg, batch: int, length: int) -> int:

@@ -2,8 +2,8 @@
 fault poisons the context), CUDA_LAUNCH_BLOCKING=1 so a fault names its kernel; forward + backward vs the float64
 reference, and a fwd+bwd time at 32768 tokens x 16 heads for the cases that pass.
 
-    python benchmarks/kernels_diagnose.py [--out DIR]          # all cases
-    python benchmarks/kernels_diagnose.py --case KIND,DTYPE,CHUNK,T,DV   # one case (used by the above)
+    python -m benchmarks.kernels_diagnose [--out DIR]          # all cases
+    python -m benchmarks.kernels_diagnose --case KIND,DTYPE,CHUNK,T,DV   # one case (used by the above)
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ import subprocess
 import sys
 import traceback
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, ROOT)
 
 
 def one(kind: str, dtype_name: str, chunk: int, t: int, dv: int) -> dict:
@@ -80,7 +78,7 @@ def main():
     results = []
     for case in cases:
         try:
-            proc = subprocess.run([sys.executable, __file__, "--case", ",".join(map(str, case))], env=env,
+            proc = subprocess.run([sys.executable, "-m", "benchmarks.kernels_diagnose", "--case", ",".join(map(str, case))], env=env,
                                   capture_output=True, text=True, timeout=120)
             line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             r = json.loads(line[-1][7:]) if line else {"case": case, "ok": False,

@@ -5,7 +5,7 @@ at least 1), 16 heads, Dk 16, Dv 64, bf16; SDPA with head dim 64 (flash backend 
 Prints a table with ratios and writes benchmarks/results/kernels_speed_<device>_<date>.{json,md} (or --out DIR)
 with the device, date, command, and the floor (FLOPs and bytes, see kernels/linear_attention/DESIGN.md, section 8).
 
-    python benchmarks/kernels_speed.py [--quick] [--decode-only] [--out DIR]
+    python -m benchmarks.kernels_speed [--quick] [--decode-only] [--out DIR]
 
 Tuning variants of the attention kernels are compared by benchmarks/kernels_tune.py. Also timed: the peak memory of
 a ReBased forward+backward, the short convolution, and one decoding token (B = 16, 64)
@@ -23,11 +23,10 @@ import sys
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import kernels  # noqa: E402
-from results_io import save_results  # noqa: E402
-from kernels.linear_attention.triton_chunk import CHUNK_LAUNCH, MAX_CHUNK  # noqa: E402
+import kernels
+from benchmarks.results_io import save_results
+from kernels.linear_attention.triton_chunk import CHUNK_LAUNCH, MAX_CHUNK
 
 TOKENS = 32768
 HEADS = 16

@@ -6,8 +6,8 @@ keeps the binaries) and checks each against the float64 reference (B=2, T=2048, 
 after the other; then the fastest correct variant is profiled kernel by kernel (torch.profiler, CUDA time per kernel
 name).
 
-    python benchmarks/kernels_tune.py [--out DIR] [--lengths 2048,8192,32768] [--variants JSON_LIST]
-    python benchmarks/kernels_tune.py --report RESULT.json [--out DIR]   # (re)write the .md of a saved run
+    python -m benchmarks.kernels_tune [--out DIR] [--lengths 2048,8192,32768] [--variants JSON_LIST]
+    python -m benchmarks.kernels_tune --report RESULT.json [--out DIR]   # (re)write the .md of a saved run
 
 Results: OUT/kernels_tune_<device>_<date>.{json,md} (OUT defaults to benchmarks/results).
 """
@@ -22,10 +22,8 @@ import os
 import subprocess
 import sys
 
-from results_io import save_results
+from benchmarks.results_io import save_results
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, ROOT)
 
 VARIANTS = [  # around the defaults of triton_chunk (each key overrides one)
     {},
@@ -69,7 +67,7 @@ def check(kind: str) -> dict:
 def timing(kind: str, t: int) -> tuple:
     """(forward, forward+backward) median ms per call, and forward+backward GPU time (replayed as a CUDA graph: the
     host's Python and launch overhead, about as large as the GPU work here, left out)."""
-    from kernels_speed import bench, bench_graph, linear_calls
+    from benchmarks.kernels_speed import bench, bench_graph, linear_calls
     fwd, fwd_bwd = linear_calls(kind, t)
     return round(bench(fwd), 4), round(bench(fwd_bwd), 4), round(bench_graph(fwd_bwd, calls=5), 4)
 
@@ -77,7 +75,7 @@ def timing(kind: str, t: int) -> tuple:
 def profile(kind: str, t: int) -> list:
     """CUDA time per kernel name (ms per fwd+bwd call) for `kind` at length t."""
     import torch
-    from kernels_speed import linear_calls
+    from benchmarks.kernels_speed import linear_calls
     step = linear_calls(kind, t)[1]
     for _ in range(3):
         step()
@@ -138,7 +136,7 @@ def run_variant(cfg: dict, mode: str, lengths: list) -> dict:
 
 
 def _spawn(cfg, mode, lengths, timeout):
-    cmd = [sys.executable, __file__, "--one", json.dumps(cfg), "--mode", mode, "--lengths",
+    cmd = [sys.executable, "-m", "benchmarks.kernels_tune", "--one", json.dumps(cfg), "--mode", mode, "--lengths",
            ",".join(map(str, lengths))]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)

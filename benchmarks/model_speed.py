@@ -6,9 +6,9 @@ activation-checkpointing hook), with and without activation checkpointing.
 Reports tokens/s, MFU from the model's honest FLOP count (pretrain.models.flops), peak memory, and the
 hybrid / Transformer++ ratio; results to benchmarks/results/model_speed_<device>_<date>.{json,md}.
 
-    python benchmarks/model_speed.py [--tokens 65536] [--lengths 2048,8192,16384,32768] [--steps 8] [--compile]
+    python -m benchmarks.model_speed [--tokens 65536] [--lengths 2048,8192,16384,32768] [--steps 8] [--compile]
                                      [--loss-chunk-tokens N]   # 0: full logits and F.cross_entropy
-    python benchmarks/model_speed.py --plot RESULT.json [RESULT.json ...]   # tokens/s vs length, PNG
+    python -m benchmarks.model_speed --plot RESULT.json [RESULT.json ...]   # tokens/s vs length, PNG
 """
 
 from __future__ import annotations
@@ -23,13 +23,12 @@ import time
 import torch
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, ROOT)
 
-from pretrain.models import build_model, flops_per_token, load_model_config  # noqa: E402
-from pretrain.train import make_checkpoint_fn  # noqa: E402
-from pretrain.training.config import TrainingConfig  # noqa: E402
-from pretrain.training.metrics import peak_flops  # noqa: E402
-from results_io import save_results  # noqa: E402
+from pretrain.models import build_model, flops_per_token, load_model_config
+from pretrain.train import make_checkpoint_fn
+from pretrain.training.config import TrainingConfig
+from pretrain.training.metrics import peak_flops
+from benchmarks.results_io import save_results
 
 MODELS = {name: f"configs/models/{name}.yaml" for name in ("rebased_360m", "transformer_360m")}
 

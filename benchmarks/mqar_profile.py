@@ -1,8 +1,8 @@
 """Where an MQAR training step spends its GPU time, and the attention kernels at the MQAR models' shapes.
 
-    python benchmarks/mqar_profile.py profile [--setting rebased:128:2048] [--steps 4]
-    python benchmarks/mqar_profile.py errors                     # kernel error vs float64 at the MQAR shapes
-    python benchmarks/mqar_profile.py attention [--variants JSON] # fwd+bwd ms of the op per launch-config variant
+    python -m benchmarks.mqar_profile profile [--setting rebased:128:2048] [--steps 4]
+    python -m benchmarks.mqar_profile errors                     # kernel error vs float64 at the MQAR shapes
+    python -m benchmarks.mqar_profile attention [--variants JSON] # fwd+bwd ms of the op per launch-config variant
 
 ``profile`` builds the run exactly as ``python -m pretrain.mqar`` does (compiled body, fused LM head + loss),
 warms it up, then records ``--steps`` optimizer steps with torch.profiler and prints the CUDA time per kernel
@@ -20,9 +20,8 @@ import sys
 import time
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, ROOT)
 
-from kernels_tune import _inputs  # noqa: E402  (random q, k [B, T, H, 16], v and the output gradient on CUDA)
+from benchmarks.kernels_tune import _inputs  # random q, k [B, T, H, 16], v and the output gradient on CUDA
 
 
 def profile(setting: str, steps: int, overrides: list[str]) -> None:
@@ -102,7 +101,7 @@ def attention_one(tuning: dict) -> dict:
 
 def attention(variants: list[dict]) -> None:
     for tuning in variants:  # one process each: a tuning's compiled kernels and faults stay in it
-        cmd = [sys.executable, __file__, "attention-one", json.dumps(tuning)]
+        cmd = [sys.executable, "-m", "benchmarks.mqar_profile", "attention-one", json.dumps(tuning)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         print(lines[-1][7:] if lines else f"{tuning}: failed {proc.stderr[-400:]}", flush=True)

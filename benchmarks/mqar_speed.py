@@ -1,6 +1,6 @@
 """Seconds per MQAR epoch: the same ``python -m pretrain.mqar`` command for several settings and variants.
 
-    python benchmarks/mqar_speed.py --out DIR [--epochs 2] [--settings rebased:128:2048 based:64:512 ...]
+    python -m benchmarks.mqar_speed --out DIR [--epochs 2] [--settings rebased:128:2048 based:64:512 ...]
         [--variant NAME=key=value,key=value ...] [--tree LABEL=PATH ...] [--concurrent N]
 
 Every (tree, setting, variant) runs ``python -m pretrain.mqar --config configs/mqar/base.yaml`` in its own process

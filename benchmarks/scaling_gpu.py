@@ -3,7 +3,7 @@
 GPU processes the same tokens per step at every GPU count. Efficiency at n GPUs = tokens/s at n / (n × tokens/s at
 1 GPU with the same strategy).
 
-    python benchmarks/scaling_gpu.py --data DIR --vocab-size N [--model rebased_360m] [--strategies fsdp,zero2,zero3]
+    python -m benchmarks.scaling_gpu --data DIR --vocab-size N [--model rebased_360m] [--strategies fsdp,zero2,zero3]
         [--gpus 1,2,4] [--seq-len 2048] [--micro 32] [--steps 40] [--ac full] [--run-timeout 240] [--merge JSON]
         [--out DIR]
 
@@ -30,8 +30,8 @@ from pathlib import Path
 
 import psutil
 import yaml
-from results_io import save_results
-from train_gpu import run_config, summarise
+from benchmarks.results_io import save_results
+from benchmarks.train_gpu import run_config, summarise
 
 ROOT = Path(__file__).resolve().parents[1]
 # name on the command line: (parallel.strategy, ZeRO stage, label in the table)

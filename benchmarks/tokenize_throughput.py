@@ -1,9 +1,9 @@
 """Tokenization throughput: ``tokenize_pile.py`` end to end against raw SentencePiece ``encode``, and where the rest
 of the time goes.
 
-    python benchmarks/tokenize_throughput.py                  # embedded sample corpus (train + val + test, ~4 MB)
-    python benchmarks/tokenize_throughput.py --copies 1 8     # also 8 copies of it (~32 MB): fixed costs amortised
-    python benchmarks/tokenize_throughput.py --inputs PILE/train/00.jsonl.zst --tokenizer tok.model
+    python -m benchmarks.tokenize_throughput                  # embedded sample corpus (train + val + test, ~4 MB)
+    python -m benchmarks.tokenize_throughput --copies 1 8     # also 8 copies of it (~32 MB): fixed costs amortised
+    python -m benchmarks.tokenize_throughput --inputs PILE/train/00.jsonl.zst --tokenizer tok.model
 
 Per corpus:
 
@@ -40,17 +40,15 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from data_prep import workers as record_workers  # noqa: E402
-from data_prep.build_sample_corpus import build  # noqa: E402
-from data_prep.pipeline import TokenizeConfig, available_cores  # noqa: E402
-from pretrain.data.sources import FileDone, iter_records, resolve_inputs  # noqa: E402
-from pretrain.data.tokenizer import Tokenizer  # noqa: E402
-from data_prep.train_tokenizer import train  # noqa: E402
-from pretrain.data.writer import IndexedDatasetWriter  # noqa: E402
-from results_io import save_results  # noqa: E402
+from data_prep import workers as record_workers
+from data_prep.build_sample_corpus import build
+from data_prep.pipeline import TokenizeConfig, available_cores
+from pretrain.data.sources import FileDone, iter_records, resolve_inputs
+from pretrain.data.tokenizer import Tokenizer
+from data_prep.train_tokenizer import train
+from pretrain.data.writer import IndexedDatasetWriter
+from benchmarks.results_io import save_results
 
 TOKENIZE = os.path.join(ROOT, "data_prep", "tokenize_pile.py")
 
@@ -323,7 +321,7 @@ def main(argv=None) -> int:
         now = datetime.datetime.now(datetime.timezone.utc)
         meta = {"date": now.isoformat(timespec="seconds"), "cpu": cpu_model(), "cores": cores,
                 "python": platform.python_version(), "sentencepiece": sentencepiece.__version__,
-                "command": "python benchmarks/tokenize_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                "command": "python -m benchmarks.tokenize_throughput " + " ".join(argv if argv is not None else sys.argv[1:]),
                 "vocab_size": Tokenizer(tok_path).vocab_size, "repeats": args.repeats, "note": args.note,
                 "PYTHONDONTWRITEBYTECODE": os.environ.get("PYTHONDONTWRITEBYTECODE", ""),
                 "loadavg_before": load_before, "loadavg_after": loadavg()}

@@ -1,7 +1,7 @@
 """GPU training runs through the real launcher: 150M ReBased hybrid and Transformer++ with DeepSpeed ZeRO-2 and
 FSDP2 on one GPU, bf16, activation checkpointing; loss curve, tokens/s, MFU and peak memory per run.
 
-    python benchmarks/train_gpu.py --data DIR --vocab-size N [--steps 300] [--seq-len 2048] [--out DIR]
+    python -m benchmarks.train_gpu --data DIR --vocab-size N [--steps 300] [--seq-len 2048] [--out DIR]
 
 DIR is a tokenize_pile.py output (train/ and val/). Each run is ``bash launch/pretrain.sh`` with the run config
 below as overrides; results go to benchmarks/results/train_gpu_<device>_<date>.{json,md} (or --out).
@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from results_io import save_results
+from benchmarks.results_io import save_results
 
 ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = ("deepspeed", "fsdp")

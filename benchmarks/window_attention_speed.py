@@ -8,7 +8,7 @@ attention as the B rows), plus the time to build a packed batch's block mask (re
 output difference of flex and flex packed from blocked (JSON). Prints a table and writes
 benchmarks/results/window_attention_speed_<device>_<date>.{json,md} (or --out DIR).
 
-    python benchmarks/window_attention_speed.py [--out DIR]
+    python -m benchmarks.window_attention_speed [--out DIR]
 """
 
 from __future__ import annotations
@@ -21,11 +21,10 @@ import sys
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from pretrain.models.mixers import (  # noqa: E402
+from pretrain.models.mixers import (
     _block_mask, _blocked_window_attention, _dense_mask, _flex_causal_attention)
-from results_io import save_results  # noqa: E402
+from benchmarks.results_io import save_results
 
 TOKENS = 32768
 HEADS = 16
