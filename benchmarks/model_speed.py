@@ -25,7 +25,7 @@ import torch
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 from pretrain.models import build_model, flops_per_token, load_model_config
-from pretrain.train import make_checkpoint_fn
+from pretrain.training.activation_checkpointing import make_checkpoint_fn
 from pretrain.training.config import TrainingConfig
 from pretrain.training.metrics import peak_flops
 from benchmarks.results_io import save_results

@@ -33,24 +33,12 @@ from pretrain.atomic import write_json_atomic
 from pretrain.config import ConfigError
 from pretrain.evaluation.loading import EvaluationInputError, load_documents, load_model, load_tokenizer
 from pretrain.evaluation.scoring import score_documents, totals_by_set
-
-
-def _dist():
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-
-        def all_gather(obj):
-            out = [None] * dist.get_world_size()
-            dist.all_gather_object(out, obj)
-            return out
-
-        return dist.get_rank(), dist.get_world_size(), all_gather
-    return 0, 1, None
+from pretrain.training.distributed import all_gather_object, init_from_env
 
 
 def evaluate(args) -> dict:
-    rank, world, all_gather = _dist()
+    rank, world = init_from_env()
+    all_gather = all_gather_object if world > 1 else None
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)

@@ -6,7 +6,7 @@ depends on (``launch/pretrain.sh`` and ``launch/slurm/pretrain.sbatch`` start th
 * Exit codes. When the workers stop with one of the trainer's own codes (2 configuration error, 3 too many
   non-finite steps) and reported their one-line message, it is printed once and the launcher exits with that
   code, instead of torchrun's exit 1 and its error dump. Any other failure keeps torchrun's report.
-  The workers hand their messages over through REBASED_ERROR_DIR (see ``pretrain.train.report_error``); when the
+  The workers hand their messages over through REBASED_ERROR_DIR (see ``pretrain.training.errors.report_error``); when the
   caller already set it (the sbatch, which has one launcher per node), the caller prints them.
 * Signals. SIGUSR1 and SIGTERM reaching the launcher are forwarded to the workers, which save a checkpoint and
   exit 0, and the launcher waits for them and exits 0 too. (torchrun dies on SIGUSR1 and leaves the workers
@@ -29,7 +29,7 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 from torch.distributed.run import parse_args, run
 
-from pretrain.train import ERROR_DIR_ENV, EXIT_CONFIG, EXIT_NONFINITE
+from pretrain.training.errors import ERROR_DIR_ENV, EXIT_CONFIG, EXIT_NONFINITE
 
 FORWARDED = (signal.SIGUSR1, signal.SIGTERM)
 # The agent's own reports about workers that exited (a failure, the closing signals it sent): held back until the

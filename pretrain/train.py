@@ -18,128 +18,38 @@ import math
 import os
 import random
 import signal
-import socket
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 
 from pretrain.config import ConfigError, load_config, to_dict
+from pretrain.data.packed import PackedSequenceDataset
+from pretrain.models import build_model, count_parameters, flops_per_token, load_model_config
 from pretrain.training import checkpoint as ckpt
+from pretrain.training.activation_checkpointing import make_checkpoint_fn
 from pretrain.training.config import RunConfig, check_paths
+from pretrain.training.distributed import all_gather_object, all_reduce, barrier, broadcast_object, init_distributed
+from pretrain.training.resume import find_resume
+from pretrain.training.errors import EXIT_CONFIG, EXIT_NONFINITE, NonFiniteError, report_error
+from pretrain.training.export import export_checkpoint
+from pretrain.training.metrics import MetricsLogger, peak_flops
+from pretrain.training.optim import lr_at
+from pretrain.training.parallel import build_strategy
 
 log = logging.getLogger("pretrain")
 
-EXIT_NONFINITE = 3
-EXIT_CONFIG = 2
-ERROR_DIR_ENV = "REBASED_ERROR_DIR"
 _TEST_STEP_SLEEP = float(os.environ.get("REBASED_TEST_STEP_SLEEP", "0"))
 
 
-class NonFiniteError(RuntimeError):
-    pass
-
-
-def report_error(code: int, message: str) -> None:
-    """Our one-line message for exit code ``code``. Under a launcher that collects the ranks' messages (it sets
-    REBASED_ERROR_DIR: ``pretrain.torchrun``, ``launch/slurm/pretrain.sbatch``) it goes to a file per rank and the
-    launcher prints each distinct one once; otherwise this process prints it."""
-    folder = os.environ.get(ERROR_DIR_ENV)
-    if not folder:
-        print(message, file=sys.stderr, flush=True)
-        return
-    with open(os.path.join(folder, f"rank-{int(os.environ.get('RANK', '0')):05d}"), "w") as f:
-        f.write(f"{code}\t{message}\n")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# distributed setup
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed(cfg: RunConfig) -> tuple[int, int, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    strategy = cfg.parallel.strategy
-    if strategy == "single" and world > 1:
-        raise ConfigError(f"parallel.strategy=single but WORLD_SIZE={world}; use ddp, fsdp or deepspeed")
-    if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if strategy != "single":
-        for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
-            os.environ.setdefault(k, v)
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        backend = cfg.parallel.backend
-        if backend == "auto":
-            backend = "nccl" if device.type == "cuda" else "gloo"
-        if strategy == "deepspeed":
-            import deepspeed
-
-            deepspeed.init_distributed(dist_backend=backend)
-        else:
-            dist.init_process_group(backend=backend)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return rank, (dist.get_world_size() if dist.is_initialized() else 1), device
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def broadcast_object(obj):
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def all_gather_object(obj) -> list:
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-    return t
-
-
-# ---------------------------------------------------------------------------------------------------------------
 def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def make_checkpoint_fn(module, mode: str, every: int):
-    """Activation checkpointing through the model's ``checkpoint_fn`` hook (parameter names stay unchanged, so
-    checkpoints are interchangeable with it on or off; works inside FSDP2 and DeepSpeed ZeRO-3 hooks)."""
-    if mode == "none":
-        return None
-    from torch.utils.checkpoint import checkpoint
-
-    chosen = {id(b) for i, b in enumerate(module.blocks) if mode == "full" or i % every == 0}
-
-    def fn(block, *args):
-        if id(block) in chosen:
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
-
-    return fn
 
 
 def resolve_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
@@ -184,8 +94,6 @@ class Trainer:
         self.accum = t.global_batch_size // per_step
         self.stop_signal = None
 
-        from pretrain.models import build_model, count_parameters, flops_per_token, load_model_config
-
         self.model_cfg = load_model_config(cfg.model, cfg.model_overrides)
         if self.model_cfg.learned_positions and cfg.data.seq_len > self.model_cfg.max_seq_len:
             raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's max_seq_len")
@@ -204,25 +112,11 @@ class Trainer:
         if self.rank == 0:
             ckpt.remove_stale_temps(self.ckpt_root)
         barrier()
-        self.resume_path = self._find_resume()
+        self.resume_path = find_resume(cfg.checkpoint.resume, self.ckpt_root, self.rank, self.world)
         self.resume_meta = ckpt.read_meta(self.resume_path) if self.resume_path else None
 
-        from pretrain.training.parallel import STRATEGIES, DeepSpeedStrategy
-
-        cls = STRATEGIES[cfg.parallel.strategy]
-        if cls is DeepSpeedStrategy:
-            universal = False
-            if self.resume_meta is not None:
-                stage = DeepSpeedStrategy.ds_config(cfg, self.world, self.accum, self.dtype, False)[
-                    "zero_optimization"]["stage"]
-                universal = (self.resume_meta.get("world_size") != self.world
-                             or self.resume_meta.get("zero_stage") != stage)
-                if universal and self.rank == 0:
-                    DeepSpeedStrategy.convert_to_universal(self.resume_path)
-                barrier()
-            self.strategy = cls(module, cfg, self.device, self.dtype, self.accum, load_universal=universal)
-        else:
-            self.strategy = cls(module, cfg, self.device, self.dtype, self.accum)
+        self.strategy = build_strategy(module, cfg, self.device, self.dtype, self.accum, self.rank, self.world,
+                                       self.resume_path, self.resume_meta)
 
         self.step = 0
         self.skipped_steps = 0
@@ -230,8 +124,6 @@ class Trainer:
         self.tokens_seen = 0
         if self.resume_path:
             self._load(self.resume_path, self.resume_meta)
-
-        from pretrain.data import PackedSequenceDataset
 
         self.train_ds = PackedSequenceDataset(
             [(s.path, s.weight) for s in cfg.data.train], cfg.data.seq_len, seed=t.seed, rank=self.rank,
@@ -242,56 +134,6 @@ class Trainer:
         self.train_iter = iter(self._loader(self.train_ds))
 
     # -- setup helpers ------------------------------------------------------------------------------------------
-    def _verify(self, path: str) -> list[str]:
-        """Problems of checkpoint ``path`` found by all ranks together (each checks a share of the files)."""
-        found = [p for share in all_gather_object(ckpt.verify(path, self.rank, self.world)) for p in share]
-        return list(dict.fromkeys(found))  # every rank reports a bad marker: once is enough
-
-    def _find_resume(self) -> str | None:
-        """The checkpoint to resume from, verified. ``auto``: the newest under the run's checkpoint root that
-        verifies; newer ones that fail are moved aside (``step_N.corrupt``) and named in one line. A checkpoint
-        root given as ``resume``: the same, without moving anything. One checkpoint given: it must verify."""
-        r = self.cfg.checkpoint.resume
-        if r == "none":
-            return None
-        if r != "auto" and ckpt.is_complete(r):
-            problems = self._verify(r)
-            if problems:
-                more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
-                raise ckpt.CheckpointError(f"checkpoint.resume={r}: refusing to resume from it, it fails "
-                                           f"verification: {problems[0]}{more}")
-            return r
-        root = self.ckpt_root if r == "auto" else r
-        candidates = [path for _, path in reversed(ckpt.list_complete(root))]
-        if r != "auto" and not candidates:
-            raise ConfigError(f"checkpoint.resume={r!r}: no complete checkpoint there")
-        chosen, rejected = None, []
-        for path in candidates:
-            problems = self._verify(path)
-            if not problems:
-                chosen = path
-                break
-            rejected.append((path, problems))
-        if not rejected:
-            return chosen
-        why = "; ".join(f"{os.path.basename(p)}: {probs[0]}" + (f" (+{len(probs) - 1} more)" if len(probs) > 1 else "")
-                        for p, probs in rejected)
-        if chosen is None:  # nothing is moved: a rerun must not silently start over
-            raise ckpt.CheckpointError(
-                f"no checkpoint in {root} passes verification, refusing to resume ({why}); restore the files, or "
-                f"start over with checkpoint.resume=none")
-        moved = ""
-        if r == "auto":
-            if self.rank == 0:
-                for path, _ in rejected:
-                    ckpt.move_aside(path)
-            barrier()
-            moved = ", moved aside as .corrupt"
-        if self.rank == 0:
-            log.warning("resume: %d newer checkpoint(s) failed verification%s (%s); resuming from the newest that "
-                        "verifies, %s", len(rejected), moved, why, chosen)
-        return chosen
-
     def _loader(self, ds):
         dm = self.cfg.data.document_masking
         return torch.utils.data.DataLoader(
@@ -355,8 +197,6 @@ class Trainer:
     # -- evaluation ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict:
-        from pretrain.data import PackedSequenceDataset
-
         cfg, t = self.cfg, self.cfg.training
         n = (t.eval_samples // self.world) * self.world
         ds = PackedSequenceDataset([(s.path, s.weight) for s in cfg.data.valid], cfg.data.seq_len, seed=t.seed,
@@ -405,8 +245,6 @@ class Trainer:
 
     def train_step(self) -> dict:
         cfg, t, s = self.cfg, self.cfg.training, self.strategy
-        from pretrain.training.optim import lr_at
-
         lr = lr_at(self.step, cfg.optim, t.max_steps)
         s.set_lr(lr)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -441,20 +279,47 @@ class Trainer:
                 "batch_fp": int(stats[1]), "data_wait_s": data_wait}
 
     def run(self) -> int:
+        """Train to ``max_steps``: 0 when finished or saved after a signal, EXIT_NONFINITE after too many
+        non-finite steps in a row."""
+        t = self.cfg.training
+        metrics = self._start()
+        try:
+            while self.step < t.max_steps:
+                out = self.train_step()
+                if _TEST_STEP_SLEEP:
+                    time.sleep(_TEST_STEP_SLEEP)  # tests: widen the window for signals / kills
+                too_many_nonfinite = self._count_step(out, metrics)
+                # the step that stops the run is always recorded, so metrics show why it stopped
+                if self.step % self.cfg.logging.every == 0 or self.step == t.max_steps or too_many_nonfinite:
+                    metrics.log(self._record(out))
+                if too_many_nonfinite:
+                    raise NonFiniteError(
+                        f"stopping at step {self.step}: {self.nonfinite_in_a_row} non-finite steps in a row "
+                        f"(training.max_nonfinite_in_a_row={t.max_nonfinite_in_a_row}); "
+                        f"{self._checkpoint_before_streak()}. Lower the lr, raise warmup or check the data.")
+                metrics.advance(1, loss=out["loss"])
+                if self._periodic(metrics):  # a signal: saved, stop here
+                    metrics.close()
+                    return 0
+        except NonFiniteError as e:
+            report_error(EXIT_NONFINITE, f"error: {e}")
+            metrics.close()
+            return EXIT_NONFINITE
+        self._finish(metrics)
+        metrics.close()
+        return 0
+
+    def _start(self) -> MetricsLogger:
         cfg, t = self.cfg, self.cfg.training
         self._reduce_device = self.device
         self.last_saved_step = self.step if self.resume_path else -1
         if self.rank == 0:
             os.makedirs(cfg.out_dir, exist_ok=True)
-            import yaml
-
             with open(os.path.join(cfg.out_dir, "config.yaml"), "w") as f:
                 yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-        from pretrain.training.metrics import MetricsLogger, peak_flops
-
         metrics = MetricsLogger(cfg, self.rank, self.step, t.max_steps, to_dict(cfg))
-        peak = peak_flops(self.device)
-        tokens_per_step = t.global_batch_size * cfg.data.seq_len
+        self.peak_flops = peak_flops(self.device)
+        self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
         metrics.info(
             f"model {cfg.model}: {self.n_params['total'] / 1e6:.2f}M parameters "
             f"({self.n_params['non_embedding'] / 1e6:.2f}M non-embedding), {self.flops_per_token / 1e6:.1f} "
@@ -462,79 +327,88 @@ class Trainer:
             f"{str(self.dtype).replace('torch.', '')} micro_batch={t.micro_batch_size} accum={self.accum} "
             f"global_batch={t.global_batch_size} seq_len={cfg.data.seq_len} start_step={self.step}")
         self._install_signal_handlers()
-        window_t0, window_tokens, window_wait = time.perf_counter(), 0, 0.0
-        exit_code = 0
+        self.window = ThroughputWindow()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        try:
-            while self.step < t.max_steps:
-                out = self.train_step()
-                if _TEST_STEP_SLEEP:
-                    time.sleep(_TEST_STEP_SLEEP)  # tests: widen the window for signals / kills
-                self.step += 1
-                self.tokens_seen += tokens_per_step
-                window_tokens += tokens_per_step
-                window_wait += out["data_wait_s"]
-                too_many_nonfinite = False
-                if out["applied"]:
-                    self.nonfinite_in_a_row = 0
-                else:
-                    self.skipped_steps += 1
-                    self.nonfinite_in_a_row += 1
-                    metrics.info(f"step {self.step}: non-finite loss/gradient (loss={out['loss']}, grad_norm="
-                                 f"{out['grad_norm']}); update skipped ({self.nonfinite_in_a_row} in a row, "
-                                 f"{self.skipped_steps} total)")
-                    too_many_nonfinite = self.nonfinite_in_a_row >= t.max_nonfinite_in_a_row
-                # the step that stops the run is always recorded, so metrics show why it stopped
-                log_now = self.step % cfg.logging.every == 0 or self.step == t.max_steps or too_many_nonfinite
-                if log_now:
-                    if self.device.type == "cuda":
-                        torch.cuda.synchronize(self.device)
-                    dt = time.perf_counter() - window_t0
-                    tps = window_tokens / dt
-                    rec = {"step": self.step, "loss": out["loss"], "grad_norm": out["grad_norm"], "lr": out["lr"],
-                           "tokens_per_s": tps, "tokens_per_s_per_device": tps / self.world,
-                           "mfu": (self.flops_per_token * tps / (peak * self.world)) if peak else None,
-                           "data_wait_frac": window_wait / dt, "tokens_seen": self.tokens_seen,
-                           "skipped_steps": self.skipped_steps, "batch_fp": out["batch_fp"]}
-                    if self.device.type == "cuda":
-                        rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-                    metrics.log(rec)
-                    window_t0, window_tokens, window_wait = time.perf_counter(), 0, 0.0
-                if too_many_nonfinite:
-                    raise NonFiniteError(
-                        f"stopping at step {self.step}: {self.nonfinite_in_a_row} non-finite steps in a row "
-                        f"(training.max_nonfinite_in_a_row={t.max_nonfinite_in_a_row}); "
-                        f"{self._checkpoint_before_streak()}. Lower the lr, raise warmup or check the data.")
-                metrics.advance(1, loss=out["loss"])
-                if cfg.data.valid and t.eval_every and self.step % t.eval_every == 0:
-                    metrics.log({"step": self.step, **self.evaluate()})
-                    window_t0 = time.perf_counter()
-                if self._signal_agreed():
-                    metrics.info(f"signal received: saving at step {self.step} and exiting")
-                    self.save("signal")
-                    metrics.close()
-                    return 0
-                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < t.max_steps:
-                    self.save("periodic")
-                    window_t0 = time.perf_counter()
-        except NonFiniteError as e:
-            report_error(EXIT_NONFINITE, f"error: {e}")
-            exit_code = EXIT_NONFINITE
-        if exit_code == 0:
-            if cfg.checkpoint.save_final and self.last_saved_step != self.step:
-                self.save("final")  # before the final evaluation: a failure there must not lose the run
-            if cfg.data.valid and (not t.eval_every or self.step % t.eval_every != 0):
-                metrics.log({"step": self.step, **self.evaluate()})
-            if cfg.checkpoint.export_final and self.rank == 0:
-                from pretrain.training.export import export_checkpoint
+        return metrics
 
-                latest = ckpt.find_latest(self.ckpt_root)
-                if latest:
-                    metrics.info(f"exported {export_checkpoint(latest, os.path.join(cfg.out_dir, 'export'))}")
-            barrier()
-        metrics.close()
-        return exit_code
+    def _count_step(self, out: dict, metrics: MetricsLogger) -> bool:
+        """Advance the counters after a step; True when the non-finite steps in a row reached the limit."""
+        self.step += 1
+        self.tokens_seen += self.tokens_per_step
+        self.window.add(self.tokens_per_step, out["data_wait_s"])
+        if out["applied"]:
+            self.nonfinite_in_a_row = 0
+            return False
+        self.skipped_steps += 1
+        self.nonfinite_in_a_row += 1
+        metrics.info(f"step {self.step}: non-finite loss/gradient (loss={out['loss']}, grad_norm={out['grad_norm']}); "
+                     f"update skipped ({self.nonfinite_in_a_row} in a row, {self.skipped_steps} total)")
+        return self.nonfinite_in_a_row >= self.cfg.training.max_nonfinite_in_a_row
+
+    def _record(self, out: dict) -> dict:
+        """The metrics line of this step: the step's numbers and the throughput since the last line."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt, tokens, wait = self.window.take()
+        tps = tokens / dt
+        peak = self.peak_flops
+        rec = {"step": self.step, "loss": out["loss"], "grad_norm": out["grad_norm"], "lr": out["lr"],
+               "tokens_per_s": tps, "tokens_per_s_per_device": tps / self.world,
+               "mfu": (self.flops_per_token * tps / (peak * self.world)) if peak else None,
+               "data_wait_frac": wait / dt, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps,
+               "batch_fp": out["batch_fp"]}
+        if self.device.type == "cuda":
+            rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        return rec
+
+    def _periodic(self, metrics: MetricsLogger) -> bool:
+        """Evaluation, a signal's save, the periodic checkpoint (their time is left out of the throughput); True
+        when a signal stopped the run."""
+        cfg, t = self.cfg, self.cfg.training
+        if cfg.data.valid and t.eval_every and self.step % t.eval_every == 0:
+            metrics.log({"step": self.step, **self.evaluate()})
+            self.window.restart()
+        if self._signal_agreed():
+            metrics.info(f"signal received: saving at step {self.step} and exiting")
+            self.save("signal")
+            return True
+        if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < t.max_steps:
+            self.save("periodic")
+            self.window.restart()
+        return False
+
+    def _finish(self, metrics: MetricsLogger) -> None:
+        cfg, t = self.cfg, self.cfg.training
+        if cfg.checkpoint.save_final and self.last_saved_step != self.step:
+            self.save("final")  # before the final evaluation: a failure there must not lose the run
+        if cfg.data.valid and (not t.eval_every or self.step % t.eval_every != 0):
+            metrics.log({"step": self.step, **self.evaluate()})
+        if cfg.checkpoint.export_final and self.rank == 0:
+            latest = ckpt.find_latest(self.ckpt_root)
+            if latest:
+                metrics.info(f"exported {export_checkpoint(latest, os.path.join(cfg.out_dir, 'export'))}")
+        barrier()
+
+
+class ThroughputWindow:
+    """Tokens and data-loading wait since the last metrics line (time spent evaluating or saving is left out)."""
+
+    def __init__(self):
+        self.restart()
+
+    def restart(self) -> None:
+        self.t0, self.tokens, self.wait = time.perf_counter(), 0, 0.0
+
+    def add(self, tokens: int, wait_s: float) -> None:
+        self.tokens += tokens
+        self.wait += wait_s
+
+    def take(self) -> tuple[float, int, float]:
+        """(seconds, tokens, wait seconds) of the window, and a new window."""
+        out = (time.perf_counter() - self.t0, self.tokens, self.wait)
+        self.restart()
+        return out
 
 
 def parse_args(argv=None):
@@ -549,8 +423,6 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    import warnings
-
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # DCP save in one process
     args = parse_args(argv)
     if args.local_rank is not None:

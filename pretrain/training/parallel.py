@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from pretrain.atomic import publish_dir
+from pretrain.training.distributed import barrier
 from pretrain.training import optim as optim_lib
 
 log = logging.getLogger("pretrain")
@@ -289,3 +290,20 @@ class DeepSpeedStrategy(Strategy):
 
 
 STRATEGIES = {"single": SingleStrategy, "ddp": DDPStrategy, "fsdp": FSDPStrategy, "deepspeed": DeepSpeedStrategy}
+
+
+def build_strategy(module, run_cfg, device, dtype, accum: int, rank: int, world: int, resume_path: str | None,
+                   resume_meta: dict | None) -> Strategy:
+    """The run's strategy around ``module``. DeepSpeed resumes a checkpoint saved at another world size or ZeRO stage
+    through a universal checkpoint, converted once (by rank 0) before the engine is built."""
+    cls = STRATEGIES[run_cfg.parallel.strategy]
+    if cls is not DeepSpeedStrategy:
+        return cls(module, run_cfg, device, dtype, accum)
+    universal = False
+    if resume_meta is not None:
+        stage = DeepSpeedStrategy.ds_config(run_cfg, world, accum, dtype, False)["zero_optimization"]["stage"]
+        universal = resume_meta.get("world_size") != world or resume_meta.get("zero_stage") != stage
+        if universal and rank == 0:
+            DeepSpeedStrategy.convert_to_universal(resume_path)
+        barrier()
+    return cls(module, run_cfg, device, dtype, accum, load_universal=universal)

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def gradients(mode: str, rank: int):
     from pretrain.models import build_model, load_model_config
-    from pretrain.train import make_checkpoint_fn
+    from pretrain.training.activation_checkpointing import make_checkpoint_fn
     from pretrain.training.config import RunConfig
     from pretrain.training.parallel import FSDPStrategy
 

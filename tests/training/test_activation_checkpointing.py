@@ -23,7 +23,7 @@ import torch
 
 from conftest import REPO, env, free_port
 from pretrain.models import build_model, load_model_config
-from pretrain.train import make_checkpoint_fn
+from pretrain.training.activation_checkpointing import make_checkpoint_fn
 
 MODEL_CONFIG = REPO / "configs/models/tiny_rebased.yaml"
 
