@@ -454,6 +454,14 @@ def estimate_epoch_s(table: dict, mixer: str, d_model: int, seq_len: int) -> flo
     return None
 
 
+def order_cheapest_first(settings: list[Setting], table: dict) -> list[Setting]:
+    """Settings by estimated seconds per epoch (unmeasured widths by d_model x seq_len), ties in grid order."""
+    def cost(s: Setting):
+        estimate = estimate_epoch_s(table, s.mixer, s.d_model, s.seq_len)
+        return (0, estimate, s.index) if estimate is not None else (1, s.d_model * s.seq_len, s.index)
+    return sorted(settings, key=cost)
+
+
 def print_estimate(statuses: list[SettingStatus], table: dict, max_epochs: int) -> None:
     pending = [s.setting for s in statuses if s.state != "done"]
     if not pending:
@@ -503,6 +511,10 @@ def build_parser() -> argparse.ArgumentParser:
     place.add_argument("--gpus", help="comma-separated GPU ids to use (default: all visible); 'none': CPU only")
     place.add_argument("--runs-per-gpu", type=int, default=1, help="concurrent runs per GPU (default 1)")
     place.add_argument("--workers", type=int, help="CPU processes when there is no GPU (default 1)")
+    place.add_argument("--order", choices=("grid", "cheapest-first"), default="grid",
+                       help="order in which pending settings start: grid (index order) or cheapest-first (by "
+                            "estimated GPU seconds per epoch, from --epoch-times; the most results per GPU-hour "
+                            "when the time is limited)")
     slurm = p.add_argument_group("Slurm")
     slurm.add_argument("--slurm-array", action="store_true",
                        help="write OUT/slurm/mqar_sweep.sbatch (an array over the settings not done) and print it")
@@ -577,6 +589,8 @@ def main(argv=None) -> int:
               f"move them away, or pass --rerun-stale to replace them.", file=sys.stderr)
         return 2
     todo = [s.setting for s in statuses if s.state != "done"]
+    if args.order == "cheapest-first":
+        todo = order_cheapest_first(todo, measured_epoch_times([*args.epoch_times, sweep.out_dir]))
 
     if args.slurm_array:
         if args.task_index is not None:

@@ -269,3 +269,23 @@ def test_dry_run_estimates_gpu_time_from_measured_epochs(tmp_path, capsys):
     hours = 10 * (4.0 + 8.0) / 3600
     assert f"estimate: {hours:.2f} GPU-hours for the 2 pending settings" in printed
     assert "no epoch time for 2 (d_model [128])" in printed
+
+
+def test_cheapest_first_starts_the_shortest_estimated_epochs(tmp_path, fake_runs, capsys):
+    """--order cheapest-first: estimated seconds per epoch ascending (unmeasured widths last, by d_model x seq_len)."""
+    measured = {("rebased", 64, 2048): 8.0, ("based", 64, 512): 1.0}
+    settings = enumerate_settings(["rebased", "based"], [64, 128], [512, 2048], [0.001], [0])
+    ordered = [s.name for s in mqar_sweep.order_cheapest_first(settings, measured)]
+    assert ordered == ["based_d64_L512_lr0.001_s0", "rebased_d64_L512_lr0.001_s0",  # 1.0, then 8.0 / 4 = 2.0
+                       "based_d64_L2048_lr0.001_s0", "rebased_d64_L2048_lr0.001_s0",  # 1.0 * 4, then 8.0
+                       "rebased_d128_L512_lr0.001_s0", "based_d128_L512_lr0.001_s0",
+                       "rebased_d128_L2048_lr0.001_s0", "based_d128_L2048_lr0.001_s0"]
+    table = tmp_path / "mqar_speed.json"
+    table.write_text(json.dumps({"rows": [{"tree": "now", "setting": "rebased:64:32", "overrides": [],
+                                           "gpu_s_per_epoch": 1.0}]}))
+    out = tmp_path / "r"
+    assert main(["--out", str(out), "--config", TINY, "--mixers", "rebased", "--d-models", "64", "--seq-lens", "64",
+                 "32", "--lrs", "0.01", "--gpus", "none", "--order", "cheapest-first", "--epoch-times", str(table),
+                 "train.max_steps=1"]) == 0
+    starts = [line.split()[3] for line in capsys.readouterr().out.splitlines() if "] start #" in line]
+    assert starts == ["rebased_d64_L32_lr0.01_s0", "rebased_d64_L64_lr0.01_s0"]

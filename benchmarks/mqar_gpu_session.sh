@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# An MQAR sweep on a machine lent for a limited time, driven by commands of at most a few minutes each.
+#
+#   bash benchmarks/mqar_gpu_session.sh start OUT [sweep flags and overrides...]   # start the sweep detached
+#   bash benchmarks/mqar_gpu_session.sh wait OUT SECONDS PACK                      # wait, then pack results
+#
+# `start` runs `python -m pretrain.mqar.sweep --out OUT ...` in its own process session (setsid), so it outlives
+# the command that started it; its output goes to OUT/sweep.log. Any result JSON already under
+# benchmarks/results/mqar/seed_results/ for the same grid is copied into OUT first (the sweep skips settings whose
+# result exists and was made with the same config). `wait` sleeps until the sweep ends or SECONDS pass, then packs
+# every result, every log and the sweep's own log (not the per-epoch checkpoints) into the archive PACK, written to
+# a temporary name and renamed, so an archive is never half-written.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+action="${1:?usage: $0 start OUT [sweep args...] | wait OUT SECONDS PACK}"
+out="${2:?missing OUT}"
+
+case "$action" in
+  start)
+    shift 2
+    mkdir -p "$out"
+    if compgen -G "benchmarks/results/mqar/seed_results/*.json" >/dev/null; then
+      cp -n benchmarks/results/mqar/seed_results/*.json "$out"/
+    fi
+    export PYTHONUNBUFFERED=1
+    setsid nohup "$PYTHON" -m pretrain.mqar.sweep --out "$out" "$@" >"$out/sweep.log" 2>&1 </dev/null &
+    echo "$!" >"$out/sweep.pid"
+    echo "sweep started (pid $(cat "$out/sweep.pid")); log: $out/sweep.log"
+    ;;
+  wait)
+    seconds="${3:?missing SECONDS}"
+    pack="${4:?missing PACK}"
+    pid="$(cat "$out/sweep.pid")"
+    end=$((SECONDS + seconds))
+    while kill -0 "$pid" 2>/dev/null && ((SECONDS < end)); do
+      sleep 5
+    done
+    kill -0 "$pid" 2>/dev/null && echo "sweep still running after ${seconds}s" || echo "sweep finished"
+    tail -n 40 "$out/sweep.log"
+    (cd "$out" && find . -maxdepth 1 -type f \( -name '*.json' -o -name '*.log' \) -print0 |
+      tar czf "$pack.tmp" --null -T -)
+    mv "$pack.tmp" "$pack"
+    echo "packed $(tar tzf "$pack" | wc -l) files into $pack"
+    ;;
+  *)
+    echo "unknown action '$action' (start | wait)" >&2
+    exit 2
+    ;;
+esac
