@@ -32,8 +32,6 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
-import json
-import math
 import os
 import queue
 import shlex
@@ -48,6 +46,7 @@ from pathlib import Path
 
 from pretrain.config import ConfigError, parse_override, to_dict
 from pretrain.mqar.config import REPO_ROOT, format_lr, load_mqar_config, setting_name
+from pretrain.mqar.estimate import measured_epoch_times, order_cheapest_first, print_estimate
 from pretrain.mqar.results import read_result
 
 DEFAULT_CONFIG = "configs/mqar/base.yaml"
@@ -404,75 +403,6 @@ def slurm_script(args, pending: list[int], total: int) -> str:
 
 
 # ---------------------------------------------------------------- CLI
-
-# ---------------------------------------------------------------- time estimate
-
-def measured_epoch_times(sources: list[str | os.PathLike]) -> dict[tuple[str, int, int], float]:
-    """GPU seconds per epoch by (mixer, d_model, seq_len), from ``benchmarks/mqar_speed.py`` tables
-    (``mqar_speed.json``: gpu_s_per_epoch) and from finished results (their steady epoch time divided by the runs
-    that shared the device). The smallest measurement of a setting wins (the least disturbed one)."""
-    table: dict[tuple[str, int, int], float] = {}
-
-    def add(key, seconds):
-        if seconds and seconds > 0:
-            table[key] = min(seconds, table.get(key, float("inf")))
-
-    for source in sources:
-        path = Path(source)
-        if path.is_file() and path.suffix == ".json" and path.name != "mqar_summary.json":
-            try:
-                data = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue
-            for row in data.get("rows", []) if isinstance(data, dict) else []:
-                if row.get("tree", "now") == "now" and not row.get("overrides"):
-                    mixer, d, L = row["setting"].split(":")
-                    add((mixer, int(d), int(L)), row.get("gpu_s_per_epoch"))
-        elif path.is_dir():
-            for result_file in sorted(path.glob("*.json")):
-                result = read_result(result_file)
-                time_ = (result or {}).get("time", {})
-                if result and time_.get("steady_epoch_s") and result.get("setting"):
-                    st = result["setting"]
-                    add((st["mixer"], st["d_model"], st["seq_len"]),
-                        time_["steady_epoch_s"] / max(1, time_.get("runs_sharing_device", 1)))
-    return table
-
-
-def estimate_epoch_s(table: dict, mixer: str, d_model: int, seq_len: int) -> float | None:
-    """A setting's GPU seconds per epoch: measured, else scaled from the same width (this mixer first, then the
-    other) at the nearest measured length, in proportion to the length (an epoch's tokens and query rows both grow
-    with it)."""
-    if (mixer, d_model, seq_len) in table:
-        return table[(mixer, d_model, seq_len)]
-    for same_mixer in (True, False):
-        near = [(abs(math.log2(L / seq_len)), L, t) for (m, d, L), t in table.items()
-                if d == d_model and (m == mixer) == same_mixer]
-        if near:
-            _, L, t = min(near)
-            return t * seq_len / L
-    return None
-
-
-def order_cheapest_first(settings: list[Setting], table: dict) -> list[Setting]:
-    """Settings by estimated seconds per epoch (unmeasured widths by d_model x seq_len), ties in grid order."""
-    def cost(s: Setting):
-        estimate = estimate_epoch_s(table, s.mixer, s.d_model, s.seq_len)
-        return (0, estimate, s.index) if estimate is not None else (1, s.d_model * s.seq_len, s.index)
-    return sorted(settings, key=cost)
-
-
-def print_estimate(statuses: list[SettingStatus], table: dict, max_epochs: int) -> None:
-    pending = [s.setting for s in statuses if s.state != "done"]
-    if not pending:
-        return
-    known = [(s, estimate_epoch_s(table, s.mixer, s.d_model, s.seq_len)) for s in pending]
-    unknown = [s for s, t in known if t is None]
-    total_h = sum(t for _, t in known if t is not None) * max_epochs / 3600
-    print(f"estimate: {total_h:.2f} GPU-hours for the {len(pending) - len(unknown)} pending settings with a measured "
-          f"or scaled epoch time ({max_epochs} epochs each: an upper bound, early stops end runs sooner)"
-          + (f"; no epoch time for {len(unknown)} (d_model {sorted({s.d_model for s in unknown})})" if unknown else ""))
-
 
 def _print_statuses(statuses: list[SettingStatus], out_dir: Path) -> None:
     width = max((len(s.setting.name) for s in statuses), default=10)

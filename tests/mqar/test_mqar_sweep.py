@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from pretrain.mqar import estimate as mqar_estimate
 from pretrain.mqar import sweep as mqar_sweep
 from pretrain.atomic import write_json_atomic
 from pretrain.mqar.results import SCHEMA, read_result
@@ -256,9 +257,9 @@ def test_dry_run_estimates_gpu_time_from_measured_epochs(tmp_path, capsys):
     write_json_atomic(out / "based_d64_L512_lr0.001_s0.json", {
         "schema": SCHEMA, "best_accuracy": 0.5, "setting": {"mixer": "based", "d_model": 64, "seq_len": 512},
         "time": {"steady_epoch_s": 6.0, "runs_sharing_device": 2}})
-    measured = mqar_sweep.measured_epoch_times([table, out])
+    measured = mqar_estimate.measured_epoch_times([table, out])
     assert measured == {("rebased", 64, 2048): 8.0, ("based", 64, 512): 3.0}
-    est = mqar_sweep.estimate_epoch_s
+    est = mqar_estimate.estimate_epoch_s
     assert est(measured, "rebased", 64, 2048) == 8.0
     assert est(measured, "rebased", 64, 1024) == 4.0  # half the length of the nearest same-mixer measurement
     assert est(measured, "based", 64, 1024) == 6.0  # twice the based measurement at 512
@@ -275,7 +276,7 @@ def test_cheapest_first_starts_the_shortest_estimated_epochs(tmp_path, fake_runs
     """--order cheapest-first: estimated seconds per epoch ascending (unmeasured widths last, by d_model x seq_len)."""
     measured = {("rebased", 64, 2048): 8.0, ("based", 64, 512): 1.0}
     settings = enumerate_settings(["rebased", "based"], [64, 128], [512, 2048], [0.001], [0])
-    ordered = [s.name for s in mqar_sweep.order_cheapest_first(settings, measured)]
+    ordered = [s.name for s in mqar_estimate.order_cheapest_first(settings, measured)]
     assert ordered == ["based_d64_L512_lr0.001_s0", "rebased_d64_L512_lr0.001_s0",  # 1.0, then 8.0 / 4 = 2.0
                        "based_d64_L2048_lr0.001_s0", "rebased_d64_L2048_lr0.001_s0",  # 1.0 * 4, then 8.0
                        "rebased_d128_L512_lr0.001_s0", "based_d128_L512_lr0.001_s0",
