@@ -138,3 +138,40 @@ def test_learned_positions_end_at_max_seq_len():
         model(torch.tensor([[7, 8]]), cache=cache)
         with pytest.raises(ValueError, match="position 8 exceeds max_seq_len=8"):
             model(torch.tensor([[9]]), cache=cache)
+
+
+def cache_buffers(cache) -> dict[str, torch.Tensor]:
+    """Every tensor the cache holds, by layer and field."""
+    out = {}
+    for i, layer in enumerate(cache.layers):
+        for name, value in vars(layer).items():
+            if isinstance(value, torch.Tensor):
+                out[f"{i}.{name}"] = value
+    return out
+
+
+@pytest.mark.parametrize("name", ["rebased", "based", "sliding_window"])
+def test_decoding_state_does_not_grow_with_the_prompt(name):
+    """Without full attention the state has one size whatever the prompt's length, and the decoding steps update
+    the same buffers in place (no allocation per token)."""
+    model = model_for(LAYOUTS[name], max_seq_len=256)
+    sizes = []
+    for length in (6, 150):
+        cache, _ = prefill(model, [[1 + i % 50 for i in range(length)], [1, 2, 3]], max_len=length + 8)
+        buffers = cache_buffers(cache)
+        assert buffers, "the cache holds no state"
+        pointers = {k: t.data_ptr() for k, t in buffers.items()}
+        with torch.no_grad():
+            step = DecodeStep(model, cache, cuda_graph=False)
+            for token in (4, 5, 6):
+                step(torch.tensor([token, token]))
+        assert {k: t.data_ptr() for k, t in cache_buffers(cache).items()} == pointers
+        sizes.append({k: (tuple(t.shape), t.dtype) for k, t in buffers.items()})
+    assert sizes[0] == sizes[1]
+
+
+def test_full_attention_cache_holds_prompt_and_new_tokens():
+    model = model_for(LAYOUTS["attention"], max_seq_len=256)
+    cache, _ = prefill(model, [[1 + i % 50 for i in range(150)]], max_len=158)
+    (k,) = [t for name, t in cache_buffers(cache).items() if name.endswith(".k")]
+    assert k.shape[1] == 158
