@@ -2,8 +2,13 @@
 the symmetric-tile state layout: ``kernels/linear_attention/DESIGN.md``, sections 4-7); launched from
 :mod:`.launch`."""
 
+import os
+
 import triton
 import triton.language as tl
+
+# Triton's interpreter (the CPU tests) needs a few operations done differently (see the kernels' uses)
+INTERPRETED: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
 @triton.jit
@@ -277,13 +282,17 @@ def _chunk_program(seg_ptr, H, C: tl.constexpr, NVB: tl.constexpr):
 @triton.jit
 def _chunk_state(ch_ptr, st_ptr, coff, soff, offs, mask, HAS_START: tl.constexpr):
     # a block of a chunk's state: the segment's own part (the state kernel's, from zero) plus, for documents of
-    # several segments or with a given start, the segment's start state (read by all its chunks: from L2). The sum
-    # is rounded back to the stored dtype: in bf16 that is the rounding the tensor cores would make anyway, and the
+    # several segments or with a given start, the segment's start state (read by all its chunks: from L2). Added in
+    # the stored dtype: in bf16 that is the fp32 sum's rounding, which the tensor cores would make anyway, and the
     # gradient kernel keeps its registers (with fp32 blocks it took 0.495 ms instead of 0.480 at T = 8192, H100).
-    # Added in fp32: Triton's interpreter adds bf16 values wrongly (NaN, triton 3.9); on a GPU it is the same sum.
+    # Triton's interpreter adds bf16 values wrongly (NaN, triton 3.9): there the same sum is made in fp32.
     x = tl.load(ch_ptr + coff + offs, mask=mask, other=0.0)
     if HAS_START:
-        x = (x.to(tl.float32) + tl.load(st_ptr + soff + offs, mask=mask, other=0.0).to(tl.float32)).to(x.dtype)
+        start = tl.load(st_ptr + soff + offs, mask=mask, other=0.0)
+        if INTERPRETED:
+            x = (x.to(tl.float32) + start.to(tl.float32)).to(x.dtype)
+        else:
+            x += start
     return x
 
 
