@@ -7,7 +7,8 @@ import os
 import triton
 import triton.language as tl
 
-# Triton's interpreter (the CPU tests) needs a few operations done differently (see the kernels' uses)
+# Triton's interpreter (the CPU tests) needs a few operations done differently (the kernels' uses, and the matmul
+# mode of tables._mm_mode). Read once at import, as triton.jit itself decides then whether a kernel is interpreted
 INTERPRETED: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 

@@ -4,13 +4,13 @@ matmul mode."""
 
 from __future__ import annotations
 
-import os
 from typing import List, Optional, Tuple
 
 import torch
 import triton
 
 from .config import CHUNK_LAUNCH, ChunkLaunchConfig
+from .jit import INTERPRETED
 
 MAX_CHUNK = 64
 MAX_CHUNK_FP32 = 32  # fp32 operands at C = 64, Dv 128 need 263 KB of shared memory; an H100 has 227 KB
@@ -22,7 +22,7 @@ def supports(q: torch.Tensor, v: torch.Tensor) -> bool:
 
 def _mm_mode(dtype: torch.dtype) -> int:
     mode = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[dtype]
-    if mode and os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if mode and INTERPRETED:
         # the interpreter's tl.dot on bf16/fp16 operands is wrong (triton 3.9): round the operands to the
         # low precision, multiply in fp32 (same rounding as the tensor cores' products with fp32 accumulation)
         mode += 2
