@@ -20,9 +20,9 @@ case "$action" in
   start)
     shift 2
     mkdir -p "$out"
-    if compgen -G "benchmarks/results/mqar/seed_results/*.json" >/dev/null; then
-      cp -n benchmarks/results/mqar/seed_results/*.json "$out"/
-    fi
+    for seed in benchmarks/results/mqar/seed_results/*.json; do  # never over a result already in OUT
+      [[ -f "$seed" && ! -e "$out/$(basename "$seed")" ]] && cp "$seed" "$out"/
+    done
     export PYTHONUNBUFFERED=1
     setsid nohup "$PYTHON" -m pretrain.mqar.sweep --out "$out" "$@" >"$out/sweep.log" 2>&1 </dev/null &
     echo "$!" >"$out/sweep.pid"
