@@ -60,6 +60,7 @@ def run_one(tree: Path, config: str, setting: str, overrides: list[str], epochs:
             "first_epoch_s": round(max(first), 3),
             "eval_s": round(results[0]["time"]["eval_s"] / len(results[0]["history"]), 3),
             "micro_batch_size": results[0]["protocol"].get("micro_batch_size"),
+            "precision": results[0]["config"]["train"]["precision"],
             "device": results[0]["device"], "torch": results[0]["torch"], "git_commit": results[0]["git_commit"],
             "valid_accuracy": [r["history"][-1]["valid_accuracy"] for r in results],
         })

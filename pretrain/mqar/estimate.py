@@ -16,10 +16,11 @@ if TYPE_CHECKING:  # the sweep imports this module
     from pretrain.mqar.sweep import Setting, SettingStatus
 
 
-def measured_epoch_times(sources: list[str | os.PathLike]) -> dict[tuple[str, int, int], float]:
-    """GPU seconds per epoch by (mixer, d_model, seq_len), from ``benchmarks/mqar_speed.py`` tables
-    (``mqar_speed.json``: gpu_s_per_epoch) and from finished results (their steady epoch time divided by the runs
-    that shared the device). The smallest measurement of a setting wins (the least disturbed one)."""
+def measured_epoch_times(sources: list[str | os.PathLike], precision: str) -> dict[tuple[str, int, int], float]:
+    """GPU seconds per epoch by (mixer, d_model, seq_len) at ``precision`` (``train.precision``: fp32 runs take
+    several times as long as bf16), from ``benchmarks/mqar_speed.py`` tables (``mqar_speed.json``:
+    gpu_s_per_epoch) and from finished results (their steady epoch time divided by the runs that shared the device).
+    The smallest measurement of a setting wins (the least disturbed one)."""
     table: dict[tuple[str, int, int], float] = {}
 
     def add(key, seconds):
@@ -34,14 +35,17 @@ def measured_epoch_times(sources: list[str | os.PathLike]) -> dict[tuple[str, in
             except (OSError, ValueError):
                 continue
             for row in data.get("rows", []) if isinstance(data, dict) else []:
-                if row.get("tree", "now") == "now" and not row.get("overrides"):
+                # rows written before the field existed were all bf16, the protocol's default then
+                if (row.get("tree", "now") == "now" and not row.get("overrides")
+                        and row.get("precision", "bf16") == precision):
                     mixer, d, L = row["setting"].split(":")
                     add((mixer, int(d), int(L)), row.get("gpu_s_per_epoch"))
         elif path.is_dir():
             for result_file in sorted(path.glob("*.json")):
                 result = read_result(result_file)
                 time_ = (result or {}).get("time", {})
-                if result and time_.get("steady_epoch_s") and result.get("setting"):
+                run_precision = ((result or {}).get("config") or {}).get("train", {}).get("precision")
+                if result and time_.get("steady_epoch_s") and result.get("setting") and run_precision == precision:
                     st = result["setting"]
                     add((st["mixer"], st["d_model"], st["seq_len"]),
                         time_["steady_epoch_s"] / max(1, time_.get("runs_sharing_device", 1)))

@@ -245,31 +245,39 @@ def test_slurm_array_covers_the_unfinished_settings(tmp_path, capsys, fake_runs)
 
 def test_dry_run_estimates_gpu_time_from_measured_epochs(tmp_path, capsys):
     """Measured GPU seconds per epoch (a speed table, finished results shared by 2 runs per GPU) give each pending
-    setting's time: measured, else scaled by length from the same width (this mixer, else the other)."""
+    setting's time: measured at the sweep's precision, else scaled by length from the same width (this mixer, else
+    the other). Rows without a precision field are bf16 (the protocol's default when they were written)."""
     table = tmp_path / "mqar_speed.json"
     table.write_text(json.dumps({"rows": [
         {"tree": "now", "setting": "rebased:64:2048", "overrides": [], "gpu_s_per_epoch": 8.0},
         {"tree": "before", "setting": "rebased:64:1024", "overrides": [], "gpu_s_per_epoch": 99.0},  # other code
         {"tree": "now", "setting": "rebased:64:1024", "overrides": ["train.compile=false"], "gpu_s_per_epoch": 50},
+        {"tree": "now", "setting": "rebased:64:2048", "overrides": [], "gpu_s_per_epoch": 24.0, "precision": "fp32"},
     ]}))
     out = tmp_path / "r"
     out.mkdir()
     write_json_atomic(out / "based_d64_L512_lr0.001_s0.json", {
         "schema": SCHEMA, "best_accuracy": 0.5, "setting": {"mixer": "based", "d_model": 64, "seq_len": 512},
-        "time": {"steady_epoch_s": 6.0, "runs_sharing_device": 2}})
-    measured = mqar_estimate.measured_epoch_times([table, out])
+        "time": {"steady_epoch_s": 6.0, "runs_sharing_device": 2}, "config": {"train": {"precision": "bf16"}}})
+    measured = mqar_estimate.measured_epoch_times([table, out], "bf16")
     assert measured == {("rebased", 64, 2048): 8.0, ("based", 64, 512): 3.0}
+    assert mqar_estimate.measured_epoch_times([table, out], "fp32") == {("rebased", 64, 2048): 24.0}
     est = mqar_estimate.estimate_epoch_s
     assert est(measured, "rebased", 64, 2048) == 8.0
     assert est(measured, "rebased", 64, 1024) == 4.0  # half the length of the nearest same-mixer measurement
     assert est(measured, "based", 64, 1024) == 6.0  # twice the based measurement at 512
     assert est(measured, "rebased", 128, 2048) is None
     assert main(["--out", str(out), "--mixers", "rebased", "--d-models", "64", "128", "--seq-lens", "1024", "2048",
-                 "--lrs", "0.001", "--dry-run", "--epoch-times", str(table), "train.max_epochs=10"]) == 0
+                 "--lrs", "0.001", "--dry-run", "--epoch-times", str(table), "train.max_epochs=10",
+                 "train.precision=bf16"]) == 0
     printed = capsys.readouterr().out
     hours = 10 * (4.0 + 8.0) / 3600
     assert f"estimate: {hours:.2f} GPU-hours for the 2 pending settings" in printed
     assert "no epoch time for 2 (d_model [128])" in printed
+    assert main(["--out", str(out), "--mixers", "rebased", "--d-models", "64", "--seq-lens", "1024", "2048",
+                 "--lrs", "0.001", "--dry-run", "--epoch-times", str(table), "train.max_epochs=10",
+                 "train.precision=fp32"]) == 0
+    assert f"estimate: {10 * (12.0 + 24.0) / 3600:.2f} GPU-hours for the 2 pending settings" in capsys.readouterr().out
 
 
 def test_cheapest_first_starts_the_shortest_estimated_epochs(tmp_path, fake_runs, capsys):
@@ -282,11 +290,11 @@ def test_cheapest_first_starts_the_shortest_estimated_epochs(tmp_path, fake_runs
                        "rebased_d128_L512_lr0.001_s0", "based_d128_L512_lr0.001_s0",
                        "rebased_d128_L2048_lr0.001_s0", "based_d128_L2048_lr0.001_s0"]
     table = tmp_path / "mqar_speed.json"
-    table.write_text(json.dumps({"rows": [{"tree": "now", "setting": "rebased:64:32", "overrides": [],
-                                           "gpu_s_per_epoch": 1.0}]}))
+    table.write_text(json.dumps({"rows": [{"tree": "now", "setting": "rebased:64:64", "overrides": [],
+                                           "gpu_s_per_epoch": 1.0, "precision": "fp32"}]}))
     out = tmp_path / "r"
     assert main(["--out", str(out), "--config", TINY, "--mixers", "rebased", "--d-models", "64", "--seq-lens", "64",
                  "32", "--lrs", "0.01", "--gpus", "none", "--order", "cheapest-first", "--epoch-times", str(table),
                  "train.max_steps=1"]) == 0
     starts = [line.split()[3] for line in capsys.readouterr().out.splitlines() if "] start #" in line]
-    assert starts == ["rebased_d64_L32_lr0.01_s0", "rebased_d64_L64_lr0.01_s0"]
+    assert starts == ["rebased_d64_L32_lr0.01_s0", "rebased_d64_L64_lr0.01_s0"]  # 0.5 (scaled), then 1.0
