@@ -2,14 +2,16 @@
 # An MQAR sweep on a machine lent for a limited time, driven by commands of at most a few minutes each.
 #
 #   bash benchmarks/mqar_gpu_session.sh start OUT [sweep flags and overrides...]   # start the sweep detached
-#   bash benchmarks/mqar_gpu_session.sh wait OUT SECONDS PACK                      # wait, then pack results
+#   bash benchmarks/mqar_gpu_session.sh wait OUT SECONDS PACK [--checkpoints]      # wait, then pack results
 #
 # `start` runs `python -m pretrain.mqar.sweep --out OUT ...` in its own process session (setsid), so it outlives
 # the command that started it; its output goes to OUT/sweep.log. Any result JSON already under
 # benchmarks/results/mqar/seed_results/ for the same grid is copied into OUT first (the sweep skips settings whose
 # result exists and was made with the same config). `wait` sleeps until the sweep ends or SECONDS pass, then packs
-# every result, every log and the sweep's own log (not the per-epoch checkpoints) into the archive PACK, written to
-# a temporary name and renamed, so an archive is never half-written.
+# every result, every log and the sweep's own log into the archive PACK, written to a temporary name and renamed, so
+# an archive is never half-written. With --checkpoints, each unfinished run's per-epoch checkpoint (OUT/<setting>.ckpt,
+# a few MB at d_model 64) is also copied beside PACK, one file each, so that a run cut by the machine's lease resumes
+# on the next machine: put the files back into OUT (e.g. pass OUT in the device tool's `carry`) and `start` again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -31,6 +33,8 @@ case "$action" in
   wait)
     seconds="${3:?missing SECONDS}"
     pack="${4:?missing PACK}"
+    checkpoints="${5:-}"
+    [[ -z "$checkpoints" || "$checkpoints" == "--checkpoints" ]] || { echo "unknown option '$checkpoints'" >&2; exit 2; }
     pid="$(cat "$out/sweep.pid")"
     end=$((SECONDS + seconds))
     while kill -0 "$pid" 2>/dev/null && ((SECONDS < end)); do
@@ -42,6 +46,15 @@ case "$action" in
       tar czf "$pack.tmp" --null -T -)
     mv "$pack.tmp" "$pack"
     echo "packed $(tar tzf "$pack" | wc -l) files into $pack"
+    if [[ -n "$checkpoints" ]]; then
+      # a run replaces its checkpoint by rename, so a copy reads one whole version
+      for ckpt in "$out"/*.ckpt; do
+        [[ -f "$ckpt" ]] || continue
+        cp "$ckpt" "$(dirname "$pack")/.$(basename "$ckpt").tmp"
+        mv "$(dirname "$pack")/.$(basename "$ckpt").tmp" "$(dirname "$pack")/$(basename "$ckpt")"
+        echo "checkpoint $(basename "$ckpt") copied beside $pack"
+      done
+    fi
     ;;
   *)
     echo "unknown action '$action' (start | wait)" >&2

@@ -298,3 +298,35 @@ def test_cheapest_first_starts_the_shortest_estimated_epochs(tmp_path, fake_runs
                  "train.max_steps=1"]) == 0
     starts = [line.split()[3] for line in capsys.readouterr().out.splitlines() if "] start #" in line]
     assert starts == ["rebased_d64_L32_lr0.01_s0", "rebased_d64_L64_lr0.01_s0"]  # 0.5 (scaled), then 1.0
+
+
+SESSION = Path(__file__).resolve().parents[2] / "benchmarks" / "mqar_gpu_session.sh"
+
+
+def test_gpu_session_script_runs_a_detached_sweep_and_packs_it(tmp_path):
+    """`start` runs the sweep detached; `wait` packs results and logs (never checkpoints) into one archive and, with
+    --checkpoints, copies each unfinished run's checkpoint beside it so the next machine can resume the run."""
+    import tarfile
+
+    env = dict(os.environ, PYTHON=sys.executable)
+    out, packs = tmp_path / "out", tmp_path / "packs"
+    packs.mkdir()
+    start = subprocess.run(["bash", str(SESSION), "start", str(out), "--config", TINY, "--mixers", "rebased",
+                            "--d-models", "64", "--seq-lens", "32", "--lrs", "0.01", "--gpus", "none",
+                            "train.max_steps=2"], env=env, capture_output=True, text=True, timeout=60)
+    assert start.returncode == 0, start.stderr
+    (out / "rebased_d64_L16_lr0.01_s0.json.ckpt").write_bytes(b"state of a run the lease cut")  # as a cut run leaves
+    wait = subprocess.run(["bash", str(SESSION), "wait", str(out), "300", str(packs / "a.tgz"), "--checkpoints"],
+                          env=env, capture_output=True, text=True, timeout=400)
+    assert wait.returncode == 0, wait.stderr
+    assert "sweep finished" in wait.stdout
+    with tarfile.open(packs / "a.tgz") as tar:
+        names = sorted(Path(n).name for n in tar.getnames())
+    assert "rebased_d64_L32_lr0.01_s0.json" in names and "rebased_d64_L32_lr0.01_s0.log" in names
+    assert "sweep.log" in names and not any(n.endswith(".ckpt") for n in names)
+    assert (packs / "rebased_d64_L16_lr0.01_s0.json.ckpt").read_bytes() == b"state of a run the lease cut"
+    assert read_result(out / "rebased_d64_L32_lr0.01_s0.json")["stopped_by"] == "max_steps"
+
+    bad = subprocess.run(["bash", str(SESSION), "wait", str(out), "1", str(packs / "b.tgz"), "--ckpt"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown option '--ckpt'" in bad.stderr and not (packs / "b.tgz").exists()
