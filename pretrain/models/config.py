@@ -100,6 +100,13 @@ class ModelConfig:
     # names it lists are scaled (softmax attention's output, the MLP's down projection), the linear-attention
     # output projection is N(0, init_std), the short conv keeps PyTorch's Conv1d default (bias too).
     init_scheme: Literal["scaled", "zoology"] = "scaled"
+    # normal: the token embedding is N(0, init_std) like the other weights. readout (tied embeddings only):
+    # N(0, 1/d_model^2), muP's initialisation of the output layer (Yang et al. 2021, Tensor Programs V, Table 3:
+    # readout variance 1/fan_in^2). A tied table is also the LM head, and wherever the top of the residual stream is
+    # a scaled copy of the input embedding (the short conv's `+ u` path copies norm(x) into it at every layer), a
+    # token's logit on itself is d_model * std: 15 at d_model 768 with 0.02, loss ~14 where ln V is 10.8. With
+    # std 1/d_model that logit is ~1, the others ~1/sqrt(d_model), and training starts near ln V.
+    embed_init: Literal["normal", "readout"] = "normal"
     embed_dropout: float = 0.0  # dropout on the token (+ position) embeddings while training (the MQAR code: 0.1)
     rebased: ReBasedConfig = field(default_factory=ReBasedConfig)
     based: BasedConfig = field(default_factory=BasedConfig)
@@ -120,6 +127,9 @@ class ModelConfig:
             raise ValueError("'layers' must not be empty")
         if self.vocab_size < 1 or self.d_model < 1:
             raise ValueError("vocab_size and d_model must be positive")
+        if self.embed_init == "readout" and not self.tie_embeddings:
+            raise ValueError("embed_init 'readout' sizes the embedding as the tied LM head; with "
+                             "tie_embeddings: false use embed_init 'normal'")
         for name in ("attention", "sliding_window"):
             if name in self.layers and self.d_model % getattr(self, name).num_heads:
                 raise ValueError(f"d_model={self.d_model} is not divisible by the "

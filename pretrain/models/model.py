@@ -80,7 +80,8 @@ class CausalLM(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, std=std)
+                readout = module is self.embed and self.config.embed_init == "readout"
+                nn.init.normal_(module.weight, std=1.0 / self.config.d_model if readout else std)
 
     def init_cache(self, batch_size: int | None = None, max_len: int | None = None) -> ModelCache:
         """An empty decoding cache for ``batch_size`` rows (default: the first input's) of at most ``max_len``
