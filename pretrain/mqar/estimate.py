@@ -43,9 +43,11 @@ def measured_epoch_times(sources: list[str | os.PathLike], precision: str) -> di
         elif path.is_dir():
             for result_file in sorted(path.glob("*.json")):
                 result = read_result(result_file)
-                time_ = (result or {}).get("time", {})
-                run_precision = ((result or {}).get("config") or {}).get("train", {}).get("precision")
-                if result and time_.get("steady_epoch_s") and result.get("setting") and run_precision == precision:
+                if not result:
+                    continue
+                time_ = result.get("time", {})
+                run_precision = (result.get("config") or {}).get("train", {}).get("precision")
+                if time_.get("steady_epoch_s") and result.get("setting") and run_precision == precision:
                     st = result["setting"]
                     add((st["mixer"], st["d_model"], st["seq_len"]),
                         time_["steady_epoch_s"] / max(1, time_.get("runs_sharing_device", 1)))

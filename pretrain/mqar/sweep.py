@@ -506,10 +506,13 @@ def main(argv=None) -> int:
 
     statuses = sweep.statuses()
     train_cfg = load_mqar_config(sweep.config, list(sweep.overrides)).train
-    epoch_times = measured_epoch_times([*args.epoch_times, sweep.out_dir], train_cfg.precision)
+
+    def epoch_times():  # reads every result and speed table: only for the estimate and the order that use it
+        return measured_epoch_times([*args.epoch_times, sweep.out_dir], train_cfg.precision)
+
     if args.dry_run:
         _print_statuses(statuses, sweep.out_dir)
-        print_estimate(statuses, epoch_times, train_cfg.max_epochs)
+        print_estimate(statuses, epoch_times(), train_cfg.max_epochs)
         return 0
     stale = [s for s in statuses if s.state == "stale"]
     if stale and not args.rerun_stale:
@@ -520,7 +523,7 @@ def main(argv=None) -> int:
         return 2
     todo = [s.setting for s in statuses if s.state != "done"]
     if args.order == "cheapest-first":
-        todo = order_cheapest_first(todo, epoch_times)
+        todo = order_cheapest_first(todo, epoch_times())
 
     if args.slurm_array:
         if args.task_index is not None:
