@@ -50,6 +50,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from pretrain.atomic import fsync_dir, write_file_atomic, write_json_atomic  # noqa: E402
+from pretrain.data.tokenizer import file_sha256  # noqa: E402
 
 FORMAT_VERSION = 1
 MiB = 1 << 20
@@ -526,22 +527,13 @@ def resolve_package(name: str, version: str | None = None) -> Package:
                    sha256=fields.get("SHA256"), size=int(fields["Size"]) if "Size" in fields else None)
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(MiB), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def download(pkg: Package, cache: Path) -> Package:
     """Fetch ``pkg`` into ``cache`` with ``apt-get download`` (reusing a cached .deb whose SHA-256 matches)."""
     cache.mkdir(parents=True, exist_ok=True)
     fname = f"{pkg.name}_{pkg.version.replace(':', '%3a')}_{pkg.architecture}.deb"
     path = cache / fname
-    if path.exists() and (pkg.sha256 is None or sha256_file(path) == pkg.sha256):
-        pkg.deb = str(path)
-    else:
+    digest = file_sha256(path) if path.exists() else None
+    if digest is None or pkg.sha256 not in (None, digest):
         with tempfile.TemporaryDirectory(prefix=".download-", dir=cache) as tmp:
             r = _run(["apt-get", "download", "-q", f"{pkg.name}={pkg.version}"], cwd=tmp)
             debs = sorted(Path(tmp).glob("*.deb"))
@@ -550,13 +542,11 @@ def download(pkg: Package, cache: Path) -> Package:
                                   f"{(r.stderr or r.stdout).strip()[-500:]}")
             os.replace(debs[0], path)
             fsync_dir(cache)
-        pkg.deb = str(path)
-    digest = sha256_file(path)
+        digest = file_sha256(path)
     if pkg.sha256 is not None and digest != pkg.sha256:
         raise CorpusError(f"{path}: SHA-256 {digest} differs from the archive's {pkg.sha256} for "
                           f"{pkg.name}={pkg.version}")
-    pkg.sha256 = digest
-    pkg.size = path.stat().st_size
+    pkg.deb, pkg.sha256, pkg.size = str(path), digest, path.stat().st_size
     return pkg
 
 
@@ -567,7 +557,7 @@ def package_from_deb(path: str | os.PathLike) -> Package:
         raise CorpusError(f"{path}: not a readable .deb: {r.stderr.strip()}")
     f = _stanza(r.stdout)
     return Package(name=f["Package"], version=f["Version"], architecture=f.get("Architecture", ""), deb=str(path),
-                   sha256=sha256_file(path), size=os.path.getsize(path))
+                   sha256=file_sha256(path), size=os.path.getsize(path))
 
 
 def _unpack_once(dest: Path, fill: Callable[[Path], None]) -> Path:

@@ -20,6 +20,9 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from pretrain.atomic import write_file_atomic, write_json_atomic, write_text_atomic
+from pretrain.mqar.report import mean_std
+
 NAME = re.compile(r"^q(?P<width>\d+m)_(?P<model>.+)_s(?P<seed>\d+)$")
 PAIRS = [("rebased", "based"), ("rebased", "transformer")]
 
@@ -140,8 +143,8 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def _mean_std(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
-            "n": len(values)}
+    mean, std = mean_std(values)
+    return {"mean": mean, "std": std, "n": len(values)}
 
 
 def _fmt(ms: dict) -> str:
@@ -197,7 +200,7 @@ def plot_curves(run_dirs: list[Path], out: Path) -> None:
     start.set(xlabel="step", ylabel="training loss", title="the first 100 steps")
     full.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    write_file_atomic(out, lambda f: fig.savefig(f, format="png", dpi=120), binary=True)
     plt.close(fig)
 
 
@@ -209,8 +212,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     summary = summarise(load_evals(args.evals))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quality_summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
-    (args.out / "quality_table.md").write_text(table(summary) + "\n")
+    write_json_atomic(args.out / "quality_summary.json", summary)
+    write_text_atomic(args.out / "quality_table.md", table(summary) + "\n")
     if args.runs:
         plot_curves(args.runs, args.out / "loss_curves.png")
     print(table(summary))
