@@ -11,26 +11,23 @@ from pretrain.models import load_model_config
 from pretrain.models.model import CausalLM
 from pretrain.training.config import RunConfig
 
-CONFIGS = Path(__file__).resolve().parents[2] / "benchmarks" / "quality" / "configs"
-WIDTHS = {"50m": ["rebased", "based", "transformer", "rebased_no_affine", "rebased_no_norm"],
-          "150m": ["rebased", "based", "transformer"]}
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = REPO / "benchmarks" / "quality" / "configs"
+MODELS = {"50m": [CONFIGS / f"q50m_{name}.yaml" for name in
+                  ("rebased", "based", "transformer", "rebased_no_affine", "rebased_no_norm")],
+          "150m": [REPO / "configs" / "models" / f"{name}_150m.yaml" for name in ("rebased", "based", "transformer")]}
 
 
-def n_params(model_yaml: Path) -> int:
-    with torch.device("meta"):
-        return sum(p.numel() for p in CausalLM(load_model_config(model_yaml)).parameters())
-
-
-@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("width", MODELS)
 def test_each_width_runs_every_model_from_one_run_config(width):
     counts = {}
-    for name in WIDTHS[width]:
-        model = CONFIGS / f"q{width}_{name}.yaml"
+    for model in MODELS[width]:
         run = load_config(RunConfig, CONFIGS / f"run_q{width}.yaml", [f"model={model}", "training.seed=1"])
         assert run.training.seed == 1 and run.data.seq_len == 1024
         cfg = load_model_config(run.model, run.model_overrides)
         assert cfg.vocab_size == 32000 and cfg.embed_init == "readout" and cfg.tie_embeddings
-        counts[name] = n_params(model)
+        with torch.device("meta"):
+            counts[model.name] = sum(p.numel() for p in CausalLM(cfg).parameters())
     target = {"50m": 55e6, "150m": 140e6}[width]
     for name, count in counts.items():
         assert abs(count / target - 1) < 0.05, (name, count)
