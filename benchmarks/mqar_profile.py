@@ -1,13 +1,14 @@
 """Where an MQAR training step spends its GPU time, and the attention kernels at the MQAR models' shapes.
 
     python -m benchmarks.mqar_profile profile [--setting rebased:128:2048] [--steps 4]
-    python -m benchmarks.mqar_profile errors                     # kernel error vs float64 at the MQAR shapes
+    python -m benchmarks.mqar_profile errors [--precisions bf16,fp32,tf32x3]  # kernel error vs float64, MQAR shapes
     python -m benchmarks.mqar_profile attention [--variants JSON] # fwd+bwd ms of the op per launch-config variant
 
 ``profile`` builds the run exactly as ``python -m pretrain.mqar`` does (compiled body, fused LM head + loss),
 warms it up, then records ``--steps`` optimizer steps with torch.profiler and prints the CUDA time per kernel
 (ms per optimizer step, grouped by name) and the share of the step. ``attention`` times the op alone (batch 256 ×
-2048 tokens × 12 heads, feature dim 16, value heads of 10, bf16), each variant in its own process.
+2048 tokens × 12 heads, feature dim 16, value heads of 10, bf16 unless a variant sets "dtype"), each variant in its
+own process.
 """
 
 from __future__ import annotations
@@ -57,24 +58,30 @@ def profile(setting: str, steps: int, overrides: list[str]) -> None:
         print(f"  {ms:8.3f} ms  {100 * ms / total:5.1f}%  {name[:110]}")
 
 
-def errors() -> None:
+def errors(precisions: list[str]) -> None:
+    """Relative error of o, dq, dk, dv against float64 at the MQAR shapes, per precision: bf16 inputs, fp32 inputs
+    multiplied in IEEE fp32 ("fp32") or in 3xTF32 ("tf32x3")."""
     import torch
 
     import kernels
+    from kernels.linear_attention.triton_chunk import CHUNK_LAUNCH
 
-    for kind in ("rebased", "based"):
-        fn = kernels.rebased_attention if kind == "rebased" else kernels.based_attention
-        for dv in (5, 10, 16, 64):
-            q, k, v, do = _inputs(8, 2048, 12, dv, torch.bfloat16)
-            o, _ = fn(q, k, v, backend="triton")
-            g = torch.autograd.grad(o, (q, k, v), do)
-            ref = [x.detach().double().requires_grad_() for x in (q, k, v)]
-            o_ref, _ = fn(*ref, backend="torch", mode="chunk")
-            g_ref = torch.autograd.grad(o_ref, ref, do.double())
-            err = {n: ((a.double() - r).norm() / r.norm()).item()
-                   for n, a, r in zip(("o", "dq", "dk", "dv"), (o, *g), (o_ref, *g_ref))}
-            print(f"{kind} dv={dv} bf16 B=8 T=2048 H=12: " + " ".join(f"{n} {e:.2e}" for n, e in err.items()),
-                  flush=True)
+    for precision in precisions:
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        CHUNK_LAUNCH.update(fp32_dot="tf32x3" if precision == "tf32x3" else "ieee")
+        for kind in ("rebased", "based"):
+            fn = kernels.rebased_attention if kind == "rebased" else kernels.based_attention
+            for dv in (5, 10, 16, 64):
+                q, k, v, do = _inputs(8, 2048, 12, dv, dtype)
+                o, _ = fn(q, k, v, backend="triton")
+                g = torch.autograd.grad(o, (q, k, v), do)
+                ref = [x.detach().double().requires_grad_() for x in (q, k, v)]
+                o_ref, _ = fn(*ref, backend="torch", mode="chunk")
+                g_ref = torch.autograd.grad(o_ref, ref, do.double())
+                err = {n: ((a.double() - r).norm() / r.norm()).item()
+                       for n, a, r in zip(("o", "dq", "dk", "dv"), (o, *g), (o_ref, *g_ref))}
+                print(f"{kind} dv={dv} {precision} B=8 T=2048 H=12: " + " ".join(f"{n} {e:.2e}" for n, e in err.items()),
+                      flush=True)
 
 
 def attention_one(tuning: dict) -> dict:
@@ -84,11 +91,14 @@ def attention_one(tuning: dict) -> dict:
     import kernels
     from kernels.linear_attention.triton_chunk import CHUNK_LAUNCH
 
-    CHUNK_LAUNCH.update(**tuning)  # this process runs one variant (a dict of ChunkLaunchConfig knobs)
-    out = {"tuning": tuning}
+    # this process runs one variant: a dict of ChunkLaunchConfig knobs, and "dtype" (bfloat16 unless given)
+    tuning = dict(tuning)
+    dtype = getattr(torch, tuning.pop("dtype", "bfloat16"))
+    CHUNK_LAUNCH.update(**tuning)
+    out = {"tuning": tuning, "dtype": str(dtype)[6:]}
     for kind in ("rebased", "based"):
         fn = kernels.rebased_attention if kind == "rebased" else kernels.based_attention
-        q, k, v, do = _inputs(256, 2048, 12, 10, torch.bfloat16)
+        q, k, v, do = _inputs(256, 2048, 12, 10, dtype)
 
         def step():
             o, _ = fn(q, k, v, backend="triton")
@@ -114,12 +124,13 @@ def main() -> None:
     p.add_argument("--setting", default="rebased:128:2048")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--variants", default='[{}]')
+    p.add_argument("--precisions", default="bf16", help="errors: comma-separated bf16, fp32, tf32x3")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="MQAR config override")
     args = p.parse_args()
     if args.what == "profile":
         profile(args.setting, args.steps, args.override)
     elif args.what == "errors":
-        errors()
+        errors(args.precisions.split(","))
     elif args.what == "attention":
         attention(json.loads(args.variants))
     else:

@@ -54,7 +54,7 @@ def check_choice(cls: str, name: str, value: Any, choices: Sequence[Any], *, opt
     """Raise ValueError unless ``value`` is one of ``choices`` (or None when ``optional``)."""
     if value is None and optional:
         return
-    if not _is_int(value) or value not in choices:
+    if not (_is_int(value) or isinstance(value, str)) or value not in choices:
         raise ValueError(f"{cls}.{name} must be one of {tuple(choices)}{' or None' if optional else ''}, "
                          f"got {value!r}")
 

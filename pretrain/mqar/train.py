@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from kernels.linear_attention.triton_chunk import CHUNK_LAUNCH
 from pretrain.config import to_dict
 from pretrain.models import build_model, count_parameters
 from pretrain.models.loss import chunked_cross_entropy
@@ -167,8 +168,9 @@ class MQARRun:
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.manual_seed_all(tc.seed)
-            torch.backends.cuda.matmul.allow_tf32 = tc.precision != "fp32"
-            torch.backends.cudnn.allow_tf32 = tc.precision != "fp32"
+            torch.backends.cuda.matmul.allow_tf32 = tc.precision in ("tf32", "bf16")
+            torch.backends.cudnn.allow_tf32 = tc.precision in ("tf32", "bf16")
+            CHUNK_LAUNCH.update(fp32_dot="tf32x3" if tc.precision == "tf32x3" else "ieee")
         bf16 = tc.precision == "bf16" and cuda
         self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else nullcontext
 

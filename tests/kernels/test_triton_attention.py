@@ -135,6 +135,8 @@ TUNINGS = [
     # blocks, warps; per-chunk states recomputed in the backward
     dict(tile=4, bv_state=16, bv_out=16, bv_grad=32, save_states=False, warps_state=4),
     dict(tile=16, bv_state=32, bv_out=32, bv_grad=16),
+    # fp32 operands on the tensor cores in three TF32 products (the interpreter multiplies in fp32 regardless)
+    dict(fp32_dot="tf32x3"),
 ]
 
 
@@ -144,6 +146,20 @@ def test_tuning_variants(kind, tuning):
     """The block shapes the tuner can pick are exact too."""
     CHUNK_LAUNCH.update(**tuning)
     run_case(kind, 2, 37, 2, 32, torch.float32, init=True, final=True, chunk=16, seg=16)
+
+
+@pytest.mark.skipif(not _HAS_CUDA, reason="3xTF32 products need tensor cores (the interpreter uses fp32)")
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dv", [5, 10, 64])
+def test_fp32_dot_tf32x3_holds_fp32_tolerance(kind, dv):
+    """fp32 through 3xTF32 stays within fp32's tolerance of float64 at the MQAR shapes (12 heads, T = 2048)."""
+    CHUNK_LAUNCH.update(fp32_dot="tf32x3")
+    run_case(kind, 4, 2048, 12, dv, torch.float32, init=dv == 10, final=dv == 10, chunk=64)
+
+
+def test_fp32_dot_choices():
+    with pytest.raises(ValueError, match="fp32_dot"):
+        CHUNK_LAUNCH.get().replace(fp32_dot="tf32")
 
 
 @pytest.mark.parametrize("kind", KINDS)

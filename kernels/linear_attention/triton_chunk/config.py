@@ -13,6 +13,7 @@ __all__ = ["ChunkLaunchConfig", "CHUNK_LAUNCH", "KERNELS", "CHUNKS", "TILES"]
 KERNELS = ("state", "out", "grad")  # the kernels with their own Dv block, warps and stages
 CHUNKS = (16, 32, 64, 128)
 TILES = (4, 8, 16)
+FP32_DOTS = ("ieee", "tf32x3")
 # pipeline stages when neither the kernel's own knob nor ``stages`` is set (the state kernel: Triton's default).
 # Measured on an H100 (kernels_tune): 2 for the output kernel; 1 for the gradient kernel, whose 255 registers leave
 # no room for prefetched tiles
@@ -41,6 +42,11 @@ class ChunkLaunchConfig(LaunchConfig):
         output kernel, 1 for the gradient kernel.
     save_states: keep the forward's per-chunk states for the backward (only without ``cu_seqlens``) instead of
         recomputing them there. Default True.
+    fp32_dot: how fp32 inputs are multiplied on the GPU. "ieee" (default): fp32 products on the CUDA cores, what
+        fp32 means everywhere else. "tf32x3": each operand split into a TF32 high part and a TF32 remainder, three
+        tensor-core products (hi·hi + hi·lo + lo·hi) summed in fp32: relative error of the order of fp32's own
+        (about 1e-6 against about 1e-7, where TF32 alone gives 1e-3), on the tensor cores. The interpreter (CPU)
+        always multiplies in fp32.
     """
 
     chunk: Optional[int] = None
@@ -58,6 +64,7 @@ class ChunkLaunchConfig(LaunchConfig):
     stages_out: Optional[int] = None
     stages_grad: Optional[int] = None
     save_states: bool = True
+    fp32_dot: str = "ieee"
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -70,6 +77,7 @@ class ChunkLaunchConfig(LaunchConfig):
             check_power_of_two(name, f"warps_{which}", getattr(self, f"warps_{which}"), maximum=32)
             check_int(name, f"stages_{which}", getattr(self, f"stages_{which}"), optional=True)
         check_int(name, "stages", self.stages, optional=True)
+        check_choice(name, "fp32_dot", self.fp32_dot, FP32_DOTS)
         if not isinstance(self.save_states, bool):
             raise ValueError(f"{name}.save_states must be a bool, got {self.save_states!r}")
 

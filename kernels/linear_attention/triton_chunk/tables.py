@@ -22,6 +22,8 @@ def supports(q: torch.Tensor, v: torch.Tensor) -> bool:
 
 def _mm_mode(dtype: torch.dtype) -> int:
     mode = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[dtype]
+    if mode == 0 and not INTERPRETED and CHUNK_LAUNCH.get().fp32_dot == "tf32x3":
+        return 5
     if mode and INTERPRETED:
         # the interpreter's tl.dot on bf16/fp16 operands is wrong (triton 3.9): round the operands to the
         # low precision, multiply in fp32 (same rounding as the tensor cores' products with fp32 accumulation)
