@@ -157,6 +157,31 @@ def test_fp32_dot_tf32x3_holds_fp32_tolerance(kind, dv):
     run_case(kind, 4, 2048, 12, dv, torch.float32, init=dv == 10, final=dv == 10, chunk=64)
 
 
+@pytest.mark.skipif(not _HAS_CUDA, reason="needs tensors of more than 2^31 elements (about 10 GB on the GPU)")
+@pytest.mark.parametrize("kind", KINDS)
+def test_offsets_past_two_to_the_31(kind):
+    """A packed call whose v, o and per-chunk states pass 2^31 elements (a 64 x 64k-token prefill reached an
+    illegal address through int32 offsets): the last document, placed past the 2^31st element of v, gives the same
+    output, final state and gradients as that document alone."""
+    h, dv, tail = 16, 64, 3000
+    t = 2**31 // (h * dv) + 5000
+    cu = torch.tensor([0, t - tail, t], device=DEV)
+    q, k = (torch.randn(1, t, h, 16, device=DEV, dtype=torch.bfloat16) for _ in range(2))
+    v = torch.randn(1, t, h, dv, device=DEV, dtype=torch.bfloat16)
+    big = [x.requires_grad_(True) for x in (q, k, v)]
+    o, (kv, z) = attn(kind)(*big, backend="triton", cu_seqlens=cu, output_final_state=True)
+    do = torch.randn_like(o[:, -tail:])
+    grads = torch.autograd.grad(o[:, -tail:], big, do)
+    small = [x.detach()[:, -tail:].clone().requires_grad_(True) for x in (q, k, v)]
+    o_s, (kv_s, z_s) = attn(kind)(*small, backend="triton", output_final_state=True)
+    grads_s = torch.autograd.grad(o_s, small, do)
+    # the two calls may cut the document into different segments: equal up to bf16 rounding, not bitwise
+    tol = TOL[torch.bfloat16]
+    assert rel(o[:, -tail:], o_s) < tol and rel(kv[1], kv_s[0]) < tol and rel(z[1], z_s[0]) < tol
+    for g, g_s in zip(grads, grads_s):
+        assert rel(g[:, -tail:], g_s) < tol and not g[:, :-tail].any()
+
+
 def test_fp32_dot_choices():
     with pytest.raises(ValueError, match="fp32_dot"):
         CHUNK_LAUNCH.get().replace(fp32_dot="tf32")

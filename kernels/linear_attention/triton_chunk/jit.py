@@ -92,7 +92,7 @@ def _walk_step(it, nch, t0, t1, C: tl.constexpr, REVERSE: tl.constexpr):
         j = nch - 1 - it
     else:
         j = it
-    tok = t0 + j * C + tl.arange(0, C)
+    tok = t0.to(tl.int64) + j * C + tl.arange(0, C)  # int64: token x head x Dv offsets pass 2^31 at ~2M tokens
     return j, tok, tok < t1
 
 
@@ -135,14 +135,14 @@ def _state_kernel(x_ptr, y_ptr, den_ptr, h_ptr, seg_ptr, tile_ptr, ch_ptr, chz_p
     sid = pid // (NB * H)
     t0 = tl.load(seg_ptr + sid * 3 + 0)
     t1 = tl.load(seg_ptr + sid * 3 + 1)
-    cbase = tl.load(seg_ptr + sid * 3 + 2)
+    cbase = tl.load(seg_ptr + sid * 3 + 2).to(tl.int64)  # per-chunk state offsets pass 2^31 at ~700k tokens
     F: tl.constexpr = DK * DK
     d = tl.arange(0, DK)
     cv = vb * BV + tl.arange(0, BV)
     vmask = cv < DV
     nch = tl.cdiv(t1 - t0, C)
     st_ty = ch_ptr.dtype.element_ty
-    srow = sid * H + hh
+    srow = (sid * H + hh).to(tl.int64)
     if fb < NT:  # a tile of the second-order rows
         ti, tj, w_tile = _tile(tile_ptr, fb, TS)
         if REVERSE:
@@ -218,7 +218,7 @@ def _scan_block(tot_ptr, start_ptr, init_ptr, fin_ptr, first, cnt, row, H, M, bl
     off = blk * BLK + tl.arange(0, BLK)
     mask = off < M
     if HAS_INIT:
-        acc = tl.load(init_ptr + row * M + off, mask=mask, other=0.0)
+        acc = tl.load(init_ptr + row.to(tl.int64) * M + off, mask=mask, other=0.0)
     else:
         acc = tl.zeros([BLK], dtype=tl.float32)
     for i in range(cnt):
@@ -226,11 +226,11 @@ def _scan_block(tot_ptr, start_ptr, init_ptr, fin_ptr, first, cnt, row, H, M, bl
             j = first + cnt - 1 - i
         else:
             j = first + i
-        base = (j * H + row % H) * M
+        base = (j * H + row % H).to(tl.int64) * M
         tl.store(start_ptr + base + off, acc.to(start_ptr.dtype.element_ty), mask=mask)
         acc += tl.load(tot_ptr + base + off, mask=mask, other=0.0)
     if HAS_FIN:
-        tl.store(fin_ptr + row * M + off, acc, mask=mask)
+        tl.store(fin_ptr + row.to(tl.int64) * M + off, acc, mask=mask)
 
 
 @triton.jit
@@ -257,7 +257,7 @@ def _scan_kernel(tot_ptr, start_ptr, init_ptr, fin_ptr, totz_ptr, startz_ptr, in
 @triton.jit
 def _h_kernel(do_ptr, o_ptr, den_ptr, h_ptr, NTOK, eps, DV: tl.constexpr, DVP: tl.constexpr, BT: tl.constexpr):
     """h = -(do.o) / (den + eps) per (token, head) row: the gradient that reaches the normaliser."""
-    r = tl.program_id(0) * BT + tl.arange(0, BT)
+    r = (tl.program_id(0) * BT + tl.arange(0, BT)).to(tl.int64)
     rmask = r < NTOK
     cf = tl.arange(0, DVP)
     m = rmask[:, None] & (cf < DV)[None, :]
@@ -276,10 +276,11 @@ def _chunk_program(seg_ptr, H, C: tl.constexpr, NVB: tl.constexpr):
     j = tl.program_id(1)
     hh = tl.program_id(2) // NVB
     vb = tl.program_id(2) % NVB
-    t0 = tl.load(seg_ptr + sid * 3 + 0) + j * C
+    # int64 offsets: token x head x Dv passes 2^31 at ~2M tokens, the per-chunk states at ~700k
+    t0 = tl.load(seg_ptr + sid * 3 + 0).to(tl.int64) + j * C
     t1 = tl.load(seg_ptr + sid * 3 + 1)
-    crow = (tl.load(seg_ptr + sid * 3 + 2) + j) * H + hh
-    return t0, t1, crow, sid * H + hh, hh, vb
+    crow = (tl.load(seg_ptr + sid * 3 + 2).to(tl.int64) + j) * H + hh
+    return t0, t1, crow, (sid * H + hh).to(tl.int64), hh, vb
 
 
 @triton.jit
@@ -450,7 +451,7 @@ def _grad_kernel(q_ptr, k_ptr, v_ptr, do_ptr, den_ptr, h_ptr, hc_ptr, hz_ptr, ss
         dq += (2.0 * c2) * hv[:, None] * _mm(qf, zm, tl.zeros([C, DK], dtype=tl.float32), 0)
         if BASED:
             dq += sq * hv[:, None] * _chunk_state(hz_ptr, sz_ptr, cz, sz, F + d, True, HAS_START)[None, :]
-    rows = (vb * NTOK + tok * H + hh)[:, None] * DK + d[None, :]
+    rows = (vb.to(tl.int64) * NTOK + tok * H + hh)[:, None] * DK + d[None, :]
     tl.store(dq_ptr + rows, dq.to(dq_ptr.dtype.element_ty), mask=tmask[:, None])
     tl.store(dk_ptr + rows, dk.to(dk_ptr.dtype.element_ty), mask=tmask[:, None])
     tl.store(dv_ptr + voff[:, None] + cv[None, :], dv.to(dv_ptr.dtype.element_ty), mask=m2)
