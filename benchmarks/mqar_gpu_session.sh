@@ -12,6 +12,9 @@
 # an archive is never half-written. With --checkpoints, each unfinished run's per-epoch checkpoint (OUT/<setting>.ckpt,
 # a few MB at d_model 64) is also copied beside PACK, one file each, so that a run cut by the machine's lease resumes
 # on the next machine: put the files back into OUT (e.g. pass OUT in the device tool's `carry`) and `start` again.
+# The lent machine returns files of up to about 16 MiB: a larger checkpoint goes as parts of
+# MQAR_CKPT_PART_BYTES (15 MiB) named <name>.ckpt.part<i>of<n>, and `start` joins a complete set back into
+# <name>.ckpt (an incomplete set is reported and left alone; the run then starts afresh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -22,6 +25,19 @@ case "$action" in
   start)
     shift 2
     mkdir -p "$out"
+    for first in "$out"/*.ckpt.part1of*; do  # checkpoints brought back in parts
+      [[ -f "$first" ]] || continue
+      ckpt="${first%.part1of*}"
+      count="${first##*.part1of}"
+      parts=()
+      for ((i = 1; i <= count; i++)); do parts+=("$ckpt.part${i}of$count"); done
+      if ls "${parts[@]}" >/dev/null 2>&1; then
+        cat "${parts[@]}" >"$ckpt.tmp" && mv "$ckpt.tmp" "$ckpt" && rm -f "${parts[@]}"
+        echo "joined $count parts into $ckpt"
+      else
+        echo "incomplete parts of $ckpt (want $count): not joined" >&2
+      fi
+    done
     for seed in benchmarks/results/mqar/seed_results/*.json; do  # never over a result already in OUT
       [[ -f "$seed" && ! -e "$out/$(basename "$seed")" ]] && cp "$seed" "$out"/
     done
@@ -48,11 +64,27 @@ case "$action" in
     echo "packed $(tar tzf "$pack" | wc -l) files into $pack"
     if [[ -n "$checkpoints" ]]; then
       # a run replaces its checkpoint by rename, so a copy reads one whole version
+      part_bytes="${MQAR_CKPT_PART_BYTES:-15728640}"
+      dest="$(dirname "$pack")"
       for ckpt in "$out"/*.ckpt; do
         [[ -f "$ckpt" ]] || continue
-        cp "$ckpt" "$(dirname "$pack")/.$(basename "$ckpt").tmp"
-        mv "$(dirname "$pack")/.$(basename "$ckpt").tmp" "$(dirname "$pack")/$(basename "$ckpt")"
-        echo "checkpoint $(basename "$ckpt") copied beside $pack"
+        name="$(basename "$ckpt")"
+        cp "$ckpt" "$dest/.$name.tmp"
+        size="$(stat -c %s "$dest/.$name.tmp")"
+        if ((size <= part_bytes)); then
+          mv "$dest/.$name.tmp" "$dest/$name"
+          echo "checkpoint $name copied beside $pack"
+          continue
+        fi
+        count=$(((size + part_bytes - 1) / part_bytes))
+        split -b "$part_bytes" -d -a 3 "$dest/.$name.tmp" "$dest/.$name.split."
+        i=1
+        for part in "$dest/.$name.split."*; do
+          mv "$part" "$dest/$name.part${i}of$count"
+          i=$((i + 1))
+        done
+        rm "$dest/.$name.tmp"
+        echo "checkpoint $name copied beside $pack in $count parts"
       done
     fi
     ;;

@@ -327,6 +327,31 @@ def test_gpu_session_script_runs_a_detached_sweep_and_packs_it(tmp_path):
     assert (packs / "rebased_d64_L16_lr0.01_s0.json.ckpt").read_bytes() == b"state of a run the lease cut"
     assert read_result(out / "rebased_d64_L32_lr0.01_s0.json")["stopped_by"] == "max_steps"
 
+    # a checkpoint over the part size travels in parts, and `start` joins them (a torn set is left alone)
+    big = bytes(range(256)) * 40 + b"tail"
+    (out / "rebased_d64_L16_lr0.01_s0.json.ckpt").write_bytes(big)
+    split_env = dict(env, MQAR_CKPT_PART_BYTES="4000")
+    wait = subprocess.run(["bash", str(SESSION), "wait", str(out), "1", str(packs / "c.tgz"), "--checkpoints"],
+                          env=split_env, capture_output=True, text=True, timeout=60)
+    assert wait.returncode == 0, wait.stderr
+    parts = sorted(p.name for p in packs.glob("rebased_d64_L16_lr0.01_s0.json.ckpt.part*"))
+    assert parts == [f"rebased_d64_L16_lr0.01_s0.json.ckpt.part{i}of3" for i in (1, 2, 3)]
+    back = tmp_path / "back"
+    back.mkdir()
+    for name in parts:
+        (back / name).write_bytes((packs / name).read_bytes())
+    torn = back / "other.json.ckpt.part1of2"
+    torn.write_bytes(b"half")
+    rejoin = subprocess.run(["bash", str(SESSION), "start", str(back), "--config", TINY, "--mixers", "rebased",
+                             "--d-models", "64", "--seq-lens", "32", "--lrs", "0.01", "--gpus", "none",
+                             "train.max_steps=1"], env=env, capture_output=True, text=True, timeout=60)
+    assert rejoin.returncode == 0, rejoin.stderr
+    assert (back / "rebased_d64_L16_lr0.01_s0.json.ckpt").read_bytes() == big
+    assert not list(back.glob("rebased_d64_L16_lr0.01_s0.json.ckpt.part*"))
+    assert torn.exists() and not (back / "other.json.ckpt").exists() and "incomplete parts" in rejoin.stderr
+    subprocess.run(["bash", str(SESSION), "wait", str(back), "300", str(packs / "d.tgz")], env=env,
+                   capture_output=True, text=True, timeout=400)
+
     bad = subprocess.run(["bash", str(SESSION), "wait", str(out), "1", str(packs / "b.tgz"), "--ckpt"], env=env,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown option '--ckpt'" in bad.stderr and not (packs / "b.tgz").exists()
