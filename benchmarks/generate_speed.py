@@ -9,8 +9,8 @@ synchronised, tokens/s), then ``--steps`` one-token steps through ``DecodeStep``
 ``generate`` does) and eager, timed with CUDA events as the mean ms per step; peak memory of the prefill and of the
 decoding (``torch.cuda.max_memory_allocated``, weights and caches included). ``--compiled`` also times each
 model's step as users know it from Hugging Face's static cache: the same step function through
-``torch.compile(mode="reduce-overhead")`` (the Transformer++ baseline's fast path; for the hybrid, what fusing
-its small kernels would give). Settings whose KV cache would not fit are skipped (and listed). Each model first
+``torch.compile(mode="reduce-overhead")`` (the Transformer++ baseline's fast path), and ``DecodeStep(compile=True)``
+(the step compiled, then captured in our CUDA graph: what ``generate(..., compile=True)`` runs). Settings whose KV cache would not fit are skipped (and listed). Each model first
 runs a short prefill and a few steps untimed (the kernels' compilation). Results:
 OUT/generate_speed_<device>_<date>.{json,md}, rewritten after every setting (a crash or a time limit keeps what
 was measured), and a plot of ms per step against the prompt length.
@@ -61,7 +61,8 @@ def measure(model, batch: int, prompt_len: int, steps: int, compiled: bool) -> d
     prompts = torch.randint(3, model.config.vocab_size, (batch, prompt_len), generator=g).tolist()
     max_len = prompt_len + 3 * steps + 8
     row = {"batch": batch, "prompt": prompt_len}
-    for graph in (True, False):
+    variants = [("graph", True, False), ("eager", False, False)] + ([("graph_compiled", True, True)] if compiled else [])
+    for key, graph, compile_step in variants:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
@@ -70,15 +71,16 @@ def measure(model, batch: int, prompt_len: int, steps: int, compiled: bool) -> d
         prefill_s = time.perf_counter() - t
         prefill_peak = torch.cuda.max_memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        step = DecodeStep(model, cache, cuda_graph=graph)
+        if compile_step:
+            torch._dynamo.reset()  # a fresh compilation per setting, never past the recompile limit into eager
+        step = DecodeStep(model, cache, cuda_graph=graph, compile=compile_step)
         tokens = logits.argmax(-1)
         with torch.no_grad():
             for _ in range(3):  # warm-up (and, with a graph, its capture)
                 step(tokens)
             ms = time_steps(step, tokens, steps)
-        key = "graph" if graph else "eager"
         row[f"decode_ms_{key}"] = round(ms, 4)
-        if graph:
+        if key == "graph":
             row.update(prefill_s=round(prefill_s, 4), prefill_tokens_per_s=round(batch * prompt_len / prefill_s, 1),
                        prefill_peak_gib=round(prefill_peak / 2**30, 3),
                        decode_peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3))
@@ -103,12 +105,13 @@ def markdown(result: dict) -> str:
     lines = [f"# Generation speed: {meta['device']}, {meta['date_utc']}", "",
              f"Command: `{meta['command']}`; torch {meta['torch']}; random weights, bf16, equal-length random prompts; "
              "ms per decoding step = mean over the timed steps (CUDA events).", "",
-             "| model | B | prompt | prefill tok/s | decode ms (graph) | decode ms (eager) | decode ms (compiled) "
-             "| peak GiB prefill / decode |", "|---|---|---|---|---|---|---|---|"]
+             "| model | B | prompt | prefill tok/s | decode ms (graph) | decode ms (eager) | decode ms (compiled "
+             "+ graph) | decode ms (reduce-overhead) | peak GiB prefill / decode |", "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['model']} | {r['batch']} | {r['prompt']} | {r.get('prefill_tokens_per_s', '-')} | "
                      f"{r.get('decode_ms_graph', '-')} | {r.get('decode_ms_eager', '-')} | "
-                     f"{r.get('decode_ms_compiled', '-')} | {r.get('prefill_peak_gib', '-')} / "
+                     f"{r.get('decode_ms_graph_compiled', '-')} | {r.get('decode_ms_compiled', '-')} | "
+                     f"{r.get('prefill_peak_gib', '-')} / "
                      f"{r.get('decode_peak_gib', '-')} |")
     if result.get("skipped"):
         lines += ["", "Skipped (the KV cache would not fit): " + ", ".join(result["skipped"])]

@@ -21,9 +21,12 @@ class DecodeStep:
     """``step(tokens [B]) -> logits [B, vocab]``: feeds one token per row through the model and its cache.
 
     With ``cuda_graph``, the first ``warmup`` steps run eagerly (they compile and initialise the kernels), the next
-    is captured and every later one replays the graph on the same buffers."""
+    is captured and every later one replays the graph on the same buffers. With ``compile``, the step's function
+    goes through ``torch.compile`` first (fused norms, activations and residual adds: fewer kernels per step, which
+    is what a launch-bound step costs); the graph then captures the compiled kernels. It compiles anew for each
+    ``DecodeStep`` (the cache's shapes differ), so it pays off for long generations, not for many short calls."""
 
-    def __init__(self, model, cache, *, cuda_graph: bool, warmup: int = 2):
+    def __init__(self, model, cache, *, cuda_graph: bool, compile: bool = False, warmup: int = 2):
         self.model, self.cache = model, cache
         device = cache.seen.device
         self.tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=device)
@@ -31,6 +34,7 @@ class DecodeStep:
         self.warmup, self.calls = warmup, 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
+        self.forward = torch.compile(self._forward, dynamic=False) if compile else self._forward
 
     def _forward(self) -> torch.Tensor:
         hidden = self.model.hidden_states(self.tokens, cache=self.cache)
@@ -40,11 +44,11 @@ class DecodeStep:
         self.tokens.copy_(tokens.view(-1, 1))
         self.calls += 1
         if not self.cuda_graph or self.calls <= self.warmup:
-            return self._forward()
+            return self.forward()
         if self.graph is None:  # recording runs no kernel; the replay below runs this step
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.logits = self._forward()
+                self.logits = self.forward()
         else:  # the replay advances the rows' positions on the GPU; the host's count and bounds are kept here
             self.cache.reserve(1, *self.model.cache_limits())
         self.graph.replay()
@@ -69,12 +73,12 @@ def prefill(model, prompts: Sequence[Sequence[int]], max_len: int):
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, sampling: Sampling | None = None,
              eos_ids: Sequence[int] = (), should_stop: Callable[[int, list[int]], bool] | None = None,
              on_tokens: Callable[[list[int | None]], None] | None = None, cuda_graph: bool = True,
-             generator: torch.Generator | None = None) -> list[list[int]]:
+             compile: bool = False, generator: torch.Generator | None = None) -> list[list[int]]:
     """New tokens for each prompt (token lists of any lengths), at most ``max_new_tokens`` each.
 
     A row stops after an ``eos_ids`` token (kept in its output) or when ``should_stop(row, tokens so far)`` says
     so (stop strings: the caller decodes). ``on_tokens`` gets each step's new token per row (None for a row that
-    has stopped), for streaming. The batch runs until every row has stopped. Draws come from ``generator``, else
+    has stopped), for streaming. ``cuda_graph`` / ``compile``: see :class:`DecodeStep`. The batch runs until every row has stopped. Draws come from ``generator``, else
     from one seeded with ``sampling.seed``, else from torch's default generator.
     """
     sampling = sampling or Sampling(temperature=0.0)
@@ -83,7 +87,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, sa
     cache, logits = prefill(model, prompts, max(len(p) for p in prompts) + max_new_tokens)
     if generator is None and sampling.seed is not None:
         generator = torch.Generator(logits.device).manual_seed(sampling.seed)
-    step = DecodeStep(model, cache, cuda_graph=cuda_graph)
+    step = DecodeStep(model, cache, cuda_graph=cuda_graph, compile=compile)
     out: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     eos = set(eos_ids)

@@ -50,6 +50,19 @@ def test_greedy_equals_full_forward_for_every_mixer(name, learned_positions):
         assert tokens == greedy_by_full_forward(model, prompt, 12)
 
 
+def test_compiled_step_gives_the_same_tokens():
+    """``compile=True`` runs the step through torch.compile: the same greedy tokens, and one compilation serves
+    every step (no recompiling on the per-step counters)."""
+    import torch._dynamo
+
+    model = model_for(LAYOUTS["hybrid"])
+    prompts = [[5, 9, 2, 7, 7, 1, 30, 4, 12], [3], [8, 8, 14, 40, 2, 6]]
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = generate(model, prompts, 10, compile=True)
+    assert compiled == generate(model, prompts, 10)
+
+
 def test_packed_prompts_of_different_lengths_equal_each_prompt_alone():
     model = model_for(LAYOUTS["hybrid"])
     prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [42], [7, 6, 5]]
