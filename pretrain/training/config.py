@@ -48,7 +48,8 @@ class TrainingConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping (the norm is still measured)
     # Non-finite loss or gradient: the step is skipped (no update) and counted; this many in a row stop the run.
     max_nonfinite_in_a_row: int = 5
-    activation_checkpointing: Literal["none", "full", "every_k"] = "none"
+    # selective: every block, keeping the matmul / attention / kernel outputs and recomputing the rest
+    activation_checkpointing: Literal["none", "full", "every_k", "selective"] = "none"
     activation_checkpointing_every: int = 2  # with every_k: blocks 0, k, 2k, ... are recomputed
     compile: bool = False  # torch.compile each block
     # Tokens per chunk of the LM head + cross-entropy (pretrain/models/loss.py, which says why 8192): the

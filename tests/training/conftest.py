@@ -230,7 +230,7 @@ REFERENCE_RUNS = {
     "ddp": (2, "ddp", []),
     "fsdp": (2, "fsdp", ["training.activation_checkpointing=full"]),
     "zero1": (2, "deepspeed", ["parallel.zero_stage=1"]),
-    "zero2": (2, "deepspeed", ["parallel.zero_stage=2", "training.activation_checkpointing=every_k"]),
+    "zero2": (2, "deepspeed", ["parallel.zero_stage=2", "training.activation_checkpointing=selective"]),
     "zero3": (2, "deepspeed", ["parallel.zero_stage=3", "training.activation_checkpointing=full"]),
 }
 

@@ -2,8 +2,8 @@
 result file as its argument.
 
 On every rank: the tiny ReBased hybrid (same seed), sharded by the trainer's FSDPStrategy in fp32, one
-forward/backward on this rank's own batch with activation checkpointing none / full / every_k (k = 2), through the
-trainer's ``make_checkpoint_fn`` made before wrapping, as the trainer does. Rank 0 writes which parameters' local
+forward/backward on this rank's own batch with activation checkpointing none / full / every_k (k = 2) /
+selective, through the trainer's ``make_checkpoint_fn`` made before wrapping, as the trainer does. Rank 0 writes which parameters' local
 gradient shards differ from the no-checkpointing ones on any rank, and how often each block's forward ran."""
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def main(result_path: str):
     rank = dist.get_rank()
     reference, calls_none, sharded = gradients("none", rank)
     different, recompute_calls = {}, {"none": calls_none}
-    for mode in ("full", "every_k"):
+    for mode in ("full", "every_k", "selective"):
         grads, recompute_calls[mode], _ = gradients(mode, rank)
         different[mode] = sorted(n for n in reference if not torch.equal(reference[n], grads[n]))
     gathered = [None] * dist.get_world_size()
