@@ -35,8 +35,10 @@ def measured_epoch_times(sources: list[str | os.PathLike], precision: str) -> di
             except (OSError, ValueError):
                 continue
             for row in data.get("rows", []) if isinstance(data, dict) else []:
-                # rows written before the field existed were all bf16, the protocol's default then
-                if (row.get("tree", "now") == "now" and not row.get("overrides")
+                # rows written before the field existed were all bf16, the protocol's default then; a precision
+                # override is matched through that field, any other override times another workload
+                other = [o for o in row.get("overrides") or [] if not o.startswith("train.precision=")]
+                if (row.get("tree", "now") == "now" and not other
                         and row.get("precision", "bf16") == precision):
                     mixer, d, L = row["setting"].split(":")
                     add((mixer, int(d), int(L)), row.get("gpu_s_per_epoch"))

@@ -253,6 +253,9 @@ def test_dry_run_estimates_gpu_time_from_measured_epochs(tmp_path, capsys):
         {"tree": "before", "setting": "rebased:64:1024", "overrides": [], "gpu_s_per_epoch": 99.0},  # other code
         {"tree": "now", "setting": "rebased:64:1024", "overrides": ["train.compile=false"], "gpu_s_per_epoch": 50},
         {"tree": "now", "setting": "rebased:64:2048", "overrides": [], "gpu_s_per_epoch": 24.0, "precision": "fp32"},
+        # mqar_speed's precision variants: the override is the row's precision, so the row counts for it
+        {"tree": "now", "setting": "based:64:4096", "overrides": ["train.precision=fp32"], "gpu_s_per_epoch": 40.0,
+         "precision": "fp32"},
     ]}))
     out = tmp_path / "r"
     out.mkdir()
@@ -261,7 +264,8 @@ def test_dry_run_estimates_gpu_time_from_measured_epochs(tmp_path, capsys):
         "time": {"steady_epoch_s": 6.0, "runs_sharing_device": 2}, "config": {"train": {"precision": "bf16"}}})
     measured = mqar_estimate.measured_epoch_times([table, out], "bf16")
     assert measured == {("rebased", 64, 2048): 8.0, ("based", 64, 512): 3.0}
-    assert mqar_estimate.measured_epoch_times([table, out], "fp32") == {("rebased", 64, 2048): 24.0}
+    assert mqar_estimate.measured_epoch_times([table, out], "fp32") == {("rebased", 64, 2048): 24.0,
+                                                                         ("based", 64, 4096): 40.0}
     est = mqar_estimate.estimate_epoch_s
     assert est(measured, "rebased", 64, 2048) == 8.0
     assert est(measured, "rebased", 64, 1024) == 4.0  # half the length of the nearest same-mixer measurement
