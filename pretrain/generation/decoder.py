@@ -78,8 +78,9 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, sa
 
     A row stops after an ``eos_ids`` token (kept in its output) or when ``should_stop(row, tokens so far)`` says
     so (stop strings: the caller decodes). ``on_tokens`` gets each step's new token per row (None for a row that
-    has stopped), for streaming. ``cuda_graph`` / ``compile``: see :class:`DecodeStep`. The batch runs until every row has stopped. Draws come from ``generator``, else
-    from one seeded with ``sampling.seed``, else from torch's default generator.
+    has stopped), for streaming. ``cuda_graph`` / ``compile``: see :class:`DecodeStep`. The batch runs until every
+    row has stopped. Draws come from ``generator``, else from one seeded with ``sampling.seed``, else from torch's
+    default generator.
     """
     sampling = sampling or Sampling(temperature=0.0)
     if max_new_tokens < 1:
