@@ -10,10 +10,10 @@ synchronised, tokens/s), then ``--steps`` one-token steps through ``DecodeStep``
 decoding (``torch.cuda.max_memory_allocated``, weights and caches included). ``--compiled`` also times each
 model's step as users know it from Hugging Face's static cache: the same step function through
 ``torch.compile(mode="reduce-overhead")`` (the Transformer++ baseline's fast path), and ``DecodeStep(compile=True)``
-(the step compiled, then captured in our CUDA graph: what ``generate(..., compile=True)`` runs). Settings whose KV cache would not fit are skipped (and listed). Each model first
-runs a short prefill and a few steps untimed (the kernels' compilation). Results:
-OUT/generate_speed_<device>_<date>.{json,md}, rewritten after every setting (a crash or a time limit keeps what
-was measured), and a plot of ms per step against the prompt length.
+(the step compiled, then captured in our CUDA graph: what ``generate(..., compile=True)`` runs). Settings whose KV
+cache would not fit are skipped (and listed). Each model first runs a short prefill and a few steps untimed (the
+kernels' compilation). Results: OUT/generate_speed_<device>_<date>.{json,md}, rewritten after every setting (a
+crash or a time limit keeps what was measured), and a plot of ms per step against the prompt length.
 """
 
 from __future__ import annotations
@@ -61,7 +61,9 @@ def measure(model, batch: int, prompt_len: int, steps: int, compiled: bool) -> d
     prompts = torch.randint(3, model.config.vocab_size, (batch, prompt_len), generator=g).tolist()
     max_len = prompt_len + 3 * steps + 8
     row = {"batch": batch, "prompt": prompt_len}
-    variants = [("graph", True, False), ("eager", False, False)] + ([("graph_compiled", True, True)] if compiled else [])
+    variants = [("graph", True, False), ("eager", False, False)]
+    if compiled:
+        variants.append(("graph_compiled", True, True))
     for key, graph, compile_step in variants:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -106,7 +108,8 @@ def markdown(result: dict) -> str:
              f"Command: `{meta['command']}`; torch {meta['torch']}; random weights, bf16, equal-length random prompts; "
              "ms per decoding step = mean over the timed steps (CUDA events).", "",
              "| model | B | prompt | prefill tok/s | decode ms (graph) | decode ms (eager) | decode ms (compiled "
-             "+ graph) | decode ms (reduce-overhead) | peak GiB prefill / decode |", "|---|---|---|---|---|---|---|---|---|"]
+             "+ graph) | decode ms (reduce-overhead) | peak GiB prefill / decode |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['model']} | {r['batch']} | {r['prompt']} | {r.get('prefill_tokens_per_s', '-')} | "
                      f"{r.get('decode_ms_graph', '-')} | {r.get('decode_ms_eager', '-')} | "

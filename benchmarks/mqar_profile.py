@@ -80,8 +80,8 @@ def errors(precisions: list[str]) -> None:
                 g_ref = torch.autograd.grad(o_ref, ref, do.double())
                 err = {n: ((a.double() - r).norm() / r.norm()).item()
                        for n, a, r in zip(("o", "dq", "dk", "dv"), (o, *g), (o_ref, *g_ref))}
-                print(f"{kind} dv={dv} {precision} B=8 T=2048 H=12: " + " ".join(f"{n} {e:.2e}" for n, e in err.items()),
-                      flush=True)
+                errs = " ".join(f"{n} {e:.2e}" for n, e in err.items())
+                print(f"{kind} dv={dv} {precision} B=8 T=2048 H=12: {errs}", flush=True)
 
 
 def attention_one(tuning: dict) -> dict:

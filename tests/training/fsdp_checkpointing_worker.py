@@ -3,8 +3,9 @@ result file as its argument.
 
 On every rank: the tiny ReBased hybrid (same seed), sharded by the trainer's FSDPStrategy in fp32, one
 forward/backward on this rank's own batch with activation checkpointing none / full / every_k (k = 2) /
-selective, through the trainer's ``make_checkpoint_fn`` made before wrapping, as the trainer does. Rank 0 writes which parameters' local
-gradient shards differ from the no-checkpointing ones on any rank, and how often each block's forward ran."""
+selective, through the trainer's ``make_checkpoint_fn`` made before wrapping, as the trainer does. Rank 0 writes
+which parameters' local gradient shards differ from the no-checkpointing ones on any rank, and how often each
+block's forward ran."""
 
 from __future__ import annotations
 

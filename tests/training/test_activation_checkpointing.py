@@ -1,6 +1,6 @@
 """Activation checkpointing changes memory, never the math: with the trainer's own ``make_checkpoint_fn`` (modes
-``full``, ``every_k`` and ``selective``) every parameter gradient of the tiny ReBased hybrid is bit-identical (``torch.equal``)
-to the gradient without checkpointing, in one process and under FSDP2 on 2 processes (gloo).
+``full``, ``every_k`` and ``selective``) every parameter gradient of the tiny ReBased hybrid is bit-identical
+(``torch.equal``) to the gradient without checkpointing, in one process and under FSDP2 on 2 processes (gloo).
 
 Why bitwise is expected: non-reentrant checkpointing reruns exactly the same block forward (same kernels, same
 shapes, same inputs, no dropout or other randomness in the model) and the backward then runs the same ops on those
@@ -135,7 +135,8 @@ def test_unknown_checkpointing_mode_is_refused():
 
 def test_fsdp2_checkpointing_gives_bit_identical_gradients(tmp_path):
     """2 processes, FSDP2 through the trainer's FSDPStrategy: the local gradient shards with ``full``, ``every_k``
-    and ``selective`` checkpointing equal those without, bit for bit, on every rank (worker: fsdp_checkpointing_worker)."""
+    and ``selective`` checkpointing equal those without, bit for bit, on every rank (worker:
+    fsdp_checkpointing_worker)."""
     result_path = tmp_path / "result.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            "--master_addr=127.0.0.1", str(REPO / "tests/training/fsdp_checkpointing_worker.py"), str(result_path)]
