@@ -12,7 +12,8 @@
 # an archive is never half-written. With --checkpoints, each unfinished run's per-epoch checkpoint (OUT/<setting>.ckpt,
 # a few MB at d_model 64) is also copied beside PACK, one file each, so that a run cut by the machine's lease resumes
 # on the next machine: put the files back into OUT (e.g. pass OUT in the device tool's `carry`) and `start` again.
-# The lent machine returns files of up to about 16 MiB: a larger checkpoint goes as parts of
+# The lent machine returns at most 8 files per call, each of up to about 16 MiB (so at most 3 runs of d_model 128
+# at seq 2048 cut at once, with two archives): a larger checkpoint goes as parts of
 # MQAR_CKPT_PART_BYTES (15 MiB) named <name>.ckpt.part<i>of<n>, and `start` joins a complete set back into
 # <name>.ckpt (an incomplete set is reported and left alone; the run then starts afresh).
 set -euo pipefail
