@@ -8,7 +8,8 @@ for ``--epochs`` full epochs (early stop off), from the tree's own checkout (``-
 an older commit with the same command), and writes its result JSON to DIR. The first epoch includes compilation
 and data generation; the steady epoch time is the median of the later ones. ``--concurrent N`` runs N copies of
 each at once on the GPU (several runs packed onto one GPU) and reports the wall time per epoch divided by N, the
-GPU time one run costs. The table (and ``DIR/mqar_speed.json``) records device, date and command.
+GPU time one run costs. The table (and ``DIR/mqar_speed.json``, rewritten after every row so that a cut run keeps
+what it measured) records device, date and command.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+from pretrain.atomic import write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,6 +88,9 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
+    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": shlex.join([sys.executable, "-m", "benchmarks.mqar_speed",
+                                   *(sys.argv[1:] if argv is None else argv)]), "epochs": args.epochs}
     for label, tree in trees:
         for setting in args.settings:
             for name, overrides in variants:
@@ -95,9 +101,8 @@ def main(argv=None) -> int:
                 row.update({"tree": label, "variant": name})
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "command": shlex.join([sys.executable, *sys.argv]), "epochs": args.epochs}
-    (out / "mqar_speed.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+                # after every row: a time limit or a crash keeps the rows already measured
+                write_json_atomic(out / "mqar_speed.json", {"meta": meta, "rows": rows})
     print(f"\n{meta['date']}  {meta['command']}")
     print(f"{'tree':<8} {'variant':<14} {'setting':<18} {'x':>2} {'first s':>8} {'epoch s':>8} {'GPU s/ep':>8} "
           f"{'eval s':>7} {'micro':>5}  device")
