@@ -3,8 +3,9 @@ device, date and command in them) and ``.md`` (the table quoted in the README)."
 
 from __future__ import annotations
 
-import json
 import os
+
+from pretrain.atomic import write_json_atomic, write_text_atomic
 
 
 def save_results(out_dir: str, name: str, device: str, date: str, data: dict, markdown: str) -> str:
@@ -12,8 +13,7 @@ def save_results(out_dir: str, name: str, device: str, date: str, data: dict, ma
     os.makedirs(out_dir, exist_ok=True)
     tag = "".join(ch if ch.isalnum() else "_" for ch in device).strip("_")
     stem = os.path.join(out_dir, f"{name}_{tag}_{date}")
-    with open(stem + ".json", "w") as f:
-        json.dump(data, f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write(markdown)
+    # atomic: a benchmark that rewrites its results after every row never leaves a torn file when it is cut
+    write_json_atomic(stem + ".json", data)
+    write_text_atomic(stem + ".md", markdown)
     return stem

@@ -17,19 +17,17 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 @functools.cache
 def saved_ops() -> frozenset:
-    """The ops whose outputs ``selective`` keeps (the ones present in this torch and this process)."""
-    aten = torch.ops.aten
-    names = [(aten, n) for n in ("mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention",
-                                  "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
-                                  "_scaled_dot_product_flash_attention_for_cpu")]
+    """The ops whose outputs ``selective`` keeps: matmuls and SDPA (those this torch build has), and the project's
+    linear-attention and short-conv forward kernels (always registered: a renamed op fails here, loudly)."""
     import kernels  # noqa: F401  (registers the custom ops)
 
-    custom = getattr(torch.ops, "rebased_kernels", None)
-    names += [(custom, n) for n in ("la_chunk_fwd", "short_conv_fwd")] if custom is not None else []
-    ops = set()
-    for namespace, name in names:
+    aten = torch.ops.aten
+    ops = {torch.ops.rebased_kernels.la_chunk_fwd.default, torch.ops.rebased_kernels.short_conv_fwd.default}
+    for name in ("mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention",
+                 "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+                 "_scaled_dot_product_flash_attention_for_cpu"):
         try:
-            ops.add(getattr(namespace, name).default)
+            ops.add(getattr(aten, name).default)
         except (AttributeError, RuntimeError):  # not in this build (e.g. cuDNN attention on an older torch)
             continue
     return frozenset(ops)
