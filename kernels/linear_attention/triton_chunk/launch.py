@@ -78,7 +78,7 @@ def _fwd_impl(q, k, v, cu_seqlens, S0, z0, scale, eps, normalize, based, tile, c
     z_fin = torch.empty(n_docs if store_final else 0, h, fz, dtype=torch.float32, device=dev)
     poison(o, den, S_fin, z_fin)
     seg, doc, max_per_doc, n_chunks, max_chunks = _segment_tables(cu_seqlens, b, t, seg_tokens, ns_max, chunk, dev)
-    mm = _mm_mode(q.dtype)
+    mm = _mm_mode(q.dtype, config)
     has_init = S0 is not None
     # segments start from zero unless a document has several or an initial state; the segment start states are
     # then the scan of the segments' totals (which also gives the final state)
@@ -106,7 +106,7 @@ def _bwd_impl(q, k, v, o, den, S_start, z_start, hc, hz, do, dSf, dzf, cu_seqlen
     total = b * t
     dev = q.device
     seg, doc, max_per_doc, n_chunks, max_chunks = _segment_tables(cu_seqlens, b, t, seg_tokens, ns_max, chunk, dev)
-    mm = _mm_mode(q.dtype)
+    mm = _mm_mode(q.dtype, config)
     do, o = do.contiguous(), o.contiguous()
     c2 = scale * 0.5 if based else scale
     common = dict(ns_max=ns_max, h=h, scale=scale, eps=eps, dk=dk, dv=dv, tile=tile, chunk=chunk,

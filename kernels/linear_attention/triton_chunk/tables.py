@@ -20,9 +20,9 @@ def supports(q: torch.Tensor, v: torch.Tensor) -> bool:
     return q.shape[-1] == 16 and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _mm_mode(dtype: torch.dtype) -> int:
+def _mm_mode(dtype: torch.dtype, config: ChunkLaunchConfig) -> int:
     mode = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[dtype]
-    if mode == 0 and not INTERPRETED and CHUNK_LAUNCH.get().fp32_dot == "tf32x3":
+    if mode == 0 and not INTERPRETED and config.fp32_dot == "tf32x3":
         return 5
     if mode and INTERPRETED:
         # the interpreter's tl.dot on bf16/fp16 operands is wrong (triton 3.9): round the operands to the
