@@ -26,7 +26,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     recomputing them there would repeat the head's largest matmul."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, chunk_tokens, reduction, compute_dtype):
+    def forward(ctx, hidden, weight, labels, ignore_index, chunk_tokens, reduction, compute_dtype, fp32_dot):
+        # fp32 products on the tensor cores as 3xTF32 (kernels.matmul_tf32x3), or the plain product
+        mm = kernels.matmul_tf32x3 if fp32_dot == "tf32x3" and compute_dtype == torch.float32 else torch.matmul
         acc_dtype = torch.promote_types(compute_dtype, torch.float32)  # fp32 softmax for bf16, fp64 stays fp64
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         w = weight.to(compute_dtype)  # once per call (autocast would cast it again for every chunk)
@@ -44,11 +46,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             rows = slice(start, start + chunk_tokens)
             h = hidden[rows].to(compute_dtype)
             # the softmax, loss and logits gradient in one pass, the gradient written over the chunk's logits
-            row_loss[rows], g = kernels.cross_entropy_grad(h @ w.T, targets[rows], row_scale[rows], inplace=True)
+            row_loss[rows], g = kernels.cross_entropy_grad(mm(h, w.T), targets[rows], row_scale[rows], inplace=True)
             if need_hidden:
-                grad_hidden[rows] = g @ w
+                grad_hidden[rows] = mm(g, w)
             if need_weight:
-                grad_weight += g.T @ h
+                grad_weight += mm(g.T, h)
         loss = row_loss.where(valid, 0).sum()
         if reduction == "mean":
             loss = loss / n_valid  # NaN when every label is ignored, as F.cross_entropy
@@ -61,25 +63,30 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # scaled in grad_output's dtype (fp32): a bf16 gradient times 1/accumulation must not round the factor
         grads = [None if g is None else (g.to(grad_output.dtype) * grad_output).to(dtype)
                  for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
-        return *grads, None, None, None, None, None
+        return *grads, None, None, None, None, None, None
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                           ignore_index: int = -100, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-                          reduction: str = "mean") -> torch.Tensor:
+                          reduction: str = "mean", fp32_dot: str = "ieee") -> torch.Tensor:
     """``F.cross_entropy(hidden @ weight.T, labels, ignore_index=..., reduction=...)`` over chunks of
     ``chunk_tokens`` tokens, with fp32 softmax; hidden [..., d], weight [vocab, d], labels [...].
 
     Under autocast the matmuls run in the autocast dtype, as ``F.linear`` would (the weight is cast once per
     call); gradients come back in the dtypes of hidden and weight, the weight's accumulated in fp32 over chunks.
     reduction: ``mean`` over the labels that are not ignore_index, or ``sum``.
+    fp32_dot: how the three matmuls run when they run in fp32: ``ieee`` (the plain product: cuBLAS on the CUDA
+    cores with TF32 off) or ``tf32x3`` (:func:`kernels.matmul_tf32x3` on CUDA: 3xTF32 products on the tensor
+    cores, fp32's accuracy); no effect in other dtypes or on the CPU.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if fp32_dot not in ("ieee", "tf32x3"):
+        raise ValueError(f"fp32_dot must be 'ieee' or 'tf32x3', got {fp32_dot!r}")
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     with torch.autocast(device, enabled=False):  # the function casts explicitly
         return _LinearCrossEntropy.apply(hidden.flatten(0, -2), weight, labels.flatten(), ignore_index,
-                                         chunk_tokens, reduction, dtype)
+                                         chunk_tokens, reduction, dtype, fp32_dot)

@@ -77,8 +77,8 @@ class TrainSection:
     grad_clip: float | None = None  # the paper does not clip
     seed: int = 0  # model init and batch order
     device: str = "auto"  # auto: cuda when available
-    # fp32: IEEE fp32 throughout (the original). tf32x3: the same, but the attention kernels multiply fp32 in three
-    # TF32 tensor-core products (error of fp32's order). tf32: fp32 weights/activations, TF32 matmuls on CUDA.
+    # fp32: IEEE fp32 throughout (the original). tf32x3: the same, but the attention kernels and the LM head's
+    # matmuls multiply fp32 in three TF32 tensor-core products (error of fp32's order). tf32: fp32 weights/activations, TF32 matmuls on CUDA.
     # bf16: autocast. (CPU runs are fp32 whatever is asked.)
     precision: Literal["fp32", "tf32x3", "tf32", "bf16"] = "tf32"
     max_steps: int | None = None  # stop after this many optimizer steps (smoke tests, time budgets)

@@ -171,6 +171,8 @@ class MQARRun:
             torch.backends.cuda.matmul.allow_tf32 = tc.precision in ("tf32", "bf16")
             torch.backends.cudnn.allow_tf32 = tc.precision in ("tf32", "bf16")
             CHUNK_LAUNCH.update(fp32_dot="tf32x3" if tc.precision == "tf32x3" else "ieee")
+        # tf32x3: the attention kernels' products (above) and the LM head's three matmuls as 3xTF32
+        self.fp32_dot = "tf32x3" if tc.precision == "tf32x3" else "ieee"
         bf16 = tc.precision == "bf16" and cuda
         self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else nullcontext
 
@@ -260,7 +262,8 @@ class MQARRun:
                 with self.autocast():
                     hidden = self.hidden(data.inputs(sub), data.qpos[sub])
                     loss = chunked_cross_entropy(hidden, head_weight, _query_labels(data, sub, real),
-                                                 reduction="sum", chunk_tokens=tc.loss_chunk_rows) / total
+                                                 reduction="sum", chunk_tokens=tc.loss_chunk_rows,
+                                                 fp32_dot=self.fp32_dot) / total
                 loss.backward()
                 batch_loss += loss.detach()
             if tc.grad_clip is not None:
