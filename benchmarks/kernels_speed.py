@@ -7,8 +7,9 @@ with the device, date, command, and the floor (FLOPs and bytes, see kernels/line
 
     python -m benchmarks.kernels_speed [--quick] [--decode-only] [--out DIR]
 
-Tuning variants of the attention kernels are compared by benchmarks/kernels_tune.py. Also timed: the peak memory of
-a ReBased forward+backward, the short convolution, and one decoding token (B = 16, 64)
+Tuning variants of the attention kernels are compared by benchmarks/kernels_tune.py. Also timed: the host time of a
+forward+backward with the GPU stalled (ReBased, Based, cuDNN SDPA), the peak memory of a ReBased forward+backward, the
+short convolution, and one decoding token (B = 16, 64)
 through the fused in-place Triton step vs the PyTorch functional recurrent call; ``--decode-only`` times just that.
 """
 
@@ -19,6 +20,7 @@ import datetime as _dt
 import json
 import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +55,20 @@ def bench_graph(fn, calls=20):
         for _ in range(calls):
             fn()
     return bench(graph.replay) / calls
+
+
+def host_ms(fn, calls=20):
+    """Host time of one call of fn (Python, dispatch, launches) with the GPU stalled, so that nothing waits for it:
+    a long sleep kernel goes first and the calls are queued behind it."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(2e9))  # ~1 s of GPU cycles: longer than the calls take to queue
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - start) / calls
+    torch.cuda.synchronize()
+    return host * 1e3
 
 
 def floor(t_tokens, heads, dv, chunk=MAX_CHUNK, feat=136, peak_flops=700e12, bw=3.0e12):
@@ -123,9 +139,9 @@ def peak_memory_mib(kind, T, dv=DV):
     return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
 
 
-def time_sdpa(T, backend="FLASH_ATTENTION"):
-    """SDPA (head dim 64, causal) on one backend: FLASH_ATTENTION (FlashAttention-2 in PyTorch) or CUDNN_ATTENTION
-    (cuDNN's fused attention; what PyTorch dispatches to by default on an H100)."""
+def sdpa_calls(T, backend="FLASH_ATTENTION"):
+    """(forward, forward+backward) closures of SDPA (head dim 64, causal) on one backend: FLASH_ATTENTION
+    (FlashAttention-2 in PyTorch) or CUDNN_ATTENTION (cuDNN's fused attention; PyTorch's default on Hopper)."""
     B = max(1, TOKENS // T)
     g = torch.Generator(device="cuda").manual_seed(T)
     q, k, v, do = (torch.randn(B, HEADS, T, 64, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4))
@@ -147,7 +163,11 @@ def time_sdpa(T, backend="FLASH_ATTENTION"):
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return torch.autograd.grad(o, (q, k, v), do)
 
-    return time_calls(fwd, fwdbwd)
+    return fwd, fwdbwd
+
+
+def time_sdpa(T, backend="FLASH_ATTENTION"):
+    return time_calls(*sdpa_calls(T, backend))
 
 
 def time_fla(T):
@@ -276,6 +296,12 @@ def main():
         except Exception as exc:  # pragma: no cover (no cuDNN attention on this GPU / build)
             r["cudnn_error"] = repr(exc)[:200]
         r["fla_fwd_ms"], r["fla_fwd_bwd_ms"], r["fla_fwd_bwd_graph_ms"] = time_fla(T)
+        for kind in ("rebased", "based"):
+            r[f"{kind}_fwd_bwd_host_ms"] = host_ms(linear_calls(kind, T)[1])
+        try:
+            r["cudnn_fwd_bwd_host_ms"] = host_ms(sdpa_calls(T, "CUDNN_ATTENTION")[1])
+        except Exception as exc:  # pragma: no cover
+            r["cudnn_host_error"] = repr(exc)[:200]
         sc = time_short_conv(T)
         if sc:
             r["short_conv"] = sc
@@ -337,6 +363,14 @@ def main():
                      f"{ratio(rb, r.get('cudnn_fwd_bwd_graph_ms'))} | {ratio(r['based_fwd_bwd_graph_ms'], rb)} | "
                      f"{ratio(r.get('fla_fwd_bwd_graph_ms'), rb)} | {r['fwd_bwd_floor_ms']:.3f} | "
                      f"{ratio(rb, r['fwd_bwd_floor_ms'])} |")
+    lines += ["", "Host time of one forward+backward (ms): Python, dispatch and launches, measured with the GPU stalled "
+              "(`host_ms`: a sleep kernel first, the calls queued behind it), against the GPU time above; a call "
+              "costs max(host, GPU) when nothing else hides its host work:", "",
+              "| T | ReBased host | ReBased GPU | Based host | Based GPU | cuDNN host | cuDNN GPU |", "|---" * 7 + "|"]
+    for r in rows:
+        lines.append(f"| {r['T']} | {ms(r.get('rebased_fwd_bwd_host_ms'))} | {ms(r['rebased_fwd_bwd_graph_ms'])} | "
+                     f"{ms(r.get('based_fwd_bwd_host_ms'))} | {ms(r['based_fwd_bwd_graph_ms'])} | "
+                     f"{ms(r.get('cudnn_fwd_bwd_host_ms'))} | {ms(r.get('cudnn_fwd_bwd_graph_ms'))} |")
     span = [r for r in rows if 2048 <= r["T"] <= 65536]
     if len(span) > 1:  # the flatness target: ReBased time per token from T = 2048 to 65536
         lines.append("")

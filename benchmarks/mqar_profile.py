@@ -3,12 +3,15 @@
     python -m benchmarks.mqar_profile profile [--setting rebased:128:2048] [--steps 4]
     python -m benchmarks.mqar_profile errors [--precisions bf16,fp32,tf32x3]  # kernel error vs float64, MQAR shapes
     python -m benchmarks.mqar_profile attention [--variants JSON] # fwd+bwd ms of the op per launch-config variant
+    python -m benchmarks.mqar_profile head [--setting rebased:128:2048]  # the LM head's matmuls per precision
 
 ``profile`` builds the run exactly as ``python -m pretrain.mqar`` does (compiled body, fused LM head + loss),
 warms it up, then records ``--steps`` optimizer steps with torch.profiler and prints the CUDA time per kernel
 (ms per optimizer step, grouped by name) and the share of the step. ``attention`` times the op alone (batch 256 ×
 2048 tokens × 12 heads, feature dim 16, value heads of 10, bf16 unless a variant sets "dtype"), each variant in its
-own process.
+own process. ``head`` times the three matmuls of the fused LM head (logits, hidden and weight gradients) of one
+chunk of query rows at the setting's d_model, vocabulary 8192, in IEEE fp32 (cuBLAS, TF32 off), 3xTF32
+(``kernels.matmul_tf32x3``), TF32 and bf16 (cuBLAS), with each one's relative error against float64.
 """
 
 from __future__ import annotations
@@ -117,9 +120,42 @@ def attention(variants: list[dict]) -> None:
         print(lines[-1][7:] if lines else f"{tuning}: failed {proc.stderr[-400:]}", flush=True)
 
 
+def head(setting: str) -> None:
+    import torch
+    import triton
+
+    import kernels
+
+    d = int(setting.split(":")[1])
+    rows = 32768  # one chunk of the fused loss (train.loss_chunk_rows), what each matmul call sees
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(rows, d, device="cuda", generator=g)
+    w = torch.randn(8192, d, device="cuda", generator=g) * d ** -0.5
+    grad = torch.randn(rows, 8192, device="cuda", generator=g) * 1e-3
+    shapes = {"logits h @ w.T": (h, w.T), "grad_hidden g @ w": (grad, w), "grad_weight g.T @ h": (grad.T, h)}
+
+    def cublas(a, b, tf32):
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        try:
+            return a @ b
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = False
+
+    ways = {"fp32 (cuBLAS, IEEE)": lambda a, b: cublas(a, b, False), "tf32x3 (Triton)": kernels.matmul_tf32x3,
+            "tf32 (cuBLAS)": lambda a, b: cublas(a, b, True), "bf16 (cuBLAS)": lambda a, b: a.bfloat16() @ b.bfloat16()}
+    print(f"{setting}: {rows} query rows, d_model {d}, vocabulary 8192; ms (do_bench median), relative error vs fp64")
+    for name, (a, b) in shapes.items():
+        ref = a.double() @ b.double()
+        flops = 2 * a.shape[0] * a.shape[1] * b.shape[1]
+        for way, fn in ways.items():
+            ms = triton.testing.do_bench(lambda: fn(a, b), warmup=10, rep=100, return_mode="median")
+            err = ((fn(a, b).double() - ref).norm() / ref.norm()).item()
+            print(f"  {name:22s} {way:20s} {ms:8.3f} ms {flops / ms / 1e9:7.1f} TFLOP/s  err {err:.1e}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["profile", "errors", "attention", "attention-one"])
+    p.add_argument("what", choices=["profile", "errors", "attention", "attention-one", "head"])
     p.add_argument("arg", nargs="?")
     p.add_argument("--setting", default="rebased:128:2048")
     p.add_argument("--steps", type=int, default=4)
@@ -131,6 +167,8 @@ def main() -> None:
         profile(args.setting, args.steps, args.override)
     elif args.what == "errors":
         errors(args.precisions.split(","))
+    elif args.what == "head":
+        head(args.setting)
     elif args.what == "attention":
         attention(json.loads(args.variants))
     else:
