@@ -95,6 +95,20 @@ class TokenizeConfig:
 # ---------------------------------------------------------------------------------------------------------------
 # Main process
 # ---------------------------------------------------------------------------------------------------------------
+_GROUP_OPTION = {"main": "--inputs", "val": "--val-inputs", "test": "--test-inputs"}
+
+
+def _check_groups_disjoint(sources: list[Source]) -> None:
+    """An input named in two groups would put its documents in two splits (held-out data trained on): refuse."""
+    group_of: dict[str, str] = {}
+    for s in sources:
+        key = os.path.abspath(s.path) if s.path is not None else s.spec
+        first = group_of.setdefault(key, s.group)
+        if first != s.group:
+            raise InputError(f"{s.name}: given in both {_GROUP_OPTION[first]} and {_GROUP_OPTION[s.group]}; "
+                             "its documents would be in two splits")
+
+
 def _new_stats() -> dict:
     return {"documents_read": 0, "documents_written": 0, "documents_skipped": 0, "skipped_by_reason": {},
             "tokens": 0, "text_bytes": 0}
@@ -154,6 +168,7 @@ class Tokenization:
             + resolve_inputs(cfg.test_inputs, "test"))
         if not self.sources:
             raise InputError("no inputs")
+        _check_groups_disjoint(self.sources)
         self.workers = cfg.workers or available_cores()
         self._reading: dict = {}  # the file being read and its hashing reader (sources.read_file's ``progress``)
 
@@ -229,7 +244,8 @@ class Tokenization:
             k += 1
         # Chunk records after a gap are stale: drop them (their shards are rewritten).
         for name in os.listdir(self.state_dir):
-            if name.startswith("chunk-") and name.endswith(".json") and int(name[6:11]) >= len(pieces):
+            number = name[6:-5]  # chunk-NNNNN.json: five digits up to chunk 99999, more after
+            if name.startswith("chunk-") and name.endswith(".json") and number.isdigit() and int(number) >= len(pieces):
                 os.remove(os.path.join(self.state_dir, name))
         self._check_inputs_unchanged(pieces)
         return pieces

@@ -45,7 +45,7 @@ def _text_of(rec, text_key: str) -> tuple[str | None, str | None]:
             obj = json.loads(obj.decode("utf-8"))
         except UnicodeDecodeError:
             return None, "invalid_utf8"
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than the interpreter allows
             return None, "invalid_json" if obj.strip() else "blank_line"
     if not isinstance(obj, dict):
         return None, "not_an_object"
@@ -127,6 +127,8 @@ def sample_sentences(sources: list, text_key: str, sample_docs: int, sample_byte
 def train(inputs: list[str], out: str, vocab_size: int = 32000, *, text_key: str = "text",
           sample_docs: int = 1_000_000, sample_bytes: int = 2 << 30, max_sentence_bytes: int = 4096,
           character_coverage: float = 0.9995, model_type: str = "bpe", threads: int | None = None) -> dict:
+    if max_sentence_bytes < 10:  # SentencePiece's minimum: checked before reading, not as an internal error after
+        raise ValueError(f"--max-sentence-bytes must be at least 10, got {max_sentence_bytes}")
     sources = check_inputs(inputs)
     stats = {"documents": 0, "skipped": 0, "sentences": 0, "text_bytes": 0,
              "skipped_by_reason": collections.Counter(), "examples": []}
@@ -194,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         info = train(args.inputs, args.out, args.vocab_size, text_key=args.text_key, sample_docs=args.sample_docs,
                      sample_bytes=args.sample_bytes, max_sentence_bytes=args.max_sentence_bytes,
                      character_coverage=args.character_coverage, model_type=args.model_type, threads=args.threads)
-    except (InputError, RuntimeError) as e:
+    except (InputError, RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     s = info["sample"]

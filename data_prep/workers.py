@@ -94,7 +94,7 @@ def _check(rec: tuple) -> tuple:
             return None, "invalid_utf8", UNKNOWN_SET, f"invalid UTF-8 at byte {e.start} of the line"
         try:
             obj = json.loads(line)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than the interpreter allows
             return None, "invalid_json", UNKNOWN_SET, f"invalid JSON: {e}"
     else:
         obj = payload
@@ -112,11 +112,12 @@ def _check(rec: tuple) -> tuple:
     try:
         text_bytes = text.encode("utf-8")
     except UnicodeEncodeError as e:
-        return None, "invalid_utf8", set_name, f"text contains an unpaired surrogate at character {e.start}"
+        return None, "invalid_utf8", set_name, f"{key!r} contains an unpaired surrogate at character {e.start}"
     if not text or text.isspace():
-        return None, "empty_text", set_name, "empty or whitespace-only text"
+        return None, "empty_text", set_name, f"{key!r} is empty or whitespace-only"
     if len(text_bytes) > _W["max_doc_bytes"]:
-        return None, "too_long", set_name, f"text of {len(text_bytes)} bytes exceeds --max-doc-bytes {_W['max_doc_bytes']}"
+        return (None, "too_long", set_name,
+                f"{key!r} holds {len(text_bytes)} bytes, more than --max-doc-bytes {_W['max_doc_bytes']}")
     return text, text_bytes, set_name, _split_of(group, text_bytes)
 
 

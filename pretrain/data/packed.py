@@ -34,6 +34,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -86,12 +87,17 @@ class FeistelPermutation:
         return x
 
 
+def _natural_key(path: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
+
+
 def resolve_shards(spec: str | os.PathLike) -> list[str]:
     """Shard prefixes of a data path, in order.
 
     ``spec`` may be: a prefix with ``spec.idx``/``spec.bin``; a directory (its ``*.idx`` files, sorted by name —
     e.g. ``OUT/train`` written by ``data_prep/tokenize_pile.py``, whose ``manifest.json`` order is used when
-    present); or a glob matching ``.idx`` files or prefixes.
+    present); or a glob matching ``.idx`` files or prefixes. Names sort with their numbers compared as numbers, so
+    ``train-100000`` follows ``train-99999``.
     """
     spec = os.fspath(spec)
     if os.path.isfile(spec + ".idx"):
@@ -100,13 +106,17 @@ def resolve_shards(spec: str | os.PathLike) -> list[str]:
         manifest = os.path.join(spec, "manifest.json")
         if os.path.isfile(manifest):
             with open(manifest) as f:
-                shards = json.load(f).get("shards", [])
-            return [os.path.join(spec, s["name"]) for s in shards]
-        found = sorted(glob.glob(os.path.join(spec, "*.idx")))
+                try:
+                    shards = json.load(f)["shards"]
+                    return [os.path.join(spec, s["name"]) for s in shards]
+                except (ValueError, KeyError, TypeError) as e:  # e.g. OUT's own manifest, which has no "shards"
+                    raise ValueError(f"{manifest}: not a shard list ({type(e).__name__}: {e}); give a split "
+                                     f"directory (e.g. OUT/train of tokenize_pile.py) or a shard prefix") from None
+        found = sorted(glob.glob(os.path.join(spec, "*.idx")), key=_natural_key)
     else:
-        found = sorted(glob.glob(spec if spec.endswith(".idx") else spec + ".idx"))
+        found = sorted(glob.glob(spec if spec.endswith(".idx") else spec + ".idx"), key=_natural_key)
         if not found:
-            found = sorted(p for p in glob.glob(spec) if p.endswith(".idx"))
+            found = sorted((p for p in glob.glob(spec) if p.endswith(".idx")), key=_natural_key)
     if not found:
         raise FileNotFoundError(f"no indexed dataset (.idx/.bin) found at {spec!r}")
     return [p[: -len(".idx")] for p in found]
@@ -329,6 +339,7 @@ class PackedSequenceDataset(torch.utils.data.IterableDataset):
             "seed": self.seed,
             "seq_len": self.seq_len,
             "weights": list(self.weights),
+            "mix_block": self.mix_block,
             "num_tokens": [s.num_tokens for s in self.streams],
         }
 
@@ -336,7 +347,9 @@ class PackedSequenceDataset(torch.utils.data.IterableDataset):
         """Continue from ``state`` (possibly saved at a different world size)."""
         if strict:
             mine = self.state_dict()
-            for key in ("seed", "seq_len", "num_tokens"):
+            # Each of these changes the order (mix_block only where several datasets are mixed).
+            keys = ("seed", "seq_len", "num_tokens") + (("mix_block",) if len(self.weights) > 1 else ())
+            for key in keys:
                 if key in state and state[key] != mine[key]:
                     raise ValueError(f"loader state mismatch for {key!r}: checkpoint {state[key]!r}, now {mine[key]!r}")
             if "weights" in state and not np.allclose(state["weights"], mine["weights"]):

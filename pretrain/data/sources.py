@@ -296,12 +296,12 @@ def read_file(source: Source, index: int, skip: int, max_line_bytes: int, limit:
             for line, size in _lines(_blocks(path, raw), max_line_bytes):
                 line_no += 1
                 rec_no += 1
+                if rec_no <= skip:  # before the limit: a resumed run counts the records it skips, as the first did
+                    continue
                 if limit is not None and yielded >= limit:
                     rec_no -= 1
                     limited = True
                     break
-                if rec_no <= skip:
-                    continue
                 yielded += 1
                 if line is None:
                     yield Record(index, rec_no, line_no, None, "too_long",
@@ -339,34 +339,42 @@ def read_file(source: Source, index: int, skip: int, max_line_bytes: int, limit:
 
 
 def read_hf(source: Source, index: int, skip: int, limit: int | None) -> Iterator[Record | FileDone]:
+    """Rows of a Hugging Face dataset, as ``read_file`` yields lines: a dataset that cannot be opened, fails while
+    streaming (e.g. a damaged data file) or has no rows gives one problem record and is not ``complete``."""
     import datasets  # imported lazily: only needed for hf: sources
 
     opts = dict(source.hf or {})
+    rec_no = 0
+    yielded = 0
+    limited = False
+    error = None  # (reason, message, line)
     try:
         ds = datasets.load_dataset(**opts, streaming=True)
     except Exception as e:  # noqa: BLE001 - any failure to open the source is reported as unreadable
-        rec = Record(index, 1, 0, None, "unreadable_file", f"load_dataset failed: {type(e).__name__}: {e}")
-        if rec.rec_no > skip:
-            yield rec
-        yield FileDone(index, {"path": source.spec, "group": source.group, "hf": opts, "records": 1, "complete": False})
-        return
-    rec_no = 0
-    yielded = 0
-    complete = True
-    for row in ds:
-        if rec_no >= skip and limit is not None and yielded >= limit:
-            complete = False
-            break
+        error = ("unreadable_file", f"load_dataset failed: {type(e).__name__}: {e}", 0)
+        ds = ()
+    try:
+        for row in ds:
+            if rec_no >= skip and limit is not None and yielded >= limit:
+                limited = True
+                break
+            rec_no += 1
+            if rec_no > skip:
+                yielded += 1
+                yield Record(index, rec_no, rec_no, dict(row))
+    except Exception as e:  # noqa: BLE001 - whatever the dataset's reader raises ends it, named like a damaged file
+        error = ("unreadable_file", f"reading row {rec_no + 1} failed: {type(e).__name__}: {e}", rec_no + 1)
+    if error is None and rec_no == 0 and not limited:
+        error = ("empty_file", "dataset contains no rows", 0)
+    if error is not None:
         rec_no += 1
         if rec_no > skip:
-            yielded += 1
-            yield Record(index, rec_no, rec_no, dict(row))
-    if rec_no == 0 and complete:
-        rec_no = 1
-        if skip < 1:
-            yield Record(index, 1, 0, None, "empty_file", "dataset contains no rows")
-    yield FileDone(index, {"path": source.spec, "group": source.group, "hf": opts, "records": rec_no,
-                           "complete": complete})
+            yield Record(index, rec_no, error[2], None, error[0], error[1])
+    info = {"path": source.spec, "group": source.group, "hf": opts, "records": rec_no,
+            "complete": not limited and error is None}
+    if error is not None:
+        info["error"] = f"{error[0]}: {error[1]}"
+    yield FileDone(index, info)
 
 
 def iter_records(sources: list[Source], *, start: tuple[int, int] = (0, 0), max_docs: int | None = None,

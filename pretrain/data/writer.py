@@ -78,6 +78,7 @@ class IndexedDatasetWriter:
         if name not in CODE_OF_NAME:
             raise ValueError(f"unsupported dtype {name}")
         self.code = CODE_OF_NAME[name]
+        self.dtype_name = name
         _, self._np_type, self._typecode = CODES[self.code]
         self.itemsize = array.array(self._typecode).itemsize
         Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
@@ -97,8 +98,18 @@ class IndexedDatasetWriter:
         if hasattr(tokens, "astype"):
             if getattr(tokens, "ndim", 1) != 1:
                 raise ValueError("a document must be a 1-D token array")
-            return tokens.astype(self._np_type, copy=False).tobytes(), len(tokens)
-        values = array.array(self._typecode, tokens)
+            converted = tokens.astype(self._np_type, copy=False)
+            if converted is not tokens:  # numpy wraps ids that do not fit (70000 -> 4464 in uint16): refuse them
+                changed = converted != tokens
+                if changed.any():
+                    raise ValueError(f"{bin_path(self.prefix)}: token id {tokens[changed][0]} does not fit the "
+                                     f"shard dtype {self.dtype_name}")
+            return converted.tobytes(), len(tokens)
+        try:
+            values = array.array(self._typecode, tokens)
+        except OverflowError as e:
+            raise ValueError(f"{bin_path(self.prefix)}: a token id does not fit the shard dtype {self.dtype_name} "
+                             f"({e})") from None
         return _le_bytes(values), len(values)
 
     def _write(self, data: bytes) -> None:

@@ -48,6 +48,7 @@ def build_case(case: str, d) -> tuple[str, str, int | None, list[str], int]:
     path = str(d / "bad.jsonl.zst")
     line_cases = {
         "invalid_json": b'{"text": "unterminated',
+        "deeply_nested": b'{"text": "x", "meta": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # RecursionError
         "not_an_object": b'["text", "in a list"]',
         "missing_text": b'{"meta": {"pile_set_name": "Github"}}',
         "text_not_string": b'{"text": 12345}',
@@ -59,7 +60,8 @@ def build_case(case: str, d) -> tuple[str, str, int | None, list[str], int]:
         "enormous": json.dumps({"text": "x" * (3 * MAX_DOC_BYTES)}).encode(),
     }
     if case in line_cases:
-        reason = {"surrogate": "invalid_utf8", "enormous": "too_long", "whitespace_text": "empty_text"}.get(case, case)
+        reason = {"surrogate": "invalid_utf8", "enormous": "too_long", "whitespace_text": "empty_text",
+                  "deeply_nested": "invalid_json"}.get(case, case)
         open(path, "wb").write(zst(with_bad_line(line_cases[case])))
         return path, reason, 3, around, 1
     if case == "truncated_zstd":
@@ -88,9 +90,9 @@ def build_case(case: str, d) -> tuple[str, str, int | None, list[str], int]:
     raise AssertionError(case)
 
 
-CASES = ["truncated_zstd", "corrupt_zstd", "truncated_gzip", "corrupt_gzip", "invalid_json", "not_an_object",
-         "missing_text", "text_not_string", "invalid_utf8", "surrogate", "empty_text", "whitespace_text", "blank_line",
-         "enormous", "empty_file", "unreadable_file"]
+CASES = ["truncated_zstd", "corrupt_zstd", "truncated_gzip", "corrupt_gzip", "invalid_json", "deeply_nested",
+         "not_an_object", "missing_text", "text_not_string", "invalid_utf8", "surrogate", "empty_text",
+         "whitespace_text", "blank_line", "enormous", "empty_file", "unreadable_file"]
 READER_LEVEL = ("truncated_zstd", "corrupt_zstd", "truncated_gzip", "corrupt_gzip", "empty_file", "unreadable_file")
 
 
