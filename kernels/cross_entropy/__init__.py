@@ -15,7 +15,8 @@ __all__ = ["cross_entropy_grad", "cross_entropy_grad_torch"]
 def cross_entropy_grad(logits: torch.Tensor, targets: torch.Tensor, row_scale: torch.Tensor, *,
                        inplace: bool = False, backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(loss [R] in fp32 (fp64 for fp64 logits), gradient [R, V] in the logits' dtype) for logits [R, V],
-    targets [R] (int, in [0, V)) and row_scale [R] (dL/d loss_r; 0 drops a row):
+    targets [R] (int32 / int64, in [0, V): the reference raises on a target outside, the Triton kernel gives its
+    row a NaN loss) and row_scale [R] (dL/d loss_r; 0 drops a row):
     loss_r = logsumexp(logits_r) - logits_r[t_r], grad_r = (softmax(logits_r) - onehot(t_r)) · row_scale_r.
 
     inplace: the gradient may overwrite ``logits`` (the Triton kernel then writes it there: no second [R, V]
@@ -25,6 +26,8 @@ def cross_entropy_grad(logits: torch.Tensor, targets: torch.Tensor, row_scale: t
     if logits.dim() != 2 or targets.shape != logits.shape[:1] or row_scale.shape != logits.shape[:1]:
         raise ValueError(f"expected logits [R, V], targets [R], row_scale [R]; got {tuple(logits.shape)}, "
                          f"{tuple(targets.shape)}, {tuple(row_scale.shape)}")
+    if targets.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"targets must be int32 or int64 word indices, got {targets.dtype}")
     if logits.dtype != torch.float64 and resolve_backend("cross_entropy_grad", backend, logits.device) == "triton":
         return get_triton_impl("cross_entropy_grad")(logits, targets, row_scale, inplace=inplace)
     return cross_entropy_grad_torch(logits, targets, row_scale)

@@ -16,8 +16,9 @@ def _ce_grad_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, g_ptr, V, stride_x, stride_g,
     src = x_ptr + row * stride_x
     dst = g_ptr + row * stride_g
     offs = tl.arange(0, BLOCK)
-    # running max and sum of exp over the row's blocks (the first block has a finite max: exp(-inf - m) = 0)
-    m = tl.zeros((), tl.float32) - float("inf")
+    # running max and sum of exp over the row's blocks. The max starts at the lowest finite float, not -inf: a block
+    # of only -inf logits (masked words) then adds exp(-inf) = 0, where exp(-inf - (-inf)) would be NaN
+    m = tl.zeros((), tl.float32) - 3.4028234663852886e38
     s = tl.zeros((), tl.float32)
     for start in range(0, V, BLOCK):
         x = tl.load(src + start + offs, mask=start + offs < V, other=float("-inf")).to(tl.float32)
@@ -27,7 +28,10 @@ def _ce_grad_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, g_ptr, V, stride_x, stride_g,
     lse = m + tl.log(s)
     target = tl.load(t_ptr + row)
     w = tl.load(w_ptr + row).to(tl.float32)
-    tl.store(loss_ptr + row, lse - tl.load(src + target).to(tl.float32))  # read before the row is overwritten
+    # read before the row is overwritten. A target outside [0, V) (a caller's error, not checked on the host, which
+    # would cost a sync) reads nothing outside the row and gives a NaN loss
+    in_row = (target >= 0) & (target < V)
+    tl.store(loss_ptr + row, lse - tl.load(src + target, mask=in_row, other=float("nan")).to(tl.float32))
     for start in range(0, V, BLOCK):
         mask = start + offs < V
         g = tl.exp(tl.load(src + start + offs, mask=mask, other=0.0).to(tl.float32) - lse) * w

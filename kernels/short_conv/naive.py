@@ -77,7 +77,10 @@ def short_conv_torch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
 
     if mode == "conv":
         xe = torch.cat([c0, xp.transpose(1, 2)], dim=-1)               # [N, D, K-1+Tm]
-        y = F.conv1d(xe, w.unsqueeze(1), bia, groups=d).transpose(1, 2)  # [N, Tm, D]
+        if tm:
+            y = F.conv1d(xe, w.unsqueeze(1), bia, groups=d).transpose(1, 2)  # [N, Tm, D]
+        else:  # no tokens (T == 0 or only empty documents): conv1d rejects an input shorter than the kernel
+            y = xp.new_zeros(n, 0, d)
         final = None
         if output_final_state:
             # last K-1 inputs of each document: x_ext indices len .. len+K-2

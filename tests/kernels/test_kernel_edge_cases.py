@@ -1,0 +1,75 @@
+"""Edge cases of the kernels' public API that the per-family tests do not reach: inputs without tokens for the short
+convolution's reference, masked (-inf) logits and invalid targets for the cross-entropy kernel.
+
+Runs on CUDA when available, else on the CPU through the Triton interpreter (tests/conftest.py); Triton outputs are
+poisoned with NaN before the kernels run, so an element a kernel fails to write fails the test.
+"""
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+import kernels  # noqa: E402
+from kernels.cross_entropy.triton_ops import cross_entropy_grad_triton  # noqa: E402
+from triton_checks import poisoned_run, rel  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _setup(monkeypatch):
+    with poisoned_run(monkeypatch):
+        yield
+
+
+@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("lengths", [None, [0, 0]], ids=["T0", "empty-documents"])
+def test_short_conv_reference_without_tokens(k, lengths):
+    """No tokens at all (T == 0, or only empty documents): no output, the cache passes through to the final cache,
+    and so does its gradient (F.conv1d rejected the K-1 cache columns as shorter than the kernel)."""
+    cu = None if lengths is None else torch.tensor([0] + lengths, device=DEV)
+    n = 2 if lengths is not None else 1
+    x = torch.randn(1, 0, 8, dtype=F64, device=DEV, requires_grad=True)
+    weight = torch.randn(8, k, dtype=F64, device=DEV)
+    cache = torch.randn(n, 8, k - 1, dtype=F64, device=DEV, requires_grad=True)
+    y, final = kernels.short_conv(x, weight, torch.randn(8, dtype=F64, device=DEV), cache=cache, cu_seqlens=cu,
+                                  output_final_state=True, backend="torch")
+    assert y.shape == x.shape and torch.equal(final, cache)
+    d_final = torch.randn_like(final)
+    assert torch.equal(torch.autograd.grad(final, cache, d_final)[0], d_final)
+
+
+def test_cross_entropy_leading_block_of_masked_logits():
+    """A row whose first block of logits is all -inf (masked words) is as finite as the reference: the running max
+    started at -inf, and exp(-inf - (-inf)) made the whole row NaN."""
+    logits = 3 * torch.randn(3, 40, device=DEV)
+    logits[:, :16] = float("-inf")
+    logits[1, 16:32] = float("-inf")  # two masked blocks
+    targets = torch.tensor([20, 35, 39], device=DEV)
+    scale = torch.rand(3, device=DEV)
+    ref_loss, ref_grad = kernels.cross_entropy_grad_torch(logits.double(), targets, scale.double())
+    loss, grad = cross_entropy_grad_triton(logits.clone(), targets, scale, block=16)
+    assert rel(loss, ref_loss) < 1e-6 and rel(grad, ref_grad) < 1e-6
+    assert not grad[:, :16].any()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_cross_entropy_target_dtype(backend):
+    logits = torch.randn(3, 10, device=DEV)
+    for targets in (torch.tensor([1.0, 2.0, 3.0], device=DEV), torch.tensor([True, False, True], device=DEV)):
+        with pytest.raises(ValueError, match="targets must be int32 or int64"):
+            kernels.cross_entropy_grad(logits, targets, torch.ones(3, device=DEV), backend=backend)
+
+
+def test_cross_entropy_out_of_range_target_reads_nothing_outside_its_row():
+    """A target outside [0, V) gives that row a NaN loss (it read a neighbouring row's logit, or memory before the
+    buffer, and returned a plausible number); the other rows are untouched."""
+    logits = torch.randn(4, 10, device=DEV)
+    targets = torch.tensor([-1, 3, 10, 9], device=DEV, dtype=torch.int32)
+    loss, grad = cross_entropy_grad_triton(logits.clone(), targets, torch.ones(4, device=DEV), block=16)
+    assert loss[[0, 2]].isnan().all()
+    ref_loss, ref_grad = kernels.cross_entropy_grad_torch(logits[[1, 3]].double(), targets[[1, 3]].long(),
+                                                          torch.ones(2, dtype=F64, device=DEV))
+    assert rel(loss[[1, 3]], ref_loss) < 1e-6 and rel(grad[[1, 3]], ref_grad) < 1e-6
