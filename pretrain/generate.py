@@ -31,18 +31,27 @@ from pretrain.generation.sampling import Sampling
 
 def read_prompts(path: str) -> list[str]:
     """One prompt per line of a text file (blank lines skipped), or the "prompt" field of each JSON line."""
-    text = Path(path).read_text(encoding="utf-8")
-    if path.endswith(".jsonl"):
-        prompts = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                prompts.append(json.loads(line)["prompt"])
-            except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{n}: expected a JSON object with a 'prompt' string ({e})") from None
-        return prompts
-    return [line for line in text.splitlines() if line.strip()]
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+    # lines end at "\n" only (read_text already turned "\r\n" into it): str.splitlines would also cut at U+2028,
+    # form feeds and the like, which a prompt (or a JSON string) may hold
+    lines = text.split("\n")
+    if not path.endswith(".jsonl"):
+        return [line for line in lines if line.strip()]
+    prompts = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            prompt = json.loads(line)["prompt"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}:{n}: expected a JSON object with a 'prompt' string ({e})") from None
+        if not isinstance(prompt, str):
+            raise ValueError(f"{path}:{n}: 'prompt' must be a string, not {type(prompt).__name__}")
+        prompts.append(prompt)
+    return prompts
 
 
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
@@ -51,9 +60,18 @@ def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+def settled(text: str, stops: list[str]) -> str:
+    """The part of a growing continuation (already cut at its stop strings) that later tokens cannot change: without
+    an incomplete character at its end (its next byte is to come) and without an end that may begin a stop string."""
+    text = text.rstrip("\ufffd")
+    held = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    return text[:len(text) - held]
+
+
 class Streamer:
     """Prints the new text of one row as tokens arrive (decoding the whole continuation each time: a token may
-    complete a multi-byte character begun by the previous one)."""
+    complete a multi-byte character begun by the previous one). Only settled text is printed, so the stream never
+    shows what the final text cuts; ``finish`` prints the rest of that final text."""
 
     def __init__(self, tokenizer, stops: list[str], out=sys.stdout):
         self.tokenizer, self.stops, self.out = tokenizer, stops, out
@@ -64,12 +82,16 @@ class Streamer:
         if new[0] is None:
             return
         self.tokens.append(new[0])
-        text, _ = cut_at_stop(self.tokenizer.decode(self._body()), self.stops)
-        if "\ufffd" in text[self.printed:]:  # an incomplete character: wait for its next byte
-            return
+        self._write(settled(cut_at_stop(self.tokenizer.decode(self._body()), self.stops)[0], self.stops))
+
+    def finish(self, text: str) -> None:
+        """Print what is left of ``text``, the row's final continuation."""
+        self._write(text)
+
+    def _write(self, text: str) -> None:
         self.out.write(text[self.printed:])
         self.out.flush()
-        self.printed = len(text)
+        self.printed = max(self.printed, len(text))  # a shorter text must not print its end again
 
     def _body(self) -> list[int]:
         eod = self.tokenizer.eod_id
@@ -104,6 +126,8 @@ def main(argv=None) -> int:
         sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
         if args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
+        if "" in args.stop:  # found at the start of every text: each row would stop after one token, printing nothing
+            raise ValueError("--stop '' is empty: a stop string needs at least one character")
         prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
         if not prompts:
             raise ValueError(f"{args.prompts}: no prompts")
@@ -132,7 +156,8 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     out = generate(model, ids, args.max_new_tokens, sampling=sampling,
                    eos_ids=() if args.ignore_eos else (tokenizer.eod_id,), should_stop=should_stop,
-                   on_tokens=streamer, cuda_graph=not args.no_cuda_graph, compile=args.compile)
+                   on_tokens=streamer, cuda_graph=not args.no_cuda_graph, compile=args.compile,
+                   vocab_size=tokenizer.vocab_size)
     seconds = time.perf_counter() - start
     records = []
     for prompt, tokens in zip(prompts, out):
@@ -140,6 +165,7 @@ def main(argv=None) -> int:
         text, _ = cut_at_stop(tokenizer.decode(body), args.stop)
         records.append({"prompt": prompt, "completion": text, "tokens": len(tokens)})
     if streamer is not None:
+        streamer.finish(records[0]["completion"])
         sys.stdout.write("\n")
     else:
         for i, r in enumerate(records):

@@ -55,32 +55,42 @@ class LMEvalMethods:
 
     @torch.no_grad()
     def generate_until(self, requests) -> list[str]:
-        """Greedy continuations, ``batch_size`` requests at a time through the batched decoder; each stops at EOD, at
-        one of its ``until`` strings (cut from the text) or after its ``max_gen_toks``."""
-        out = []
-        for start in range(0, len(requests), self.batch_size):
-            batch = requests[start:start + self.batch_size]
-            prompts, untils, limits = [], [], []
-            for req in batch:
-                context, kwargs = req.args[0], dict(req.args[1] if len(req.args) > 1 else {})
-                until = kwargs.get("until") or []
-                untils.append([until] if isinstance(until, str) else list(until))
-                limits.append(int(kwargs.get("max_gen_toks", 256)))
-                prompts.append([self.tokenizer.eod_id] + self.tokenizer.encode(context))
+        """Greedy continuations, ``batch_size`` requests of one ``max_gen_toks`` at a time through the batched
+        decoder; each stops at EOD, at one of its ``until`` strings (cut from the text) or after its
+        ``max_gen_toks``. A context keeps its last ``max_length - max_gen_toks`` tokens (lm_eval's rule;
+        ``loglikelihood`` keeps ``max_length``), so that context and continuation fit the positions the model has."""
+        # a model's vocabulary may be padded past its tokenizer's: those ids have no text (a tokenizer without
+        # vocab_size, as the tests' stand-ins, names every id of the model)
+        vocab_size = getattr(self.tokenizer, "vocab_size", None)
+        prompts, untils, limits = [], [], []
+        for req in requests:
+            context, kwargs = req.args[0], dict(req.args[1] if len(req.args) > 1 else {})
+            until = kwargs.get("until") or []
+            untils.append([until] if isinstance(until, str) else list(until))
+            limits.append(int(kwargs.get("max_gen_toks", 256)))
+            prompt = [self.tokenizer.eod_id] + self.tokenizer.encode(context)
+            prompts.append(prompt[-max(1, self.max_length - limits[-1]):])
+        # batched by max_gen_toks (as lm_eval groups requests by their generation arguments): every row of a batch
+        # is fed until the batch ends, so a row's context fits its positions only beside rows of its own limit
+        out = [""] * len(prompts)
+        for limit in sorted(set(limits)):
+            group = [i for i, n in enumerate(limits) if n == limit]
+            for start in range(0, len(group), self.batch_size):
+                rows = group[start:start + self.batch_size]
 
-            def should_stop(row: int, tokens: list[int]) -> bool:
-                text = self.tokenizer.decode(tokens)
-                return len(tokens) >= limits[row] or any(stop in text for stop in untils[row])
+                def should_stop(row: int, tokens: list[int]) -> bool:
+                    text = self.tokenizer.decode(tokens)
+                    return any(stop in text for stop in untils[rows[row]])
 
-            tokens = generate(self.model, prompts, max(limits), eos_ids=(self.tokenizer.eod_id,),
-                              should_stop=should_stop)
-            for row, toks in enumerate(tokens):
-                if toks and toks[-1] == self.tokenizer.eod_id:
-                    toks = toks[:-1]
-                text = self.tokenizer.decode(toks)
-                for stop in untils[row]:
-                    text = text.split(stop)[0]
-                out.append(text)
+                tokens = generate(self.model, [prompts[i] for i in rows], limit, eos_ids=(self.tokenizer.eod_id,),
+                                  should_stop=should_stop, vocab_size=vocab_size)
+                for i, toks in zip(rows, tokens):
+                    if toks and toks[-1] == self.tokenizer.eod_id:
+                        toks = toks[:-1]
+                    text = self.tokenizer.decode(toks)
+                    for stop in untils[i]:
+                        text = text.split(stop)[0]
+                    out[i] = text
         return out
 
 

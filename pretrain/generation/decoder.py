@@ -58,8 +58,12 @@ class DecodeStep:
 @torch.no_grad()
 def prefill(model, prompts: Sequence[Sequence[int]], max_len: int):
     """(cache with the prompts consumed, logits [N, vocab] after each prompt's last token)."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
+    if not prompts:
+        raise ValueError("no prompts to prefill")
+    empty = [i for i, p in enumerate(prompts) if len(p) == 0]
+    if empty:
+        raise ValueError(f"prompt {empty[0]} is empty: every prompt needs at least one token (e.g. the "
+                         "end-of-document token)")
     device = next(model.parameters()).device
     lengths = torch.tensor([len(p) for p in prompts])
     cu_seqlens = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(device)
@@ -73,19 +77,33 @@ def prefill(model, prompts: Sequence[Sequence[int]], max_len: int):
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, sampling: Sampling | None = None,
              eos_ids: Sequence[int] = (), should_stop: Callable[[int, list[int]], bool] | None = None,
              on_tokens: Callable[[list[int | None]], None] | None = None, cuda_graph: bool = True,
-             compile: bool = False, generator: torch.Generator | None = None) -> list[list[int]]:
+             compile: bool = False, generator: torch.Generator | None = None,
+             vocab_size: int | None = None) -> list[list[int]]:
     """New tokens for each prompt (token lists of any lengths), at most ``max_new_tokens`` each.
 
     A row stops after an ``eos_ids`` token (kept in its output) or when ``should_stop(row, tokens so far)`` says
     so (stop strings: the caller decodes). ``on_tokens`` gets each step's new token per row (None for a row that
     has stopped), for streaming. ``cuda_graph`` / ``compile``: see :class:`DecodeStep`. The batch runs until every
     row has stopped. Draws come from ``generator``, else from one seeded with ``sampling.seed``, else from torch's
-    default generator.
+    default generator. ``vocab_size``: only ids below it are chosen (a model's vocabulary padded past its
+    tokenizer's: the padding ids have no text).
     """
     sampling = sampling or Sampling(temperature=0.0)
-    if max_new_tokens < 1:
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+    if vocab_size is not None and not 0 < vocab_size <= model.config.vocab_size:
+        raise ValueError(f"vocab_size={vocab_size} must be in [1, the model's {model.config.vocab_size}]")
+    if max_new_tokens == 0:
         return [[] for _ in prompts]
-    cache, logits = prefill(model, prompts, max(len(p) for p in prompts) + max_new_tokens)
+    longest = max((len(p) for p in prompts), default=0)
+    _, position_limit = model.cache_limits()
+    # the last new token is not fed back: the longest row uses positions up to longest + max_new_tokens - 2. Checked
+    # here, not at the step that passes the limit, so that no decoding (or streaming) is spent on a failing call
+    if position_limit is not None and longest + max_new_tokens - 1 > position_limit:
+        raise ValueError(f"a prompt of {longest} tokens and max_new_tokens={max_new_tokens} need "
+                         f"{longest + max_new_tokens - 1} positions, more than max_seq_len={position_limit} "
+                         "(learned position embeddings)")
+    cache, logits = prefill(model, prompts, longest + max_new_tokens)
     if generator is None and sampling.seed is not None:
         generator = torch.Generator(logits.device).manual_seed(sampling.seed)
     step = DecodeStep(model, cache, cuda_graph=cuda_graph, compile=compile)
@@ -93,7 +111,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, sa
     done = [False] * len(prompts)
     eos = set(eos_ids)
     for i in range(max_new_tokens):
-        tokens = choose(logits, sampling, generator)
+        tokens = choose(logits[:, :vocab_size], sampling, generator)
         new: list[int | None] = []
         for row, token in enumerate(tokens.tolist()):
             if done[row]:

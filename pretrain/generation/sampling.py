@@ -29,22 +29,30 @@ class Sampling:
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
-    """logits [B, V] with the tokens outside the top-k and the top-p nucleus set to -inf (the most likely token is
-    always kept)."""
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # the mass before a token already reaches p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return logits
+    """logits [B, V] with the tokens outside the top-k and the top-p nucleus (of the top-k distribution) set to
+    -inf. Exactly k tokens stay on ties, and the most likely token, the one greedy picks, is always kept."""
+    top_k = top_k if top_k is not None and top_k < logits.shape[-1] else None
+    top_p = top_p if top_p is not None and top_p < 1 else None
+    if top_k is None and top_p is None:
+        return logits
+    # stable: tied tokens keep their index order, so rank 0 is argmax's token (the first of the largest)
+    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
+    drop = torch.zeros_like(sorted_logits, dtype=torch.bool)
+    if top_k is not None:
+        drop[:, top_k:] = True
+    if top_p is not None:
+        probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
+        drop |= probs.cumsum(-1) - probs >= top_p  # the mass before a token already reaches p
+    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
 
 
 def choose(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
     """The next token [B] for logits [B, V]."""
     if sampling.greedy:
         return logits.argmax(-1)
-    logits = filter_logits(logits.float() / sampling.temperature, sampling.top_k, sampling.top_p)
+    # shifted so the largest is 0: a tiny temperature then sends the others to -inf, not the largest to inf (a
+    # softmax of NaNs); float64 so that a temperature below float32's smallest number does not become 0
+    logits = logits.double()
+    logits = (logits - logits.amax(-1, keepdim=True)) / sampling.temperature
+    logits = filter_logits(logits, sampling.top_k, sampling.top_p)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)

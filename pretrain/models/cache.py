@@ -118,12 +118,16 @@ class ModelCache:
 
     @torch.compiler.disable  # host bookkeeping: a compiled step must not specialise on the count
     def reserve(self, tokens: int, full_attention: bool, position_limit: int | None) -> None:
-        """Count ``tokens`` more on the longest row; full-attention layers must hold every position, and learned
-        position embeddings end at ``position_limit``."""
+        """Count ``tokens`` more on the longest row; full-attention layers (and sliding windows given fewer slots
+        than their window) must hold every position, and learned position embeddings end at ``position_limit``."""
         total = self.seen_tokens + tokens
-        if full_attention and total > self.max_len:
-            raise ValueError(f"{total} positions do not fit a cache of max_len={self.max_len} (full-attention "
-                             "layers keep every key): make it with init_cache(batch_size, max_len)")
+        # a sliding window's ring made shorter than the window (max_len < W) would overwrite keys still in view
+        short_ring = any(isinstance(layer, KVCache) and layer.window is not None and layer.slots < layer.window
+                         for layer in self.layers)
+        if (full_attention or short_ring) and total > self.max_len:
+            kept = "full-attention layers keep every key" if full_attention else "its sliding windows hold max_len keys"
+            raise ValueError(f"{total} positions do not fit a cache of max_len={self.max_len} ({kept}): make it "
+                             "with init_cache(batch_size, max_len)")
         if position_limit is not None and total > position_limit:
             raise ValueError(f"position {total - 1} exceeds max_seq_len={position_limit}")
         self.seen_tokens = total

@@ -90,9 +90,28 @@ def test_sampling_is_reproducible_with_a_seed(workspace):
     (["--prompts", "no/such/file.txt"], "no/such/file.txt"),
     (["--prompt", "x", "--top-p", "1.5"], "top_p=1.5"),
     (["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens 0"),
+    (["--prompt", "x", "--stop", "\n", "--stop", ""], "--stop '' is empty"),
 ])
 def test_bad_input_is_one_line(workspace, args, message):
     proc = run(workspace, *args)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+
+
+def test_a_vocabulary_padded_past_the_tokenizer_never_yields_its_padding_ids(workspace, tmp_path):
+    """Models round their vocabulary up (50304 for a smaller tokenizer): the ids past the tokenizer have no text, so
+    the CLI must not sample them (decoding one would fail)."""
+    from pretrain.models import build_model, load_model_config
+    from pretrain.models.io import export_model
+
+    tmp, tokenizer = workspace
+    torch.manual_seed(0)
+    cfg = load_model_config(ROOT / "configs/models/tiny_rebased.yaml", [f"vocab_size={tokenizer.vocab_size + 700}"])
+    export_model(build_model(cfg), tmp_path / "padded")  # near-flat logits: 70% of each draw is padding
+    proc = subprocess.run([sys.executable, "-m", "pretrain.generate", "--checkpoint", str(tmp_path / "padded"),
+                           "--tokenizer", str(tmp / "tok.model"), "--prompt", "the", "--temperature", "1",
+                           "--max-new-tokens", "20", "--ignore-eos", "--seed", "0"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "20 new tokens" in proc.stderr
