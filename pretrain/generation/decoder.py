@@ -86,8 +86,20 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, sa
     has stopped), for streaming. ``cuda_graph`` / ``compile``: see :class:`DecodeStep`. The batch runs until every
     row has stopped. Draws come from ``generator``, else from one seeded with ``sampling.seed``, else from torch's
     default generator. ``vocab_size``: only ids below it are chosen (a model's vocabulary padded past its
-    tokenizer's: the padding ids have no text).
+    tokenizer's: the padding ids have no text). The model runs in eval mode (no dropout), whatever its mode; the mode
+    is restored afterwards.
     """
+    was_training = model.training
+    model.eval()
+    try:
+        return _generate(model, prompts, max_new_tokens, sampling, eos_ids, should_stop, on_tokens, cuda_graph,
+                         compile, generator, vocab_size)
+    finally:
+        model.train(was_training)
+
+
+def _generate(model, prompts, max_new_tokens, sampling, eos_ids, should_stop, on_tokens, cuda_graph, compile,
+              generator, vocab_size) -> list[list[int]]:
     sampling = sampling or Sampling(temperature=0.0)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")

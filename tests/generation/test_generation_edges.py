@@ -212,3 +212,14 @@ def test_rows_that_end_at_the_first_token_stay_ended(name):
     assert all(step[1] is None for step in steps[1:]) and len(steps) == max(len(t) for t in out)
     assert generate(model, prompts, 1, eos_ids=(eos,)) == [[t] for t in firsts]
     assert generate(model, prompts, 0) == [[], [], []]
+
+
+def test_generation_runs_without_dropout_and_keeps_the_models_mode():
+    """A model left in train mode (embedding dropout 0.5) decodes as in eval mode, and is in train mode after."""
+    model = model_for(LAYOUTS["rebased"], embed_dropout=0.5)
+    prompts = [[1, 2, 3, 4], [7, 8]]
+    expected = generate(model, prompts, 6)
+    model.train()
+    assert generate(model, prompts, 6) == expected
+    assert model.training
+    assert expected[0] == greedy_by_full_forward(model.eval(), prompts[0], 6)
