@@ -87,6 +87,19 @@ class FeistelPermutation:
         return x
 
 
+def _check_listed_sizes(manifest: str, shards: list, prefixes: list[str]) -> None:
+    """Each shard the manifest lists is on disk with the size it was written with: a stat per shard, which catches a
+    truncated or partly copied ``.bin`` at once (``data_prep/verify_shards.py`` checks the SHA-256 of the bytes)."""
+    for shard, prefix in zip(shards, prefixes):
+        path = prefix + ".bin"
+        if not os.path.isfile(prefix + ".idx") or not os.path.isfile(path):
+            raise FileNotFoundError(f"{manifest} lists shard {shard['name']!r}, but {prefix}.bin/.idx is missing")
+        want = shard.get("bin_bytes")
+        if want is not None and os.path.getsize(path) != want:
+            raise ValueError(f"{path}: {os.path.getsize(path)} bytes, but {manifest} records {want} (truncated or "
+                             "replaced since it was written: tokenize again, or copy it again)")
+
+
 def _natural_key(path: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
 
@@ -108,10 +121,12 @@ def resolve_shards(spec: str | os.PathLike) -> list[str]:
             with open(manifest) as f:
                 try:
                     shards = json.load(f)["shards"]
-                    return [os.path.join(spec, s["name"]) for s in shards]
+                    prefixes = [os.path.join(spec, s["name"]) for s in shards]
                 except (ValueError, KeyError, TypeError) as e:  # e.g. OUT's own manifest, which has no "shards"
                     raise ValueError(f"{manifest}: not a shard list ({type(e).__name__}: {e}); give a split "
                                      f"directory (e.g. OUT/train of tokenize_pile.py) or a shard prefix") from None
+            _check_listed_sizes(manifest, shards, prefixes)
+            return prefixes
         found = sorted(glob.glob(os.path.join(spec, "*.idx")), key=_natural_key)
     else:
         found = sorted(glob.glob(spec if spec.endswith(".idx") else spec + ".idx"), key=_natural_key)

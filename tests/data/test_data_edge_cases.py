@@ -197,3 +197,30 @@ def test_shards_without_a_manifest_sort_with_numbers_compared_as_numbers(tmp_pat
     names = [os.path.basename(p) for p in resolve_shards(tmp_path)]
     assert names == ["train-00002", "train-99999", "train-100000"]
     assert [os.path.basename(p) for p in resolve_shards(str(tmp_path / "train-*"))] == names
+
+
+def test_listed_shards_are_checked_on_load_and_by_verify_shards(tokenizer_model, tmp_path):
+    """Loading stats every shard its manifest lists (a truncated or missing .bin is named at once);
+    data_prep/verify_shards.py also checks the bytes (a same-size change is caught only there)."""
+    from data_prep.verify_shards import main as verify_main
+    from pretrain.data.packed import resolve_shards
+
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(jsonl_bytes(make_docs(90, seed=5)))
+    out = tmp_path / "out"
+    assert cli([str(path)], tokenizer_model, out, "--docs-per-shard", "30").returncode == 0
+    split = out / "train"
+    shards = resolve_shards(split)
+    assert len(shards) == 3 and verify_main([str(split), "--no-progress"]) == 0
+    bin1 = shards[1] + ".bin"
+    data = open(bin1, "rb").read()
+    open(bin1, "wb").write(data[:1] + bytes([data[1] ^ 1]) + data[2:])  # same size, one bit flipped
+    assert resolve_shards(split) == shards
+    assert verify_main([str(split), "--no-progress"]) == 1
+    open(bin1, "wb").write(data[:-2])  # truncated
+    with pytest.raises(ValueError, match=r"train-00001\.bin: .* bytes, but .*manifest\.json records"):
+        resolve_shards(split)
+    os.remove(bin1)
+    with pytest.raises(FileNotFoundError, match="lists shard 'train-00001'"):
+        resolve_shards(split)
+    assert verify_main([str(split), "--no-progress"]) == 1

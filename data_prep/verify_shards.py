@@ -1,0 +1,78 @@
+"""Check token shards against the manifest ``tokenize_pile.py`` wrote for them: every listed ``.bin`` has the size
+and the SHA-256 recorded when it was written, and its ``.idx`` opens and agrees with it. Use it after copying a
+dataset to another machine or file system (loading already checks the sizes, not the bytes).
+
+    python data_prep/verify_shards.py OUT/train [OUT/val ...]
+
+Prints one line per problem and exits 1 if there is any, 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tqdm import tqdm  # noqa: E402
+
+from pretrain.data.indexed import IndexedDataset  # noqa: E402
+
+
+def _sha256(path: str, bar) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(16 << 20):
+            h.update(block)
+            bar.update(len(block))
+    return h.hexdigest()
+
+
+def verify_split(split_dir: str, progress: bool = True) -> list[str]:
+    """Problems of one split directory (empty if none)."""
+    manifest = os.path.join(split_dir, "manifest.json")
+    try:
+        with open(manifest) as f:
+            shards = json.load(f)["shards"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return [f"{manifest}: cannot read its shard list ({type(e).__name__}: {e})"]
+    problems = []
+    total = sum(s.get("bin_bytes", 0) for s in shards)
+    with tqdm(total=total, unit="B", unit_scale=True, desc=split_dir, disable=not progress) as bar:
+        for shard in shards:
+            prefix = os.path.join(split_dir, shard["name"])
+            path = prefix + ".bin"
+            if not os.path.isfile(path):
+                problems.append(f"{path}: missing")
+                continue
+            if os.path.getsize(path) != shard["bin_bytes"]:
+                problems.append(f"{path}: {os.path.getsize(path)} bytes, the manifest records {shard['bin_bytes']}")
+                continue
+            if _sha256(path, bar) != shard["bin_sha256"]:
+                problems.append(f"{path}: SHA-256 differs from the manifest's")
+                continue
+            try:
+                IndexedDataset(prefix)
+            except (OSError, ValueError) as e:
+                problems.append(f"{prefix}.idx: {e}")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("splits", nargs="+", help="split directories (OUT/train, OUT/val, ...)")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    problems = [p for d in args.splits for p in verify_split(d, progress=not args.no_progress)]
+    for p in problems:
+        print(p)
+    print(f"{len(problems)} problem(s) in {len(args.splits)} split(s)" if problems else "all shards verified")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
