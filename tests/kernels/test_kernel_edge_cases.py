@@ -1,5 +1,6 @@
 """Edge cases of the kernels' public API that the per-family tests do not reach: inputs without tokens for the short
-convolution's reference, masked (-inf) logits and invalid targets for the cross-entropy kernel.
+convolution's reference, masked (-inf) logits and invalid targets for the cross-entropy kernel, fp16 attention
+whose state leaves fp16's range.
 
 Runs on CUDA when available, else on the CPU through the Triton interpreter (tests/conftest.py); Triton outputs are
 poisoned with NaN before the kernels run, so an element a kernel fails to write fails the test.
@@ -73,3 +74,29 @@ def test_cross_entropy_out_of_range_target_reads_nothing_outside_its_row():
     ref_loss, ref_grad = kernels.cross_entropy_grad_torch(logits[[1, 3]].double(), targets[[1, 3]].long(),
                                                           torch.ones(2, dtype=F64, device=DEV))
     assert rel(loss[[1, 3]], ref_loss) < 1e-6 and rel(grad[[1, 3]], ref_grad) < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["rebased", "based"])
+def test_fp16_attention_with_a_state_past_the_fp16_range(kind):
+    """A long context's state (sums of phi(k) v over the prefix) passes 65504, fp16's largest number: the fp16
+    call must stay finite and as accurate as fp16 allows (it overflowed to NaN when the state was multiplied in fp16),
+    and return fp16 output and gradients."""
+    g = torch.Generator(device=DEV).manual_seed(0)
+    q, k = (torch.randn(1, 40, 2, 16, device=DEV, generator=g) for _ in range(2))
+    v = torch.randn(1, 40, 2, 8, device=DEV, generator=g)
+    keys = torch.randn(1, 6, 2, 16, dtype=F64, device=DEV, generator=g)
+    phi = (kernels.rebased_feature_map if kind == "rebased" else kernels.based_feature_map)(keys)
+    big = 3e4 * torch.einsum("nshf,nshv->nhfv", phi, torch.rand(1, 6, 2, 8, dtype=F64, device=DEV, generator=g))
+    state = (big.float(), 3e4 * phi.sum(1).float())
+    assert state[0].abs().max() > 65504
+    attention = kernels.rebased_attention if kind == "rebased" else kernels.based_attention
+    x16 = [t.half().requires_grad_() for t in (q, k, v)]
+    o, _ = attention(*x16, initial_state=state, backend="triton")
+    x64 = [t.double().requires_grad_() for t in (q, k, v)]
+    ref, _ = attention(*x64, initial_state=tuple(s.double() for s in state), backend="torch")
+    assert o.dtype == torch.float16 and rel(o, ref) < 2e-3
+    do = torch.randn_like(ref)
+    grads = torch.autograd.grad(o, x16, do.half())
+    ref_grads = torch.autograd.grad(ref, x64, do)
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == torch.float16 and rel(got, want) < 2e-2

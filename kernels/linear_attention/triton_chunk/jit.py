@@ -14,19 +14,14 @@ INTERPRETED: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0")
 
 @triton.jit
 def _mm(a, b, acc, MM: tl.constexpr):
-    # acc + a @ b. MM: 0 -> fp32 operands (no tf32); 1 -> bf16 operands; 2 -> fp16 operands;
-    # 3 / 4 -> bf16 / fp16-rounded operands multiplied in fp32 (interpreter only); 5 -> fp32 operands, 3xTF32.
+    # acc + a @ b. MM: 0 -> fp32 operands (no tf32); 1 -> bf16 operands; 3 -> bf16-rounded operands multiplied in
+    # fp32 (interpreter only); 5 -> fp32 operands, 3xTF32. (fp16 inputs run as fp32: tables._mm_mode.)
     if MM == 0:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     elif MM == 1:
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
-    elif MM == 2:
-        return tl.dot(a.to(tl.float16), b.to(tl.float16), acc)
     elif MM == 3:
         return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32), acc,
-                      input_precision="ieee")
-    elif MM == 4:
-        return tl.dot(a.to(tl.float16).to(tl.float32), b.to(tl.float16).to(tl.float32), acc,
                       input_precision="ieee")
     else:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32x3")

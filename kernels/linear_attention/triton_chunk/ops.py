@@ -105,6 +105,13 @@ def chunk_linear_attention(kind: str, q, k, v, *, scale: float, eps: float = 1e-
                            chunk_size: int = 64, mode=None):
     """Triton (Re)Based attention with the public contract of ``kernels.rebased_attention``; the chunk, tile and
     segment length come from the launch configuration in force (:data:`.config.CHUNK_LAUNCH`)."""
+    if q.dtype == torch.float16:
+        # fp16's range (65504) is too small for the states a long context sums (phi(k) v over the whole prefix): a
+        # long document would overflow to inf and NaN. The kernels run in fp32; the output is cast back.
+        o, final = chunk_linear_attention(kind, q.float(), k.float(), v.float(), scale=scale, eps=eps,
+                                          normalize=normalize, cu_seqlens=cu_seqlens, initial_state=initial_state,
+                                          output_final_state=output_final_state, chunk_size=chunk_size)
+        return o.to(torch.float16), final
     config = CHUNK_LAUNCH.get()
     based = kind == "based"
     b, t, h, dk = q.shape

@@ -22,13 +22,14 @@ def supports(q: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 def _mm_mode(dtype: torch.dtype, config: ChunkLaunchConfig) -> int:
-    mode = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[dtype]
+    # fp16 inputs never get here: chunk_linear_attention runs them in fp32 (fp16's range is too small for states)
+    mode = {torch.float32: 0, torch.bfloat16: 1}[dtype]
     if mode == 0 and not INTERPRETED and config.fp32_dot == "tf32x3":
         return 5
     if mode and INTERPRETED:
-        # the interpreter's tl.dot on bf16/fp16 operands is wrong (triton 3.9): round the operands to the
-        # low precision, multiply in fp32 (same rounding as the tensor cores' products with fp32 accumulation)
-        mode += 2
+        # the interpreter's tl.dot on bf16 operands is wrong (triton 3.9): round the operands to bf16, multiply in
+        # fp32 (the same rounding as the tensor cores' products with fp32 accumulation)
+        return 3
     return mode
 
 
