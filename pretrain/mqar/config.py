@@ -37,6 +37,10 @@ class DataSection:
 
     def __post_init__(self):
         self.spec()  # the generator's own checks (pairs fit the sequence and the vocabulary), at load time
+        # a run needs examples to train on and to measure: an empty test split would report accuracy 0
+        for key in ("num_train", "num_test"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}={getattr(self, key)} must be >= 1")
 
     def spec(self) -> MQARSpec:
         n = self.num_kv_pairs if self.num_kv_pairs is not None else default_num_kv_pairs(self.seq_len)
@@ -72,7 +76,7 @@ class TrainSection:
     micro_batch_tokens: int = 524_288
     eval_batch_size: int | None = None  # None: the micro batch size
     max_epochs: int = 64
-    early_stop_accuracy: float | None = 0.99  # stop once validation accuracy reaches this; null: never
+    early_stop_accuracy: float | None = 0.99  # stop once validation accuracy exceeds this; null: never
     schedule: Literal["cosine_epoch", "constant"] = "cosine_epoch"  # cosine over max_epochs, stepped per epoch
     grad_clip: float | None = None  # the paper does not clip
     seed: int = 0  # model init and batch order
@@ -92,8 +96,14 @@ class TrainSection:
     checkpoint: bool = True
 
     def __post_init__(self):
-        if self.lr <= 0 or self.batch_size < 1 or self.max_epochs < 1:
-            raise ValueError("lr, batch_size and max_epochs must be positive")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr} must be > 0")
+        for key in ("batch_size", "max_epochs", "max_steps", "eval_every_steps"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"{key}={value} must be >= 1")
+        if self.early_stop_accuracy is not None and not 0 <= self.early_stop_accuracy <= 1:
+            raise ValueError(f"early_stop_accuracy={self.early_stop_accuracy} must be in [0, 1] (an accuracy) or null")
         if self.micro_batch_size is not None and (self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size):
             raise ValueError(f"micro_batch_size={self.micro_batch_size} must divide batch_size={self.batch_size}")
         if len(self.betas) != 2:

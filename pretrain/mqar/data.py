@@ -221,7 +221,10 @@ def load_mqar(spec: MQARSpec, cache_dir: str | os.PathLike | None = ".cache/mqar
     arrays, from_cache = None, False
     if path is not None and path.exists():
         try:
-            with np.load(path) as f:
+            loaded = np.load(path)
+            if not isinstance(loaded, np.lib.npyio.NpzFile):  # a bare .npy array is a foreign file too
+                raise ValueError(f"not an .npz archive but {type(loaded).__name__}")
+            with loaded as f:
                 arrays = {k: f[k] for k in f.files}
             check_cached_arrays(spec, arrays)
             from_cache = True

@@ -14,8 +14,8 @@ flags are the same.
 
 Each setting writes ``OUT/<name>.json`` (its result, written atomically when the run ends) and ``OUT/<name>.log``
 (the run's output, appended to on every attempt), ``<name>`` = ``rebased_d64_L256_lr0.001_s0``. A setting whose
-result exists and was made with the same config is skipped; a result made with another config (other overrides
-or base config) is *stale*: the sweep refuses to start until it is moved away or ``--rerun-stale`` is given.
+result exists and was made with the same config is skipped; a result made with another config (other overrides,
+base config or model YAML) is *stale*: the sweep refuses to start until it is moved away or ``--rerun-stale`` is given.
 
 Placement: one worker per local GPU (``--gpus`` to choose them, as CUDA_VISIBLE_DEVICES entries; ``--runs-per-gpu``
 to share one), each run pinned with ``CUDA_VISIBLE_DEVICES``; without a GPU (or ``--gpus none``), ``--workers N``
@@ -135,6 +135,13 @@ def config_differences(expected: dict, found: dict) -> list[str]:
             if a.get(k) != b.get(k)]
 
 
+def recorded_keys(expected: dict, found: dict) -> dict:
+    """``expected`` without the keys that ``found`` lacks: the model config is shared by the whole stack and grows,
+    and a field added after a result was made defaults to the behaviour the result was made with."""
+    return {k: recorded_keys(v, found[k]) if isinstance(v, dict) and isinstance(found[k], dict) else v
+            for k, v in expected.items() if k in found}
+
+
 @dataclass
 class SettingStatus:
     setting: Setting
@@ -156,18 +163,25 @@ class Sweep:
             if key in RESERVED_KEYS:
                 raise ConfigError(f"override '{text}': '{key}' is set by the sweep (use the grid flags "
                                   f"--mixers/--d-models/--seq-lens/--lrs/--seeds; results go to --out)")
-        self._expected: dict[int, dict] = {}
+        self._expected: dict[int, tuple[dict, dict]] = {}
 
     def run_overrides(self, setting: Setting) -> list[str]:
         return [*self.overrides, *setting.overrides()]
 
-    def expected_config(self, setting: Setting) -> dict:
-        """The run's resolved config (validated: a bad key or value fails here, naming the file and the key)."""
+    def _resolve(self, setting: Setting) -> tuple[dict, dict]:
+        """The run's config and its model config (validated: a bad key or value fails here, naming the file and
+        the key)."""
         if setting.index not in self._expected:
             cfg = load_mqar_config(self.config, self.run_overrides(setting))
-            cfg.model_config()  # the model YAML and its overrides must load too
-            self._expected[setting.index] = to_dict(cfg)
+            self._expected[setting.index] = (to_dict(cfg), to_dict(cfg.model_config()))
         return self._expected[setting.index]
+
+    def expected_config(self, setting: Setting) -> dict:
+        return self._resolve(setting)[0]
+
+    def expected_model_config(self, setting: Setting) -> dict:
+        """The resolved model: the run config names the model YAML, only this holds what the YAML said."""
+        return self._resolve(setting)[1]
 
     def validate(self) -> None:
         for setting in self.settings:
@@ -176,8 +190,11 @@ class Sweep:
     def status(self, setting: Setting) -> SettingStatus:
         result = read_result(result_path(self.out_dir, setting))
         if result is not None:
-            found = result.get("config")
+            found, found_model = result.get("config"), result.get("model_config")
             diffs = config_differences(self.expected_config(setting), found) if isinstance(found, dict) else []
+            if isinstance(found_model, dict):  # an edited model YAML changes the run as much as an override
+                expected_model = recorded_keys(self.expected_model_config(setting), found_model)
+                diffs += [f"model_config.{d}" for d in config_differences(expected_model, found_model)]
             if diffs:
                 return SettingStatus(setting, "stale", result, diffs)
             return SettingStatus(setting, "done", result)

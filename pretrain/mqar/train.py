@@ -2,7 +2,7 @@
 
 The protocol follows the ReBased paper's sweep: AdamW (weight decay 0.1 on every parameter), a cosine learning rate
 over ``max_epochs`` stepped once per epoch (no warm-up), no gradient clipping, a validation pass after every
-epoch, early stop once validation accuracy reaches ``early_stop_accuracy``. Accuracy is the fraction of query
+epoch, early stop once validation accuracy exceeds ``early_stop_accuracy``. Accuracy is the fraction of query
 positions (over the whole test split) whose argmax is the bound value; the reported metric is the best
 validation accuracy over epochs (what the paper's figure plots), the last one is recorded too.
 
@@ -336,7 +336,8 @@ class MQARRun:
             if wandb_run is not None:
                 wandb_run.log({"valid/loss": metrics["valid_loss"], "valid/accuracy": acc, "epoch": epoch + 1},
                               step=p.step)
-            if tc.early_stop_accuracy is not None and acc >= tc.early_stop_accuracy:
+            # strictly above, as the paper's trainer: an epoch exactly at the threshold trains on
+            if tc.early_stop_accuracy is not None and acc > tc.early_stop_accuracy:
                 stopped_by = "early_stop"
                 break
             if out_of_steps:
