@@ -70,7 +70,8 @@ case "$action" in
       for ckpt in "$out"/*.ckpt; do
         [[ -f "$ckpt" ]] || continue
         name="$(basename "$ckpt")"
-        cp "$ckpt" "$dest/.$name.tmp"
+        # a run that ends meanwhile removes its checkpoint: skip it, not the ones after it
+        cp "$ckpt" "$dest/.$name.tmp" 2>/dev/null || { echo "checkpoint $name gone (its run finished)"; continue; }
         size="$(stat -c %s "$dest/.$name.tmp")"
         if ((size <= part_bytes)); then
           mv "$dest/.$name.tmp" "$dest/$name"
