@@ -51,6 +51,7 @@ def evaluate(args) -> dict:
         raise EvaluationInputError(f"{args.data}: no documents to evaluate")
     model = load_model(args.checkpoint, device)
     seq_len = args.seq_len or model.config.max_seq_len
+    _check_inputs(model.config, seq_len, args.stride, docs)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
     def logits_fn(ids):
@@ -79,6 +80,21 @@ def evaluate(args) -> dict:
         if args.out:
             write_json_atomic(args.out, result, indent=2)
     return result
+
+
+def _check_inputs(cfg, seq_len: int, stride: int | None, docs) -> None:
+    """Refuse, naming the option, windows or tokens the model cannot score, before any forward runs."""
+    if seq_len < 1:
+        raise EvaluationInputError(f"--seq-len must be >= 1, got {seq_len}")
+    if stride is not None and not 1 <= stride <= seq_len:
+        raise EvaluationInputError(f"--stride must be in [1, --seq-len={seq_len}], got {stride}")
+    if cfg.learned_positions and seq_len > cfg.max_seq_len:  # rotary and linear attention have no such limit
+        raise EvaluationInputError(f"--seq-len {seq_len} exceeds the model's learned position table "
+                                   f"(max_seq_len={cfg.max_seq_len}); evaluate at --seq-len {cfg.max_seq_len} or less")
+    top = max((max(d.tokens) for d in docs if d.tokens), default=-1)
+    if top >= cfg.vocab_size:
+        raise EvaluationInputError(f"token id {top} is outside the model's vocabulary (vocab_size={cfg.vocab_size}):"
+                                   f" the data was tokenized with another tokenizer")
 
 
 def _default_eod(args):

@@ -69,7 +69,9 @@ def _raw_documents(data: str, tokenizer, text_key: str, max_documents: int | Non
         if not isinstance(text, str) or not text:
             continue
         meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
-        docs.append(Document(tokenizer.encode(text) + [tokenizer.eod_id], len(text.encode("utf-8")),
+        tokens = tokenizer.encode(text)
+        # the bytes of what the tokens spell, as for shards: a normalising tokenizer's differ from the text's
+        docs.append(Document(tokens + [tokenizer.eod_id], len(tokenizer.decode(tokens).encode("utf-8")),
                              meta.get("pile_set_name")))
     return docs
 

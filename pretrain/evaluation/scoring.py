@@ -168,13 +168,18 @@ def score_documents(logits_fn: LogitsFn, docs: list[Document], *, seq_len: int, 
     return per_doc
 
 
+NO_SET = "(no set)"  # the set of documents without a set name, when others have one
+
+
 def totals_by_set(docs: list[Document], per_doc_nll: dict[int, float]) -> tuple[Totals, dict[str, Totals]]:
-    """Reduce per-document NLL in document order (deterministic) into overall and per-set totals."""
+    """Reduce per-document NLL in document order (deterministic) into overall and per-set totals. When any document
+    names a set, every document is in one (``NO_SET`` for the unnamed), so the sets add up to the total."""
+    named = any(doc.set_name is not None for doc in docs)
     overall, by_set = Totals(), {}
     for i, doc in enumerate(docs):
         t = Totals(nll=per_doc_nll[i], tokens=len(doc.tokens), bytes=doc.num_bytes or 0, documents=1,
                    bytes_known=doc.num_bytes is not None)
         overall.add(t)
-        if doc.set_name is not None:
-            by_set.setdefault(doc.set_name, Totals()).add(t)
+        if named:
+            by_set.setdefault(NO_SET if doc.set_name is None else doc.set_name, Totals()).add(t)
     return overall, dict(sorted(by_set.items()))

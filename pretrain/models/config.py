@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Literal, get_args, get_origin, get_type_hints
 
 Mixer = Literal["rebased", "based", "short_conv", "sliding_window", "attention"]
 MIXERS: tuple[str, ...] = get_args(Mixer)
 
 
+def _check_choices(section: str, cfg) -> None:
+    """Every Literal field holds one of its choices. ``pretrain.config`` checks YAML; a config built in code would
+    otherwise build a fallback silently (an unknown ``mlp`` became GELU, an unknown ``norm`` LayerNorm)."""
+    for name, tp in get_type_hints(type(cfg)).items():
+        if get_origin(tp) is Literal and getattr(cfg, name) not in get_args(tp):
+            raise ValueError(f"{section}{name}={getattr(cfg, name)!r}: valid choices: "
+                             f"{', '.join(repr(c) for c in get_args(tp))}")
+
+
 def _check_linear_attention(name: str, sub) -> None:
+    _check_choices(f"{name}.", sub)
     if sub.num_heads < 1 or sub.feature_dim < 1:
         raise ValueError(f"{name}.num_heads and {name}.feature_dim must be positive")
     if sub.value_heads is not None and (sub.value_heads < 1 or sub.num_heads % sub.value_heads):
@@ -61,9 +71,17 @@ class ShortConvConfig:
             raise ValueError("short_conv.kernel_size must be >= 1")
 
 
+def _check_heads(name: str, num_heads: int) -> None:
+    if num_heads < 1:
+        raise ValueError(f"{name}.num_heads={num_heads} must be >= 1")
+
+
 @dataclass
 class AttentionConfig:
     num_heads: int = 16
+
+    def __post_init__(self):
+        _check_heads("attention", self.num_heads)
 
 
 @dataclass
@@ -72,6 +90,7 @@ class SlidingWindowConfig:
     window: int = 256  # each token attends to itself and the previous window-1 tokens
 
     def __post_init__(self):
+        _check_heads("sliding_window", self.num_heads)
         if self.window < 1:
             raise ValueError("sliding_window.window must be >= 1")
 
@@ -125,19 +144,33 @@ class ModelConfig:
             self.layer_unit, self.n_layers = None, None
         if not self.layers:
             raise ValueError("'layers' must not be empty")
+        _check_choices("", self)
+        unknown = [kind for kind in self.layers if kind not in MIXERS]
+        if unknown:
+            raise ValueError(f"layers: unknown mixer {unknown[0]!r}; valid choices: {', '.join(map(repr, MIXERS))}")
         if self.vocab_size < 1 or self.d_model < 1:
             raise ValueError("vocab_size and d_model must be positive")
         if self.embed_init == "readout" and not self.tie_embeddings:
             raise ValueError("embed_init 'readout' sizes the embedding as the tied LM head; with "
                              "tie_embeddings: false use embed_init 'normal'")
         for name in ("attention", "sliding_window"):
-            if name in self.layers and self.d_model % getattr(self, name).num_heads:
-                raise ValueError(f"d_model={self.d_model} is not divisible by the "
-                                 f"{getattr(self, name).num_heads} heads of {name}")
+            heads = getattr(self, name).num_heads
+            if name in self.layers and self.d_model % heads:
+                raise ValueError(f"d_model={self.d_model} is not divisible by the {heads} heads of {name}")
+            if name in self.layers and (self.d_model // heads) % 2:  # rotary turns pairs of features
+                raise ValueError(f"{name}.num_heads={heads} gives heads of odd width {self.d_model // heads} "
+                                 f"(d_model={self.d_model}); rotary positions need an even head width")
         for name in ("rebased", "based"):
             if name in self.layers and self.value_head_dim(name) < 1:
                 raise ValueError(f"d_model={self.d_model} is smaller than the "
                                  f"{getattr(self, name).value_heads or getattr(self, name).num_heads} value heads of {name}")
+        for name in ("norm_eps", "init_std", "rope_theta"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        if self.max_seq_len < 1:
+            raise ValueError(f"max_seq_len={self.max_seq_len} must be >= 1")
+        if self.mlp_hidden is not None and self.mlp_hidden < 1:
+            raise ValueError(f"mlp_hidden={self.mlp_hidden} must be >= 1")
         if not 0.0 <= self.embed_dropout < 1.0:
             raise ValueError(f"embed_dropout={self.embed_dropout} must be in [0, 1)")
         if self.mlp_hidden is None and self.mlp in ("swiglu", "gelu"):

@@ -15,7 +15,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from pretrain.atomic import publish_dir
-from pretrain.config import from_dict, to_dict
+from pretrain.config import ConfigError, from_dict, to_dict
 from pretrain.models.config import ModelConfig
 from pretrain.models.model import CausalLM
 
@@ -52,14 +52,29 @@ def load_exported(path: str | os.PathLike, device="cpu", dtype: torch.dtype | No
     cfg = from_dict(ModelConfig, yaml.safe_load(cfg_path.read_text()), source=str(cfg_path))
     with torch.device("meta"):
         model = CausalLM(cfg)
+    state = load_file(str(path / WEIGHTS), device=str(device))
+    _check_weights_match_config(model, state, path)
     model = model.to_empty(device=device)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
-    state = load_file(str(path / WEIGHTS), device=str(device))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise ValueError(f"{path / WEIGHTS}: missing {missing}, unexpected {unexpected}")
+    model.load_state_dict(state, strict=False)  # checked above; only the tied head is absent
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()
+
+
+def _check_weights_match_config(model: CausalLM, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Raise ``ConfigError`` when the weights do not have the names and shapes the config's model has. A tied
+    head is stored once, as ``embed.weight``: a separate ``lm_head.weight`` means the weights were not tied."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        del expected["lm_head.weight"]
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)} (config: {tuple(shape)})" for k, shape in expected.items()
+              if k in state and state[k].shape != shape]
+    problems = [f"{what}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+                for what, names in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)) if names]
+    if problems:
+        hint = " (an untied LM head, but the config has tie_embeddings: true)" if "lm_head.weight" in unexpected else ""
+        raise ConfigError(f"{path / WEIGHTS} does not match its config {path / CONFIG}{hint}: {'; '.join(problems)}")
