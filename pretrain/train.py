@@ -71,6 +71,26 @@ def collate(samples: list[dict], document_masking: bool) -> dict:
     return out
 
 
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}: the dotted keys of a config, to name what differs."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_differences(saved: dict, now: dict, sections: tuple[str, ...] | None = None) -> list[str]:
+    """'key: saved -> now' for every dotted key of ``saved`` whose value differs (only under ``sections`` when
+    given). Keys the saved config lacks are left out: a field added to the stack since then has the default that
+    keeps the behaviour the checkpoint was made with."""
+    saved, now = _flatten(saved), _flatten(now)
+    return [f"{k}: {saved[k]!r} -> {now.get(k)!r}" for k in sorted(saved)
+            if saved[k] != now.get(k) and (sections is None or k.split(".")[0] in sections)]
+
+
 def batch_fingerprint(input_ids: torch.Tensor) -> int:
     """An order-insensitive sum identifying the sequences of a batch (to check that no sample is repeated or
     skipped after a resume, at any world size): Σ over sequences of Σ_t token_t·(t+1)."""
@@ -92,6 +112,9 @@ class Trainer:
                 f"size = {t.micro_batch_size} × {self.world}; change training.micro_batch_size (the global batch "
                 f"stays fixed so that a resume at another world size continues the same sample order)")
         self.accum = t.global_batch_size // per_step
+        if cfg.data.valid and t.eval_samples < self.world:  # each rank evaluates eval_samples // world sequences
+            raise ConfigError(f"training.eval_samples={t.eval_samples} is fewer than the {self.world} processes; "
+                              f"give at least one validation sequence per process")
         self.stop_signal = None
 
         self.model_cfg = load_model_config(cfg.model, cfg.model_overrides)
@@ -115,6 +138,13 @@ class Trainer:
         self.resume_path = find_resume(cfg.checkpoint.resume, self.ckpt_root, self.rank, self.world)
         self.resume_meta = ckpt.read_meta(self.resume_path) if self.resume_path else None
 
+        self.train_ds = PackedSequenceDataset(
+            [(s.path, s.weight) for s in cfg.data.train], cfg.data.seq_len, seed=t.seed, rank=self.rank,
+            world_size=self.world, return_cu_seqlens=cfg.data.document_masking, mix_block=cfg.data.mix_block,
+            micro_batch_size=t.micro_batch_size)
+        if self.resume_path:  # before any model state is loaded: a checkpoint of another run is refused cleanly
+            self._check_resumable(self.resume_path, self.resume_meta)
+
         self.strategy = build_strategy(module, cfg, self.device, self.dtype, self.accum, self.rank, self.world,
                                        self.resume_path, self.resume_meta)
 
@@ -122,15 +152,9 @@ class Trainer:
         self.skipped_steps = 0
         self.nonfinite_in_a_row = 0
         self.tokens_seen = 0
+        self.last_saved_path = None
         if self.resume_path:
             self._load(self.resume_path, self.resume_meta)
-
-        self.train_ds = PackedSequenceDataset(
-            [(s.path, s.weight) for s in cfg.data.train], cfg.data.seq_len, seed=t.seed, rank=self.rank,
-            world_size=self.world, return_cu_seqlens=cfg.data.document_masking, mix_block=cfg.data.mix_block,
-            micro_batch_size=t.micro_batch_size)
-        if self.resume_meta is not None:
-            self.train_ds.load_state_dict(self.resume_meta["data"])
         self.train_iter = iter(self._loader(self.train_ds))
 
     # -- setup helpers ------------------------------------------------------------------------------------------
@@ -139,14 +163,45 @@ class Trainer:
         return torch.utils.data.DataLoader(
             ds, batch_size=self.cfg.training.micro_batch_size, num_workers=self.cfg.data.num_workers,
             collate_fn=lambda s: collate(s, dm), pin_memory=self.device.type == "cuda",
-            persistent_workers=self.cfg.data.num_workers > 0)
+            persistent_workers=self.cfg.data.num_workers > 0,
+            # its own generator: starting an iterator would otherwise draw from the global torch RNG, which a
+            # resume restores before the iterator starts (dropout would then differ from the uninterrupted run)
+            generator=torch.Generator().manual_seed(self.cfg.training.seed))
 
-    def _load(self, path: str, meta: dict):
+    def _check_resumable(self, path: str, meta: dict):
+        """Refuse a checkpoint saved with another model, global batch or data order; name the other settings
+        that changed since it was saved (lr, schedule, max_steps, ...)."""
+        changed = config_differences(meta["model_config"], to_dict(self.model_cfg))
+        if changed:
+            raise ConfigError(
+                f"checkpoint.resume: {path} holds another model than {self.cfg.model} (with model_overrides) builds "
+                f"({'; '.join(changed)}); resume with the model it was trained with, or start over with "
+                f"checkpoint.resume=none")
+        saved_by = meta.get("strategy")
+        if (saved_by == "deepspeed") != (self.cfg.parallel.strategy == "deepspeed"):
+            # DCP (single, ddp, fsdp) and DeepSpeed's own files: each loads only its own
+            raise ConfigError(
+                f"checkpoint.resume: {path} was saved by parallel.strategy={saved_by}, which "
+                f"parallel.strategy={self.cfg.parallel.strategy} cannot load; resume it with "
+                f"{'deepspeed' if saved_by == 'deepspeed' else 'single, ddp or fsdp'}, or export its model "
+                f"(python -m pretrain.training.export)")
         if meta["global_batch_size"] != self.cfg.training.global_batch_size:
             raise ConfigError(
                 f"{path} was trained with global_batch_size={meta['global_batch_size']}, the config says "
                 f"{self.cfg.training.global_batch_size}: keep it (change micro_batch_size for another world size)")
+        try:
+            self.train_ds.load_state_dict(meta["data"])
+        except ValueError as e:
+            raise ConfigError(
+                f"checkpoint.resume: {path} was trained on another data order ({e}); keep training.seed, "
+                f"data.seq_len, data.mix_block and the train datasets and weights as they were") from None
+        changed = config_differences(meta["run_config"], to_dict(self.cfg), ("training", "optim", "data"))
+        if changed and self.rank == 0:
+            log.warning("resume: the config differs from the one %s was saved with: %s", path, "; ".join(changed))
+
+    def _load(self, path: str, meta: dict):
         self.strategy.load(path, meta)
+        self.last_saved_path = path
         self.step = meta["step"]
         self.skipped_steps = meta.get("skipped_steps", 0)
         self.nonfinite_in_a_row = meta.get("nonfinite_in_a_row", 0)
@@ -193,6 +248,7 @@ class Trainer:
             log.info("saved checkpoint %s (%s)", final, reason)
         barrier()
         self.last_saved_step = self.step
+        self.last_saved_path = os.path.join(root, ckpt.step_dir_name(self.step))
 
     # -- evaluation ---------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -326,6 +382,10 @@ class Trainer:
             f"MFLOPs/token (train); strategy={self.strategy.name} world={self.world} precision="
             f"{str(self.dtype).replace('torch.', '')} micro_batch={t.micro_batch_size} accum={self.accum} "
             f"global_batch={t.global_batch_size} seq_len={cfg.data.seq_len} start_step={self.step}")
+        if 0 < t.max_steps <= cfg.optim.warmup_steps:
+            log.warning("optim.warmup_steps=%d >= training.max_steps=%d: the whole run is warmup, the lr only "
+                        "rises (to at most optim.lr=%g) and never decays", cfg.optim.warmup_steps, t.max_steps,
+                        cfg.optim.lr)
         self._install_signal_handlers()
         self.window = ThroughputWindow()
         if self.device.type == "cuda":
@@ -385,9 +445,9 @@ class Trainer:
         if cfg.data.valid and (not t.eval_every or self.step % t.eval_every != 0):
             metrics.log({"step": self.step, **self.evaluate()})
         if cfg.checkpoint.export_final and self.rank == 0:
-            latest = ckpt.find_latest(self.ckpt_root)
-            if latest:
-                metrics.info(f"exported {export_checkpoint(latest, os.path.join(cfg.out_dir, 'export'))}")
+            # the checkpoint of this step: saved above, or the one this run resumed from (at max_steps already)
+            exported = export_checkpoint(self.last_saved_path, os.path.join(cfg.out_dir, "export"))
+            metrics.info(f"exported {exported} (step {self.step})")
         barrier()
 
 

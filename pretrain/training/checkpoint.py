@@ -9,6 +9,7 @@ Layout under the checkpoint root::
         COMPLETE            written last: JSON listing every other file with its size and xxh3-64 hash
     step_00000200.tmp-4242/ a save in progress (or one killed mid-save): never picked, removed on the next start
     step_00000300.corrupt/  a checkpoint that failed verification, moved aside by ``resume: auto`` (kept for a look)
+    step_00000400.superseded/  newer than a step saved by a run that resumed from an older checkpoint (kept aside)
     latest                  name of the newest complete checkpoint (replaced atomically)
 
 Save protocol: every rank writes into the temp dir, barrier; rank 0 writes meta.json and lists the files; each rank
@@ -25,6 +26,7 @@ checkpointing).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -43,6 +45,8 @@ COMPLETE = "COMPLETE"
 LATEST = "latest"
 CHECKSUM = "xxh3_64"
 _READ = 8 << 20
+
+log = logging.getLogger("pretrain")
 
 
 class CheckpointError(ConfigError):
@@ -185,13 +189,13 @@ def verify(path: str, rank: int = 0, world: int = 1, required: tuple[str, ...] =
     return problems
 
 
-def move_aside(path: str) -> str:
-    """Rename a checkpoint that failed verification out of the way (``step_N.corrupt``): it is never picked,
+def move_aside(path: str, why: str = "corrupt") -> str:
+    """Rename a checkpoint out of the way (``step_N.corrupt`` when it failed verification): it is never picked,
     counted or deleted again, and stays for inspection."""
-    dest, n = f"{path}.corrupt", 1
+    dest, n = f"{path}.{why}", 1
     while os.path.exists(dest):
         n += 1
-        dest = f"{path}.corrupt{n}"
+        dest = f"{path}.{why}{n}"
     os.rename(path, dest)
     fsync_dir(os.path.dirname(path) or ".")
     return dest
@@ -219,6 +223,13 @@ def commit(root: str, tmp: str, step: int, files: dict[str, list], keep_last: in
     if os.environ.get("REBASED_TEST_CRASH_BEFORE_COMPLETE") == str(step):  # fault injection for tests
         os._exit(17)
     write_marker(tmp, step, files)
+    # Newer checkpoints belong to the run this one went back on (it resumed from an older checkpoint): set them
+    # aside, else the rotation would count them as the newest and delete this one, and `resume: auto` would pick
+    # them up after a crash.
+    for newer_step, path in list_complete(root):
+        if newer_step > step:
+            log.warning("checkpoint %s is newer than step %d, which a run resumed from an older checkpoint just "
+                        "saved: moved aside as %s", path, step, move_aside(path, "superseded"))
     final = os.path.join(root, step_dir_name(step))
     if os.path.exists(final):  # re-saving a step (e.g. a signal right after a periodic save): replace it
         old = f"{final}.old-{os.getpid()}"

@@ -6,9 +6,19 @@ fail with a message naming the file and the dotted key; ``key.sub=value`` overri
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Literal
+
+
+def _require_at_least(obj, **minimums) -> None:
+    """Each named field of ``obj`` is a finite number >= its minimum; the message names the field and its value
+    (the config loader adds the file and the section)."""
+    for name, minimum in minimums.items():
+        value = getattr(obj, name)
+        if not (math.isfinite(value) and value >= minimum):
+            raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
 @dataclass
@@ -17,8 +27,8 @@ class DataSource:
     weight: float = 1.0
 
     def __post_init__(self):
-        if self.weight <= 0:
-            raise ValueError(f"weight of {self.path!r} must be positive")
+        if not (self.weight > 0 and math.isfinite(self.weight)):  # also refuses nan / inf
+            raise ValueError(f"weight of {self.path!r} must be a positive number, got {self.weight}")
 
 
 @dataclass
@@ -33,8 +43,7 @@ class DataConfig:
     mix_block: int = 1000
 
     def __post_init__(self):
-        if self.seq_len < 1:
-            raise ValueError("seq_len must be >= 1")
+        _require_at_least(self, seq_len=1, num_workers=0, mix_block=1)
 
 
 @dataclass
@@ -62,12 +71,9 @@ class TrainingConfig:
     inject_nan_at_steps: list[int] = field(default_factory=list)
 
     def __post_init__(self):
-        if self.max_steps < 0 or self.global_batch_size < 1 or self.micro_batch_size < 1:
-            raise ValueError("max_steps >= 0, global_batch_size >= 1 and micro_batch_size >= 1 are required")
-        if self.activation_checkpointing_every < 1:
-            raise ValueError("activation_checkpointing_every must be >= 1")
-        if self.loss_chunk_tokens < 0:
-            raise ValueError("loss_chunk_tokens must be >= 0 (0: full logits)")
+        _require_at_least(self, max_steps=0, global_batch_size=1, micro_batch_size=1, max_nonfinite_in_a_row=1,
+                          activation_checkpointing_every=1, loss_chunk_tokens=0, eval_every=0, eval_samples=1,
+                          grad_clip=0)
 
 
 @dataclass
@@ -87,6 +93,7 @@ class OptimConfig:
             raise ValueError("betas must be a list of two numbers")
         if not 0 <= self.decay_fraction <= 1 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("decay_fraction and min_lr_ratio must lie in [0, 1]")
+        _require_at_least(self, lr=0, eps=0, weight_decay=0, warmup_steps=0)
 
 
 @dataclass
@@ -108,6 +115,13 @@ class CheckpointConfig:
     dir: str | None = None  # default: <out_dir>/checkpoints
     export_final: bool = False  # also write <out_dir>/export/{model.safetensors,config.yaml} at the end
 
+    def __post_init__(self):
+        _require_at_least(self, every=0, keep_last=0)
+        if self.export_final and not self.save_final:
+            # the export is made from the final checkpoint; without one it would be an older model
+            raise ValueError("export_final=true needs save_final=true (the export is written from the final "
+                             "checkpoint)")
+
 
 @dataclass
 class WandbConfig:
@@ -122,6 +136,9 @@ class LoggingConfig:
     every: int = 10  # steps between console/JSONL/wandb records
     progress_bar: bool = True
     wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def __post_init__(self):
+        _require_at_least(self, every=1)
 
 
 @dataclass

@@ -54,7 +54,8 @@ def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
     if cfg.schedule == "constant":
         return peak
     if cfg.schedule == "cosine":
-        span = max(max_steps - warmup, 1)
+        # from the peak at the first step after the warmup to the floor at the last step (max_steps - 1)
+        span = max(max_steps - warmup - 1, 1)
         t = min(max(step - warmup, 0) / span, 1.0)
         return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * t))
     # wsd: stable at peak, then linear decay over the last decay_fraction of the run

@@ -1,0 +1,171 @@
+"""Trainer edge cases (CPU, one process unless said; the tiny runs of conftest: 20 steps, checkpoints every 5,
+keep_last 2).
+
+* Bad values in a run config fail at load time naming the file, the section and the key with its value.
+* Resume is exact with dropout on (the data loader does not draw from the global RNG a resume restores).
+* Resume refuses a checkpoint of another model or data order (exit 2, the keys named) and warns about other
+  changed settings.
+* A run that resumed from an older checkpoint keeps what it saves: the newer checkpoints of the run it went back
+  on are set aside, never counted by the rotation nor picked by ``resume: auto``.
+* The cosine schedule starts at the peak and ends at the floor on the last step.
+* ``checkpoint.export_final`` exports the final model, also of a run resumed at its end (a config that saves no
+  final checkpoint is refused).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+
+from conftest import STEPS, losses, records, run, write_config
+from pretrain.config import ConfigError, load_config
+from pretrain.training import checkpoint as ckpt
+from pretrain.training.config import OptimConfig, RunConfig
+from pretrain.training.optim import lr_at
+
+NO_NAN = "training.inject_nan_at_steps=[]"
+
+
+# --- config validation --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("override,section,message", [
+    ("logging.every=0", "logging", "every must be >= 1, got 0"),  # was a ZeroDivisionError after step 1
+    ("training.micro_batch_size=0", "training", "micro_batch_size must be >= 1, got 0"),
+    ("training.global_batch_size=-8", "training", "global_batch_size must be >= 1, got -8"),
+    ("training.eval_samples=0", "training", "eval_samples must be >= 1, got 0"),
+    ("training.max_nonfinite_in_a_row=0", "training", "max_nonfinite_in_a_row must be >= 1, got 0"),
+    ("training.grad_clip=-1", "training", "grad_clip must be >= 0, got -1.0"),
+    ("optim.lr=-0.001", "optim", "lr must be >= 0, got -0.001"),
+    ("optim.lr=.nan", "optim", "lr must be >= 0, got nan"),
+    ("optim.warmup_steps=-5", "optim", "warmup_steps must be >= 0, got -5"),
+    ("checkpoint.every=-1", "checkpoint", "every must be >= 0, got -1"),
+    ("checkpoint.keep_last=-2", "checkpoint", "keep_last must be >= 0, got -2"),
+    ("data.num_workers=-1", "data", "num_workers must be >= 0, got -1"),
+    ("data.mix_block=0", "data", "mix_block must be >= 1, got 0"),
+    ("checkpoint.export_final=true", "checkpoint", "export_final=true needs save_final=true"),
+])
+def test_bad_values_are_refused_naming_file_and_key(shards, tmp_path, override, section, message):
+    path = write_config(shards, tmp_path / "run")
+    overrides = [override, "checkpoint.save_final=false"] if "export_final" in override else [override]
+    with pytest.raises(ConfigError) as e:
+        load_config(RunConfig, path, overrides)
+    assert str(e.value).startswith(f"{path}: {section}: {message}"), str(e.value)
+
+
+def test_logging_interval_zero_stops_before_training(shards, tmp_path):
+    p = run(shards, tmp_path / "run", 1, "single", ["logging.every=0"], check=False)
+    assert p.returncode == 2 and "logging: every must be >= 1, got 0" in p.stderr, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and losses(tmp_path / "run") == {}
+
+
+# --- learning-rate schedule ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("warmup", [0, 5])
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_schedule_starts_at_the_peak_and_ends_at_the_floor(warmup, schedule):
+    cfg = OptimConfig(lr=1e-3, min_lr_ratio=0.1, warmup_steps=warmup, schedule=schedule, decay_fraction=0.5)
+    lrs = [lr_at(step, cfg, STEPS) for step in range(STEPS)]
+    assert all(math.isfinite(x) and 1e-4 - 1e-12 <= x <= 1e-3 for x in lrs[warmup:]), lrs
+    assert lrs[warmup] == 1e-3, "the first step after the warmup runs at the peak"
+    assert lrs[0] == (1e-3 / warmup if warmup else 1e-3)
+    assert math.isclose(lrs[-1], 1e-4, rel_tol=1e-12), f"the last step must run at the floor lr, not {lrs[-1]}"
+
+
+def test_warmup_longer_than_the_run_is_named(shards, tmp_path):
+    p = run(shards, tmp_path / "run", 1, "single", ["training.max_steps=3", "checkpoint.save_final=false"])
+    assert "optim.warmup_steps=5 >= training.max_steps=3" in p.stderr, p.stderr[-2000:]
+    lrs = [r["lr"] for r in records(tmp_path / "run") if "lr" in r]
+    assert lrs == pytest.approx([3e-3 / 5, 2 * 3e-3 / 5, 3 * 3e-3 / 5]), lrs
+
+
+# --- resume -------------------------------------------------------------------------------------------------------
+DROPOUT = [NO_NAN, "model_overrides=[embed_dropout=0.1]"]
+
+
+@pytest.fixture(scope="module")
+def dropout_run(shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dropout") / "ref"
+    run(shards, out, 1, "single", DROPOUT)
+    return out
+
+
+def test_resume_is_exact_with_dropout(shards, tmp_path, dropout_run):
+    """Dropout draws from the global torch RNG, which a resume restores from the checkpoint; starting the data
+    loader's iterator after that must not draw from it."""
+    out = tmp_path / "resumed"
+    run(shards, out, 1, "single", [*DROPOUT, f"checkpoint.resume={dropout_run / 'checkpoints' / 'step_00000015'}"])
+    ref, got = losses(dropout_run), losses(out)
+    assert sorted(got) == list(range(16, STEPS + 1))
+    assert [got[s]["loss"] for s in got] == [ref[s]["loss"] for s in got]
+
+
+@pytest.mark.parametrize("override,named", [
+    ("training.seed=8", "loader state mismatch for 'seed': checkpoint 7, now 8"),
+    ("data.seq_len=16", "loader state mismatch for 'seq_len': checkpoint 32, now 16"),
+    ("model_overrides=[embed_dropout=0.1,d_model=32]", "d_model: 64 -> 32"),
+    ("parallel.strategy=deepspeed", "was saved by parallel.strategy=single, which parallel.strategy=deepspeed "
+                                    "cannot load"),
+])
+def test_resume_with_another_model_or_data_order_is_refused(shards, tmp_path, dropout_run, override, named):
+    checkpoint = dropout_run / "checkpoints" / "step_00000015"
+    p = run(shards, tmp_path / "run", 1, "single", [*DROPOUT, override, f"checkpoint.resume={checkpoint}"],
+            check=False)
+    assert p.returncode == 2, p.stderr[-3000:]
+    lines = [line for line in p.stderr.splitlines() if line.startswith("config error: checkpoint.resume: ")]
+    assert len(lines) == 1 and str(checkpoint) in lines[0] and named in lines[0], p.stderr[-3000:]
+    assert "Traceback" not in p.stderr
+
+
+def test_resume_with_changed_optimisation_names_the_changes(shards, tmp_path, dropout_run):
+    checkpoint = dropout_run / "checkpoints" / "step_00000015"
+    p = run(shards, tmp_path / "run", 1, "single", [*DROPOUT, "optim.lr=0.001", "training.max_steps=22",
+                                                    f"checkpoint.resume={checkpoint}"])
+    warning = [line for line in p.stderr.splitlines() if "resume: the config differs" in line]
+    assert len(warning) == 1, p.stderr[-3000:]
+    assert "optim.lr: 0.003 -> 0.001" in warning[0] and "training.max_steps: 20 -> 22" in warning[0], warning
+    assert "out_dir" not in warning[0] and "checkpoint.resume" not in warning[0], "only what changes the training"
+
+
+def _save(root, step: int, keep_last: int, timeline: str) -> str:
+    """A complete checkpoint through the real commit protocol (the payload does not matter here)."""
+    tmp = root / ckpt.temp_dir_name(step)
+    tmp.mkdir(parents=True)
+    ckpt.write_meta(str(tmp), {"step": step, "timeline": timeline})
+    return ckpt.commit(str(root), str(tmp), step, ckpt.checksum_share(str(tmp), ckpt.list_files(str(tmp))), keep_last)
+
+
+def test_saving_after_resuming_from_an_older_checkpoint_keeps_the_new_one(tmp_path):
+    """A run that went back to step 5 (e.g. after a divergence) saves step 10 while step 15 and 20 of the run it
+    abandoned still exist: the rotation (keep_last 1) must keep the new step 10, `latest` and a later
+    `resume: auto` must name it, and the abandoned checkpoints are kept aside, not deleted."""
+    root = tmp_path / "checkpoints"
+    for step in (5, 10, 15, 20):
+        _save(root, step, 0, "old")
+    new = _save(root, 10, 1, "new")
+    assert os.path.isdir(new) and ckpt.verify(new) == [], "the checkpoint just saved was deleted"
+    assert ckpt.find_latest(str(root)) == new and ckpt.read_meta(new)["timeline"] == "new"
+    assert [s for s, _ in ckpt.list_complete(str(root))] == [10]
+    assert (root / "step_00000015.superseded").is_dir() and (root / "step_00000020.superseded").is_dir()
+
+
+# --- export -------------------------------------------------------------------------------------------------------
+def test_export_final_of_a_run_resumed_at_its_end(shards, tmp_path, dropout_run):
+    """Nothing left to train (resumed from another run's final checkpoint): the export is that checkpoint's model,
+    not skipped because this run's checkpoint directory is empty."""
+    out = tmp_path / "run"
+    final = dropout_run / "checkpoints" / "step_00000020"
+    p = run(shards, out, 1, "single", [*DROPOUT, "checkpoint.export_final=true", f"checkpoint.resume={final}"])
+    assert (out / "export" / "model.safetensors").is_file(), p.stderr[-2000:]
+    assert "(step 20)" in p.stdout + p.stderr
+
+
+def test_config_differences_ignore_fields_added_since_the_checkpoint():
+    """A checkpoint made before a model field existed (here embed_init) resumes: the new field's default keeps the
+    old behaviour, so only the keys the checkpoint recorded are compared."""
+    from pretrain.train import config_differences
+
+    saved = {"d_model": 64, "rebased": {"num_heads": 2}}
+    now = {"d_model": 64, "rebased": {"num_heads": 2, "eps": 1e-6}, "embed_init": "normal"}
+    assert config_differences(saved, now) == []
+    assert config_differences(saved, {**now, "d_model": 32}) == ["d_model: 64 -> 32"]
+    assert config_differences({"rebased": {"num_heads": 2}}, {"rebased": {}}) == ["rebased.num_heads: 2 -> None"]
