@@ -5,10 +5,11 @@
 #   strategy single     python -m pretrain.train (one process)
 #   strategy ddp|fsdp   torchrun (python -m pretrain.torchrun: c10d rendezvous, several nodes with NNODES/NODE_RANK/
 #                       MASTER_ADDR; exits with the trainer's code, forwards SIGUSR1/SIGTERM to the workers)
-#   strategy deepspeed  the `deepspeed` launcher (respects HOSTFILE for several nodes); torchrun on CPU
+#   strategy deepspeed  torchrun as above; the `deepspeed` launcher when HOSTFILE names the hosts
+# CONFIG may be relative to the current directory; the run itself starts in the repository root.
 #
 # Environment (all optional):
-#   NPROC_PER_NODE  processes per node (default: GPUs found, else 1; on CPU set it, e.g. 2)
+#   NPROC_PER_NODE  processes per node (default: GPUs visible (CUDA_VISIBLE_DEVICES), else 1; on CPU set it, e.g. 2)
 #   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   multi-node rendezvous for torchrun (default 1 node, 29500)
 #   HOSTFILE        DeepSpeed hostfile ("host slots=N" lines); runs on all hosts in it
 #   LAUNCHER        force one: python | torchrun | deepspeed
@@ -16,11 +17,15 @@
 #   PEAK_TFLOPS     peak device TFLOP/s for MFU when the GPU is not in the built-in table
 set -euo pipefail
 if [ $# -lt 1 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
-  sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0
+  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0
 fi
 CONFIG="$1"; shift
+caller="$PWD"
 # shellcheck disable=SC1091
 . "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+# env.sh moved to the repository root (where the configs' own relative paths start): a config named relative to
+# the caller's directory would be looked for there
+if [ "$PWD" != "$caller" ] && [[ "$CONFIG" != /* ]] && [ -e "$caller/$CONFIG" ]; then CONFIG="$caller/$CONFIG"; fi
 
 strategy=$(python - "$CONFIG" "$@" <<'PY'
 import sys
@@ -33,6 +38,10 @@ except Exception as e:
 PY
 )
 if command -v nvidia-smi >/dev/null 2>&1; then gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true); else gpus=0; fi
+# nvidia-smi lists every GPU of the machine; the processes see only CUDA_VISIBLE_DEVICES' (one process per GPU)
+if [ "$gpus" -gt 0 ] && [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
+  gpus=$(tr ',' '\n' <<< "$CUDA_VISIBLE_DEVICES" | grep -c . || true)
+fi
 nproc="${NPROC_PER_NODE:-$(( gpus > 0 ? gpus : 1 ))}"
 nnodes="${NNODES:-1}"
 port="${MASTER_PORT:-29500}"
@@ -42,7 +51,9 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / nproc > 0 ? $(nproc) /
 launcher="${LAUNCHER:-}"
 if [ -z "$launcher" ]; then
   if [ "$strategy" = single ]; then launcher=python
-  elif [ "$strategy" = deepspeed ] && { [ "$gpus" -gt 0 ] || [ -n "${HOSTFILE:-}" ]; }; then launcher=deepspeed
+  # torchrun for DeepSpeed too on one node: the deepspeed launcher prints every rank's error message and does not
+  # forward SIGUSR1 (the workers would not save)
+  elif [ "$strategy" = deepspeed ] && [ -n "${HOSTFILE:-}" ]; then launcher=deepspeed
   else launcher=torchrun; fi
 fi
 if [ "$strategy" = single ] && { [ "$nproc" -gt 1 ] || [ "$nnodes" -gt 1 ]; }; then
@@ -58,6 +69,9 @@ case "$launcher" in
     if [ "$nnodes" -eq 1 ] && [ -z "${MASTER_ADDR:-}" ]; then
       exec python -m pretrain.torchrun --standalone --nproc_per_node "$nproc" -m pretrain.train --config "$CONFIG" "$@"
     fi
+    if [ -z "${MASTER_ADDR:-}" ]; then
+      echo "NNODES=$nnodes: set MASTER_ADDR to the address of the node with NODE_RANK=0 (the rendezvous)" >&2; exit 2
+    fi
     exec python -m pretrain.torchrun --nnodes "$nnodes" --nproc_per_node "$nproc" \
       --rdzv_backend c10d --rdzv_endpoint "${MASTER_ADDR}:$port" --rdzv_id "${RDZV_ID:-pretrain}" \
       -m pretrain.train --config "$CONFIG" "$@" ;;
@@ -65,6 +79,10 @@ case "$launcher" in
     if [ -n "${HOSTFILE:-}" ]; then
       exec deepspeed --hostfile "$HOSTFILE" --master_port "$port" ${MASTER_ADDR:+--master_addr "$MASTER_ADDR"} \
         --module pretrain.train --config "$CONFIG" "$@"
+    elif [ "$gpus" -gt 0 ] && [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
+      # --num_gpus would make DeepSpeed ignore CUDA_VISIBLE_DEVICES and take GPUs 0..N-1; without it, it starts
+      # one process per visible GPU
+      exec deepspeed --master_port "$port" --module pretrain.train --config "$CONFIG" "$@"
     else
       exec deepspeed --num_gpus "$nproc" --master_port "$port" --module pretrain.train --config "$CONFIG" "$@"
     fi ;;

@@ -9,7 +9,9 @@
 5. evaluates both exports on the held-out test split (python -m pretrain.evaluate) and prints a comparison,
 6. writes a loss-curve plot (OUT/loss_curves.png) from the runs' metrics.jsonl.
 
-Each step is the real command, printed before it runs; finished steps are skipped when the command is rerun.
+Each step is the real command, printed before it runs; finished steps are skipped when the command is rerun with
+the same --steps and --vocab-size (OUT/settings.json; other values redo what depends on them), and an unfinished
+training run starts over in a clean directory.
 On a machine with a GPU the training and evaluation use it.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -33,6 +36,27 @@ def run(cmd: list[str], done: Path | None = None) -> None:
         return
     print(f"\n[demo] $ {shlex.join(cmd)}", flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def forget_stale_outputs(out: Path, settings: dict) -> None:
+    """Remove what an earlier run in ``out`` made with other settings, so that no finished step is skipped with
+    results for other --steps or --vocab-size, and record the settings."""
+    stamp = out / "settings.json"
+    old = json.loads(stamp.read_text()) if stamp.exists() else settings
+    stale = []
+    if old.get("vocab_size") != settings["vocab_size"]:
+        stale += [*out.glob("tokenizer.*"), out / "data"]
+    if old != settings:
+        stale += [out / name for name in MODELS] + [out / f"eval_{name}.json" for name in MODELS]
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    if stale:
+        print(f"[demo] settings changed from {old} to {settings}: redoing the steps that depend on them", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(settings) + "\n")
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -73,6 +97,7 @@ def main(argv=None):
     out = Path(args.out)
     py = sys.executable
     start = time.time()
+    forget_stale_outputs(ROOT / out, {"steps": args.steps, "vocab_size": args.vocab_size})
 
     corpus, tok, data = out / "corpus", out / "tokenizer.model", out / "data"
     run([py, "data_prep/build_sample_corpus.py", "--out", str(corpus)], done=ROOT / corpus / "test.jsonl.zst")
@@ -86,11 +111,17 @@ def main(argv=None):
     for name, model in MODELS.items():
         run_dir = out / name
         runs[name] = ROOT / run_dir
+        result = ROOT / out / f"eval_{name}.json"
+        trained = ROOT / run_dir / "export" / "model.safetensors"
+        if not trained.exists():
+            # an interrupted run starts over (checkpoint.resume=none), and its metrics.jsonl, which a run appends
+            # to, and its evaluation must not mix with the new run's
+            shutil.rmtree(ROOT / run_dir, ignore_errors=True)
+            result.unlink(missing_ok=True)
         run(["bash", "launch/pretrain.sh", "configs/runs/demo.yaml", f"model={model}", f"out_dir={run_dir}",
              f"data.train=[{{path: {data / 'train'}}}]", f"data.valid=[{{path: {data / 'val'}}}]",
              f"model_overrides=[vocab_size={args.vocab_size}]", f"training.max_steps={args.steps}",
-             "checkpoint.resume=none"], done=ROOT / run_dir / "export" / "model.safetensors")
-        result = ROOT / out / f"eval_{name}.json"
+             "checkpoint.resume=none"], done=trained)
         run([py, "-m", "pretrain.evaluate", "--checkpoint", str(run_dir / "export"), "--data",
              str(corpus / "test.jsonl.zst"), "--tokenizer", str(tok), "--seq-len", "256", "--out", str(result)],
             done=result)

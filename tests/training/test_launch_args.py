@@ -1,0 +1,115 @@
+"""What ``launch/pretrain.sh`` hands to its launcher, without training: stand-ins for ``python -m pretrain.train`` /
+``-m pretrain.torchrun``, ``deepspeed`` and ``nvidia-smi`` record the command the script would run (any other python
+call, such as the script's own config check, runs the real interpreter).
+
+* the config path may be relative to the caller's directory and hold spaces; overrides with spaces and quotes pass
+  through unchanged;
+* the process count follows CUDA_VISIBLE_DEVICES, not every GPU nvidia-smi lists;
+* DeepSpeed on one node goes through ``pretrain.torchrun`` (message once, signals forwarded); the deepspeed
+  launcher, when asked for, keeps CUDA_VISIBLE_DEVICES;
+* several nodes without MASTER_ADDR stop with a clear message before any launcher starts.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+PYTHON_STANDIN = """#!/usr/bin/env bash
+if [ "${1:-}" = -m ] && { [ "${2:-}" = pretrain.train ] || [ "${2:-}" = pretrain.torchrun ]; }; then
+  printf '%s\\0' python "$@" > "$LAUNCH_RECORD"; exit 0
+fi
+exec REAL_PYTHON "$@"
+"""
+DEEPSPEED_STANDIN = """#!/usr/bin/env bash
+printf '%s\\0' deepspeed "$@" > "$LAUNCH_RECORD"
+"""
+NVIDIA_SMI_STANDIN = """#!/usr/bin/env bash
+for ((i = 0; i < FAKE_GPUS; i++)); do echo "GPU $i: NVIDIA H100 80GB HBM3 (UUID: GPU-$i)"; done
+"""
+
+
+@pytest.fixture
+def launch(tmp_path):
+    """Runs launch/pretrain.sh with the stand-ins; returns (completed process, recorded command or None)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("python", PYTHON_STANDIN.replace("REAL_PYTHON", sys.executable)),
+                       ("deepspeed", DEEPSPEED_STANDIN), ("nvidia-smi", NVIDIA_SMI_STANDIN)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    record = tmp_path / "launched"
+
+    def run(args, cwd=REPO, gpus=0, **env_vars):
+        record.unlink(missing_ok=True)
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("CUDA_VISIBLE_DEVICES", "LAUNCHER", "NPROC_PER_NODE", "NNODES", "MASTER_ADDR",
+                            "MASTER_PORT", "HOSTFILE", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
+        env.update(REBASED_SKIP_INSTALL="1", LAUNCH_RECORD=str(record), FAKE_GPUS=str(gpus),
+                   PATH=f"{bin_dir}:{os.environ.get('PATH', '')}", **env_vars)
+        p = subprocess.run(["bash", str(REPO / "launch/pretrain.sh"), *args], cwd=cwd, env=env, capture_output=True,
+                           text=True, timeout=120)
+        return p, (record.read_text().split("\0")[:-1] if record.exists() else None)
+
+    return run
+
+
+def write_config(path: Path, strategy: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"model: configs/models/tiny_rebased.yaml\nparallel: {{strategy: {strategy}}}\n")
+    return path
+
+
+def option(command: list[str], name: str) -> str | None:
+    return command[command.index(name) + 1] if name in command else None
+
+
+def test_config_relative_to_the_callers_directory_with_spaces(launch, tmp_path):
+    config = write_config(tmp_path / "my runs" / "run 1.yaml", "single")
+    overrides = ["name=a run with spaces", "logging.wandb.name='it''s \"quoted\"'"]
+    p, command = launch(["my runs/run 1.yaml", *overrides], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert command == ["python", "-m", "pretrain.train", "--config", str(config), *overrides]
+
+
+@pytest.mark.parametrize("visible, nproc", [("1,3", "2"), ("", "1"), (None, "4")])
+def test_process_count_follows_cuda_visible_devices(launch, tmp_path, visible, nproc):
+    config = write_config(tmp_path / "run.yaml", "ddp")
+    extra = {} if visible is None else {"CUDA_VISIBLE_DEVICES": visible}
+    p, command = launch([str(config)], gpus=4, **extra)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert command[:3] == ["python", "-m", "pretrain.torchrun"] and option(command, "--nproc_per_node") == nproc
+
+
+def test_deepspeed_on_one_node_runs_under_pretrain_torchrun(launch, tmp_path):
+    config = write_config(tmp_path / "run.yaml", "deepspeed")
+    p, command = launch([str(config)], gpus=2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert command[:3] == ["python", "-m", "pretrain.torchrun"] and option(command, "--nproc_per_node") == "2"
+
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node1 slots=2\nnode2 slots=2\n")
+    p, command = launch([str(config)], gpus=2, HOSTFILE=str(hostfile), MASTER_ADDR="node1")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert command[0] == "deepspeed" and option(command, "--hostfile") == str(hostfile), command
+
+
+def test_deepspeed_launcher_keeps_cuda_visible_devices(launch, tmp_path):
+    """With --num_gpus DeepSpeed ignores CUDA_VISIBLE_DEVICES and runs on GPUs 0..N-1, someone else's GPUs."""
+    config = write_config(tmp_path / "run.yaml", "deepspeed")
+    p, command = launch([str(config)], gpus=4, LAUNCHER="deepspeed", CUDA_VISIBLE_DEVICES="2,3")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert command[0] == "deepspeed" and "--num_gpus" not in command, command
+
+
+def test_several_nodes_need_master_addr(launch, tmp_path):
+    config = write_config(tmp_path / "run.yaml", "ddp")
+    p, command = launch([str(config)], NNODES="2", NODE_RANK="1")
+    assert p.returncode == 2 and command is None, p.stderr[-3000:]
+    assert "NNODES=2: set MASTER_ADDR" in p.stderr
