@@ -13,6 +13,8 @@ std over seeds at that lr, the lr, the number of seeds, mean wall time per run) 
 * ``DIR/mqar_accuracy.png``  one panel per sequence length, x = d_model (log2 axis), y = accuracy, one line per mixer.
 
 The same setting (mixer, d_model, seq_len, lr, seed) found twice counts once: the newest result (by its date).
+A run stopped by a time or step limit (``stopped_by``: ``time_limit`` / ``max_steps``) before its last epoch and
+without the early stop is a lower bound: its point is printed as ``≥ accuracy``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ METRICS = {"best": "best_accuracy", "final": "final_accuracy"}
 MIXER_ORDER = ("rebased", "based", "attention", "conv_attention")
 MIXER_LABELS = {"rebased": "ReBased", "based": "Based", "attention": "Attention", "conv_attention": "Conv-Attention"}
 TABLE_FILE, SUMMARY_FILE, FIGURE_FILE = "mqar_table.md", "mqar_summary.json", "mqar_accuracy.png"
+CUT = ("time_limit", "max_steps")  # a run stopped before its protocol's end: its accuracy is a lower bound
 
 
 def mixer_sort_key(mixer: str):
@@ -94,7 +97,8 @@ def summarize(results: list[tuple[Path, dict]], metric: str = "best") -> dict:
                            "seeds": [r["setting"]["seed"] for r in runs],
                            "accuracies": [float(r[field]) for r in runs],
                            "time_per_run_s": sum(times) / len(times) if times else None,
-                           "epochs_run": [r.get("epochs_run") for r in runs]})
+                           "epochs_run": [r.get("epochs_run") for r in runs],
+                           "cut_runs": sum(r.get("stopped_by") in CUT for r in runs)})
         # best mean accuracy; ties: more seeds, then the smaller lr
         best = max(per_lr, key=lambda e: (e["accuracy_mean"], e["n_seeds"], -e["lr"]))
         kv = {r["setting"].get("num_kv_pairs") for runs in groups[(mixer, d_model, seq_len)].values() for r in runs}
@@ -102,7 +106,7 @@ def summarize(results: list[tuple[Path, dict]], metric: str = "best") -> dict:
                      "num_kv_pairs": kv.pop() if len(kv) == 1 else sorted(kv, key=str),
                      "accuracy_mean": best["accuracy_mean"], "accuracy_std": best["accuracy_std"],
                      "best_lr": best["lr"], "n_seeds": best["n_seeds"], "seeds": best["seeds"],
-                     "time_per_run_s": best["time_per_run_s"], "lrs": per_lr})
+                     "time_per_run_s": best["time_per_run_s"], "cut_runs": best["cut_runs"], "lrs": per_lr})
     return {"schema": SUMMARY_SCHEMA, "metric": field, "rows": rows, "provenance": provenance(results)}
 
 
@@ -132,8 +136,9 @@ def format_duration(seconds: float | None) -> str:
     return f"{seconds / 3600:.2f} h"
 
 
-def format_accuracy(mean: float, std: float | None) -> str:
-    return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
+def format_accuracy(mean: float, std: float | None, cut: bool = False) -> str:
+    text = f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
+    return f"≥ {text}" if cut else text
 
 
 def _counts(counter: dict) -> str:
@@ -148,7 +153,8 @@ def markdown_report(summary: dict) -> str:
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         lines.append(f"| {r['mixer']} | {r['d_model']} | {r['seq_len']} | {r['num_kv_pairs']} | "
-                     f"{format_accuracy(r['accuracy_mean'], r['accuracy_std'])} | {format_lr(r['best_lr'])} | "
+                     f"{format_accuracy(r['accuracy_mean'], r['accuracy_std'], r.get('cut_runs', 0) > 0)} | "
+                     f"{format_lr(r['best_lr'])} | "
                      f"{r['n_seeds']} | {format_duration(r['time_per_run_s'])} |")
 
     # the paper's grid: one column per sequence length
@@ -158,10 +164,14 @@ def markdown_report(summary: dict) -> str:
               "| --- | ---: | " + " | ".join("---:" for _ in seq_lens) + " |"]
     for mixer, d_model in sorted({(r["mixer"], r["d_model"]) for r in rows},
                                  key=lambda k: (mixer_sort_key(k[0]), k[1])):
-        vals = [f"{cells[(mixer, d_model, L)]['accuracy_mean']:.3f}" if (mixer, d_model, L) in cells else "–"
+        vals = [("≥ " if cells[(mixer, d_model, L)].get("cut_runs", 0) else "")
+                + f"{cells[(mixer, d_model, L)]['accuracy_mean']:.3f}" if (mixer, d_model, L) in cells else "–"
                 for L in seq_lens]
         lines.append(f"| {mixer} | {d_model} | " + " | ".join(vals) + " |")
 
+    if any(r.get("cut_runs", 0) for r in rows):
+        lines += ["", "≥: a run of that point was stopped by a time or step limit before its last epoch, without the "
+                  "early stop: the accuracy is a lower bound."]
     dates = prov["dates"]
     lines += ["", f"{prov['n_runs']} runs. Devices: {_counts(prov['devices'])}.",
               f"Dates: {dates['first']} to {dates['last']}." if dates else "Dates: unknown.",

@@ -129,3 +129,19 @@ def test_no_results_is_an_error(tmp_path, capsys):
     assert "no MQAR results" in capsys.readouterr().err
     assert main([str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
     assert not (tmp_path / "out" / TABLE_FILE).exists()
+
+
+def test_a_point_with_a_cut_run_is_a_lower_bound(tmp_path):
+    """A run stopped by a time or step limit (not the early stop, not max_epochs) prints as '≥ accuracy'."""
+    from pretrain.mqar.report import markdown_report
+
+    runs = tmp_path / "runs"
+    for stopped_by, d_model in (("time_limit", 64), ("max_epochs", 128), ("early_stop", 256)):
+        path = make_result(runs, "rebased", d_model, 512, 1e-3, 0, 0.5)
+        data = json.loads(path.read_text())
+        write_json_atomic(path, {**data, "stopped_by": stopped_by})
+    summary = summarize(load_results([runs], log=lambda m: None))
+    assert [r["cut_runs"] for r in summary["rows"]] == [1, 0, 0]
+    table = markdown_report(summary)
+    assert "| rebased | 64 | 512 | 128 | ≥ 0.5000 |" in table and "| rebased | 128 | 512 | 128 | 0.5000 |" in table
+    assert "| rebased | 64 | ≥ 0.500 |" in table and "lower bound" in table
