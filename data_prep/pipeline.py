@@ -154,6 +154,8 @@ class Tokenization:
             raise ValueError("need 0 <= val_fraction, test_fraction and val_fraction + test_fraction < 1")
         if cfg.docs_per_shard < 1 or cfg.batch_docs < 1:
             raise ValueError("docs_per_shard and batch_docs must be >= 1")
+        if cfg.max_docs is not None and cfg.max_docs < 1:  # 0 would write empty splits and call the run complete
+            raise ValueError(f"--max-docs must be >= 1, got {cfg.max_docs}")
         self.cfg = cfg
         self.out = cfg.out
         self.state_dir = os.path.join(self.out, ".state")

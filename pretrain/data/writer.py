@@ -144,7 +144,8 @@ class IndexedDatasetWriter:
         try:
             sizes = array.array("i", self._sizes)
         except OverflowError:
-            raise ValueError("document too long for the int32 sizes of the index") from None
+            raise ValueError(f"{idx_path(self.prefix)}: a document of {max(self._sizes)} tokens is too long for the "
+                             "index's int32 sizes") from None
         pointers = array.array("q", itertools.accumulate((k * self.itemsize for k in self._sizes[:-1]), initial=0)
                                if n else ())
         doc_idx = array.array("q", range(n + 1))

@@ -224,3 +224,13 @@ def test_listed_shards_are_checked_on_load_and_by_verify_shards(tokenizer_model,
     with pytest.raises(FileNotFoundError, match="lists shard 'train-00001'"):
         resolve_shards(split)
     assert verify_main([str(split), "--no-progress"]) == 1
+
+
+@pytest.mark.parametrize("max_docs", ["0", "-3"])
+def test_max_docs_below_one_is_refused(tokenizer_model, tmp_path, max_docs):
+    # it wrote empty splits and a manifest calling the run complete
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(jsonl_bytes(make_docs(5, seed=2)))
+    p = cli([str(path)], tokenizer_model, tmp_path / "out", "--max-docs", max_docs)
+    assert p.returncode == 1 and f"--max-docs must be >= 1, got {max_docs}" in p.stderr
+    assert not (tmp_path / "out" / "manifest.json").exists()
