@@ -3,7 +3,8 @@
 Models trained by ``data_prep/train_tokenizer.py`` are byte-level-lossless: identity normalisation, no dummy prefix,
 whitespace kept, byte fallback, so ``decode(encode(text)) == text`` for every valid Unicode string. Special ids:
 ``pad=0``, ``unk=1``, ``bos=2``, ``eos=3`` (``eos`` is the end-of-document token, EOD, appended after every
-document). Any other SentencePiece ``.model`` works too; ids it does not define are ``-1``.
+document). Any other SentencePiece ``.model`` works too; ids it does not define are ``-1``. Text that is not valid
+Unicode (a lone surrogate) cannot be encoded: ``ValueError`` naming the position.
 """
 
 from __future__ import annotations
@@ -33,6 +34,14 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20, limit: int | None
     return h.hexdigest()
 
 
+def _check_unicode(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"cannot tokenize a lone surrogate {text[e.start]!r} at position {e.start}: "
+                         "not valid Unicode") from None
+
+
 class Tokenizer:
     """``encode(str) -> list[int]``, ``decode(ids) -> str``, ``vocab_size``, ``eod_id``, ``bos_id``, ``pad_id``."""
 
@@ -45,7 +54,14 @@ class Tokenizer:
         self.model_path = os.fspath(model_path) if model_path is not None else None
         self.model_proto = model_proto
         self.sha256 = hashlib.sha256(model_proto).hexdigest()
-        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        # SentencePiece's own errors name neither the file nor the problem; an empty proto even loads as no model
+        source = self.model_path or "model_proto"
+        if not model_proto:
+            raise ValueError(f"{source}: empty, not a SentencePiece model")
+        try:
+            self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        except RuntimeError as e:
+            raise ValueError(f"{source}: not a SentencePiece model (corrupt or truncated?): {e}") from None
         self.vocab_size = self.sp.get_piece_size()
         self.pad_id = self.sp.pad_id()
         self.unk_id = self.sp.unk_id()
@@ -64,6 +80,13 @@ class Tokenizer:
         self.model_path = state["model_path"]
 
     def encode(self, text: str) -> list[int]:
+        try:
+            return self._encode(text)
+        except RuntimeError:  # pybind11's "Unable to cast": checked only on failure, off the hot path
+            _check_unicode(text)
+            raise
+
+    def _encode(self, text: str) -> list[int]:
         if self._meta_ids is None or _META_SPACE not in text:
             return self.sp.encode(text)
         ids: list[int] = []
@@ -76,11 +99,22 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[list[int]]:
         if self._meta_ids is None or not any(_META_SPACE in t for t in texts):
-            return self.sp.encode(texts, num_threads=num_threads)
+            try:
+                return self.sp.encode(texts, num_threads=num_threads)
+            except TypeError:  # "List elements must be str or bytes": a string that is not valid Unicode
+                for t in texts:
+                    _check_unicode(t)
+                raise
         return [self.encode(t) for t in texts]
 
     def decode(self, ids) -> str:
-        return self.sp.decode([int(i) for i in ids])
+        ids = [int(i) for i in ids]
+        try:
+            return self.sp.decode(ids)
+        except IndexError:  # SentencePiece's message names neither the id nor the vocabulary
+            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
+            raise IndexError(f"cannot decode id {bad} of {self.model_path or 'model_proto'}: outside "
+                             f"vocab_size {self.vocab_size}") from None
 
     def id_to_piece(self, i: int) -> str:
         return self.sp.id_to_piece(int(i))

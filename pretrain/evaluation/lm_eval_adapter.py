@@ -24,30 +24,70 @@ class LMEvalMethods:
     """``loglikelihood``, ``loglikelihood_rolling`` and ``generate_until`` over a model and a tokenizer.
 
     Requests are anything with an ``args`` tuple, as lm_eval's ``Instance``. Every text is preceded by EOD, the
-    token the model saw before each document in training.
+    token the model saw before each document in training (an empty context is EOD alone).
+
+    A (context, continuation) pair is tokenized by lm_eval's convention: trailing whitespace of the context moves
+    to the front of the continuation, the two are encoded as one text, and the continuation is what follows the
+    context's own encoding. So the continuation's tokens are those of running text (no SentencePiece dummy prefix
+    before it, no lone space token after the context). Where that encoding does not start with the context's
+    (a token spans the boundary, as in "the ca" + "t"), the continuation is encoded on its own.
     """
 
     def __init__(self, model, tokenizer, *, max_length: int | None = None, device="cpu", batch_size: int = 8):
         self.model, self.tokenizer, self.device, self.batch_size = model.eval(), tokenizer, device, batch_size
         self.max_length = max_length or model.config.max_seq_len
 
+    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        stripped = context.rstrip()
+        continuation = context[len(stripped):] + continuation
+        ctx = self.tokenizer.encode(stripped)
+        whole = self.tokenizer.encode(stripped + continuation)
+        # a token across the boundary ("the ca" + "t"): split there, the continuation would lose text (or all of
+        # it, scoring 0 as if certain); encoded apart instead
+        cont = whole[len(ctx):] if whole[:len(ctx)] == ctx else self.tokenizer.encode(continuation)
+        return [self.tokenizer.eod_id] + ctx, cont
+
     @torch.no_grad()
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-        out = []
-        for req in requests:
-            context, continuation = req.args[0], req.args[1]
-            ctx = [self.tokenizer.eod_id] + self.tokenizer.encode(context)
-            cont = self.tokenizer.encode(continuation)
-            ids = (ctx + cont)[-(self.max_length + 1):]
-            inputs = torch.tensor([ids[:-1]], device=self.device)
-            logits = self.model(inputs)[0, -len(cont):].double()
-            target = torch.tensor(cont, device=self.device)
-            logp = F.log_softmax(logits, dim=-1).gather(1, target[:, None]).sum().item()
-            out.append((logp, bool((logits.argmax(-1) == target).all())))
-        return out
+        """Per request, the summed log-probability (float64) of the continuation's tokens after the context, and
+        whether each of them is the model's argmax over the tokenizer's ids (what greedy decoding would pick).
+
+        A continuation token sees at most ``max_length`` tokens: the context is cut on the left and the
+        continuation kept whole; a continuation of more than ``max_length`` tokens is scored in windows of
+        ``max_length`` targets from its end, each predicted from the ``max_length`` tokens before its last target.
+        An empty continuation scores 0 and is greedy. Windows are batched by length; results are in request order.
+        """
+        vocab_size = getattr(self.tokenizer, "vocab_size", None)  # the model's ids past it are padding
+        windows = []  # (request, inputs, targets): the targets are the inputs' last predictions
+        for r, req in enumerate(requests):
+            ctx, cont = self._encode_pair(req.args[0], req.args[1])
+            stream = ctx + cont
+            end = len(stream)
+            while end > len(ctx):
+                first = max(len(ctx), end - self.max_length)
+                windows.append((r, stream[max(0, end - 1 - self.max_length):end - 1], stream[first:end]))
+                end = first
+        logp = [0.0] * len(requests)
+        greedy = [True] * len(requests)
+        order = sorted(range(len(windows)), key=lambda w: -len(windows[w][1]))  # similar lengths: less padding
+        for start in range(0, len(order), self.batch_size):
+            batch = [windows[w] for w in order[start:start + self.batch_size]]
+            ids = torch.zeros(len(batch), len(batch[0][1]), dtype=torch.long)
+            for b, (_, inputs, _) in enumerate(batch):  # right padding: a causal model's real positions never see it
+                ids[b, :len(inputs)] = torch.tensor(inputs)
+            logits = self.model(ids.to(self.device))
+            for b, (r, inputs, targets) in enumerate(batch):
+                scored = logits[b, len(inputs) - len(targets):len(inputs)].double()
+                target = torch.tensor(targets, device=scored.device)
+                logp[r] += F.log_softmax(scored, dim=-1).gather(1, target[:, None]).sum().item()
+                greedy[r] &= bool((scored[:, :vocab_size].argmax(-1) == target).all())
+        return list(zip(logp, greedy))
 
     @torch.no_grad()
     def loglikelihood_rolling(self, requests) -> list[float]:
+        """Per request, the summed log-probability of all the text's tokens, in non-overlapping windows of
+        ``max_length`` targets: the first predicted from EOD on, each later one from the last token of the window
+        before it (``pretrain.evaluation.scoring``'s default windows)."""
         docs = [Document(self.tokenizer.encode(req.args[0])) for req in requests]
         per_doc = score_documents(self.model, docs, seq_len=self.max_length, eod_id=self.tokenizer.eod_id,
                                   batch_size=self.batch_size, device=self.device)

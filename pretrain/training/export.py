@@ -12,10 +12,12 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+from pathlib import Path
 
 import torch
 
-from pretrain.models.io import write_export
+from pretrain.config import ConfigError
+from pretrain.models.io import WEIGHTS, write_export
 from pretrain.training.checkpoint import CheckpointError, find_latest, is_complete, read_meta, verify
 
 
@@ -35,7 +37,17 @@ def _model_state_from_checkpoint(path: str, meta: dict) -> dict[str, torch.Tenso
     raise ValueError(f"{path}: unknown checkpoint format {meta['format']!r}")
 
 
+def _check_replaceable(out_dir: str) -> None:
+    """The export replaces ``out_dir`` whole: only a previous export or an empty folder may be there (a checkpoint
+    root or a run folder given by mistake would be deleted)."""
+    out = Path(out_dir)
+    if out.exists() and not (out / WEIGHTS).is_file() and not (out.is_dir() and not any(out.iterdir())):
+        raise ConfigError(f"{out}: exists and is not an export (no {WEIGHTS}); not replacing it, choose a new or "
+                          "empty folder")
+
+
 def export_checkpoint(path: str, out_dir: str, dtype: str = "float32") -> str:
+    _check_replaceable(out_dir)
     problems = verify(path)
     if problems:
         raise CheckpointError(f"{path} fails verification, not exporting it: {'; '.join(problems)}")
@@ -59,7 +71,7 @@ def main(argv=None):
         raise SystemExit(f"no complete checkpoint at {a.checkpoint}")
     try:
         print(export_checkpoint(path, a.out_dir, a.dtype))
-    except CheckpointError as e:
+    except ConfigError as e:  # a checkpoint that fails verification, an output folder it must not replace
         raise SystemExit(f"error: {e}") from None
 
 

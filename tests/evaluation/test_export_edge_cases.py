@@ -1,0 +1,133 @@
+"""``python -m pretrain.training.export`` on a checkpoint written as the trainer writes one (DCP through
+``get_state_dict``, meta.json, checksummed COMPLETE): weights per dtype, logits, verification, a crash mid-export,
+and output folders it must not replace."""
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pretrain.config import ConfigError, from_dict, to_dict
+from pretrain.models import ModelConfig, build_model
+from pretrain.models.io import WEIGHTS, load_exported
+from pretrain.training import checkpoint as ckpt
+from pretrain.training.export import export_checkpoint, main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def save_checkpoint(model, root: Path, step: int) -> str:
+    """The trainer's save (``Strategy.save`` + ``Trainer.save``) for one process, with optimizer state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.tensor([[1, 2, 3]]), labels=torch.tensor([[2, 3, 4]])).backward()
+    optimizer.step()
+    tmp = root / ckpt.temp_dir_name(step)
+    tmp.mkdir(parents=True)
+    msd, osd = get_state_dict(model, optimizer)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"))
+    ckpt.write_meta(str(tmp), {"step": step, "tokens_seen": 96, "world_size": 1, "strategy": "single",
+                               "format": "dcp", "model_config": to_dict(model.config)})
+    files = ckpt.checksum_share(str(tmp), ckpt.list_files(str(tmp)))
+    return ckpt.commit(str(root), str(tmp), step, files, keep_last=2)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = from_dict(ModelConfig, dict(vocab_size=64, d_model=32, layers=["short_conv", "rebased"], mlp="swiglu",
+                                      mlp_hidden=64, max_seq_len=64, rebased={"num_heads": 2, "feature_dim": 8}))
+    model = build_model(cfg)
+    root = tmp_path_factory.mktemp("run") / "checkpoints"
+    path = save_checkpoint(model, root, 5)
+    return model.eval(), root, path
+
+
+IDS = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_exported_weights_and_logits_are_the_checkpoints(trained, tmp_path, dtype):
+    model, _, path = trained
+    main([path, str(tmp_path / "export"), "--dtype", dtype])
+    want = getattr(torch, dtype)
+    exported = load_exported(tmp_path / "export", dtype=want)
+    for name, value in model.state_dict().items():  # the trained weights, not the initial ones
+        assert torch.equal(exported.state_dict()[name], value.to(want)), name
+    with torch.no_grad():
+        assert torch.equal(exported(IDS), copy.deepcopy(model).to(want)(IDS))
+        # loaded without a dtype: float32 computation on the rounded weights
+        assert torch.equal(load_exported(tmp_path / "export")(IDS), copy.deepcopy(model).to(want).float()(IDS))
+
+
+def test_export_of_a_checkpoint_root_takes_its_latest(trained, tmp_path):
+    model, root, _ = trained
+    main([str(root), str(tmp_path / "export")])
+    with torch.no_grad():
+        assert torch.equal(load_exported(tmp_path / "export")(IDS), model(IDS))
+
+
+def test_a_damaged_checkpoint_is_not_exported(trained, tmp_path):
+    _, _, path = trained
+    damaged = tmp_path / "step_00000005"
+    shutil.copytree(path, damaged)
+    shard = next((damaged / "dcp").glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(SystemExit, match=f"error: .*fails verification.*{shard}"):
+        main([str(damaged), str(tmp_path / "export")])
+    assert not (tmp_path / "export").exists()
+
+
+@pytest.mark.parametrize("what", ["nothing", "export", "file"])
+def test_a_path_that_is_no_checkpoint_is_named(trained, tmp_path, what):
+    _, _, path = trained
+    bad = tmp_path / what
+    if what == "export":
+        main([path, str(bad)])
+    elif what == "file":
+        bad.write_text("x")
+    with pytest.raises(SystemExit, match=f"no complete checkpoint at {bad}"):
+        main([str(bad), str(tmp_path / "out")])
+
+
+def test_only_an_export_or_an_empty_folder_is_replaced(trained, tmp_path):
+    """Exporting into the checkpoint root (or any other folder with contents) would have replaced it: every
+    checkpoint gone. A previous export and an empty folder are replaced."""
+    _, root, path = trained
+    with pytest.raises(ConfigError, match=f"{root}: exists and is not an export"):
+        export_checkpoint(path, str(root))
+    with pytest.raises(ConfigError, match="not an export"):
+        export_checkpoint(path, path)
+    assert ckpt.find_latest(str(root)) == path and not ckpt.verify(path)
+    (tmp_path / "empty").mkdir()
+    export_checkpoint(path, str(tmp_path / "empty"))
+    export_checkpoint(path, str(tmp_path / "empty"), dtype="bfloat16")  # now an export: replaced
+    assert load_file(tmp_path / "empty" / WEIGHTS)["embed.weight"].dtype == torch.bfloat16
+
+
+def test_a_crash_mid_export_leaves_the_previous_export(trained, tmp_path):
+    _, _, path = trained
+    out = tmp_path / "export"
+    export_checkpoint(path, str(out), dtype="bfloat16")
+    before = (out / WEIGHTS).read_bytes()
+    # the process dies with half of the weights written
+    code = ("import os, sys, pretrain.models.io as io\n"
+            "def crash(state, filename, metadata=None):\n"
+            "    open(filename, 'wb').write(b'half'); os._exit(9)\n"
+            "io.save_file = crash\n"
+            "from pretrain.training.export import main; main(sys.argv[1:])\n")
+    p = subprocess.run([sys.executable, "-c", code, path, str(out)], cwd=REPO, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert p.returncode == 9, p.stderr[-2000:]
+    assert (out / WEIGHTS).read_bytes() == before
+    assert load_file(out / WEIGHTS)["embed.weight"].dtype == torch.bfloat16
