@@ -26,7 +26,12 @@ class EvaluationInputError(ConfigError):
 
 def load_tokenizer(path):
     """The SentencePiece wrapper for ``path``, or None without one."""
-    return Tokenizer(path) if path else None
+    if not path:
+        return None
+    try:
+        return Tokenizer(path)
+    except (OSError, ValueError) as e:  # missing, unreadable or not a SentencePiece model: one line, exit 2
+        raise EvaluationInputError(f"--tokenizer: {e}") from None
 
 
 def load_documents(data: str, tokenizer, *, text_key: str = "text", max_documents: int | None = None) -> list[Document]:

@@ -139,3 +139,14 @@ def test_sets_add_up_to_the_total_when_some_documents_have_no_set():
     assert sum(t.bytes for t in by_set.values()) == overall.bytes == 11
     assert math.isclose(sum(t.nll for t in by_set.values()), overall.nll, rel_tol=1e-12)
     assert totals_by_set(docs[1:2], {0: 1.0})[1] == {}  # no set names at all: no breakdown
+
+
+def test_a_corrupt_tokenizer_is_one_line(tmp_path, capsys):
+    model_dir = _export(tmp_path, ["short_conv"])
+    data, _ = _shards(tmp_path)
+    bad = tmp_path / "tok.model"
+    bad.write_bytes(b"not a sentencepiece model")
+    with pytest.raises(SystemExit) as e:
+        _evaluate(model_dir, data, "--tokenizer", str(bad))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"{bad}: not a SentencePiece model" in err and "Traceback" not in err
