@@ -35,11 +35,15 @@ def write_export(state_dict: dict[str, torch.Tensor], model_config: dict, out_di
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(state, str(tmp / WEIGHTS), metadata={k: str(v) for k, v in (metadata or {}).items()})
-    (tmp / CONFIG).write_text(yaml.safe_dump(model_config, sort_keys=False))
-    if provenance is not None:
-        (tmp / "export.json").write_text(json.dumps(provenance, indent=1))
-    return publish_dir(tmp, out)
+    try:
+        save_file(state, str(tmp / WEIGHTS), metadata={k: str(v) for k, v in (metadata or {}).items()})
+        (tmp / CONFIG).write_text(yaml.safe_dump(model_config, sort_keys=False))
+        if provenance is not None:
+            (tmp / "export.json").write_text(json.dumps(provenance, indent=1))
+        return publish_dir(tmp, out)
+    except BaseException:  # a failed export (a full disk, an interrupt) leaves no half-written folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def export_model(model: CausalLM, out_dir: str | os.PathLike, metadata: dict | None = None) -> Path:

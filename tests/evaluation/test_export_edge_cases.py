@@ -131,3 +131,15 @@ def test_a_crash_mid_export_leaves_the_previous_export(trained, tmp_path):
     assert p.returncode == 9, p.stderr[-2000:]
     assert (out / WEIGHTS).read_bytes() == before
     assert load_file(out / WEIGHTS)["embed.weight"].dtype == torch.bfloat16
+
+
+def test_a_failed_export_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    import pretrain.models.io as io
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(io, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        io.write_export({"embed.weight": torch.zeros(2, 2)}, {"tie_embeddings": True}, tmp_path / "export")
+    assert list(tmp_path.iterdir()) == []
