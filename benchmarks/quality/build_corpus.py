@@ -161,7 +161,8 @@ _ROFF_CHARS = {
 _ROFF_STRINGS = {"lq": "\u201c", "rq": "\u201d", "R": "\u00ae", "Tm": "\u2122", "dq": '"', "aq": "'"}
 _ROFF_ESCAPE = re.compile(
     r"""\\(?:
-        (?P<font>f(?:\[[^\]]*\]|\(..|.))
+        (?P<comment>["\#].*)
+      | (?P<font>f(?:\[[^\]]*\]|\(..|.))
       | (?P<char>\((?P<c2>..)|\[(?P<cn>[^\]]*)\])
       | (?P<str>\*(?:\[(?P<sn>[^\]]*)\]|\((?P<s2>..)|(?P<s1>.)))
       | (?P<size>s(?:[-+]?\d|\(..|\[[^\]]*\]|'[^']*'))
@@ -177,7 +178,9 @@ def _roff_escape(m: re.Match) -> str:
     if m.group("char"):
         name = m.group("c2") or m.group("cn") or ""
         if name.startswith("u") and re.fullmatch(r"u[0-9A-Fa-f]{4,6}", name):
-            return chr(int(name[1:], 16))
+            code = int(name[1:], 16)
+            # a surrogate or a number past U+10FFFF is no character (chr() fails, or the UTF-8 encoding later does)
+            return chr(code) if code <= 0x10FFFF and not 0xD800 <= code <= 0xDFFF else ""
         return _ROFF_CHARS.get(name, "")
     if m.group("str"):
         return _ROFF_STRINGS.get(m.group("sn") or m.group("s2") or m.group("s1") or "", "")
@@ -185,12 +188,13 @@ def _roff_escape(m: re.Match) -> str:
         return " "
     other = m.group("other")
     if other is not None:
-        return {"e": "\\", "\\": "\\", "-": "-", "'": "'", "`": "`", ".": ".", '"': ""}.get(other, other)
+        return {"e": "\\", "\\": "\\", "-": "-", "'": "'", "`": "`", ".": "."}.get(other, other)
     return ""
 
 
 def roff_inline(text: str) -> str:
-    text = re.sub(r'\\".*', "", text)  # comment to end of line
+    # comments (\" and \#, to the end of the line) are escapes too: matched in the same left-to-right scan, so the
+    # quote in \\" (an escaped backslash, then a quote) does not start one
     return _ROFF_ESCAPE.sub(_roff_escape, text)
 
 
@@ -445,6 +449,8 @@ def extract(kind: str, path: str, data: bytes, read_sibling: Callable[[str], byt
 
 def split_text(text: str, max_bytes: int) -> list[str]:
     """Pieces of at most ``max_bytes`` UTF-8 bytes, cut at line ends (a longer line is cut at a character)."""
+    if max_bytes < 4:  # a piece must hold any UTF-8 character (up to 4 bytes), or cutting a long line never ends
+        raise ValueError(f"max_bytes must be at least 4, got {max_bytes}")
     pieces: list[str] = []
     buf: list[str] = []
     size = 0
@@ -691,6 +697,9 @@ def subset_documents(subset: Subset, trees: list[tuple[Package, Path]], settings
                 counts["split_huge"] += 1
                 parts = split_text(text, settings.max_doc_bytes)
             for k, part in enumerate(parts):
+                if total >= settings.max_bytes_per_subset:  # the pieces of a split document are documents too
+                    counts["docs_over_cap"] = counts.get("docs_over_cap", 0) + len(parts) - k
+                    break
                 doc_id = key + suffix + (f"@{k:03d}" if len(parts) > 1 else "")
                 docs.append((key + suffix, doc_id, part))
                 b = len(part.encode("utf-8"))
@@ -849,6 +858,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not args.dry_run and args.out is None:
         ap.error("--out is required (or use --dry-run)")
+    if args.max_doc_bytes < 4:
+        ap.error("--max-doc-bytes must be at least 4 (a piece must hold any UTF-8 character)")
     if not (0 <= args.val_fraction and 0 <= args.test_fraction and args.val_fraction + args.test_fraction < 1):
         ap.error("--val-fraction and --test-fraction must be >= 0 and sum to less than 1")
     subsets = [s for s in SUBSETS if s.key in args.subsets]

@@ -78,23 +78,38 @@ def t_quantile(q: float, df: int) -> float:
 
 
 def paired(a: dict[int, float], b: dict[int, float]) -> dict:
-    """a - b over the seeds both have: mean, std, 95% interval and the paired t-test's two-sided p."""
+    """a - b over the seeds both have: mean, std, 95% interval and the paired t-test's two-sided p. Seeds only one
+    side has are listed in ``unpaired`` and left out; ``note`` says why there is no interval or test."""
     seeds = sorted(set(a) & set(b))
     diffs = [a[s] - b[s] for s in seeds]
-    out = {"seeds": seeds, "differences": diffs, "mean": statistics.fmean(diffs) if diffs else None}
+    out = {"seeds": seeds, "unpaired": sorted(set(a) ^ set(b)), "differences": diffs,
+           "mean": statistics.fmean(diffs) if diffs else None, "std": None, "ci95": None, "t": None, "p": None,
+           "note": None}
     if len(diffs) < 2:
-        return {**out, "std": None, "ci95": None, "t": None, "p": None}
+        return {**out, "note": "no seed in common" if not diffs else "1 seed: no interval or test (needs 2)"}
     sd = statistics.stdev(diffs)
+    # equal differences (up to the rounding of the inputs) have no spread to test against: t would be infinite and
+    # p = 0 even when both models score the same
+    if sd <= 1e-12 * max(abs(v) for s in seeds for v in (a[s], b[s])):
+        return {**out, "std": sd, "note": "all differences equal: no interval or test (zero variance)"}
     half = t_quantile(0.975, len(diffs) - 1) * sd / math.sqrt(len(diffs))
-    t = out["mean"] / (sd / math.sqrt(len(diffs))) if sd > 0 else math.copysign(math.inf, out["mean"] or 1.0)
-    p = t_two_sided_p(t, len(diffs) - 1) if math.isfinite(t) else 0.0
-    return {**out, "std": sd, "ci95": [out["mean"] - half, out["mean"] + half], "t": t, "p": p}
+    t = out["mean"] / (sd / math.sqrt(len(diffs)))
+    return {**out, "std": sd, "ci95": [out["mean"] - half, out["mean"] + half], "t": t,
+            "p": t_two_sided_p(t, len(diffs) - 1)}
 
 
 # --- inputs ----------------------------------------------------------------------------------------------------
 
+def _finite(value, path: Path, field: str) -> float:
+    """``value`` as a float; an error naming the file otherwise (one NaN would make every mean and test NaN)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise SystemExit(f"error: {path}: {field} must be a finite number (got {value!r})")
+    return float(value)
+
+
 def load_evals(paths: list[Path]) -> list[dict]:
     rows = []
+    first_file: dict[tuple, str] = {}
     for path in paths:
         try:
             data = json.loads(path.read_text())
@@ -104,14 +119,17 @@ def load_evals(paths: list[Path]) -> list[dict]:
         if not match or "bits_per_byte" not in data or "seq_len" not in data:
             raise SystemExit(f"error: {path}: field 'name' must be q<width>_<model>_s<seed> (got "
                              f"{data.get('name')!r}) and 'bits_per_byte', 'seq_len' must be present")
-        rows.append({"width": match["width"], "model": match["model"], "seed": int(match["seed"]),
-                     "seq_len": int(data["seq_len"]), "bpb": data["bits_per_byte"], "loss": data["loss"],
-                     "by_set": {k: v["bits_per_byte"] for k, v in data.get("by_set", {}).items()},
-                     "file": str(path)})
-    keys = [(r["width"], r["model"], r["seed"], r["seq_len"]) for r in rows]
-    dupes = {k for k in keys if keys.count(k) > 1}
-    if dupes:
-        raise SystemExit(f"error: more than one evaluation of {sorted(dupes)[0]}")
+        by_set = {k: _finite(v.get("bits_per_byte") if isinstance(v, dict) else None, path,
+                             f"by_set[{k!r}].bits_per_byte") for k, v in data.get("by_set", {}).items()}
+        row = {"width": match["width"], "model": match["model"], "seed": int(match["seed"]),
+               "seq_len": int(data["seq_len"]), "bpb": _finite(data["bits_per_byte"], path, "bits_per_byte"),
+               "loss": _finite(data.get("loss"), path, "loss"), "by_set": by_set, "file": str(path)}
+        key = (row["width"], row["model"], row["seed"], row["seq_len"])
+        if key in first_file:  # two results for one run and length: which one counts is the user's call
+            raise SystemExit(f"error: {first_file[key]} and {path} are both the evaluation of width {key[0]}, "
+                             f"model {key[1]}, seed {key[2]} at length {key[3]}: keep one")
+        first_file[key] = str(path)
+        rows.append(row)
     return rows
 
 
@@ -147,8 +165,10 @@ def _mean_std(values: list[float]) -> dict:
     return {"mean": mean, "std": std, "n": len(values)}
 
 
-def _fmt(ms: dict) -> str:
-    return f"{ms['mean']:.4f}" + (f" ± {ms['std']:.4f}" if ms["std"] is not None else "")
+def _fmt(ms: dict, runs: int | None = None) -> str:
+    """mean ± std, with (n=k) when only k of the ``runs`` have the value (a subset missing from some runs)."""
+    return (f"{ms['mean']:.4f}" + (f" ± {ms['std']:.4f}" if ms["std"] is not None else "")
+            + (f" (n={ms['n']})" if runs is not None and ms["n"] < runs else ""))
 
 
 def table(summary: dict) -> str:
@@ -161,19 +181,27 @@ def table(summary: dict) -> str:
                       "| model | seeds | all | " + " | ".join(subsets) + " |",
                       "|---|---|---|" + "---|" * len(subsets)]
             for model, st in models.items():
-                cells = [_fmt(st["by_set"][s]) if s in st["by_set"] else "–" for s in subsets]
-                lines.append(f"| {model} | {len(st['seeds'])} | {_fmt(st['bpb'])} | " + " | ".join(cells) + " |")
+                runs = len(st["seeds"])
+                cells = [_fmt(st["by_set"][s], runs) if s in st["by_set"] else "–" for s in subsets]
+                lines.append(f"| {model} | {runs} | {_fmt(st['bpb'])} | " + " | ".join(cells) + " |")
+            if any(ms["n"] < len(st["seeds"]) for st in models.values() for ms in st["by_set"].values()):
+                lines += ["", "(n=k): the subset is in only k of the model's runs; its mean is over those."]
             if block["pairs"]:
-                lines += ["", "| pair (bits per byte, a - b) | seeds | mean | 95% interval | paired t | p |",
-                          "|---|---|---|---|---|---|"]
+                lines += ["", "Paired by seed: a - b is a's bits per byte minus b's in the same seed, so a negative "
+                          "difference means a (ReBased) is better.", "",
+                          "| pair a - b | seeds | mean | 95% interval | paired t | p |", "|---|---|---|---|---|---|"]
                 for pair, pr in block["pairs"].items():
+                    mean = "–" if pr["mean"] is None else f"{pr['mean']:+.4f}"
                     if pr["p"] is None:
-                        mean = "–" if pr["mean"] is None else f"{pr['mean']:+.4f}"
-                        lines.append(f"| {pair} | {len(pr['seeds'])} | {mean} | needs 2 seeds | | |")
+                        lines.append(f"| {pair} | {len(pr['seeds'])} | {mean} | {pr['note']} | | |")
                     else:
                         lo, hi = pr["ci95"]
-                        lines.append(f"| {pair} | {len(pr['seeds'])} | {pr['mean']:+.4f} | [{lo:+.4f}, {hi:+.4f}] | "
+                        lines.append(f"| {pair} | {len(pr['seeds'])} | {mean} | [{lo:+.4f}, {hi:+.4f}] | "
                                      f"{pr['t']:.2f} | {pr['p']:.3g} |")
+                for pair, pr in block["pairs"].items():
+                    if pr["unpaired"]:
+                        lines += ["", f"{pair}: seed(s) {', '.join(map(str, pr['unpaired']))} left out "
+                                  "(evaluated for one of the two models only)."]
             lines.append("")
     return "\n".join(lines)
 
@@ -191,7 +219,9 @@ def plot_curves(run_dirs: list[Path], out: Path) -> None:
             raise SystemExit(f"error: {run}: no metrics.jsonl (is it a training run's out_dir?)")
         points = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
         points = sorted({p["step"]: p for p in points if "loss" in p}.values(), key=lambda p: p["step"])
-        steps, losses = [p["step"] for p in points], [p["loss"] for p in points]
+        # the trainer logs a non-finite loss as the string "nan"/"inf" (JSON has neither): as text it would turn the
+        # axis into categories; as a float it is a gap in the curve
+        steps, losses = [p["step"] for p in points], [float(p["loss"]) for p in points]
         full.plot(steps, losses, label=run.name, lw=1)
         first = [(s, v) for s, v in zip(steps, losses) if s <= 100]
         if first:

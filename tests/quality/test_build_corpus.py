@@ -274,3 +274,48 @@ def test_unknown_package_is_named(monkeypatch):
     monkeypatch.setattr(bc, "_run", fake_run)
     with pytest.raises(bc.CorpusError, match="no-such-package"):
         bc.resolve_package("no-such-package")
+
+
+def test_roff_comments_and_escaped_backslashes():
+    # \\" is an escaped backslash and then a quote (text goes on); \" and \# start comments
+    text = bc.roff_to_text('Quote: \\\\"x\\" a comment\nNext \\# another comment\n')
+    assert text == 'Quote: \\"x Next\n'
+
+
+def test_roff_unicode_escapes_that_are_no_characters_are_dropped():
+    text = bc.roff_to_text("a \\[uD800]b \\[u110000]c \\[u1F600]d\n")
+    assert text == "a b c \U0001F600d\n"
+    text.encode("utf-8")  # a surrogate made the build fail here, writing the page
+
+
+def test_split_text_needs_room_for_any_character():
+    assert bc.split_text("\U0001F600\U0001F600\n", 4) == ["\U0001F600", "\U0001F600", "\n"]
+    with pytest.raises(ValueError, match="at least 4"):  # before: cutting the line looped forever
+        bc.split_text("\U0001F600\n", 3)
+
+
+def test_cli_refuses_a_max_doc_bytes_no_character_fits(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bc, "resolve_package", lambda *a: pytest.fail("options must be checked before apt"))
+    with pytest.raises(SystemExit) as exit_info:
+        bc.main(["--out", str(tmp_path / "out"), "--max-doc-bytes", "3"])
+    assert exit_info.value.code == 2 and "--max-doc-bytes must be at least 4" in capsys.readouterr().err
+
+
+def test_cap_cuts_the_pieces_of_a_split_document(tmp_path):
+    tree = tmp_path / "tree"
+    (tree / "usr/share/doc/t").mkdir(parents=True)
+    (tree / "usr/share/doc/t/huge.txt").write_text(PROSE * 200)  # ~110 KB: 14 pieces of at most 8 KiB
+    docs_subset = [s for s in SUBSETS if s.key == "docs"]
+    pkg = bc.Package(name="fake", version="1.0", tree=str(tree))
+
+    def build(name, cap):
+        settings = bc.Settings(**{**SETTINGS, "max_bytes_per_subset": cap})
+        m = bc.build(tmp_path / name, docs_subset, {"fake": pkg}, tmp_path / "unpacked", settings)
+        return m["subsets"]["docs"], {d["meta"]["source"]: d["text"] for f in m["files"]
+                                      for d in _read_docs(tmp_path / name / f["path"])}
+
+    whole, all_pieces = build("whole", 1 << 30)
+    capped, kept = build("capped", 20000)
+    assert 20000 <= capped["text_bytes"] < 20000 + SETTINGS["max_doc_bytes"]  # the last document may pass the cap
+    assert capped["docs"] == len(kept) == 3 and capped["docs_over_cap"] == whole["docs"] - 3
+    assert kept == {k: all_pieces[k] for k in sorted(all_pieces)[:3]}  # the first pieces, under their usual ids
