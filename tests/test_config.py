@@ -23,16 +23,16 @@ def test_layer_unit_repeats_and_overrides_apply(tmp_path):
 
 
 @pytest.mark.parametrize("text,expected", [
-    (GOOD + "rebased: {num_heads: 2, norm_scope: global}\n", ["norm_scope", "'per_head'", "'joint'"]),
+    (GOOD.replace("{num_heads: 2}", "{num_heads: 2, norm_scope: global}"), ["norm_scope", "'per_head'", "'joint'"]),
     (GOOD + "mlp: relu\n", ["'mlp'", "'swiglu'", "'gelu'", "'none'"]),
     (GOOD + "d_modle: 3\n", ["unknown key 'd_modle'", "did you mean 'd_model'"]),
-    (GOOD + "rebased: {num_heads: 2, use_gama: true}\n", ["unknown key 'rebased.use_gama'", "use_gamma"]),
+    (GOOD.replace("{num_heads: 2}", "{num_heads: 2, use_gama: true}"), ["unknown key 'rebased.use_gama'", "use_gamma"]),
     (GOOD.replace("d_model: 32", "d_model: thirty"), ["'d_model'", "expected an integer"]),
     (GOOD.replace("[short_conv, rebased]", "[short_conv, mamba]"), ["layer_unit[1]", "'rebased'", "'attention'"]),
     (GOOD + "layers: [attention]\n", ["exactly one of 'layers'"]),
     (GOOD.replace("[short_conv, rebased]", "[short_conv, attention]") + "attention: {num_heads: 5}\n",
      ["not divisible"]),
-    (GOOD.replace("d_model: 32", "d_model: 8") + "rebased: {num_heads: 12}\n", ["smaller than the 12 value heads"]),
+    (GOOD.replace("d_model: 32", "d_model: 8").replace("{num_heads: 2}", "{num_heads: 12}"), ["smaller than the 12 value heads"]),
     ("d_model: 32\nlayers: [attention]\n", ["missing required key 'vocab_size'"]),
 ])
 def test_errors_name_file_key_and_choices(tmp_path, text, expected):
