@@ -1,7 +1,7 @@
 # Sourced by the launch scripts: use the active virtualenv, or create ./.venv, and install the project into it
 # when pyproject.toml changed since the last install. Nothing is installed twice.
-#   TORCH_SPEC   what to pip-install when torch is missing (default: the CPU-only machine's torch==2.13.0 when
-#                no NVIDIA driver is present, else the newest torch from the index)
+#   TORCH_SPEC   what to pip-install when torch is missing, pip options allowed (default: torch==2.13.0 when no
+#                NVIDIA driver is present, else the newest torch from the index)
 #   REBASED_SKIP_INSTALL=1   use the python on PATH as it is (a prepared container or cluster module, offline
 #                nodes): no virtualenv, no pip; the repository goes on PYTHONPATH
 set -euo pipefail
@@ -19,7 +19,9 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
 fi
 if ! python -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1; then default_torch="torch"; else default_torch="torch==2.13.0"; fi
-  python -m pip install -q "${TORCH_SPEC:-$default_torch}"
+  # unquoted on purpose: TORCH_SPEC may carry pip options, e.g. "torch==2.13.0 --index-url URL"
+  # shellcheck disable=SC2086
+  python -m pip install -q ${TORCH_SPEC:-$default_torch}
 fi
 stamp="$VIRTUAL_ENV/.rebased-installed-$(cksum < "$ROOT/pyproject.toml" | cut -d' ' -f1)"
 if [ ! -f "$stamp" ]; then

@@ -84,7 +84,7 @@ class TrainSection:
     # fp32: IEEE fp32 throughout (the original). tf32x3: the same, but the attention kernels and the LM head's
     # matmuls multiply fp32 in three TF32 tensor-core products (error of fp32's order). tf32: fp32 weights/activations, TF32 matmuls on CUDA.
     # bf16: autocast. (CPU runs are fp32 whatever is asked.)
-    precision: Literal["fp32", "tf32x3", "tf32", "bf16"] = "tf32"
+    precision: Literal["fp32", "tf32x3", "tf32", "bf16"] = "fp32"  # the protocol's (configs/mqar/base.yaml)
     max_steps: int | None = None  # stop after this many optimizer steps (smoke tests, time budgets)
     time_limit_s: float | None = None  # stop after the epoch that crosses this wall time (recorded in the result)
     eval_every_steps: int | None = None  # extra evaluations inside epochs (None: once per epoch)
