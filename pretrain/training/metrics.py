@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import sys
 
@@ -29,7 +30,8 @@ def peak_flops(device: torch.device) -> float | None:
     if "H100" in name and "PCIe" in name:
         return 756e12
     for key, tf in PEAK_BF16_TFLOPS.items():
-        if key in name:
+        # the whole model number: "L4" must not match an "L40S" (or "L40", which is not in the table)
+        if re.search(re.escape(key) + r"(?![0-9A-Za-z])", name):
             return tf * 1e12
     return None
 

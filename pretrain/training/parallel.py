@@ -223,7 +223,11 @@ class DeepSpeedStrategy(Strategy):
         return cfg
 
     def backward(self, loss, is_last_micro):
-        self.engine.backward(loss)  # the engine scales by 1/gradient_accumulation_steps
+        # The engine skips an update only on non-finite gradients, but a non-finite loss can have finite ones (a
+        # micro batch whose labels are all ignored: its mean is 0/0, its gradient 0). Scale such a loss by NaN so
+        # its gradients are NaN too (a factor of 1 or NaN, so no host sync).
+        poison = torch.where(torch.isfinite(loss.detach()), 1.0, float("nan"))
+        self.engine.backward(loss * poison)  # the engine scales by 1/gradient_accumulation_steps
 
     def set_lr(self, lr):
         for g in self.optimizer.param_groups:
@@ -234,8 +238,8 @@ class DeepSpeedStrategy(Strategy):
         self.engine.step()
 
     def step(self, skip: bool):
-        # A non-finite loss gives non-finite gradients on that rank, hence everywhere after the reduction; the
-        # engine's own overflow check then skips the update (was_step_applied() is False).
+        # A non-finite loss gives non-finite gradients on that rank (see backward), hence everywhere after the
+        # reduction; the engine's own overflow check then skips the update (was_step_applied() is False).
         self.engine.step()
         applied = bool(self.engine.was_step_applied())
         norm = self.engine.get_global_grad_norm()
