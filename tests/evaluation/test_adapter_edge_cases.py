@@ -14,6 +14,7 @@ from pretrain.config import from_dict
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.evaluation.lm_eval_adapter import LMEvalMethods
 from pretrain.models import ModelConfig, build_model
+from test_lm_eval_adapter import CharTokenizer
 
 WORDS = "the cat sat on a mat and dog ran to its home while birds sang over green hills near quiet rivers".split()
 
@@ -49,16 +50,6 @@ def tiny_model(vocab_size: int, max_seq_len: int = 64):
     cfg = from_dict(ModelConfig, dict(vocab_size=vocab_size, d_model=32, layers=["short_conv", "rebased"], mlp="none",
                                       max_seq_len=max_seq_len, rebased={"num_heads": 2, "feature_dim": 8}))
     return build_model(cfg).double().eval()
-
-
-class CharTokenizer:
-    eod_id = 0
-
-    def encode(self, text):
-        return [ord(c) - 96 for c in text]  # 'a' -> 1 ... 'z' -> 26
-
-    def decode(self, ids):
-        return "".join(chr(i + 96) for i in ids)
 
 
 @torch.no_grad()
