@@ -11,7 +11,9 @@ decoding (``torch.cuda.max_memory_allocated``, weights and caches included). ``-
 model's step as users know it from Hugging Face's static cache: the same step function through
 ``torch.compile(mode="reduce-overhead")`` (the Transformer++ baseline's fast path), and ``DecodeStep(compile=True)``
 (the step compiled, then captured in our CUDA graph: what ``generate(..., compile=True)`` runs). Settings whose KV
-cache would not fit are skipped (and listed). Each model first runs a short prefill and a few steps untimed (the
+cache would not fit, or whose prefill runs out of GPU memory, are skipped (and listed). The reduce-overhead step
+marks the cache's buffers as static addresses (as Hugging Face's static cache does), so its CUDA graphs may update
+them in place. Each model first runs a short prefill and a few steps untimed (the
 kernels' compilation). Results: OUT/generate_speed_<device>_<date>.{json,md}, rewritten after every setting (a
 crash or a time limit keeps what was measured), and a plot of ms per step against the prompt length.
 """
@@ -41,6 +43,13 @@ def kv_bytes(cfg, batch: int, length: int) -> int:
         elif kind == "sliding_window":
             total += 2 * batch * min(length, cfg.sliding_window.window) * cfg.d_model * 2
     return total
+
+
+def cache_buffers(cache) -> list:
+    """Every tensor a decoding step updates in place: the rows' positions and each layer's state."""
+    names = ("kv", "z", "state", "k", "v", "slot_pos")
+    return [cache.seen] + [getattr(layer, n) for layer in cache.layers for n in names
+                           if isinstance(getattr(layer, n, None), torch.Tensor)]
 
 
 def time_steps(step, tokens, n: int) -> float:
@@ -89,6 +98,10 @@ def measure(model, batch: int, prompt_len: int, steps: int, compiled: bool) -> d
         del cache, step
     if compiled:
         cache, logits = prefill(model, prompts, max_len)
+        # as Hugging Face's static cache does: buffers updated in place keep their addresses, so the compiled
+        # function's CUDA graphs may mutate them (else inductor skips the graphs: "mutated inputs")
+        for buffer in cache_buffers(cache):
+            torch._dynamo.mark_static_address(buffer)
 
         def forward(tokens):
             return model.lm_head(model.hidden_states(tokens, cache=cache)[:, -1])
@@ -117,7 +130,7 @@ def markdown(result: dict) -> str:
                      f"{r.get('prefill_peak_gib', '-')} / "
                      f"{r.get('decode_peak_gib', '-')} |")
     if result.get("skipped"):
-        lines += ["", "Skipped (the KV cache would not fit): " + ", ".join(result["skipped"])]
+        lines += ["", "Skipped (the KV cache would not fit, or out of memory): " + ", ".join(result["skipped"])]
     return "\n".join(lines) + "\n"
 
 
@@ -154,6 +167,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     p.add_argument("--quick", action="store_true", help="tiny models and lengths: a smoke test of the script")
     args = p.parse_args(argv)
+    # long prefills allocate blocks of many sizes: without expandable segments a 16 x 64k prefill ran out of memory
+    # with 50 GiB reserved but free (fragmented)
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if not torch.cuda.is_available():
         print("generate_speed needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -179,7 +195,12 @@ def main(argv=None) -> int:
                 if kv_bytes(cfg, batch, prompt_len + 3 * args.steps) > args.memory_gib * 2**30:
                     skipped.append(f"{name} B={batch} T={prompt_len}")
                     continue
-                row = {"model": name, **measure(model, batch, prompt_len, args.steps, args.compiled)}
+                try:
+                    row = {"model": name, **measure(model, batch, prompt_len, args.steps, args.compiled)}
+                except torch.OutOfMemoryError:  # the prefill's activations, not the cache: listed, the rest runs
+                    skipped.append(f"{name} B={batch} T={prompt_len} (out of memory)")
+                    torch.cuda.empty_cache()
+                    continue
                 print(json.dumps(row), flush=True)
                 rows.append(row)
                 save()
