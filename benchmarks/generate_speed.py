@@ -45,13 +45,6 @@ def kv_bytes(cfg, batch: int, length: int) -> int:
     return total
 
 
-def cache_buffers(cache) -> list:
-    """Every tensor a decoding step updates in place: the rows' positions and each layer's state."""
-    names = ("kv", "z", "state", "k", "v", "slot_pos")
-    return [cache.seen] + [getattr(layer, n) for layer in cache.layers for n in names
-                           if isinstance(getattr(layer, n, None), torch.Tensor)]
-
-
 def time_steps(step, tokens, n: int) -> float:
     """Mean ms per step over n steps (after the ones already run)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -100,7 +93,7 @@ def measure(model, batch: int, prompt_len: int, steps: int, compiled: bool) -> d
         cache, logits = prefill(model, prompts, max_len)
         # as Hugging Face's static cache does: buffers updated in place keep their addresses, so the compiled
         # function's CUDA graphs may mutate them (else inductor skips the graphs: "mutated inputs")
-        for buffer in cache_buffers(cache):
+        for buffer in cache.buffers():
             torch._dynamo.mark_static_address(buffer)
 
         def forward(tokens):

@@ -17,7 +17,7 @@ every update is in place. Caches are for inference: they are used under ``torch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -115,6 +115,12 @@ class ModelCache:
     @property
     def batch_size(self) -> int:
         return self.rows if self.seen is None else self.seen.shape[0]
+
+    def buffers(self) -> list[torch.Tensor]:
+        """Every tensor a decoding step updates in place (the rows' positions and each layer's buffers, once made):
+        what a compiler must treat as fixed addresses, e.g. ``torch._dynamo.mark_static_address``."""
+        tensors = [self.seen] + [getattr(layer, f.name) for layer in self.layers for f in fields(layer)]
+        return [t for t in tensors if isinstance(t, torch.Tensor)]
 
     @torch.compiler.disable  # host bookkeeping: a compiled step must not specialise on the count
     def reserve(self, tokens: int, full_attention: bool, position_limit: int | None) -> None:

@@ -223,3 +223,24 @@ def test_generation_runs_without_dropout_and_keeps_the_models_mode():
     assert generate(model, prompts, 6) == expected
     assert model.training
     assert expected[0] == greedy_by_full_forward(model.eval(), prompts[0], 6)
+
+
+def test_cache_buffers_are_every_tensor_a_step_updates_and_keep_their_addresses():
+    """``ModelCache.buffers()`` lists each tensor a one-token step writes (what a compiled step marks as a static
+    address): a step changes no tensor outside that list and leaves each listed one at its address."""
+    model = model_for(LAYOUTS["hybrid"])
+    cache = model.init_cache(2, 16)
+    with torch.no_grad():
+        model(torch.tensor([[5, 9, 2], [7, 1, 4]]), cache=cache)
+        buffers = cache.buffers()
+        before = [(b.data_ptr(), b.clone()) for b in buffers]
+        model(torch.tensor([[3], [8]]), cache=cache)
+    assert {id(b) for b in buffers} == {id(b) for b in cache.buffers()}
+    assert all(b.data_ptr() == ptr for b, (ptr, _) in zip(buffers, before))
+    assert all(not torch.equal(b, old) for b, (_, old) in zip(buffers, before))  # each one is a step's output
+    kinds = {type(layer).__name__ for layer in cache.layers}
+    assert kinds == {"LinearAttentionCache", "ConvCache", "KVCache"}
+    # seen, then per layer: kv and z; a conv state; k, v and slot_pos
+    expected = 1 + sum({"LinearAttentionCache": 2, "ConvCache": 1, "KVCache": 3}[type(l).__name__]
+                       for l in cache.layers)
+    assert len(buffers) == expected
