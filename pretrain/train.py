@@ -123,6 +123,9 @@ class Trainer:
         self.flops_per_token = flops_per_token(self.model_cfg, cfg.data.seq_len)["train"]
         seed_everything(t.seed)
         module = build_model(self.model_cfg)  # same init on every rank (seeded), fp32 master weights
+        # from here on each rank draws its own stream (dropout masks differ across data-parallel ranks); a resume
+        # without the saved RNG states reseeds by the same rule at its step
+        seed_everything(self._rank_seed(step=0))
         self.n_params = count_parameters(module)
         module = module.to(self.device)
         if t.compile:
@@ -158,6 +161,9 @@ class Trainer:
         self.train_iter = iter(self._loader(self.train_ds))
 
     # -- setup helpers ------------------------------------------------------------------------------------------
+    def _rank_seed(self, step: int) -> int:
+        return self.cfg.training.seed + 1000003 * step + self.rank
+
     def _loader(self, ds):
         dm = self.cfg.data.document_masking
         return torch.utils.data.DataLoader(
@@ -208,7 +214,7 @@ class Trainer:
         self.tokens_seen = meta.get("tokens_seen", 0)
         same_world = meta.get("world_size") == self.world
         if not (same_world and ckpt.load_rng(path, self.rank)):
-            seed_everything(self.cfg.training.seed + 1000003 * self.step + self.rank)
+            seed_everything(self._rank_seed(self.step))
         log.info("resumed from %s (step %d, saved at world size %s, now %d)", path, self.step,
                  meta.get("world_size"), self.world)
 

@@ -66,3 +66,52 @@ def test_peak_flops_matches_the_whole_model_number(monkeypatch, name, tflops):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     got = peak_flops(torch.device("cuda", 0))
     assert got == (tflops * 1e12 if tflops else None)
+
+
+# Under torchrun: the trainer's init, then each rank draws a dropout mask from the global RNG as embedding dropout
+# would, and writes it with a checksum of its initial weights.
+DRAW_AFTER_INIT = """
+import json, os, sys
+import torch, torch.nn.functional as F
+import pretrain.train as train
+
+def record(self):
+    mask = F.dropout(torch.ones(256), 0.5, training=True).ne(0).int().tolist()
+    weights = float(sum(p.detach().double().sum() for p in self.strategy.module.parameters()))
+    with open(os.environ["DRAW_OUT"] + f".rank{self.rank}.json", "w") as f:
+        json.dump({"mask": mask, "weights": weights}, f)
+    return 0
+
+train.Trainer.run = record
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_data_parallel_ranks_draw_different_dropout_masks_from_the_same_init(shards, tmp_path):
+    """Same seed → the same initial weights on every rank, but each rank its own random stream afterwards (with one
+    stream, every rank would drop the same embedding positions); the same seed again gives the same masks."""
+    script = tmp_path / "draw_after_init.py"  # torchrun starts a script, not ``-c``
+    script.write_text(DRAW_AFTER_INIT)
+    draws = []
+    for attempt in range(2):
+        out = tmp_path / f"run{attempt}"
+        run(shards, out, 2, "ddp", ["checkpoint.every=0"], entry=(str(script),),
+            extra_env={"DRAW_OUT": str(tmp_path / f"draw{attempt}")})
+        draws.append([json.loads((tmp_path / f"draw{attempt}.rank{r}.json").read_text()) for r in range(2)])
+    for ranks in draws:
+        assert ranks[0]["weights"] == ranks[1]["weights"], "every rank must start from the same weights"
+        assert ranks[0]["mask"] != ranks[1]["mask"], "the ranks drew the same dropout mask"
+    assert draws[0] == draws[1], "the same seed must give the same weights and masks"
+
+
+def test_config_error_found_after_the_process_group_started_exits_cleanly(shards, tmp_path):
+    """A config problem the trainer can only see once it knows the world size (fewer validation sequences than
+    processes) is reported with the trainer's config exit code, not as a crash (torchrun stops the other rank
+    once one has exited, so that one may be ended by SIGTERM before it reports)."""
+    p = run(shards, tmp_path / "run", 2, "ddp", ["training.eval_samples=1", "checkpoint.every=0"], check=False,
+            **{"data.valid": [{"path": str(shards / "valid"), "weight": 1.0}]})
+    assert p.returncode != 0
+    errors = [line for line in p.stderr.splitlines() if line.startswith("config error: training.eval_samples=1")]
+    assert 1 <= len(errors) <= 2, p.stderr[-3000:]
+    assert "failed (exitcode: 2)" in p.stderr, p.stderr[-3000:]  # torchrun's report of the first rank that ended
+    assert "terminate called" not in p.stderr and "core dumped" not in p.stderr, p.stderr[-3000:]
