@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The seventh session's MQAR sweeps (2026-12-05), bf16 like the 12 settings already run, on one lent H200:
+# The seventh session's MQAR sweeps (2026-12-05), bf16 like the 12 settings already run (ran on a lent H100: no H200 came):
 #   a: ReBased and Based at d_model 64, seq 2048, lr 1e-3 / 3e-3 (issue 17's hard setting), four runs at once;
 #   b: Based at d_model 128, seq 1024, lr 1e-3 / 3e-3 (the L 1024 row's missing Based half), beside them.
 #   bash session.sh start SECONDS      # record the machine, start both sweeps detached, wait, pack
