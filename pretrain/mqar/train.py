@@ -104,6 +104,9 @@ def _query_labels(split: MQARSplit, idx: torch.Tensor, real: int) -> torch.Tenso
     return values
 
 
+_EVAL_LOGITS = 1 << 26  # logits per chunk of the evaluation's head (256 MiB in fp32)
+
+
 @torch.no_grad()
 def evaluate(hidden_fn, lm_head, split: MQARSplit, batch_size: int, autocast) -> dict:
     """Validation loss (mean over query tokens) and accuracy (argmax == bound value) over the whole split."""
@@ -115,11 +118,17 @@ def evaluate(hidden_fn, lm_head, split: MQARSplit, batch_size: int, autocast) ->
                             batch_size)
         inputs, qpos = split.inputs(idx), split.qpos[idx]
         with autocast():
-            logits = lm_head(hidden_fn(inputs, qpos)[:real])
+            hidden = hidden_fn(inputs, qpos)[:real]
         values = split.values[idx[:real]]
-        logits = logits.float()
-        loss_sum += F.cross_entropy(logits.flatten(0, 1), values.flatten(), reduction="sum")
-        correct += (logits.argmax(-1) == values).sum()
+        # the head over a few sequences at a time: the whole batch's fp32 logits are GiBs at seq 2048 (one run
+        # out of six sharing a GPU ran out of memory here), a chunk's at most _EVAL_LOGITS elements
+        rows = max(1, _EVAL_LOGITS // (values.shape[1] * lm_head.weight.shape[0]))
+        for h, v in zip(hidden.split(rows), values.split(rows)):
+            with autocast():
+                logits = lm_head(h)
+            logits = logits.float()
+            loss_sum += F.cross_entropy(logits.flatten(0, 1), v.flatten(), reduction="sum")
+            correct += (logits.argmax(-1) == v).sum()
         total += values.numel()
     return {"valid_loss": loss_sum.item() / max(total, 1), "valid_accuracy": correct.item() / max(total, 1)}
 

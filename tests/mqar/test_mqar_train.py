@@ -140,3 +140,33 @@ def test_padded_micro_batches_leave_the_loss_and_gradients_unchanged():
     torch.testing.assert_close(loss_p, loss, rtol=1e-12, atol=0)
     for g, gp in zip(grads, grads_p):
         torch.testing.assert_close(gp, g, rtol=1e-10, atol=1e-14)
+
+
+def test_evaluation_in_chunks_of_sequences_equals_one_pass(monkeypatch):
+    """The evaluation's head runs over a few sequences at a time (bounded memory): the same accuracy and loss as
+    one pass over the batch, also with a padded last batch."""
+    import contextlib
+
+    import pretrain.mqar.train as mqar_train
+    from pretrain.models import build_model
+
+    cfg = load_mqar_config(TINY, [])
+    data = load_mqar(cfg.data.spec(), cache_dir=None)
+    torch.manual_seed(0)
+    model = build_model(cfg.model_config()).double().eval()
+
+    def hidden(inputs, qpos):
+        return model.hidden_states(inputs, select=qpos)
+
+    def run(logits_per_chunk):
+        monkeypatch.setattr(mqar_train, "_EVAL_LOGITS", logits_per_chunk)
+        return mqar_train.evaluate(hidden, model.lm_head, data.test, 48, contextlib.nullcontext)
+
+    one_pass = run(1 << 40)
+    queries, vocab = data.test.qpos.shape[1], cfg.data.vocab_size
+    for rows in (1, 5):  # 1 sequence per chunk; 5 (48 = 9 × 5 + 3: a short last chunk)
+        chunked = run(rows * queries * vocab)
+        assert chunked["valid_accuracy"] == one_pass["valid_accuracy"]
+        # the loss is summed in fp32 per chunk, then in float64: only the order of the fp32 sums differs
+        assert chunked["valid_loss"] == pytest.approx(one_pass["valid_loss"], rel=1e-6)
+    assert len(data.test) % 48, "the test split should end in a padded batch"
