@@ -229,25 +229,57 @@ class MQARRun:
         if not path.exists():
             return None
         try:
-            state = torch.load(path, map_location=self.device, weights_only=False)
+            # to the CPU: the generator states must stay CPU byte tensors (a CUDA map_location moved them and every
+            # resume on a GPU failed); load_state_dict moves weights and moments to where the parameters live
+            state = torch.load(path, map_location="cpu", weights_only=False)
             if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
                 raise ValueError("not an MQAR run checkpoint of this version")
-            if state["config"] != self._checkpoint_config():
+            if state.get("config") != self._checkpoint_config():
                 self.log(f"mqar: {path} was saved by a run with another config; starting afresh")
                 return None
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.perm_gen.set_state(state["perm_generator"])
-            torch.set_rng_state(state["cpu_rng"])
-            if state["cuda_rng"] is not None and self.device.type == "cuda":
-                torch.cuda.set_rng_state_all(state["cuda_rng"])
-            self.progress = Progress(**state["progress"])
+            self._check_checkpoint(state)
         except Exception as e:  # a torn or foreign file: the run starts afresh and overwrites it
             self.log(f"mqar: ignoring unreadable checkpoint {path}: {type(e).__name__}: {e}")
             return None
+        # everything was checked above, so nothing is left half-restored: a failure from here on is a bug
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.perm_gen.set_state(state["perm_generator"])
+        torch.set_rng_state(state["cpu_rng"])
+        if state["cuda_rng"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.progress = Progress(**state["progress"])
         self.progress.attempts += 1
         self.log(f"mqar: resuming from {path} after epoch {self.progress.epoch} (step {self.progress.step})")
         return str(path)
+
+    def _check_checkpoint(self, state: dict) -> None:
+        """Raise ValueError naming the first field of a loaded checkpoint that this run could not restore."""
+        own = self.model.state_dict()
+        model = state.get("model")
+        if not isinstance(model, dict) or set(model) != set(own):
+            raise ValueError("field 'model': not this model's parameters")
+        for name, tensor in model.items():
+            if not isinstance(tensor, torch.Tensor) or tensor.shape != own[name].shape:
+                raise ValueError(f"field 'model': {name} is not a tensor of shape {tuple(own[name].shape)}")
+        optimizer = state.get("optimizer")
+        groups = self.optimizer.state_dict()["param_groups"]
+        if not isinstance(optimizer, dict) or [len(g.get("params", ())) for g in optimizer.get("param_groups", ())] \
+                != [len(g["params"]) for g in groups]:
+            raise ValueError("field 'optimizer': not this run's parameter groups")
+        generators = {"perm_generator": self.perm_gen.get_state(), "cpu_rng": torch.get_rng_state()}
+        for key, like in generators.items():
+            value = state.get(key)
+            if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or value.shape != like.shape:
+                raise ValueError(f"field '{key}': not a generator state ({like.numel()} bytes)")
+        cuda_rng = state.get("cuda_rng")
+        if cuda_rng is not None and not (isinstance(cuda_rng, list)
+                                         and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8
+                                                 for t in cuda_rng)):
+            raise ValueError("field 'cuda_rng': not a list of CUDA generator states")
+        progress = state.get("progress")
+        if not isinstance(progress, dict) or not set(progress) <= set(Progress.__dataclass_fields__):
+            raise ValueError("field 'progress': not this version's run progress")
 
     # ------------------------------------------------------------------ training
 

@@ -75,15 +75,10 @@ def test_cli_rejects_bad_keys_naming_the_file(capsys):
 SHORT = ["data.num_train=1000", "data.num_test=256", "train.max_epochs=3", "train.early_stop_accuracy=null"]
 
 
-def test_resume_after_an_interruption_equals_the_uninterrupted_run(tmp_path, one_thread, monkeypatch):
-    """A run killed after epoch 2 resumes from <output>.ckpt and ends with the same numbers; the checkpoint goes."""
+def _killed_after_epoch_2(out: Path, overrides: list, monkeypatch) -> None:
+    """Run the tiny config with --output `out` and stop it right after epoch 2's checkpoint is written."""
     from pretrain.mqar import train as mqar_train
 
-    whole = tmp_path / "whole.json"
-    assert mqar_main(["--config", str(TINY), *SHORT, "--output", str(whole)]) == 0
-    assert not Path(str(whole) + ".ckpt").exists()
-
-    out = tmp_path / "resumed.json"
     save = mqar_train.MQARRun.save_checkpoint
 
     def save_then_die(self):
@@ -93,10 +88,29 @@ def test_resume_after_an_interruption_equals_the_uninterrupted_run(tmp_path, one
 
     monkeypatch.setattr(mqar_train.MQARRun, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        mqar_main(["--config", str(TINY), *SHORT, "--output", str(out)])
-    assert Path(str(out) + ".ckpt").exists() and not out.exists()
+        mqar_main(["--config", str(TINY), *overrides, "--output", str(out)])
     monkeypatch.setattr(mqar_train.MQARRun, "save_checkpoint", save)
-    assert mqar_main(["--config", str(TINY), *SHORT, "--output", str(out)]) == 0
+    assert Path(str(out) + ".ckpt").exists() and not out.exists()
+
+
+# CUDA runs only where a GPU is (the device machine): a CUDA map_location once broke every resume there
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_resume_after_an_interruption_equals_the_uninterrupted_run(tmp_path, one_thread, monkeypatch, capsys,
+                                                                   device):
+    """A run killed after epoch 2 resumes from <output>.ckpt and ends with the same numbers; the checkpoint goes."""
+    overrides = [*SHORT, f"train.device={device}"]
+    whole = tmp_path / "whole.json"
+    assert mqar_main(["--config", str(TINY), *overrides, "--output", str(whole)]) == 0
+    assert not Path(str(whole) + ".ckpt").exists()
+
+    out = tmp_path / "resumed.json"
+    _killed_after_epoch_2(out, overrides, monkeypatch)
+    capsys.readouterr()
+    assert mqar_main(["--config", str(TINY), *overrides, "--output", str(out)]) == 0
+    assert "resuming from" in capsys.readouterr().out
     a, b = read_result(whole), read_result(out)
     assert b["time"]["attempts"] == 2 and not Path(str(out) + ".ckpt").exists()
     keys = ("epoch", "step", "lr", "train_loss", "valid_loss", "valid_accuracy")
@@ -111,6 +125,29 @@ def test_a_checkpoint_of_another_config_or_a_torn_file_is_not_used(tmp_path, one
     assert mqar_main(["--config", str(TINY), *SHORT, "train.max_epochs=1", "--output", str(out)]) == 0
     assert "ignoring unreadable checkpoint" in capsys.readouterr().out
     assert read_result(out)["time"]["attempts"] == 1
+
+
+@pytest.mark.parametrize("field, value", [("perm_generator", torch.zeros(16)), ("cpu_rng", torch.zeros(3, dtype=torch.uint8)),
+                                          ("progress", {"epochs": 2}), ("optimizer", {"state": {}})])
+def test_a_checkpoint_that_cannot_be_restored_leaves_nothing_half_restored(tmp_path, one_thread, monkeypatch, capsys,
+                                                                        field, value):
+    """A checkpoint with one bad field is ignored as a whole, naming the field: the run equals a fresh one (the
+    weights of epoch 2 are not kept while the epoch count starts again, which restarted the cosine schedule)."""
+    fresh = tmp_path / "fresh.json"
+    assert mqar_main(["--config", str(TINY), *SHORT, "--output", str(fresh)]) == 0
+    out = tmp_path / "r.json"
+    _killed_after_epoch_2(out, SHORT, monkeypatch)
+    ckpt = Path(str(out) + ".ckpt")
+    state = torch.load(ckpt, weights_only=False)
+    state[field] = value
+    torch.save(state, ckpt)
+    capsys.readouterr()
+    assert mqar_main(["--config", str(TINY), *SHORT, "--output", str(out)]) == 0
+    assert f"ignoring unreadable checkpoint {ckpt}: ValueError: field '{field}'" in capsys.readouterr().out
+    a, b = read_result(fresh), read_result(out)
+    assert b["time"]["attempts"] == 1
+    keys = ("epoch", "step", "lr", "train_loss", "valid_loss", "valid_accuracy")
+    assert [[h[k] for k in keys] for h in b["history"]] == [[h[k] for k in keys] for h in a["history"]]
 
 
 def test_padded_micro_batches_leave_the_loss_and_gradients_unchanged():
