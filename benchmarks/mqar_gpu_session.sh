@@ -21,10 +21,24 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 action="${1:?usage: $0 start OUT [sweep args...] | wait OUT SECONDS PACK}"
 out="${2:?missing OUT}"
+# The sweep's pid is also kept outside OUT: a device tool that carries OUT in replaces the folder, pid file included,
+# while the sweep an earlier call started on the same (warm) machine still runs and writes into it
+running="${TMPDIR:-/tmp}/mqar_gpu_session.$(realpath -m "$out" | md5sum | cut -c1-16).pid"
+
+alive() {  # a process that exists and is not a zombie left unreaped
+  local state
+  state="$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)"
+  [[ -n "$state" && "$state" != Z ]]
+}
 
 case "$action" in
   start)
     shift 2
+    if [[ -f "$running" ]] && alive "$(cat "$running")"; then
+      echo "a sweep into $out from an earlier call is still running (pid $(cat "$running")): 'wait' for it, or stop" \
+        "it first; two would train the same settings into the same files" >&2
+      exit 3
+    fi
     mkdir -p "$out"
     for first in "$out"/*.ckpt.part1of*; do  # checkpoints brought back in parts
       [[ -f "$first" ]] || continue
@@ -45,6 +59,7 @@ case "$action" in
     export PYTHONUNBUFFERED=1
     setsid nohup "$PYTHON" -m pretrain.mqar.sweep --out "$out" "$@" >"$out/sweep.log" 2>&1 </dev/null &
     echo "$!" >"$out/sweep.pid"
+    echo "$!" >"$running"
     echo "sweep started (pid $(cat "$out/sweep.pid")); log: $out/sweep.log"
     ;;
   wait)
@@ -52,12 +67,12 @@ case "$action" in
     pack="${4:?missing PACK}"
     checkpoints="${5:-}"
     [[ -z "$checkpoints" || "$checkpoints" == "--checkpoints" ]] || { echo "unknown option '$checkpoints'" >&2; exit 2; }
-    pid="$(cat "$out/sweep.pid")"
+    pid="$(cat "$out/sweep.pid" 2>/dev/null || cat "$running")"
     end=$((SECONDS + seconds))
-    while kill -0 "$pid" 2>/dev/null && ((SECONDS < end)); do
+    while alive "$pid" && ((SECONDS < end)); do
       sleep 5
     done
-    kill -0 "$pid" 2>/dev/null && echo "sweep still running after ${seconds}s" || echo "sweep finished"
+    alive "$pid" && echo "sweep still running after ${seconds}s" || echo "sweep finished"
     tail -n 40 "$out/sweep.log"
     (cd "$out" && find . -maxdepth 1 -type f \( -name '*.json' -o -name '*.log' \) -print0 |
       tar czf "$pack.tmp" --null -T -)

@@ -17,7 +17,7 @@ import yaml
 
 from pretrain.config import ConfigError, to_dict
 from pretrain.mqar.config import load_mqar_config
-from pretrain.mqar.train import train_mqar
+from pretrain.mqar.train import RunInProgressError, train_mqar
 
 
 def main(argv=None) -> int:
@@ -42,7 +42,11 @@ def main(argv=None) -> int:
         print(yaml.safe_dump({"mqar": to_dict(cfg), "model": to_dict(model_cfg)}, sort_keys=False))
         return 0
     command = "python -m pretrain.mqar " + " ".join(shlex.quote(a) for a in argv)
-    train_mqar(cfg, command=command)
+    try:
+        train_mqar(cfg, command=command)
+    except RunInProgressError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

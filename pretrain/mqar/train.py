@@ -18,6 +18,7 @@ With ``output`` set, the run's state is saved after every epoch to ``<output>.ck
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import math
@@ -27,7 +28,7 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -449,5 +450,28 @@ class MQARRun:
         }
 
 
+class RunInProgressError(RuntimeError):
+    """Another process is running the same setting into the same output."""
+
+
+@contextmanager
+def exclusive_output(output: str | None):
+    """Hold an exclusive lock on ``<output>.lock`` while a run writes ``<output>`` and its checkpoint: a second run
+    of the same setting (a resubmitted job, a sweep restarted beside one still running) would otherwise resume from
+    and overwrite the same checkpoint and result."""
+    if not output:
+        yield
+        return
+    path = Path(output + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunInProgressError(f"{output}: another process is running this setting (it holds {path})") from None
+        yield
+
+
 def train_mqar(cfg: MQARConfig, *, log=print, command: str | None = None) -> dict:
-    return MQARRun(cfg, log).run(command)
+    with exclusive_output(cfg.output):
+        return MQARRun(cfg, log).run(command)

@@ -8,9 +8,12 @@ import json
 import os
 import re
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -359,3 +362,31 @@ def test_gpu_session_script_runs_a_detached_sweep_and_packs_it(tmp_path):
     bad = subprocess.run(["bash", str(SESSION), "wait", str(out), "1", str(packs / "b.tgz"), "--ckpt"], env=env,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown option '--ckpt'" in bad.stderr and not (packs / "b.tgz").exists()
+
+
+def test_gpu_session_script_refuses_a_second_sweep_into_a_folder_replaced_under_a_running_one(tmp_path):
+    """On a warm machine the device tool replaces a carried-in OUT, pid file included, while the sweep an earlier
+    call started still writes into it; `start` must refuse rather than run every setting twice."""
+    slow = tmp_path / "slow_python"
+    slow.write_text("#!/usr/bin/env bash\nexec sleep 60\n")  # stands in for a sweep still training
+    slow.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(slow), TMPDIR=str(tmp_path))
+    out = tmp_path / "out"
+    first = subprocess.run(["bash", str(SESSION), "start", str(out)], env=env, capture_output=True, text=True,
+                           timeout=60)
+    assert first.returncode == 0, first.stderr
+    pid = int((out / "sweep.pid").read_text())
+    try:
+        shutil.rmtree(out)  # what carrying the folder in again does
+        out.mkdir()
+        second = subprocess.run(["bash", str(SESSION), "start", str(out)], env=env, capture_output=True, text=True,
+                                timeout=60)
+        assert second.returncode == 3 and f"still running (pid {pid})" in second.stderr
+        assert not (out / "sweep.pid").exists()
+    finally:
+        os.kill(pid, signal.SIGKILL)
+    time.sleep(0.5)  # the kill lands (the sweep is not our child: it may stay a zombie, which counts as ended)
+    third = subprocess.run(["bash", str(SESSION), "start", str(out)], env=env, capture_output=True, text=True,
+                           timeout=60)
+    assert third.returncode == 0, third.stderr
+    os.kill(int((out / "sweep.pid").read_text()), signal.SIGKILL)

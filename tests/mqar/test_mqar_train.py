@@ -127,6 +127,19 @@ def test_a_checkpoint_of_another_config_or_a_torn_file_is_not_used(tmp_path, one
     assert read_result(out)["time"]["attempts"] == 1
 
 
+def test_a_second_run_of_the_same_output_is_refused_while_the_first_runs(tmp_path, one_thread, capsys):
+    """Two processes on one setting would resume from and overwrite one checkpoint; the second exits with 2."""
+    import fcntl
+
+    out = tmp_path / "r.json"
+    with open(str(out) + ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a running MQAR process holds
+        assert mqar_main(["--config", str(TINY), *SHORT, "train.max_epochs=1", "--output", str(out)]) == 2
+        assert "another process is running this setting" in capsys.readouterr().err
+        assert not out.exists() and not Path(str(out) + ".ckpt").exists()
+    assert mqar_main(["--config", str(TINY), *SHORT, "train.max_epochs=1", "--output", str(out)]) == 0
+
+
 @pytest.mark.parametrize("field, value", [("perm_generator", torch.zeros(16)), ("cpu_rng", torch.zeros(3, dtype=torch.uint8)),
                                           ("progress", {"epochs": 2}), ("optimizer", {"state": {}})])
 def test_a_checkpoint_that_cannot_be_restored_leaves_nothing_half_restored(tmp_path, one_thread, monkeypatch, capsys,
