@@ -211,6 +211,18 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def dotted_keys(tree: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}: the leaves of a nested config under their dotted keys (to name what differs
+    between two configs)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(dotted_keys(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """'optim.lr=3e-4' → (['optim', 'lr'], 0.0003); the value is parsed as YAML."""
     if "=" not in text:

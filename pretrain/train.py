@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from pretrain.config import ConfigError, load_config, to_dict
+from pretrain.config import ConfigError, dotted_keys, load_config, to_dict
 from pretrain.data.packed import PackedSequenceDataset
 from pretrain.models import build_model, count_parameters, flops_per_token, load_model_config
 from pretrain.training import checkpoint as ckpt
@@ -71,22 +71,11 @@ def collate(samples: list[dict], document_masking: bool) -> dict:
     return out
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    """{'a': {'b': 1}} -> {'a.b': 1}: the dotted keys of a config, to name what differs."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def config_differences(saved: dict, now: dict, sections: tuple[str, ...] | None = None) -> list[str]:
     """'key: saved -> now' for every dotted key of ``saved`` whose value differs (only under ``sections`` when
     given). Keys the saved config lacks are left out: a field added to the stack since then has the default that
     keeps the behaviour the checkpoint was made with."""
-    saved, now = _flatten(saved), _flatten(now)
+    saved, now = dotted_keys(saved), dotted_keys(now)
     return [f"{k}: {saved[k]!r} -> {now.get(k)!r}" for k in sorted(saved)
             if saved[k] != now.get(k) and (sections is None or k.split(".")[0] in sections)]
 

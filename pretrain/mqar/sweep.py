@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pretrain.config import ConfigError, parse_override, to_dict
+from pretrain.config import ConfigError, dotted_keys, parse_override, to_dict
 from pretrain.mqar.config import REPO_ROOT, format_lr, load_mqar_config, setting_name
 from pretrain.mqar.estimate import measured_epoch_times, order_cheapest_first, print_estimate
 from pretrain.mqar.results import read_result
@@ -120,17 +120,9 @@ def result_relevant_config(config: dict) -> dict:
     return config
 
 
-def _flatten(tree, prefix=""):
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            yield from _flatten(v, f"{prefix}{k}.")
-    else:
-        yield prefix.rstrip("."), tree
-
-
 def config_differences(expected: dict, found: dict) -> list[str]:
     """Dotted keys whose values differ, as 'key: found -> expected'."""
-    a, b = dict(_flatten(result_relevant_config(expected))), dict(_flatten(result_relevant_config(found)))
+    a, b = dotted_keys(result_relevant_config(expected)), dotted_keys(result_relevant_config(found))
     return [f"{k}: {b.get(k, '<missing>')!r} -> {a.get(k, '<missing>')!r}" for k in sorted(set(a) | set(b))
             if a.get(k) != b.get(k)]
 
