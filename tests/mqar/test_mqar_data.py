@@ -108,6 +108,47 @@ def test_generation_is_deterministic_by_seed():
     assert not np.array_equal(a["train_keys"][:60], a["test_keys"])
 
 
+def _generate_in_one_thread(spec, num, seed, chunk=2048):
+    """The generator as it was written first, one thread: every cached dataset and every result so far came from it."""
+    rng = np.random.default_rng(seed)
+    N, V, half = spec.num_kv_pairs, spec.vocab_size, spec.vocab_size // 2
+    log_p = np.log(mqar_data.query_slot_probs(spec.space, spec.power_a))
+
+    def distinct(rows, low, high):
+        r = rng.random((rows, high - low), dtype=np.float32)
+        if N < high - low:
+            idx = np.argpartition(r, N - 1, axis=1)[:, :N]
+            return np.take_along_axis(idx, np.take_along_axis(r, idx, axis=1).argsort(axis=1), axis=1) + low
+        return r.argsort(axis=1) + low
+
+    parts = {"keys": [], "values": [], "qpos": []}
+    for start in range(0, num, chunk):
+        rows = min(chunk, num - start)
+        parts["keys"].append(distinct(rows, 1, half))
+        parts["values"].append(distinct(rows, half, V))
+        scores = log_p[None, :] + rng.gumbel(size=(rows, spec.space))
+        parts["qpos"].append(2 * N + 2 * np.argsort(-scores, axis=1, kind="stable")[:, :N])
+    out = {k: np.concatenate(v).astype(np.int16) for k, v in parts.items()}
+    if spec.random_non_queries:
+        out["filler"] = rng.integers(0, V, size=(num, spec.seq_len), dtype=np.int16)
+    return out
+
+
+@pytest.mark.parametrize("spec, num, chunk", [
+    (MQARSpec(seq_len=256, num_kv_pairs=64), 1000, 96),
+    (MQARSpec(seq_len=64, num_kv_pairs=7, vocab_size=16, random_non_queries=True), 333, 50),  # every key used
+    (MQARSpec(seq_len=2048, num_kv_pairs=512), 300, 2048),
+])
+@pytest.mark.parametrize("workers", [1, 3])
+def test_threaded_generation_equals_the_one_thread_generator(spec, num, chunk, workers):
+    """The selections run on threads, the draws stay in one stream: the same examples, whatever the threads."""
+    expected = _generate_in_one_thread(spec, num, seed=5, chunk=chunk)
+    found = mqar_data._generate(spec, num, seed=5, chunk=chunk, workers=workers)
+    assert sorted(found) == sorted(expected)
+    for name, arr in expected.items():
+        np.testing.assert_array_equal(found[name], arr, err_msg=name)
+
+
 def test_cache_is_keyed_by_parameters_and_reused(tmp_path, monkeypatch):
     first = load_mqar(SPEC, cache_dir=tmp_path)
     assert not first.from_cache and first.cache_path.exists() and first.cache_path.parent == tmp_path
