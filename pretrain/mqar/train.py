@@ -469,6 +469,9 @@ def exclusive_output(output: str | None):
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise RunInProgressError(f"{output}: another process is running this setting (it holds {path})") from None
+        except OSError as e:  # a file system without locks (some network mounts): run unguarded, say so
+            print(f"mqar: warning: cannot lock {path} ({e}); nothing stops a second run of this setting",
+                  file=sys.stderr)
         yield
 
 

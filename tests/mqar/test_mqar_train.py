@@ -140,6 +140,19 @@ def test_a_second_run_of_the_same_output_is_refused_while_the_first_runs(tmp_pat
     assert mqar_main(["--config", str(TINY), *SHORT, "train.max_epochs=1", "--output", str(out)]) == 0
 
 
+def test_a_file_system_without_locks_runs_unguarded_with_a_warning(tmp_path, one_thread, capsys, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    out = tmp_path / "r.json"
+    assert mqar_main(["--config", str(TINY), *SHORT, "train.max_epochs=1", "--output", str(out)]) == 0
+    assert "cannot lock" in capsys.readouterr().err and read_result(out) is not None
+
+
 @pytest.mark.parametrize("field, value", [("perm_generator", torch.zeros(16)), ("cpu_rng", torch.zeros(3, dtype=torch.uint8)),
                                           ("progress", {"epochs": 2}), ("optimizer", {"state": {}})])
 def test_a_checkpoint_that_cannot_be_restored_leaves_nothing_half_restored(tmp_path, one_thread, monkeypatch, capsys,
