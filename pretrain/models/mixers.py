@@ -97,6 +97,8 @@ class LinearAttention(nn.Module):
 class ShortConv(nn.Module):
     """The paper's BaseConv: depthwise causal conv(u) ⊙ Linear(u) + u."""
 
+    decayed_parameters = ("conv_weight",)  # a convolution's weight, held as a plain parameter for the kernel
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         d, k = cfg.d_model, cfg.short_conv.kernel_size

@@ -14,13 +14,15 @@ DECAY_MODULES = (nn.Linear, nn.Conv1d)
 
 
 def decay_parameter_names(model: nn.Module) -> tuple[list[str], list[str]]:
-    """(decayed, not decayed) parameter names. Only weight matrices of linear and convolution layers decay;
-    norms, biases, the feature map's γ/β, embeddings (and an LM head tied to them) do not."""
+    """(decayed, not decayed) parameter names. Only weight matrices of linear and convolution layers decay (also
+    those a module names in ``decayed_parameters``, as the short conv's own depthwise weight); norms, biases, the
+    feature map's γ/β, embeddings (and an LM head tied to them) do not."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay_ids = set()
     for module in model.modules():
         if isinstance(module, DECAY_MODULES) and id(module.weight) not in embeddings:
             decay_ids.add(id(module.weight))
+        decay_ids.update(id(getattr(module, name)) for name in getattr(module, "decayed_parameters", ()))
     decay, no_decay, seen = [], [], set()
     for name, p in model.named_parameters():  # named_parameters skips the tied duplicate
         if id(p) in seen or not p.requires_grad:
