@@ -97,8 +97,8 @@ def query_slot_probs(space: int, power_a: float) -> np.ndarray:
 
 
 def _distinct(scores: np.ndarray, low: int, k: int) -> np.ndarray:
-    """k distinct integers from [low, low + width) per row, in random order, given a row of uniform random scores
-    [rows, width] per row."""
+    """k distinct integers from [low, low + width) per row, in random order, chosen by uniform random ``scores``
+    [rows, width]."""
     if k < scores.shape[1]:  # the k smallest (a uniform subset), then ordered by their score (a uniform order)
         idx = np.argpartition(scores, k - 1, axis=1)[:, :k]
         return np.take_along_axis(idx, np.take_along_axis(scores, idx, axis=1).argsort(axis=1), axis=1) + low

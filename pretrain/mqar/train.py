@@ -247,8 +247,12 @@ class MQARRun:
         self.optimizer.load_state_dict(state["optimizer"])
         self.perm_gen.set_state(state["perm_generator"])
         torch.set_rng_state(state["cpu_rng"])
-        if state["cuda_rng"] is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        cuda_rng = state["cuda_rng"]
+        if cuda_rng and self.device.type == "cuda":
+            if len(cuda_rng) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(cuda_rng)
+            else:  # saved where another number of GPUs was visible: the first was the run's (the sweep pins one)
+                torch.cuda.set_rng_state(cuda_rng[0], self.device)
         self.progress = Progress(**state["progress"])
         self.progress.attempts += 1
         self.log(f"mqar: resuming from {path} after epoch {self.progress.epoch} (step {self.progress.step})")
