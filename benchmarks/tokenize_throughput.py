@@ -43,7 +43,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from data_prep import workers as record_workers
 from data_prep.build_sample_corpus import build
-from data_prep.pipeline import TokenizeConfig, available_cores
+from data_prep.pipeline import TokenizeConfig
+from pretrain.cores import available_cores
 from pretrain.data.sources import FileDone, iter_records, resolve_inputs
 from pretrain.data.tokenizer import Tokenizer
 from data_prep.train_tokenizer import train

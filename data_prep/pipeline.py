@@ -43,6 +43,7 @@ import sys
 import time
 
 from pretrain.atomic import copy_file_atomic, write_json_atomic
+from pretrain.cores import available_cores
 from pretrain.data.writer import IndexedDatasetWriter, bin_path, idx_path, token_dtype_name
 
 from pretrain.data.sources import FileDone, InputError, Record, Source, iter_records, resolve_inputs
@@ -563,12 +564,6 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def available_cores() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def _ready(item) -> bool:

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from pretrain.atomic import write_file_atomic
+from pretrain.cores import available_cores
 
 GENERATOR_VERSION = 1
 IGNORE_INDEX = -100
@@ -105,13 +106,6 @@ def _distinct(scores: np.ndarray, low: int, k: int) -> np.ndarray:
     return scores.argsort(axis=1) + low
 
 
-def _workers() -> int:
-    try:
-        return max(1, min(16, len(os.sched_getaffinity(0))))
-    except AttributeError:  # no sched_getaffinity (macOS)
-        return max(1, min(16, os.cpu_count() or 1))
-
-
 def _generate(spec: MQARSpec, num: int, seed: int, chunk: int = 2048, workers: int | None = None
               ) -> dict[str, np.ndarray]:
     """The split's arrays. The random draws run in one stream, chunk after chunk, in this thread (so the examples
@@ -130,7 +124,7 @@ def _generate(spec: MQARSpec, num: int, seed: int, chunk: int = 2048, workers: i
         # log p + Gumbel noise are distributed as successive draws ∝ p among the slots not yet taken.
         qpos[sl] = 2 * N + 2 * np.argsort(-slot_scores, axis=1, kind="stable")[:, :N]
 
-    workers = workers or _workers()
+    workers = workers or min(16, available_cores())
     with ThreadPoolExecutor(workers) as pool:
         pending: deque = deque()
         for start in range(0, num, chunk):
