@@ -3,6 +3,7 @@
 import dataclasses
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 
@@ -23,9 +24,13 @@ def test_defaults_are_in_force_and_documented_values():
 
 
 def test_tile_for_value_heads():
-    assert ChunkLaunchConfig().tile_for(10) == 16 and ChunkLaunchConfig().tile_for(16) == 16
-    assert ChunkLaunchConfig().tile_for(17) == 8 and ChunkLaunchConfig().tile_for(64) == 8
-    assert ChunkLaunchConfig(tile=4).tile_for(10) == 4 and ChunkLaunchConfig(tile=16).tile_for(64) == 16
+    cfg = ChunkLaunchConfig()
+    assert cfg.tile_for(10, fp32=False) == 16 and cfg.tile_for(16, fp32=False) == 16
+    assert cfg.tile_for(17, fp32=False) == 8 and cfg.tile_for(64, fp32=False) == 8
+    # fp32 operands: tile 16 spills the gradient kernel's registers (benchmarks/kernels_resources.py)
+    assert cfg.tile_for(5, fp32=True) == 8 and cfg.tile_for(10, fp32=True) == 8 and cfg.tile_for(64, fp32=True) == 8
+    assert ChunkLaunchConfig(tile=4).tile_for(10, fp32=False) == 4
+    assert ChunkLaunchConfig(tile=16).tile_for(64, fp32=True) == 16
 
 
 def test_stages_precedence():
@@ -76,3 +81,22 @@ def test_override_scope_restores_what_was_set_inside():
     settings.update(tile=8)
     settings.reset()
     assert settings.get() is settings.default
+
+
+@pytest.mark.parametrize("dtype, tile", [(torch.bfloat16, 16), (torch.float32, 8), (torch.float16, 8)])
+def test_op_picks_the_tile_by_operand_dtype(monkeypatch, dtype, tile):
+    # the op's default tile for narrow value heads: 16 for bf16, 8 where the kernels get fp32 operands (fp16 inputs
+    # run in fp32); the launch itself is replaced, so this runs without a GPU or the interpreter
+    from kernels.linear_attention.triton_chunk import ops
+
+    class Launched(Exception):
+        pass
+
+    def fake_fwd(q, k, v, cu_seqlens, S0, z0, scale, eps, normalize, based, tile, *rest):
+        raise Launched(tile)
+
+    monkeypatch.setattr(ops, "_op_fwd", fake_fwd)
+    q = torch.randn(1, 64, 2, 16, dtype=dtype)
+    with pytest.raises(Launched) as info:
+        ops.chunk_linear_attention("rebased", q, q, torch.randn(1, 64, 2, 10, dtype=dtype), scale=0.25)
+    assert info.value.args[0] == tile

@@ -33,7 +33,7 @@ class ChunkLaunchConfig(LaunchConfig):
     target_programs: state-kernel programs (segments x heads x state blocks) wanted when choosing the segment
         length. None (default): 4 per SM (16 off CUDA).
     tile: side of the stored tiles of the symmetric second-order state, one of 4, 8, 16 (dividing Dk). None
-        (default): 16 (the full pair matrix, one tile) for value heads of 16 or less, else 8.
+        (default): 16 (the full pair matrix, one tile) for bf16 value heads of 16 or less, else 8.
     bv_state, bv_out, bv_grad: the Dv block of the state, output and gradient kernels, a power of two >= 16, capped at
         Dv rounded up to a power of two (at least 16). Default 64.
     warps_state, warps_out, warps_grad: warps per program. Defaults 2 (one tile per state program), 4, 4.
@@ -100,11 +100,14 @@ class ChunkLaunchConfig(LaunchConfig):
         self._check_kernel(which)
         return getattr(self, f"stages_{which}") or self.stages or DEFAULT_STAGES.get(which)
 
-    def tile_for(self, dv: int) -> int:
-        """The tile side for value heads of width ``dv``: the ``tile`` knob, else 16 up to Dv 16 and 8 above."""
-        # narrow value heads: the full 16 x 16 pair matrix as one tile (fewer, larger feature blocks per program) was
-        # 8% faster at Dv = 10 on an H200 (benchmarks/results/mqar/); 8 x 8 tiles from Dv 32 (kernels_tune, H100)
-        return self.tile or (16 if dv <= 16 else 8)
+    def tile_for(self, dv: int, fp32: bool) -> int:
+        """The tile side for value heads of width ``dv`` (``fp32``: fp32 operands, else bf16): the ``tile`` knob,
+        else 16 for bf16 up to Dv 16, and 8 otherwise."""
+        # narrow bf16 value heads: the full 16 x 16 pair matrix as one tile (fewer, larger feature blocks per program)
+        # was 8% faster at Dv = 10 on an H200 (benchmarks/results/mqar/); 8 x 8 tiles from Dv 32 (kernels_tune, H100).
+        # fp32 operands at tile 16 overflow the registers: compiled for sm_90, the gradient kernel gets 32 registers
+        # and 8 KB of stack per thread (every block spilled; tile 8: none), benchmarks/kernels_resources.py
+        return self.tile or (16 if dv <= 16 and not fp32 else 8)
 
 
 CHUNK_LAUNCH: LaunchSettings[ChunkLaunchConfig] = LaunchSettings(ChunkLaunchConfig())

@@ -120,7 +120,7 @@ def chunk_linear_attention(kind: str, q, k, v, *, scale: float, eps: float = 1e-
     max_chunk = MAX_CHUNK_FP32 if q.dtype == torch.float32 else MAX_CHUNK
     chunk = config.chunk or min(chunk_size if chunk_size in (16, 32, 64, 128) else max_chunk, max_chunk)
     n_docs = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    tile = _layout(based, dk, config.tile_for(v.shape[-1]))[0]
+    tile = _layout(based, dk, config.tile_for(v.shape[-1], fp32=q.dtype == torch.float32))[0]
     seg_tokens = choose_seg_tokens(b * t, n_docs, h, chunk, q.device, _state_blocks(v.shape[-1], dk, tile, config),
                                    config)
     # the kernels index rows densely; copies made here are also what the op saves for its backward
