@@ -16,17 +16,48 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from pretrain.atomic import write_text_atomic
 from pretrain.config import ConfigError
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.evaluation.loading import load_model
-from pretrain.generation.decoder import generate
+from pretrain.generation.decoder import check_positions, generate
 from pretrain.generation.sampling import Sampling
+
+
+def parse_device(name: str | None) -> torch.device:
+    """``--device`` (default: cuda when available), refused here if this machine cannot run it."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name!r}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: expected cpu, cuda or cuda:N")
+    return device
+
+
+def check_writable(path: str) -> None:
+    """Refuse an output path whose folder does not exist or cannot be written, or that is a folder itself."""
+    target = Path(path)
+    folder = target.parent
+    if target.is_dir():
+        raise ValueError(f"--out {path}: is a directory")
+    if not folder.is_dir():
+        raise ValueError(f"--out {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"--out {path}: the folder {folder} is not writable")
 
 
 def read_prompts(path: str) -> list[str]:
@@ -131,20 +162,22 @@ def main(argv=None) -> int:
         prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
         if not prompts:
             raise ValueError(f"{args.prompts}: no prompts")
+        if args.out:
+            check_writable(args.out)  # before decoding, which a failing write at the end would throw away
         tokenizer = Tokenizer(args.tokenizer)
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = parse_device(args.device)
         model = load_model(args.checkpoint, device)
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise ValueError(f"{args.tokenizer} has {tokenizer.vocab_size} tokens, more than the model's "
+                             f"{model.config.vocab_size}")
+        ids = [[tokenizer.eod_id] + tokenizer.encode(p) for p in prompts]
+        check_positions(model, ids, args.max_new_tokens)
     except (ValueError, OSError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    if tokenizer.vocab_size > model.config.vocab_size:
-        print(f"error: {args.tokenizer} has {tokenizer.vocab_size} tokens, more than the model's "
-              f"{model.config.vocab_size}", file=sys.stderr)
         return 2
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     if precision == "bf16":
         model = model.to(torch.bfloat16)
-    ids = [[tokenizer.eod_id] + tokenizer.encode(p) for p in prompts]
 
     def should_stop(row: int, tokens: list[int]) -> bool:
         return bool(args.stop) and cut_at_stop(tokenizer.decode(tokens), args.stop)[1]
@@ -174,8 +207,7 @@ def main(argv=None) -> int:
     print(f"[{len(prompts)} prompt(s), {new_tokens} new tokens in {seconds:.2f} s, {precision}, {device.type}]",
           file=sys.stderr)
     if args.out:
-        Path(args.out).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
-                                  encoding="utf-8")
+        write_text_atomic(args.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return 0
 
 

@@ -98,6 +98,19 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, sa
         model.train(was_training)
 
 
+def check_positions(model, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+    """Raise ValueError when the longest prompt plus ``max_new_tokens`` passes the model's learned positions. Checked
+    before decoding, not at the step that passes the limit, so that no decoding (or streaming) is spent on a failing
+    call."""
+    longest = max((len(p) for p in prompts), default=0)
+    _, position_limit = model.cache_limits()
+    # the last new token is not fed back: the longest row uses positions up to longest + max_new_tokens - 2
+    if max_new_tokens > 0 and position_limit is not None and longest + max_new_tokens - 1 > position_limit:
+        raise ValueError(f"a prompt of {longest} tokens and max_new_tokens={max_new_tokens} need "
+                         f"{longest + max_new_tokens - 1} positions, more than max_seq_len={position_limit} "
+                         "(learned position embeddings)")
+
+
 def _generate(model, prompts, max_new_tokens, sampling, eos_ids, should_stop, on_tokens, cuda_graph, compile,
               generator, vocab_size) -> list[list[int]]:
     sampling = sampling or Sampling(temperature=0.0)
@@ -107,14 +120,8 @@ def _generate(model, prompts, max_new_tokens, sampling, eos_ids, should_stop, on
         raise ValueError(f"vocab_size={vocab_size} must be in [1, the model's {model.config.vocab_size}]")
     if max_new_tokens == 0:
         return [[] for _ in prompts]
+    check_positions(model, prompts, max_new_tokens)
     longest = max((len(p) for p in prompts), default=0)
-    _, position_limit = model.cache_limits()
-    # the last new token is not fed back: the longest row uses positions up to longest + max_new_tokens - 2. Checked
-    # here, not at the step that passes the limit, so that no decoding (or streaming) is spent on a failing call
-    if position_limit is not None and longest + max_new_tokens - 1 > position_limit:
-        raise ValueError(f"a prompt of {longest} tokens and max_new_tokens={max_new_tokens} need "
-                         f"{longest + max_new_tokens - 1} positions, more than max_seq_len={position_limit} "
-                         "(learned position embeddings)")
     cache, logits = prefill(model, prompts, longest + max_new_tokens)
     if generator is None and sampling.seed is not None:
         generator = torch.Generator(logits.device).manual_seed(sampling.seed)

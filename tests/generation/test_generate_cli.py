@@ -31,12 +31,15 @@ def workspace(tmp_path_factory):
     with torch.no_grad():
         model.lm_head.weight.mul_(10)  # decisive logits: greedy is far from ties
     export_model(model, tmp / "model")
+    cfg = load_model_config(ROOT / "configs/models/tiny_rebased.yaml",
+                            [f"vocab_size={tokenizer.vocab_size}", "learned_positions=true", "max_seq_len=16"])
+    export_model(build_model(cfg), tmp / "learned16")  # 16 learned positions
     return tmp, tokenizer
 
 
-def run(workspace, *args):
+def run(workspace, *args, model="model"):
     tmp, _ = workspace
-    return subprocess.run([sys.executable, "-m", "pretrain.generate", "--checkpoint", str(tmp / "model"),
+    return subprocess.run([sys.executable, "-m", "pretrain.generate", "--checkpoint", str(tmp / model),
                            "--tokenizer", str(tmp / "tok.model"), *args], cwd=ROOT, capture_output=True, text=True)
 
 
@@ -91,12 +94,26 @@ def test_sampling_is_reproducible_with_a_seed(workspace):
     (["--prompt", "x", "--top-p", "1.5"], "top_p=1.5"),
     (["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens 0"),
     (["--prompt", "x", "--stop", "\n", "--stop", ""], "--stop '' is empty"),
+    (["--prompt", "x", "--temperature", "nan"], "temperature=nan"),
+    (["--prompt", "x", "--temperature", "inf"], "temperature=inf"),
+    (["--prompt", "x", "--device", "nosuch"], "--device 'nosuch'"),
+    (["--prompt", "x", "--out", "no/such/folder/samples.jsonl"], "no/such/folder does not exist"),
 ])
 def test_bad_input_is_one_line(workspace, args, message):
     proc = run(workspace, *args)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+    assert proc.stdout == ""  # refused before anything is decoded or streamed
+
+
+def test_past_the_learned_positions_is_refused_before_streaming(workspace):
+    proc = run(workspace, "--prompt", "the cat sat on", "--max-new-tokens", "40", model="learned16")
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("error: ") and "max_seq_len=16" in line
+    fits = run(workspace, "--prompt", "the", "--max-new-tokens", "4", "--temperature", "0", model="learned16")
+    assert fits.returncode == 0, fits.stderr
 
 
 def test_a_vocabulary_padded_past_the_tokenizer_never_yields_its_padding_ids(workspace, tmp_path):
