@@ -164,7 +164,9 @@ class MQARConfig:
 
 
 def format_lr(lr: float) -> str:
-    return f"{lr:g}"
+    """The shortest text that reads back as the same float (0.001, 0.0005, 1e-05; {:g} kept only 6 digits, so
+    0.0012345678 trained as 0.00123457 and two learning rates could share a result file)."""
+    return repr(float(lr))
 
 
 def setting_name(mixer: str, d_model: int, seq_len: int, lr: float, seed: int) -> str:

@@ -91,6 +91,11 @@ class MQARSpec:
                 f"_s{self.seed}_{digest}.npz")
 
 
+def position_dtype(seq_len: int) -> type:
+    """Storage of the query positions (even, at most seq_len - 2): int16 while they fit, else int32."""
+    return np.int16 if seq_len - 2 <= np.iinfo(np.int16).max else np.int32
+
+
 def query_slot_probs(space: int, power_a: float) -> np.ndarray:
     """Probability of query slot g (offset 2g after the context), g = 0 .. space-1: ∝ (g+1)^(a-1)."""
     p = np.arange(1, space + 1, dtype=np.float64) ** (power_a - 1.0)
@@ -115,7 +120,8 @@ def _generate(spec: MQARSpec, num: int, seed: int, chunk: int = 2048, workers: i
     N, V, L = spec.num_kv_pairs, spec.vocab_size, spec.seq_len
     half = V // 2
     log_p = np.log(query_slot_probs(spec.space, spec.power_a))
-    keys, values, qpos = (np.empty((num, N), dtype=np.int16) for _ in range(3))
+    keys, values = (np.empty((num, N), dtype=np.int16) for _ in range(2))
+    qpos = np.empty((num, N), dtype=position_dtype(L))
 
     def select(sl: slice, key_scores, value_scores, slot_scores) -> None:
         keys[sl] = _distinct(key_scores, 1, N)
@@ -221,15 +227,31 @@ def generate_arrays(spec: MQARSpec) -> dict[str, np.ndarray]:
 
 
 def check_cached_arrays(spec: MQARSpec, arrays: dict[str, np.ndarray]) -> None:
-    """Raise ValueError unless ``arrays`` hold both splits of ``spec`` with the right shapes."""
+    """Raise ValueError unless ``arrays`` hold both splits of ``spec``: the right shapes, integer dtypes, and
+    examples of the task (keys in [1, V/2) and values in [V/2, V), distinct within an example; query positions even,
+    after the pairs, inside the sequence and distinct), so that a damaged or foreign cache is never trained on."""
+    N, V, L = spec.num_kv_pairs, spec.vocab_size, spec.seq_len
+    ranges = {"keys": (1, V // 2), "values": (V // 2, V), "qpos": (2 * N, L), "filler": (0, V)}
     for split, num in (("train", spec.num_train), ("test", spec.num_test)):
         names = ("keys", "values", "qpos") + (("filler",) if spec.random_non_queries else ())
         for name in names:
-            width = spec.seq_len if name == "filler" else spec.num_kv_pairs
+            width = L if name == "filler" else N
+            field = f"'{split}_{name}'"
             arr = arrays.get(f"{split}_{name}")
             if arr is None or arr.shape != (num, width):
                 found = None if arr is None else arr.shape
-                raise ValueError(f"'{split}_{name}' has shape {found}, expected {(num, width)}")
+                raise ValueError(f"{field} has shape {found}, expected {(num, width)}")
+            if arr.dtype.kind not in "iu":
+                raise ValueError(f"{field} has dtype {arr.dtype}, expected integers")
+            if arr.size == 0:
+                continue
+            low, high = ranges[name]
+            if arr.min() < low or arr.max() >= high:
+                raise ValueError(f"{field} holds values outside [{low}, {high})")
+            if name == "qpos" and (arr % 2).any():
+                raise ValueError(f"{field} holds odd positions; queries sit at even offsets after the pairs")
+            if name != "filler" and N > 1 and (np.diff(np.sort(arr, axis=1), axis=1) == 0).any():
+                raise ValueError(f"{field} repeats an entry within an example")
 
 
 def load_mqar(spec: MQARSpec, cache_dir: str | os.PathLike | None = ".cache/mqar", device="cpu",
@@ -252,7 +274,10 @@ def load_mqar(spec: MQARSpec, cache_dir: str | os.PathLike | None = ".cache/mqar
     if arrays is None:
         arrays = generate_arrays(spec)
         if path is not None:
-            _atomic_save_npz(path, arrays)
+            try:
+                _atomic_save_npz(path, arrays)
+            except OSError as e:  # a read-only or broken cache folder costs the next run a regeneration, no more
+                log(f"mqar: could not cache the data at {path}: {e}")
     splits = {}
     for split in ("train", "test"):
         splits[split] = MQARSplit(spec, {k[len(split) + 1:]: v for k, v in arrays.items() if k.startswith(split + "_")},

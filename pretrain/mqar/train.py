@@ -289,7 +289,8 @@ class MQARRun:
     # ------------------------------------------------------------------ training
 
     def train_epoch(self, epoch: int, bar=None, wandb_run=None) -> tuple[float, bool]:
-        """One pass over the shuffled training split; (mean train loss over its query tokens, out of steps)."""
+        """One pass over the shuffled training split; (mean train loss over its query tokens, cut short: True when
+        ``train.max_steps`` ended it before its last batch)."""
         tc, data, N = self.cfg.train, self.data.train, self.spec.num_kv_pairs
         lr = epoch_lr(self.cfg, epoch)
         for group in self.optimizer.param_groups:
@@ -328,7 +329,7 @@ class MQARRun:
                 metrics = self.evaluate()
                 self.progress.eval_s += time.time() - t_eval
                 self.log(f"  step {self.progress.step}: valid acc {metrics['valid_accuracy']:.4f}")
-            if tc.max_steps is not None and self.progress.step >= tc.max_steps:
+            if tc.max_steps is not None and self.progress.step >= tc.max_steps and start + tc.batch_size < len(data):
                 return loss_sum.item() / max(loss_tokens, 1), True
         return loss_sum.item() / max(loss_tokens, 1), False
 
@@ -357,7 +358,7 @@ class MQARRun:
             t_epoch = time.time()
             bar = tqdm(total=steps_per_epoch, desc=f"{name} epoch {epoch + 1}/{tc.max_epochs}", leave=False,
                        disable=not cfg.log.tqdm, mininterval=2.0)
-            train_loss, out_of_steps = self.train_epoch(epoch, bar, wandb_run)
+            train_loss, cut_short = self.train_epoch(epoch, bar, wandb_run)
             bar.close()
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
@@ -386,7 +387,12 @@ class MQARRun:
             if tc.early_stop_accuracy is not None and acc > tc.early_stop_accuracy:
                 stopped_by = "early_stop"
                 break
-            if out_of_steps:
+            if cut_short:
+                stopped_by = "max_steps"
+                break
+            if p.epoch >= tc.max_epochs:  # the protocol's end, whatever limit its last step also reached
+                break
+            if tc.max_steps is not None and p.step >= tc.max_steps:
                 stopped_by = "max_steps"
                 break
             if tc.time_limit_s is not None and p.elapsed_s + time.time() - self.t_start >= tc.time_limit_s:

@@ -184,6 +184,55 @@ def test_a_torn_cache_file_is_regenerated(tmp_path):
     assert load_mqar(SPEC, cache_dir=tmp_path).from_cache
 
 
+def _rewrite_cache(path, change):
+    with np.load(path) as f:
+        arrays = {k: f[k] for k in f.files}
+    change(arrays)
+    np.savez(path, **arrays)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda a: a["train_qpos"].__setitem__((0, 0), SPEC.seq_len), "'train_qpos' holds values outside"),
+    (lambda a: a["test_qpos"].__setitem__((1, 2), a["test_qpos"][1, 3]), "'test_qpos' repeats an entry"),
+    (lambda a: a["train_qpos"].__setitem__((2, 0), a["train_qpos"][2, 0] + 1), "odd positions"),
+    (lambda a: a["train_keys"].__setitem__((0, 0), 0), "'train_keys' holds values outside"),
+    (lambda a: a["train_values"].__setitem__((3, 1), 1), "'train_values' holds values outside"),
+    (lambda a: a["test_keys"].__setitem__((0, 1), a["test_keys"][0, 0]), "'test_keys' repeats an entry"),
+    (lambda a: a.__setitem__("train_keys", a["train_keys"].astype(np.float32)), "expected integers"),
+])
+def test_a_cache_with_the_right_shapes_but_wrong_contents_is_regenerated(tmp_path, damage, message):
+    """Nothing is trained on unverified: a well-formed archive whose examples break the task is regenerated."""
+    path = load_mqar(SPEC, cache_dir=tmp_path).cache_path
+    reference = load_mqar(SPEC, cache_dir=None)
+    _rewrite_cache(path, damage)
+    messages = []
+    ds = load_mqar(SPEC, cache_dir=tmp_path, log=messages.append)
+    assert not ds.from_cache and any(message in m for m in messages), messages
+    assert torch.equal(ds.train.dense()[0], reference.train.dense()[0])
+    assert load_mqar(SPEC, cache_dir=tmp_path).from_cache  # rewritten whole
+
+
+def test_an_unwritable_cache_costs_only_the_cache(tmp_path):
+    (tmp_path / SPEC.cache_name()).mkdir()  # in the way of the cache file
+    messages = []
+    ds = load_mqar(SPEC, cache_dir=tmp_path, log=messages.append)
+    assert not ds.from_cache and any("could not cache" in m for m in messages)
+    check_example(*(t[0].tolist() for t in ds.train.batch(torch.tensor([0]))), SPEC)
+
+
+def test_query_positions_past_the_int16_range():
+    """seq_len above 32768: positions are stored as int32 (they wrapped negative in int16 before)."""
+    spec = MQARSpec(seq_len=40000, num_kv_pairs=4, vocab_size=64, num_train=8, num_test=2, power_a=1.0, seed=1)
+    ds = load_mqar(spec, cache_dir=None)
+    assert ds.train.qpos.max() > 32767 or ds.test.qpos.max() > 32767
+    for split in (ds.train, ds.test):
+        inputs, labels = split.dense()
+        for i in range(len(split)):
+            check_example(inputs[i].tolist(), labels[i].tolist(), spec)
+    # below the limit the storage (and so every cached file) is unchanged
+    assert generate_arrays(SPEC)["train_qpos"].dtype == np.int16
+
+
 def test_invalid_pair_counts_name_the_file_and_key():
     with pytest.raises(ValueError, match="num_kv_pairs=17"):
         MQARSpec(seq_len=64, num_kv_pairs=17)

@@ -390,3 +390,21 @@ def test_gpu_session_script_refuses_a_second_sweep_into_a_folder_replaced_under_
                            timeout=60)
     assert third.returncode == 0, third.stderr
     os.kill(int((out / "sweep.pid").read_text()), signal.SIGKILL)
+
+
+def test_learning_rates_keep_every_digit_in_names_and_overrides():
+    """A setting's name and its train.lr override read back as the lr asked for: with 6 significant digits,
+    0.0012345678 trained as 0.00123457, and 0.001 and 0.0010000001 wrote one result file."""
+    from pretrain.mqar.config import format_lr, setting_name
+    from pretrain.mqar.sweep import enumerate_settings
+
+    for lr in (5e-4, 1e-3, 3e-3, 1e-2):  # the paper's grid keeps its names
+        assert format_lr(lr) == f"{lr:g}"
+    for lr in (0.0012345678, 1e-3 + 1e-13, 2.5e-7):
+        assert float(format_lr(lr)) == lr
+    settings = enumerate_settings(["rebased"], [64], [256], [0.001, 0.0010000001], [0])
+    names = {setting_name(s.mixer, s.d_model, s.seq_len, s.lr, s.seed) for s in settings}
+    assert len(names) == 2
+    for s in settings:
+        (lr_override,) = [o for o in s.overrides() if o.startswith("train.lr=")]
+        assert float(lr_override.split("=", 1)[1]) == s.lr

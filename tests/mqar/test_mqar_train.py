@@ -233,3 +233,21 @@ def test_evaluation_in_chunks_of_sequences_equals_one_pass(monkeypatch):
         # the loss is summed in fp32 per chunk, then in float64: only the order of the fp32 sums differs
         assert chunked["valid_loss"] == pytest.approx(one_pass["valid_loss"], rel=1e-6)
     assert len(data.test) % 48, "the test split should end in a padded batch"
+
+
+@pytest.mark.parametrize("limit, stopped_by, epochs", [
+    ("train.max_steps=20", "max_epochs", 2),     # the limit falls on the last step of the last epoch
+    ("train.max_steps=15", "max_steps", 2),      # inside the last epoch: cut short
+    ("train.max_steps=10", "max_steps", 1),      # at the end of epoch 1 of 2
+    ("train.time_limit_s=1e-9", "max_epochs", 1),  # crossed during the only epoch, which still ends
+])
+def test_stopped_by_names_a_cut_only_before_the_protocols_end(tmp_path, one_thread, limit, stopped_by, epochs):
+    """A run that trained every epoch is complete (the report prints no lower bound for it), whatever limit its
+    last step also reached; only a run a limit ended early says so."""
+    max_epochs = 1 if "time" in limit else 2
+    out = tmp_path / "r.json"
+    assert mqar_main(["--config", str(TINY), "data.num_train=640", "data.num_test=64", "train.batch_size=64",
+                      f"train.max_epochs={max_epochs}", limit, "--output", str(out)]) == 0
+    result = read_result(out)
+    assert (result["stopped_by"], result["epochs_run"]) == (stopped_by, epochs)
+    assert result["steps"] == int(limit.split("=")[1]) if "steps" in limit else result["steps"] == 10
