@@ -100,14 +100,42 @@ _GROUP_OPTION = {"main": "--inputs", "val": "--val-inputs", "test": "--test-inpu
 
 
 def _check_groups_disjoint(sources: list[Source]) -> None:
-    """An input named in two groups would put its documents in two splits (held-out data trained on): refuse."""
+    """An input named in two groups would put its documents in two splits (held-out data trained on): refuse. Files
+    are compared by their real path, so a symbolic link to a file of another group counts as that file."""
     group_of: dict[str, str] = {}
     for s in sources:
-        key = os.path.abspath(s.path) if s.path is not None else s.spec
+        key = os.path.realpath(s.path) if s.path is not None else s.spec
         first = group_of.setdefault(key, s.group)
         if first != s.group:
             raise InputError(f"{s.name}: given in both {_GROUP_OPTION[first]} and {_GROUP_OPTION[s.group]}; "
                              "its documents would be in two splits")
+
+
+def _output_paths(out: str) -> list[str]:
+    """What a run writes in ``out`` (and ``--overwrite`` deletes first): the splits' folders, the state, the
+    manifest, the tokenizer copy and the merged shards."""
+    names = (".state", *SPLITS, "manifest.json", "tokenizer.model", *(f"{s}.{ext}" for s in SPLITS
+                                                                       for ext in ("bin", "idx")))
+    return [os.path.join(os.path.realpath(out), name) for name in names]
+
+
+def _check_inputs_outside_output(sources: list[Source], out: str, tokenizer: str, overwrite: bool) -> None:
+    """An input inside what the run writes would be mixed with its shards, and deleted by ``--overwrite``: refuse.
+    Inputs elsewhere under ``out`` (say ``out/raw/``) are fine."""
+    managed = _output_paths(out)
+
+    def inside(path: str) -> str | None:
+        real = os.path.realpath(path)
+        return next((m for m in managed if real == m or real.startswith(m + os.sep)), None)
+
+    for s in sources:
+        hit = inside(s.path) if s.path is not None else None
+        if hit is not None:
+            raise InputError(f"{s.name}: inside {hit}, which this run writes{' (and --overwrite deletes)' * overwrite}; "
+                             "put the inputs or --out elsewhere")
+    if overwrite and inside(tokenizer) is not None:
+        raise InputError(f"--tokenizer {tokenizer}: --overwrite deletes it from {out} before the run reads it; "
+                         "copy it elsewhere first")
 
 
 def _new_stats() -> dict:
@@ -172,6 +200,7 @@ class Tokenization:
         if not self.sources:
             raise InputError("no inputs")
         _check_groups_disjoint(self.sources)
+        _check_inputs_outside_output(self.sources, self.out, cfg.tokenizer, cfg.overwrite)
         self.workers = cfg.workers or available_cores()
         self._reading: dict = {}  # the file being read and its hashing reader (sources.read_file's ``progress``)
 
@@ -207,11 +236,12 @@ class Tokenization:
         fp = self.fingerprint()
         cfg_path = os.path.join(self.state_dir, "run_config.json")
         if self.cfg.overwrite and os.path.isdir(self.out):
-            for name in (".state", *SPLITS):
-                shutil.rmtree(os.path.join(self.out, name), ignore_errors=True)
-            for name in ("manifest.json", "tokenizer.model", *(f"{s}.bin" for s in SPLITS), *(f"{s}.idx" for s in SPLITS)):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(os.path.join(self.out, name))
+            for path in _output_paths(self.out):
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(path)
         os.makedirs(self.state_dir, exist_ok=True)
         if os.path.exists(cfg_path):
             with open(cfg_path) as f:

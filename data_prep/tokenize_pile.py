@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, help="SentencePiece .model (see data_prep/train_tokenizer.py)")
     p.add_argument("--text-key", default="text", help="JSON field holding the document text (default: text)")
     p.add_argument("--set-key", default="meta.pile_set_name",
-                   help="dotted path of the subset name used for filtering and counts (default: meta.pile_set_name)")
+                   help="dotted path of the subset name used for filtering and counts (default: meta.pile_set_name; "
+                        "'': no subsets); records without a string or number there count as <none>")
     p.add_argument("--include-sets", nargs="+", default=None, metavar="NAME", help="keep only these pile_set_names")
     p.add_argument("--exclude-sets", nargs="+", default=None, metavar="NAME", help="drop these pile_set_names")
     p.add_argument("--val-fraction", type=float, default=0.0,

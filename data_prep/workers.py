@@ -56,11 +56,15 @@ def init_worker(model_proto: bytes, options: dict, tok: Tokenizer | None = None)
 
 
 def _set_name(obj: dict) -> str:
+    if not _W["set_path"]:  # --set-key '': no subsets (the path would otherwise name the whole record)
+        return NO_SET
     node: Any = obj
     for part in _W["set_path"]:
         if not isinstance(node, dict) or part not in node:
             return NO_SET
         node = node[part]
+    if isinstance(node, (dict, list)) or node is None:  # not a name: one "subset" per distinct object otherwise
+        return NO_SET
     return node if isinstance(node, str) else str(node)
 
 

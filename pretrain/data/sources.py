@@ -103,7 +103,7 @@ def resolve_inputs(specs: list[str], group: str) -> list[Source]:
         else:
             paths = [spec]
         for p in paths:
-            key = os.path.abspath(p)
+            key = os.path.realpath(p)  # a file named twice, also through a symbolic link, is read once
             if key not in seen:
                 seen.add(key)
                 out.append(Source(spec=spec, group=group, path=p))

@@ -64,6 +64,64 @@ def test_input_named_in_two_groups_is_refused(tokenizer_model, tmp_path, held_ou
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
+def test_input_named_in_two_groups_through_a_symlink_is_refused(tokenizer_model, tmp_path):
+    (tmp_path / "in").mkdir()
+    write_zst(tmp_path / "in" / "a.jsonl.zst", make_docs(5, seed=2))
+    os.symlink(tmp_path / "in", tmp_path / "link")
+    with pytest.raises(InputError, match="given in both --inputs and --val-inputs"):
+        tokenize(TokenizeConfig(inputs=[str(tmp_path / "in")], val_inputs=[str(tmp_path / "link" / "a.jsonl.zst")],
+                                out=str(tmp_path / "out"), tokenizer=tokenizer_model, progress=False, workers=1))
+
+
+def test_a_file_named_twice_through_a_symlink_is_read_once(tokenizer_model, tmp_path):
+    path = write_zst(tmp_path / "a.jsonl.zst", make_docs(7, seed=3))
+    os.symlink(path, tmp_path / "alias.jsonl.zst")
+    m = tokenize(TokenizeConfig(inputs=[path, str(tmp_path / "alias.jsonl.zst")], out=str(tmp_path / "out"),
+                                tokenizer=tokenizer_model, progress=False, workers=1))
+    assert m["counts"]["documents_read"] == 7 and len(m["inputs"]) == 1
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_inputs_inside_what_the_run_writes_are_refused_and_kept(tokenizer_model, tmp_path, overwrite):
+    """--out over the corpus folder whose train/ holds the inputs: the shards would land among them, and --overwrite
+    deleted them (the raw data lost). Inputs elsewhere under --out are fine."""
+    (tmp_path / "pile" / "train").mkdir(parents=True)
+    raw = write_zst(tmp_path / "pile" / "train" / "00.jsonl.zst", make_docs(6, seed=4))
+    with pytest.raises(InputError, match=r"inside .*pile/train, which this run writes"):
+        tokenize(TokenizeConfig(inputs=[str(tmp_path / "pile" / "train")], out=str(tmp_path / "pile"),
+                                tokenizer=tokenizer_model, progress=False, workers=1, overwrite=overwrite))
+    assert os.path.exists(raw) and not (tmp_path / "pile" / "manifest.json").exists()
+    (tmp_path / "pile" / "raw").mkdir()
+    os.replace(raw, tmp_path / "pile" / "raw" / "00.jsonl.zst")
+    m = tokenize(TokenizeConfig(inputs=[str(tmp_path / "pile" / "raw")], out=str(tmp_path / "pile"),
+                                tokenizer=tokenizer_model, progress=False, workers=1, overwrite=overwrite))
+    assert m["counts"]["documents_written"] == 6 and (tmp_path / "pile" / "raw" / "00.jsonl.zst").exists()
+
+
+def test_overwrite_refuses_the_tokenizer_it_would_delete(tokenizer_model, tmp_path):
+    path = write_zst(tmp_path / "a.jsonl.zst", make_docs(5, seed=5))
+    cfg = dict(inputs=[path], out=str(tmp_path / "out"), progress=False, workers=1)
+    tokenize(TokenizeConfig(tokenizer=tokenizer_model, **cfg))
+    copy = str(tmp_path / "out" / "tokenizer.model")
+    assert tokenize(TokenizeConfig(tokenizer=copy, **cfg))["counts"]["documents_written"] == 5  # a rerun may use it
+    with pytest.raises(InputError, match="--overwrite deletes it"):
+        tokenize(TokenizeConfig(tokenizer=copy, overwrite=True, **cfg))
+    assert os.path.exists(copy)
+
+
+@pytest.mark.parametrize("set_key, expected", [("", {"<none>": 6}), ("meta", {"<none>": 6}),
+                                                ("meta.pile_set_name", {"Books": 3, "<none>": 3})])
+def test_subset_names_are_names_or_none(tokenizer_model, tmp_path, set_key, expected):
+    """--set-key '' (no subsets) and a key holding an object count every document as <none>; they named one subset
+    per document before (the record or object as text, text included), so the manifest grew with the corpus."""
+    path = tmp_path / "in.jsonl"
+    docs = [{"text": f"doc {i} text", "meta": {"pile_set_name": "Books"} if i % 2 else {"other": i}} for i in range(6)]
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    m = tokenize(TokenizeConfig(inputs=[str(path)], out=str(tmp_path / "out"), tokenizer=tokenizer_model,
+                                set_key=set_key, progress=False, workers=1))
+    assert {k: v["documents_written"] for k, v in m["per_pile_set"].items()} == expected
+
+
 @pytest.mark.parametrize("case", ["empty_text", "surrogate"])
 def test_text_errors_name_the_field(tokenizer_model, tmp_path, case):
     """With --text-key content, a bad document's error names the field 'content' (as missing_text's does)."""
