@@ -1,6 +1,7 @@
 """Check token shards against the manifest ``tokenize_pile.py`` wrote for them: every listed ``.bin`` has the size
-and the SHA-256 recorded when it was written, and its ``.idx`` opens and agrees with it. Use it after copying a
-dataset to another machine or file system (loading already checks the sizes, not the bytes).
+and the SHA-256 recorded when it was written, and its ``.idx`` opens, covers the ``.bin`` back to back and holds
+the manifest's document and token counts. Use it after copying a dataset to another machine or file system
+(loading already checks the sizes, not the bytes).
 
     python data_prep/verify_shards.py OUT/train [OUT/val ...]
 
@@ -56,9 +57,18 @@ def verify_split(split_dir: str, progress: bool = True) -> list[str]:
                 problems.append(f"{path}: SHA-256 differs from the manifest's")
                 continue
             try:
-                IndexedDataset(prefix)
+                index = IndexedDataset(prefix)
             except (OSError, ValueError) as e:
                 problems.append(f"{prefix}.idx: {e}")
+                continue
+            # the .idx must describe this .bin whole (the loader streams it back to back) and the recorded counts:
+            # another shard's index opens fine against a longer .bin
+            if not index.is_contiguous():
+                problems.append(f"{prefix}.idx: its sequences do not cover {path} back to back (another shard's "
+                                "index, or a damaged one)")
+            for field, found in (("documents", index.num_documents), ("tokens", index.num_tokens)):
+                if field in shard and found != shard[field]:
+                    problems.append(f"{prefix}.idx: {found} {field}, the manifest records {shard[field]}")
     return problems
 
 

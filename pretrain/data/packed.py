@@ -127,6 +127,11 @@ def resolve_shards(spec: str | os.PathLike) -> list[str]:
                                      f"directory (e.g. OUT/train of tokenize_pile.py) or a shard prefix") from None
             _check_listed_sizes(manifest, shards, prefixes)
             return prefixes
+        state = os.path.join(os.path.dirname(os.path.abspath(spec)), ".state")
+        if os.path.isdir(state):  # a split of tokenize_pile.py's OUT without its manifest: that run has not finished
+            raise ValueError(f"{spec}: no manifest.json, and {state} is there: the tokenization writing it has not "
+                             "finished (its shards may be partial); rerun tokenize_pile.py with the same arguments "
+                             "to finish it")
         found = sorted(glob.glob(os.path.join(spec, "*.idx")), key=_natural_key)
     else:
         found = sorted(glob.glob(spec if spec.endswith(".idx") else spec + ".idx"), key=_natural_key)

@@ -284,6 +284,47 @@ def test_listed_shards_are_checked_on_load_and_by_verify_shards(tokenizer_model,
     assert verify_main([str(split), "--no-progress"]) == 1
 
 
+def test_verify_shards_catches_an_index_of_another_shard(tokenizer_model, tmp_path, capsys):
+    """Another (shorter) shard's .idx opens against a longer .bin: verify_shards must not call the split verified
+    when the loader then refuses it."""
+    import shutil
+
+    from data_prep.verify_shards import main as verify_main
+    from pretrain.data.packed import resolve_shards
+
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(jsonl_bytes(make_docs(70, seed=6)))
+    out = tmp_path / "out"
+    assert cli([str(path)], tokenizer_model, out, "--docs-per-shard", "30").returncode == 0
+    shards = resolve_shards(out / "train")  # 30, 30, 10 documents
+    shutil.copyfile(shards[2] + ".idx", shards[0] + ".idx")
+    capsys.readouterr()
+    assert verify_main([str(out / "train"), "--no-progress"]) == 1
+    report = capsys.readouterr().out
+    assert "train-00000.idx: 10 documents, the manifest records 30" in report and "back to back" in report
+
+
+def test_a_split_of_an_unfinished_tokenization_is_refused(tokenizer_model, tmp_path):
+    """Killed after its first chunk, tokenize_pile leaves OUT/train without manifest.json (and OUT/.state): the
+    loader refused nothing and trained on part of the corpus; the trainer's path check now names it."""
+    from pretrain.data.packed import resolve_shards
+    from pretrain.training.config import DataConfig, DataSource, RunConfig, check_paths
+
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(jsonl_bytes(make_docs(90, seed=7)))
+    out = tmp_path / "out"
+    assert cli([str(path)], tokenizer_model, out, "--docs-per-shard", "30",
+               DATA_PREP_TEST_EXIT_AT_CHUNK="2").returncode == 75
+    assert list((out / "train").glob("*.idx")) and not (out / "train" / "manifest.json").exists()
+    with pytest.raises(ValueError, match="has not finished"):
+        resolve_shards(out / "train")
+    cfg = RunConfig(model=os.path.join(ROOT, "configs/models/tiny_rebased.yaml"), out_dir=str(tmp_path / "run"),
+                    data=DataConfig(train=[DataSource(str(out / "train"))], seq_len=32))
+    assert any("has not finished" in p for p in check_paths(cfg))
+    assert cli([str(path)], tokenizer_model, out, "--docs-per-shard", "30").returncode == 0  # finished: loads
+    assert len(resolve_shards(out / "train")) == 3
+
+
 @pytest.mark.parametrize("max_docs", ["0", "-3"])
 def test_max_docs_below_one_is_refused(tokenizer_model, tmp_path, max_docs):
     # it wrote empty splits and a manifest calling the run complete
