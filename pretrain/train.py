@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from pretrain.atomic import write_text_atomic
 from pretrain.config import ConfigError, dotted_keys, load_config, to_dict
 from pretrain.data.packed import PackedSequenceDataset
 from pretrain.models import build_model, count_parameters, flops_per_token, load_model_config
@@ -80,11 +81,12 @@ def config_differences(saved: dict, now: dict, sections: tuple[str, ...] | None 
             if saved[k] != now.get(k) and (sections is None or k.split(".")[0] in sections)]
 
 
-def batch_fingerprint(input_ids: torch.Tensor) -> int:
+def batch_fingerprint(input_ids: torch.Tensor, seq_len: int) -> int:
     """An order-insensitive sum identifying the sequences of a batch (to check that no sample is repeated or
-    skipped after a resume, at any world size): Σ over sequences of Σ_t token_t·(t+1)."""
-    x = input_ids.reshape(-1, input_ids.shape[-1]).long().cpu()
-    return int((x * torch.arange(1, x.shape[1] + 1)).sum())
+    skipped after a resume, at any world size and micro-batch size): Σ over sequences of Σ_t token_t·(t+1), each
+    sample's positions counted from its own start (document masking packs a micro batch into one row)."""
+    x = input_ids.reshape(-1, seq_len).long().cpu()
+    return int((x * torch.arange(1, seq_len + 1)).sum())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -246,6 +248,16 @@ class Trainer:
         self.last_saved_path = os.path.join(root, ckpt.step_dir_name(self.step))
 
     # -- evaluation ---------------------------------------------------------------------------------------------
+    def _check_token_ids(self, input_ids: torch.Tensor, source: str) -> None:
+        """Refuse a batch (on the CPU, before it moves) holding an id past the model's vocabulary: the embedding
+        lookup would fail on the CPU and trip a device-side assert on CUDA. The path check catches this from a
+        split's manifest before the start; shards without one are caught here."""
+        top = int(input_ids.max()) if input_ids.numel() else -1
+        if top >= self.model_cfg.vocab_size:
+            raise ConfigError(f"{source}: token id {top} in the batch of step {self.step} is outside the model's "
+                              f"vocabulary (vocab_size={self.model_cfg.vocab_size}): the data was tokenized with "
+                              "another tokenizer")
+
     @torch.no_grad()
     def evaluate(self) -> dict:
         cfg, t = self.cfg, self.cfg.training
@@ -257,6 +269,7 @@ class Trainer:
         model.eval()
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         for batch in self._loader(ds):
+            self._check_token_ids(batch["input_ids"], "data.valid")
             ids, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
             cu = batch.get("cu_seqlens")
             with self.strategy.autocast():
@@ -306,7 +319,8 @@ class Trainer:
             t0 = time.perf_counter()
             batch = next(self.train_iter)
             data_wait += time.perf_counter() - t0
-            fingerprint += batch_fingerprint(batch["input_ids"])
+            fingerprint += batch_fingerprint(batch["input_ids"], cfg.data.seq_len)
+            self._check_token_ids(batch["input_ids"], "data.train")
             ids = batch["input_ids"].to(self.device, non_blocking=True)
             labels = batch["labels"].to(self.device, non_blocking=True)
             cu = batch.get("cu_seqlens")
@@ -366,8 +380,7 @@ class Trainer:
         self.last_saved_step = self.step if self.resume_path else -1
         if self.rank == 0:
             os.makedirs(cfg.out_dir, exist_ok=True)
-            with open(os.path.join(cfg.out_dir, "config.yaml"), "w") as f:
-                yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+            write_text_atomic(os.path.join(cfg.out_dir, "config.yaml"), yaml.safe_dump(to_dict(cfg), sort_keys=False))
         metrics = MetricsLogger(cfg, self.rank, self.step, t.max_steps, to_dict(cfg))
         self.peak_flops = peak_flops(self.device)
         self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
@@ -496,7 +509,11 @@ def main(argv=None) -> int:
         return EXIT_CONFIG
     if trainer.rank != 0:
         logging.getLogger("pretrain").setLevel(logging.WARNING)
-    code = trainer.run()
+    try:
+        code = trainer.run()
+    except ConfigError as e:  # found in the data while training (e.g. a token id past the vocabulary)
+        report_error(EXIT_CONFIG, f"config error: {e}")
+        return EXIT_CONFIG
     if dist.is_initialized():
         # free the wrapped model (it holds the process group) while Python is still up: a group torn down only at
         # interpreter exit can abort the process ("terminate called without an active exception") after a clean run

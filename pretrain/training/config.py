@@ -89,8 +89,8 @@ class OptimConfig:
     decay_fraction: float = 0.2
 
     def __post_init__(self):
-        if len(self.betas) != 2:
-            raise ValueError("betas must be a list of two numbers")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):  # NaN fails the comparison too
+            raise ValueError(f"betas={self.betas} must be two numbers in [0, 1)")
         if not 0 <= self.decay_fraction <= 1 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("decay_fraction and min_lr_ratio must lie in [0, 1]")
         _require_at_least(self, lr=0, eps=0, weight_decay=0, warmup_steps=0)
@@ -171,6 +171,16 @@ def _writable_dir_problem(key: str, path: str) -> str | None:
     return None
 
 
+def _manifest_vocab_size(path: str) -> int | None:
+    """The tokenizer vocabulary a split directory of tokenize_pile.py records, or None (no manifest, or none said)."""
+    try:
+        with open(os.path.join(path, "manifest.json")) as f:
+            size = json.load(f)["tokenizer"]["vocab_size"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return size if isinstance(size, int) else None
+
+
 def check_paths(cfg: RunConfig) -> list[str]:
     """Every path the run will use, checked before anything starts (no process group, no model): the model
     config, each train/valid dataset (its shards open and hold at least one sequence), the DeepSpeed JSON, an
@@ -181,8 +191,9 @@ def check_paths(cfg: RunConfig) -> list[str]:
     from pretrain.models import load_model_config
 
     problems = []
+    vocab_size = None
     try:
-        load_model_config(cfg.model, cfg.model_overrides)
+        vocab_size = load_model_config(cfg.model, cfg.model_overrides).vocab_size
     except ConfigError as e:
         problems.append(f"model: {e}")
     if not cfg.data.train:
@@ -198,6 +209,10 @@ def check_paths(cfg: RunConfig) -> list[str]:
             if stream.num_tokens < cfg.data.seq_len + 1:
                 problems.append(f"{key}: {source.path!r} holds {stream.num_tokens} tokens, fewer than "
                                 f"data.seq_len + 1 = {cfg.data.seq_len + 1}")
+            data_vocab = _manifest_vocab_size(source.path)
+            if vocab_size is not None and data_vocab is not None and data_vocab > vocab_size:
+                problems.append(f"{key}: tokenized with a {data_vocab}-token vocabulary (its manifest.json), "
+                                f"more than the model's vocab_size={vocab_size}")
     if cfg.parallel.strategy == "deepspeed":
         path = cfg.parallel.deepspeed_config
         try:

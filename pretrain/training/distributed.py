@@ -38,6 +38,9 @@ def init_distributed(cfg: RunConfig) -> tuple[int, int, torch.device]:
         backend = cfg.parallel.backend
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
+        elif backend == "nccl" and device.type != "cuda":
+            raise ConfigError("parallel.backend=nccl needs CUDA GPUs, and this process sees none; use gloo (or auto) "
+                              "on CPUs")
         if strategy == "deepspeed":
             import deepspeed
 

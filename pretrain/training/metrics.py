@@ -13,6 +13,8 @@ import sys
 
 import torch
 
+from pretrain.atomic import write_text_atomic
+
 log = logging.getLogger("pretrain")
 
 # Dense bf16 peak FLOP/s per device, for MFU. Override with PEAK_TFLOPS=<number> (e.g. for other GPUs or CPUs).
@@ -99,12 +101,13 @@ class MetricsLogger:
         if wandb_mode(mode) is None:
             return
         id_file = os.path.join(self.cfg.out_dir, "wandb_id")
+        run_id = ""
         if os.path.isfile(id_file):
-            run_id = open(id_file).read().strip()
-        else:
+            with open(id_file) as f:
+                run_id = f.read().strip()
+        if not re.fullmatch(r"[0-9a-z]+", run_id):  # none yet, or an empty / damaged file: a new W&B run
             run_id = secrets.token_hex(4)  # wandb ids: lowercase letters and digits
-            with open(id_file, "w") as f:
-                f.write(run_id)
+            write_text_atomic(id_file, run_id)
         self.wandb_run = init_wandb(mode, project=wcfg.project, entity=wcfg.entity, name=wcfg.name or self.cfg.name,
                                     id=run_id, resume="allow", dir=self.cfg.out_dir, config=config_dict)
 

@@ -40,3 +40,19 @@ def test_disabled_wandb_writes_no_wandb_dir(tmp_path, monkeypatch):
     assert m.wandb_run is None
     m.close()
     assert not (tmp_path / "run" / "wandb").exists()
+
+
+@pytest.mark.parametrize("content", ["", "\n", "Not An Id!"])
+def test_a_damaged_run_id_file_starts_a_new_run_instead_of_losing_the_logging(tmp_path, monkeypatch, content):
+    """A torn or empty wandb_id (it was written in place) made every later start log "Run ID cannot be empty" and
+    run without W&B; it is replaced by a new id, written atomically."""
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = _cfg(tmp_path, "offline")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "wandb_id").write_text(content)
+    m = MetricsLogger(cfg, rank=0, start_step=0, max_steps=10, config_dict={"x": 1})
+    assert m.wandb_run is not None
+    assert (tmp_path / "run" / "wandb_id").read_text() == m.wandb_run.id
+    m.close()

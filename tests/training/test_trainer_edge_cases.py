@@ -44,6 +44,9 @@ NO_NAN = "training.inject_nan_at_steps=[]"
     ("data.num_workers=-1", "data", "num_workers must be >= 0, got -1"),
     ("data.mix_block=0", "data", "mix_block must be >= 1, got 0"),
     ("checkpoint.export_final=true", "checkpoint", "export_final=true needs save_final=true"),
+    ("optim.betas=[0.9, 1.5]", "optim", "betas=[0.9, 1.5] must be two numbers in [0, 1)"),  # AdamW raised later
+    ("optim.betas=[-0.5, 0.9]", "optim", "betas=[-0.5, 0.9] must be two numbers in [0, 1)"),
+    ("optim.betas=[0.9, .nan]", "optim", "betas=[0.9, nan] must be two numbers in [0, 1)"),
 ])
 def test_bad_values_are_refused_naming_file_and_key(shards, tmp_path, override, section, message):
     path = write_config(shards, tmp_path / "run")
@@ -169,3 +172,63 @@ def test_config_differences_ignore_fields_added_since_the_checkpoint():
     assert config_differences(saved, now) == []
     assert config_differences(saved, {**now, "d_model": 32}) == ["d_model: 64 -> 32"]
     assert config_differences({"rebased": {"num_heads": 2}}, {"rebased": {}}) == ["rebased.num_heads: 2 -> None"]
+
+
+# --- data the model cannot read -----------------------------------------------------------------------------------
+def test_token_ids_past_the_vocabulary_stop_the_run_with_one_line(shards, tmp_path):
+    """Shards of a larger vocabulary (the synthetic ones hold ids up to 1023) against vocab_size 512: a config error
+    (exit 2) naming the id, the step and the vocabulary, instead of an IndexError traceback (a device-side assert on
+    CUDA)."""
+    p = run(shards, tmp_path / "run", 1, "single", ["model_overrides=[vocab_size=512]", NO_NAN], check=False)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    assert "data.train: token id" in p.stderr and "in the batch of step 0" in p.stderr
+    assert "vocab_size=512" in p.stderr
+
+
+def test_a_split_tokenized_with_a_larger_vocabulary_is_named_before_the_start(tmp_path):
+    """tokenize_pile's manifest records the tokenizer's vocabulary: the path check names the mismatch at once."""
+    import json
+
+    from pretrain.data.synthetic import write_synthetic_shard
+    from pretrain.training.config import DataConfig, DataSource, check_paths
+
+    split = tmp_path / "train"
+    split.mkdir()
+    write_synthetic_shard(str(split / "train-00000"), 5_000, 1000, seed=0)
+    (split / "manifest.json").write_text(json.dumps({"shards": [{"name": "train-00000"}],
+                                                     "tokenizer": {"vocab_size": 1000}}))
+    model = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "models", "tiny_rebased.yaml")
+    cfg = RunConfig(model=model, out_dir=str(tmp_path / "out"), model_overrides=["vocab_size=512"],
+                    data=DataConfig(train=[DataSource(str(split))], seq_len=32))
+    problems = check_paths(cfg)
+    assert any("data.train[0].path: tokenized with a 1000-token vocabulary" in p and "vocab_size=512" in p
+               for p in problems), problems
+    cfg.model_overrides = ["vocab_size=1024"]
+    assert check_paths(cfg) == []
+
+
+def test_batch_fingerprint_with_document_masking_does_not_depend_on_the_micro_batch(shards, tmp_path):
+    """Document masking packs a micro batch into one row; the fingerprint counts each sample's positions from its
+    own start, so it names the same sequences at micro-batch sizes 4 and 1 (it differed before)."""
+    runs = {}
+    for micro in (4, 1):
+        out = tmp_path / f"m{micro}"
+        run(shards, out, 1, "single", [f"training.micro_batch_size={micro}", "data.document_masking=true", NO_NAN,
+                                       "training.max_steps=3", "checkpoint.every=0"])
+        runs[micro] = {s: r["batch_fp"] for s, r in losses(out).items()}
+    assert runs[4] == runs[1] and len(runs[4]) == 3
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has GPUs for nccl")
+def test_nccl_without_gpus_is_a_config_error(shards, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO, env
+
+    path = write_config(shards, tmp_path / "run")
+    p = subprocess.run([sys.executable, "-m", "pretrain.train", "--config", str(path), "parallel.strategy=ddp",
+                        "parallel.backend=nccl"], cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert "parallel.backend=nccl needs CUDA GPUs" in p.stderr
