@@ -127,10 +127,11 @@ class ModelCache:
         """Count ``tokens`` more on the longest row; full-attention layers (and sliding windows given fewer slots
         than their window) must hold every position, and learned position embeddings end at ``position_limit``."""
         total = self.seen_tokens + tokens
-        # a sliding window's ring made shorter than the window (max_len < W) would overwrite keys still in view
-        short_ring = any(isinstance(layer, KVCache) and layer.window is not None and layer.slots < layer.window
-                         for layer in self.layers)
-        if (full_attention or short_ring) and total > self.max_len:
+        # a sliding window's ring made shorter than the window (max_len < W) would overwrite keys still in view;
+        # looked at only past max_len (this runs once per decoded token)
+        if total > self.max_len and (full_attention or any(
+                isinstance(layer, KVCache) and layer.window is not None and layer.slots < layer.window
+                for layer in self.layers)):
             kept = "full-attention layers keep every key" if full_attention else "its sliding windows hold max_len keys"
             raise ValueError(f"{total} positions do not fit a cache of max_len={self.max_len} ({kept}): make it "
                              "with init_cache(batch_size, max_len)")
