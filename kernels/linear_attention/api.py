@@ -52,7 +52,8 @@ _ATTENTION_DOC = """Causal {kind} attention, layout [B, T, H, D]; q, k already f
 def dispatch_linear_attention(kind, q, k, v, *, scale, eps, normalize, cu_seqlens, initial_state,
                               output_final_state, backend, mode, chunk_size):
     offsets = validate_attention_inputs(kind, q, k, v, scale=scale, eps=eps, cu_seqlens=cu_seqlens,
-                                        initial_state=initial_state, mode=mode, chunk_size=chunk_size)
+                                        initial_state=initial_state, mode=mode, chunk_size=chunk_size,
+                                        normalize=normalize)
     scale = default_scale(q.shape[-1]) if scale is None else float(scale)
     op = f"{kind}_attention"
     if resolve_backend(op, backend, q.device) == "triton":
@@ -149,7 +150,7 @@ def linear_attention_step(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.
         o [B, 1, H, Dv] in the input dtype. Inference only: it raises when gradients would be needed.
     """
     validate_attention_inputs(kind, q, k, v, scale=scale, eps=eps, cu_seqlens=None, initial_state=state,
-                              mode=None, chunk_size=1)
+                              mode=None, chunk_size=1, normalize=normalize)
     _validate_step_state(q, k, v, state)
     scale = default_scale(q.shape[-1]) if scale is None else float(scale)
     op = f"{kind}_attention_step"

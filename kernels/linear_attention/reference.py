@@ -16,6 +16,8 @@ packed batch to a right-padded batch of documents (see :mod:`kernels.common`).
 
 from __future__ import annotations
 
+import math
+
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -37,7 +39,7 @@ def _shape(t: torch.Tensor) -> tuple:
 
 
 def validate_attention_inputs(kind: str, q, k, v, *, scale, eps, cu_seqlens, initial_state, mode,
-                              chunk_size) -> Optional[list]:
+                              chunk_size, normalize=True) -> Optional[list]:
     """Check shapes/dtypes/options; return cu_seqlens offsets as a list (or None)."""
     if kind not in KINDS:
         raise ValueError(f"unknown attention kind {kind!r}; expected one of {KINDS}")
@@ -58,12 +60,14 @@ def validate_attention_inputs(kind: str, q, k, v, *, scale, eps, cu_seqlens, ini
         raise ValueError(f"q, k, v must be on the same device, got {q.device}, {k.device}, {v.device}")
     if q.shape[-1] < 1 or v.shape[-1] < 1:
         raise ValueError(f"feature dims must be >= 1, got q {_shape(q)} and v {_shape(v)}")
-    if scale is not None and not isinstance(scale, (int, float)):
-        raise ValueError(f"scale must be a python number or None, got {type(scale).__name__}")
+    if scale is not None and (not isinstance(scale, (int, float)) or not math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite python number or None, got {scale!r}")
     if kind == "based" and scale is not None and scale < 0:
         raise ValueError(f"based attention needs scale >= 0, got {scale}")
-    if not isinstance(eps, (int, float)) or eps < 0:
-        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    if not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:  # NaN fails too
+        raise ValueError(f"eps must be a finite non-negative number, got {eps!r}")
+    if not isinstance(normalize, bool):  # a truthy string ("no") would silently normalise
+        raise ValueError(f"normalize must be a bool, got {normalize!r}")
     if mode is not None and mode not in MODES:
         raise ValueError(f"mode must be one of {MODES} or None, got {mode!r}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
@@ -164,9 +168,9 @@ def _core_recurrent(kind, q, k, v, scale, valid, kv0, z0, want_state):
         z = z + phi_k[:, i]
         nums.append(torch.einsum("nhf,nhfv->nhv", phi_q[:, i], kv))
         dens.append((phi_q[:, i] * z).sum(-1))
-    if t == 0:
-        num = v.new_zeros(v.shape)
-        den = v.new_zeros(v.shape[:3])
+    if t == 0:  # empty, but from the inputs: an autograd graph through them (as the other modes give)
+        num = v * 0
+        den = (phi_q * 0).sum(-1)
     else:
         num = torch.stack(nums, dim=1)
         den = torch.stack(dens, dim=1)
@@ -182,7 +186,8 @@ def linear_attention_reference(kind: str, q: torch.Tensor, k: torch.Tensor, v: t
     """Reference (Re)Based causal linear attention; see :func:`kernels.rebased_attention` for the contract."""
     if not _validated:
         _offsets = validate_attention_inputs(kind, q, k, v, scale=scale, eps=eps, cu_seqlens=cu_seqlens,
-                                             initial_state=initial_state, mode=mode, chunk_size=chunk_size)
+                                             initial_state=initial_state, mode=mode, chunk_size=chunk_size,
+                                             normalize=normalize)
     offsets = _offsets
     b, t, h, dk = q.shape
     dv = v.shape[-1]

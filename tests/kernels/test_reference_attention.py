@@ -317,6 +317,13 @@ def test_input_validation_errors():
         fn(q, k, v, mode="fused")
     with pytest.raises(ValueError, match="chunk_size"):
         fn(q, k, v, chunk_size=0)
+    # numbers that would make every output NaN, and a truthy non-bool that silently normalised
+    for kwargs, message in (({"scale": math.nan}, "scale must be a finite"), ({"scale": math.inf}, "scale must"),
+                            ({"eps": math.nan}, "eps must be a finite"), ({"eps": -1e-6}, "eps must"),
+                            ({"normalize": "no"}, "normalize must be a bool")):
+        for backend in ("torch", "triton"):
+            with pytest.raises(ValueError, match=message):
+                fn(q, k, v, backend=backend, **kwargs)
 
 
 # ------------------------------------------------------------------ backend selection
@@ -378,3 +385,15 @@ def test_registered_impl_dispatch(monkeypatch, no_triton_registered):
     assert calls[0]["scale"] == 0.5 and calls[0]["chunk_size"] == 32
     with pytest.raises(ValueError):
         kbackend.register_triton_impl("not_an_op", fake)
+
+
+@pytest.mark.parametrize("mode", ["quadratic", "chunk", "recurrent"])
+def test_no_tokens_still_gives_a_graph_through_the_inputs(mode):
+    """T = 0: every mode returns an output autograd can differentiate (empty gradients); the recurrent mode's was
+    a fresh zeros tensor, so autograd.grad failed on it."""
+    q = torch.randn(1, 0, 2, 16, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 0, 2, 4, dtype=torch.float64, requires_grad=True)
+    o, _ = kernels.rebased_attention(q, q, v, backend="torch", mode=mode)
+    assert o.shape == (1, 0, 2, 4) and o.requires_grad
+    dq, dv = torch.autograd.grad(o.sum(), (q, v))
+    assert dq.shape == q.shape and dv.shape == v.shape

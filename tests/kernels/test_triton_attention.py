@@ -241,6 +241,19 @@ def test_empty_sequence_and_fallback():
     assert rel(o8, o8r) < 1e-12
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", [(0, 5, 2), (1, 5, 0), (0, 0, 0)])
+def test_empty_batch_or_heads_match_the_reference(kind, shape):
+    """No rows or no heads: the reference's empty output and zero (or initial) states, not a crash in the segment
+    tables (max() of no segments) or the scan's shapes."""
+    b, t, h = shape
+    q = torch.randn(b, t, h, 16, device=DEV)
+    v = torch.randn(b, t, h, 4, device=DEV)
+    o, st = attn(kind)(q, q, v, backend="triton", output_final_state=True)
+    o_ref, st_ref = attn(kind)(q, q, v, backend="torch", output_final_state=True)
+    assert o.shape == o_ref.shape and st[0].shape == st_ref[0].shape and st[1].shape == st_ref[1].shape
+
+
 def test_non_contiguous_inputs():
     """[B, H, T, D] tensors viewed as [B, T, H, D] (strided): same output and gradients as the reference."""
     q, k = (torch.randn(2, 2, 37, 16, device=DEV).transpose(1, 2).requires_grad_() for _ in range(2))
@@ -255,3 +268,34 @@ def test_non_contiguous_inputs():
     assert rel(o, o_ref) < 1e-4
     for g, gr in zip(grads, grads_ref):
         assert g.shape == gr.shape and rel(g, gr) < 1e-4
+
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("only", ["kv", "z"])
+@pytest.mark.parametrize("init", [False, True])
+def test_a_gradient_through_one_part_of_the_final_state(kind, only, init):
+    """A loss on the final kv alone (or z alone): the missing part's zero gradient must have its own row count (the
+    normaliser has FZ rows, the state FT: equal only at tile 16). It was shaped from the other part, and the reverse
+    scan read past it: dk off by 1e35 in fp32, inf in fp16, NaN in dz0."""
+    b, t, h, dv = 1, 20, 2, 10  # fp32: tile 8, so FT != FZ
+    leaves = [torch.randn(b, t, h, 16, device=DEV), torch.randn(b, t, h, 16, device=DEV),
+              torch.randn(b, t, h, dv, device=DEV)]
+    if init:
+        leaves += list(plausible_state(kind, b, h, 16, dv, DEV))
+    w = None
+    grads = []
+    for backend, dtype in (("torch", F64), ("triton", torch.float32)):
+        xs = [x.detach().to(dtype).requires_grad_(True) for x in leaves]
+        _, (kv, z) = attn(kind)(*xs[:3], initial_state=tuple(xs[3:]) if init else None, backend=backend,
+                                chunk_size=16, output_final_state=True)
+        target = kv if only == "kv" else z
+        w = torch.randn(target.shape, dtype=F64, device=DEV) if w is None else w
+        got = torch.autograd.grad((target.double() * w).sum(), xs, allow_unused=True)  # the state ignores q
+        grads.append([torch.zeros_like(x) if g is None else g for x, g in zip(xs, got)])
+    for name, ref, ours in zip(("dq", "dk", "dv", "dkv0", "dz0"), *grads):
+        assert torch.isfinite(ours).all(), name
+        if ref.abs().max() == 0:
+            assert ours.abs().max() == 0, name  # e.g. dz0 of a loss on kv alone
+        else:
+            assert rel(ours, ref) < TOL[torch.float32], (name, rel(ours, ref))

@@ -85,10 +85,14 @@ def _backward(ctx, do, dden, dSs, dzs, dSf, dzf, dhc, dhz):
     if not store_final:
         dSf = dzf = None
     if dSf is not None or dzf is not None:
+        # the one without a gradient is zero; the state and the normaliser have their own row counts (FT, FZ: equal
+        # only at tile 16), so neither shape follows from the other's
+        _, _, ft, fz = _layout(based, q.shape[-1], tile)
+        n, h = (dSf if dSf is not None else dzf).shape[:2]
         if dSf is None:
-            dSf = torch.zeros(dzf.shape + (v.shape[-1],), dtype=torch.float32, device=q.device)
+            dSf = torch.zeros(n, h, ft, v.shape[-1], dtype=torch.float32, device=q.device)
         if dzf is None:
-            dzf = torch.zeros(dSf.shape[:-1], dtype=torch.float32, device=q.device)
+            dzf = torch.zeros(n, h, fz, dtype=torch.float32, device=q.device)
         dSf, dzf = dSf.float(), dzf.float()
     dq, dk, dv, dS0, dz0 = _op_bwd(q, k, v, o, den, S_start, z_start, hc, hz, do, dSf, dzf, cu_seqlens, has_init,
                                    scale, eps, normalize, based, tile, chunk, seg_tokens)
