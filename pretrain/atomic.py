@@ -100,3 +100,16 @@ def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
         os.replace(tmp, final)
     fsync_dir(final.parent)
     return final
+
+
+def check_writable(path: str | os.PathLike, option: str) -> None:
+    """Raise ValueError (naming ``option``) unless a file can be written at ``path``: its folder exists and is
+    writable, and it is not a folder itself. Tools check their output path before the work whose result a failing
+    write would lose."""
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"{option} {path}: is a directory")
+    if not target.parent.is_dir():
+        raise ValueError(f"{option} {path}: the folder {target.parent} does not exist")
+    if not os.access(target.parent, os.W_OK):
+        raise ValueError(f"{option} {path}: the folder {target.parent} is not writable")

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from pretrain.atomic import write_json_atomic
+from pretrain.atomic import check_writable, write_json_atomic
 from pretrain.config import ConfigError
 from pretrain.evaluation.loading import EvaluationInputError, load_documents, load_model, load_tokenizer
 from pretrain.evaluation.scoring import score_documents, totals_by_set
@@ -45,13 +45,24 @@ def evaluate(args) -> dict:
     else:
         device = torch.device("cpu")
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    if args.batch_size < 1:
+        raise EvaluationInputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_documents is not None and args.max_documents < 1:
+        raise EvaluationInputError(f"--max-documents must be >= 1, got {args.max_documents}")
+    if args.out:
+        try:
+            check_writable(args.out, "--out")  # before the evaluation, whose result a failing write would lose
+        except ValueError as e:
+            raise EvaluationInputError(str(e)) from None
     tokenizer = load_tokenizer(args.tokenizer)
     docs = load_documents(args.data, tokenizer, text_key=args.text_key, max_documents=args.max_documents)
     if not docs:
         raise EvaluationInputError(f"{args.data}: no documents to evaluate")
     model = load_model(args.checkpoint, device)
-    seq_len = args.seq_len or model.config.max_seq_len
-    _check_inputs(model.config, seq_len, args.stride, docs)
+    seq_len = args.seq_len if args.seq_len is not None else model.config.max_seq_len
+    eod_id = args.eod_id if args.eod_id is not None else (
+        tokenizer.eod_id if tokenizer is not None else _default_eod(args))
+    _check_inputs(model.config, seq_len, args.stride, docs, eod_id)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
     def logits_fn(ids):
@@ -61,8 +72,7 @@ def evaluate(args) -> dict:
     total_targets = sum(len(d.tokens) for d in docs)
     bar = tqdm(total=total_targets // world, unit="tok", desc="evaluate", disable=rank != 0, unit_scale=True)
     start = time.time()
-    per_doc = score_documents(logits_fn, docs, seq_len=seq_len, eod_id=args.eod_id if args.eod_id is not None else (
-        tokenizer.eod_id if tokenizer is not None else _default_eod(args)), stride=args.stride, layout=args.documents,
+    per_doc = score_documents(logits_fn, docs, seq_len=seq_len, eod_id=eod_id, stride=args.stride, layout=args.documents,
         batch_size=args.batch_size, device=device, rank=rank, world_size=world, all_gather=all_gather, progress=bar)
     bar.close()
     overall, by_set = totals_by_set(docs, per_doc)
@@ -82,7 +92,7 @@ def evaluate(args) -> dict:
     return result
 
 
-def _check_inputs(cfg, seq_len: int, stride: int | None, docs) -> None:
+def _check_inputs(cfg, seq_len: int, stride: int | None, docs, eod_id: int) -> None:
     """Refuse, naming the option, windows or tokens the model cannot score, before any forward runs."""
     if seq_len < 1:
         raise EvaluationInputError(f"--seq-len must be >= 1, got {seq_len}")
@@ -91,6 +101,8 @@ def _check_inputs(cfg, seq_len: int, stride: int | None, docs) -> None:
     if cfg.learned_positions and seq_len > cfg.max_seq_len:  # rotary and linear attention have no such limit
         raise EvaluationInputError(f"--seq-len {seq_len} exceeds the model's learned position table "
                                    f"(max_seq_len={cfg.max_seq_len}); evaluate at --seq-len {cfg.max_seq_len} or less")
+    if not 0 <= eod_id < cfg.vocab_size:  # it starts every window of a document
+        raise EvaluationInputError(f"--eod-id {eod_id} is outside the model's vocabulary (vocab_size={cfg.vocab_size})")
     top = max((max(d.tokens) for d in docs if d.tokens), default=-1)
     if top >= cfg.vocab_size:
         raise EvaluationInputError(f"token id {top} is outside the model's vocabulary (vocab_size={cfg.vocab_size}):"
@@ -131,8 +143,19 @@ def main(argv=None):
                                          description="print several evaluation results side by side")
         parser.add_argument("results", nargs="+", help="JSON files written with --out")
         args = parser.parse_args(argv[1:])
-        results = [json.loads(Path(p).read_text()) for p in args.results]
-        print_table(results)
+        results = []
+        for path in args.results:
+            try:
+                results.append(json.loads(Path(path).read_text()))
+            except (OSError, ValueError) as e:
+                print(f"error: {path}: not a readable result JSON ({e})", file=sys.stderr)
+                raise SystemExit(2) from None
+        try:
+            print_table(results)
+        except (KeyError, TypeError) as e:
+            print(f"error: a result lacks the field {e} (not written by python -m pretrain.evaluate --out?)",
+                  file=sys.stderr)
+            raise SystemExit(2) from None
         return results
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="export dir (model.safetensors) or checkpoint dir")

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from pretrain.atomic import write_text_atomic
+from pretrain.atomic import check_writable, write_text_atomic
 from pretrain.config import ConfigError
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.evaluation.loading import load_model
@@ -46,18 +45,6 @@ def parse_device(name: str | None) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {name!r}: expected cpu, cuda or cuda:N")
     return device
-
-
-def check_writable(path: str) -> None:
-    """Refuse an output path whose folder does not exist or cannot be written, or that is a folder itself."""
-    target = Path(path)
-    folder = target.parent
-    if target.is_dir():
-        raise ValueError(f"--out {path}: is a directory")
-    if not folder.is_dir():
-        raise ValueError(f"--out {path}: the folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise ValueError(f"--out {path}: the folder {folder} is not writable")
 
 
 def read_prompts(path: str) -> list[str]:
@@ -163,7 +150,7 @@ def main(argv=None) -> int:
         if not prompts:
             raise ValueError(f"{args.prompts}: no prompts")
         if args.out:
-            check_writable(args.out)  # before decoding, which a failing write at the end would throw away
+            check_writable(args.out, "--out")  # before decoding, which a failing write at the end would throw away
         tokenizer = Tokenizer(args.tokenizer)
         device = parse_device(args.device)
         model = load_model(args.checkpoint, device)

@@ -44,7 +44,11 @@ def load_documents(data: str, tokenizer, *, text_key: str = "text", max_document
             raise EvaluationInputError(f"{data}: raw text needs a tokenizer (--tokenizer)")
         return _raw_documents(data, tokenizer, text_key, max_documents)
     docs = []
-    for prefix in resolve_shards(data):
+    try:
+        prefixes = resolve_shards(data)
+    except (OSError, ValueError) as e:  # nothing there, or a split that is not usable: one line, exit 2
+        raise EvaluationInputError(f"--data {data}: {e}") from None
+    for prefix in prefixes:
         ds = IndexedDataset(prefix)
         for d in range(ds.num_documents):
             if max_documents is not None and len(docs) >= max_documents:
@@ -60,7 +64,10 @@ def load_documents(data: str, tokenizer, *, text_key: str = "text", max_document
 
 def _raw_documents(data: str, tokenizer, text_key: str, max_documents: int | None) -> list[Document]:
     docs = []
-    for event in iter_records(resolve_inputs([data], "main"), max_docs=max_documents):
+    # --max-documents counts documents scored, as for shards: records skipped below (no text) do not count
+    for event in iter_records(resolve_inputs([data], "main")):
+        if max_documents is not None and len(docs) >= max_documents:
+            break
         if not isinstance(event, Record):
             continue
         where = f"{event.source}:{event.line_no}"
@@ -74,10 +81,12 @@ def _raw_documents(data: str, tokenizer, text_key: str, max_documents: int | Non
         if not isinstance(text, str) or not text:
             continue
         meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
+        subset = meta.get("pile_set_name")
+        # a name as tokenize_pile counts it: numbers as text, anything else (a list, an object) as no subset
+        subset = None if isinstance(subset, (dict, list)) or subset is None else str(subset)
         tokens = tokenizer.encode(text)
         # the bytes of what the tokens spell, as for shards: a normalising tokenizer's differ from the text's
-        docs.append(Document(tokens + [tokenizer.eod_id], len(tokenizer.decode(tokens).encode("utf-8")),
-                             meta.get("pile_set_name")))
+        docs.append(Document(tokens + [tokenizer.eod_id], len(tokenizer.decode(tokens).encode("utf-8")), subset))
     return docs
 
 

@@ -1,5 +1,6 @@
 """Consolidated model export: ``model.safetensors`` + ``config.yaml`` (the model config) in one directory,
-loadable without the trainer (``load_exported``). Written to a temporary directory, fsynced, then renamed.
+loadable without the trainer (``load_exported``). Written to a temporary directory, fsynced, then renamed;
+``export.json`` beside them holds both files' SHA-256 (checked on load) and where the weights came from.
 
 A tied LM head is stored once (as ``embed.weight``)."""
 
@@ -16,10 +17,11 @@ from safetensors.torch import load_file, save_file
 
 from pretrain.atomic import publish_dir
 from pretrain.config import ConfigError, from_dict, to_dict
+from pretrain.data.tokenizer import file_sha256
 from pretrain.models.config import ModelConfig
 from pretrain.models.model import CausalLM
 
-WEIGHTS, CONFIG = "model.safetensors", "config.yaml"
+WEIGHTS, CONFIG, MANIFEST = "model.safetensors", "config.yaml", "export.json"
 
 
 def write_export(state_dict: dict[str, torch.Tensor], model_config: dict, out_dir: str | os.PathLike,
@@ -38,8 +40,8 @@ def write_export(state_dict: dict[str, torch.Tensor], model_config: dict, out_di
     try:
         save_file(state, str(tmp / WEIGHTS), metadata={k: str(v) for k, v in (metadata or {}).items()})
         (tmp / CONFIG).write_text(yaml.safe_dump(model_config, sort_keys=False))
-        if provenance is not None:
-            (tmp / "export.json").write_text(json.dumps(provenance, indent=1))
+        record = {**(provenance or {}), "sha256": {name: file_sha256(tmp / name) for name in (WEIGHTS, CONFIG)}}
+        (tmp / MANIFEST).write_text(json.dumps(record, indent=1))
         return publish_dir(tmp, out)
     except BaseException:  # a failed export (a full disk, an interrupt) leaves no half-written folder behind
         shutil.rmtree(tmp, ignore_errors=True)
@@ -50,13 +52,43 @@ def export_model(model: CausalLM, out_dir: str | os.PathLike, metadata: dict | N
     return write_export(model.state_dict(), to_dict(model.config), out_dir, metadata)
 
 
+def _verify_files(path: Path) -> None:
+    """Check the files against the SHA-256 ``export.json`` records (exports written before it are not checked)."""
+    manifest = path / MANIFEST
+    if not manifest.exists():
+        return
+    try:
+        recorded = json.loads(manifest.read_text()).get("sha256", {})
+    except (OSError, ValueError, AttributeError) as e:
+        raise ConfigError(f"{manifest}: unreadable ({e})") from None
+    for name, digest in recorded.items():
+        if name in (WEIGHTS, CONFIG) and file_sha256(path / name) != digest:
+            raise ConfigError(f"{path / name}: SHA-256 differs from the one {manifest} records (damaged or changed "
+                              "since the export); export the checkpoint again")
+
+
 def load_exported(path: str | os.PathLike, device="cpu", dtype: torch.dtype | None = None) -> CausalLM:
+    """The exported model in eval mode; a missing, damaged or changed file raises ``ConfigError`` naming it."""
     path = Path(path)
     cfg_path = path / CONFIG
-    cfg = from_dict(ModelConfig, yaml.safe_load(cfg_path.read_text()), source=str(cfg_path))
+    for needed in (cfg_path, path / WEIGHTS):
+        if not needed.is_file():
+            raise ConfigError(f"{needed}: missing; {path} is not a complete export")
+    _verify_files(path)
+    try:
+        raw = yaml.safe_load(cfg_path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        reason = " ".join(str(e).split())  # one line: YAML's messages span several
+        raise ConfigError(f"{cfg_path}: not a readable YAML model config ({type(e).__name__}: {reason})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{cfg_path}: expected a mapping of model settings, got {type(raw).__name__}")
+    cfg = from_dict(ModelConfig, raw, source=str(cfg_path))
     with torch.device("meta"):
         model = CausalLM(cfg)
-    state = load_file(str(path / WEIGHTS), device=str(device))
+    try:
+        state = load_file(str(path / WEIGHTS), device=str(device))
+    except Exception as e:  # safetensors' own error type for a torn or foreign file
+        raise ConfigError(f"{path / WEIGHTS}: not a readable safetensors file ({type(e).__name__}: {e})") from None
     _check_weights_match_config(model, state, path)
     model = model.to_empty(device=device)
     if cfg.tie_embeddings:

@@ -150,3 +150,62 @@ def test_a_corrupt_tokenizer_is_one_line(tmp_path, capsys):
         _evaluate(model_dir, data, "--tokenizer", str(bad))
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"{bad}: not a SentencePiece model" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--seq-len", "0"], "--seq-len must be >= 1, got 0"),  # 0 was read as "the model's default"
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--batch-size", "-1"], "--batch-size must be >= 1, got -1"),
+    (["--max-documents", "0"], "--max-documents must be >= 1, got 0"),
+    (["--eod-id", str(V)], f"--eod-id {V} is outside the model's vocabulary (vocab_size={V})"),
+    (["--eod-id", "-1"], "--eod-id -1 is outside"),
+])
+def test_bad_options_are_refused_in_one_line(tmp_path, capsys, args, message):
+    model_dir = _export(tmp_path, ["short_conv"])
+    data, _ = _shards(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        _evaluate(model_dir, data, *args)  # a later --eod-id wins over the helper's
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("what", ["missing_data", "out_is_a_folder", "out_folder_missing"])
+def test_paths_are_checked_before_the_evaluation(tmp_path, capsys, what):
+    model_dir = _export(tmp_path, ["short_conv"])
+    data, _ = _shards(tmp_path)
+    (tmp_path / "folder").mkdir()
+    args = {"missing_data": ([], tmp_path / "no_such_prefix", "no indexed dataset"),
+            "out_is_a_folder": (["--out", str(tmp_path / "folder")], data, "is a directory"),
+            "out_folder_missing": (["--out", str(tmp_path / "nope" / "r.json")], data, "does not exist")}[what]
+    with pytest.raises(SystemExit) as e:
+        _evaluate(model_dir, args[1], *args[0])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and args[2] in err and "Traceback" not in err
+
+
+def test_raw_text_max_documents_counts_scored_documents_and_set_names_are_text(tmp_path):
+    """Records skipped for having no text do not count towards --max-documents (they did: 2 asked, 1 scored); a
+    numeric set name is a name (it crashed the per-set totals), a list is no set."""
+    import sentencepiece as spm
+    from pretrain.data.tokenizer import Tokenizer
+    from pretrain.evaluation.loading import load_documents
+
+    texts = ["alpha beta gamma", "delta epsilon", "zeta eta theta"]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts * 20), model_prefix=str(tmp_path / "tok"),
+                                   vocab_size=30, hard_vocab_limit=False, bos_id=2, eos_id=3, unk_id=1, pad_id=0)
+    tok = Tokenizer(tmp_path / "tok.model")
+    records = [{"text": ""}, {"text": texts[0], "meta": {"pile_set_name": 7}},
+               {"text": texts[1], "meta": {"pile_set_name": ["A"]}}, {"text": texts[2]}]
+    (tmp_path / "raw.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    docs = load_documents(str(tmp_path / "raw.jsonl"), tok, max_documents=2)
+    assert len(docs) == 2 and [d.set_name for d in docs] == ["7", None]
+    overall, by_set = totals_by_set(docs, {0: 1.0, 1: 2.0})
+    assert set(by_set) == {"7", NO_SET} and overall.tokens == sum(len(d.tokens) for d in docs)
+
+
+def test_compare_names_an_unreadable_result(tmp_path, capsys):
+    from pretrain.evaluate import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["compare", str(tmp_path / "missing.json")])
+    assert e.value.code == 2 and "missing.json: not a readable result JSON" in capsys.readouterr().err

@@ -143,3 +143,43 @@ def test_a_failed_export_leaves_no_temporary_folder(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         io.write_export({"embed.weight": torch.zeros(2, 2)}, {"tie_embeddings": True}, tmp_path / "export")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("damage", ["flip_a_weight_byte", "truncate_weights", "edit_config", "bad_yaml",
+                                    "missing_config"])
+def test_a_damaged_export_is_refused_naming_the_file(trained, tmp_path, damage):
+    """export.json records both files' SHA-256: a byte flipped inside the tensor data loaded silently (NaN logits)
+    before; torn or unparsable files raised raw safetensors / YAML errors."""
+    import json
+
+    from pretrain.models.io import CONFIG, MANIFEST, export_model
+
+    model, _, _ = trained
+    out = tmp_path / "export"
+    export_model(model, out)
+    recorded = json.loads((out / MANIFEST).read_text())["sha256"]
+    assert set(recorded) == {WEIGHTS, CONFIG}
+    load_exported(out)  # intact: loads
+    weights, config = out / WEIGHTS, out / CONFIG
+    if damage == "flip_a_weight_byte":
+        data = bytearray(weights.read_bytes())
+        data[-3] ^= 0x40
+        weights.write_bytes(bytes(data))
+        name, message = WEIGHTS, "SHA-256 differs"
+    elif damage == "truncate_weights":
+        weights.write_bytes(weights.read_bytes()[:-100])
+        name, message = WEIGHTS, "SHA-256 differs"
+    elif damage == "edit_config":
+        config.write_text(config.read_text().replace("d_model: 32", "d_model: 64"))
+        name, message = CONFIG, "SHA-256 differs"
+    elif damage == "bad_yaml":
+        (out / MANIFEST).unlink()  # an export without checksums still gets a clear parse error
+        config.write_text("vocab_size: [1, 2\n: : bad\n")
+        name, message = CONFIG, "not a readable YAML model config"
+    else:
+        config.unlink()
+        name, message = CONFIG, "missing"
+    with pytest.raises(ConfigError) as e:
+        load_exported(out)
+    text = str(e.value)
+    assert f"{out / name}" in text and message in text and "\n" not in text
