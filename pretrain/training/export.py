@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -47,6 +48,7 @@ def _check_replaceable(out_dir: str) -> None:
 
 
 def export_checkpoint(path: str, out_dir: str, dtype: str = "float32") -> str:
+    out_dir = os.path.abspath(out_dir)  # "." or "run/" name the folder itself (the export replaces it whole)
     _check_replaceable(out_dir)
     problems = verify(path)
     if problems:
@@ -67,12 +69,13 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     a = p.parse_args(argv)
     path = a.checkpoint if is_complete(a.checkpoint) else find_latest(a.checkpoint)
-    if path is None:
-        raise SystemExit(f"no complete checkpoint at {a.checkpoint}")
     try:
+        if path is None:
+            raise ConfigError(f"no complete checkpoint at {a.checkpoint}")
         print(export_checkpoint(path, a.out_dir, a.dtype))
     except ConfigError as e:  # a checkpoint that fails verification, an output folder it must not replace
-        raise SystemExit(f"error: {e}") from None
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None  # as the trainer and the evaluation: 2 for input the user can fix
 
 
 if __name__ == "__main__":

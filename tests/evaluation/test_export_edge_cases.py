@@ -4,6 +4,7 @@ and output folders it must not replace."""
 
 import copy
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -75,7 +76,7 @@ def test_export_of_a_checkpoint_root_takes_its_latest(trained, tmp_path):
         assert torch.equal(load_exported(tmp_path / "export")(IDS), model(IDS))
 
 
-def test_a_damaged_checkpoint_is_not_exported(trained, tmp_path):
+def test_a_damaged_checkpoint_is_not_exported(trained, tmp_path, capsys):
     _, _, path = trained
     damaged = tmp_path / "step_00000005"
     shutil.copytree(path, damaged)
@@ -83,21 +84,35 @@ def test_a_damaged_checkpoint_is_not_exported(trained, tmp_path):
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
-    with pytest.raises(SystemExit, match=f"error: .*fails verification.*{shard}"):
+    with pytest.raises(SystemExit) as e:
         main([str(damaged), str(tmp_path / "export")])
+    assert e.value.code == 2
+    assert re.search(f"error: .*fails verification.*{re.escape(str(shard))}", capsys.readouterr().err)
     assert not (tmp_path / "export").exists()
 
 
 @pytest.mark.parametrize("what", ["nothing", "export", "file"])
-def test_a_path_that_is_no_checkpoint_is_named(trained, tmp_path, what):
+def test_a_path_that_is_no_checkpoint_is_named(trained, tmp_path, what, capsys):
     _, _, path = trained
     bad = tmp_path / what
     if what == "export":
         main([path, str(bad)])
     elif what == "file":
         bad.write_text("x")
-    with pytest.raises(SystemExit, match=f"no complete checkpoint at {bad}"):
+    with pytest.raises(SystemExit) as e:
         main([str(bad), str(tmp_path / "out")])
+    assert e.value.code == 2 and f"error: no complete checkpoint at {bad}" in capsys.readouterr().err
+
+
+def test_the_current_folder_as_output_is_refused_not_a_crash(trained, tmp_path, capsys, monkeypatch):
+    """``export CKPT .``: the folder itself (here not an export, so it is not replaced); Path('.').with_name crashed."""
+    _, _, path = trained
+    (tmp_path / "keep.txt").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main([path, "."])
+    assert e.value.code == 2 and "is not an export" in capsys.readouterr().err
+    assert (tmp_path / "keep.txt").exists()
 
 
 def test_only_an_export_or_an_empty_folder_is_replaced(trained, tmp_path):
