@@ -44,6 +44,9 @@ if [ "$gpus" -gt 0 ] && [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
 fi
 nproc="${NPROC_PER_NODE:-$(( gpus > 0 ? gpus : 1 ))}"
 nnodes="${NNODES:-1}"
+# bash arithmetic below would read "abc" as the name of an unset variable, and torchrun fails on 0
+if ! [[ "$nproc" =~ ^[1-9][0-9]*$ ]]; then echo "NPROC_PER_NODE=$nproc: expected a whole number >= 1" >&2; exit 2; fi
+if ! [[ "$nnodes" =~ ^[1-9][0-9]*$ ]]; then echo "NNODES=$nnodes: expected a whole number >= 1" >&2; exit 2; fi
 port="${MASTER_PORT:-29500}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / nproc > 0 ? $(nproc) / nproc : 1 ))}"
 [ "$gpus" -eq 0 ] && export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"

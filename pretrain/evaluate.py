@@ -34,6 +34,7 @@ from pretrain.config import ConfigError
 from pretrain.evaluation.loading import EvaluationInputError, load_documents, load_model, load_tokenizer
 from pretrain.evaluation.scoring import score_documents, totals_by_set
 from pretrain.training.distributed import all_gather_object, init_from_env
+from pretrain.training.errors import EXIT_CONFIG, report_error
 
 
 def evaluate(args) -> dict:
@@ -176,8 +177,8 @@ def main(argv=None):
     try:
         return evaluate(args)
     except ConfigError as e:  # a bad config or a checkpoint that fails verification: one line, exit code 2
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        report_error(EXIT_CONFIG, f"error: {e}")  # under pretrain.torchrun: handed to the launcher, printed once
+        raise SystemExit(EXIT_CONFIG) from None
     finally:
         if dist.is_initialized():  # released here, not at interpreter exit (gloo can abort the process there)
             gc.collect()

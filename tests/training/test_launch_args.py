@@ -113,3 +113,48 @@ def test_several_nodes_need_master_addr(launch, tmp_path):
     p, command = launch([str(config)], NNODES="2", NODE_RANK="1")
     assert p.returncode == 2 and command is None, p.stderr[-3000:]
     assert "NNODES=2: set MASTER_ADDR" in p.stderr
+
+
+@pytest.mark.parametrize("variable, value", [("NPROC_PER_NODE", "0"), ("NPROC_PER_NODE", "abc"),
+                                             ("NPROC_PER_NODE", "-2"), ("NNODES", "two")])
+def test_process_counts_that_are_not_whole_numbers_stop_the_launch(launch, tmp_path, variable, value):
+    """0 reached torchrun as an AssertionError traceback; "abc" was read by bash arithmetic as an unset variable."""
+    config = write_config(tmp_path / "run.yaml", "ddp")
+    p, command = launch([str(config)], **{variable: value})
+    assert p.returncode == 2 and command is None
+    assert f"{variable}={value}: expected a whole number >= 1" in p.stderr
+
+
+EVAL_SBATCH_PYTHON = """#!/usr/bin/env bash
+if [ "${1:-}" = -m ] && [ "${2:-}" = pretrain.torchrun ]; then printf '%s\\0' python "$@" > "$LAUNCH_RECORD"; exit 0; fi
+exec REAL_PYTHON "$@"
+"""
+
+
+@pytest.mark.parametrize("visible, expected", [(None, "8"), ("0,1", "2"), ("3", "1")])
+def test_eval_sbatch_starts_one_process_per_visible_gpu_through_our_launcher(tmp_path, visible, expected):
+    """eval.sbatch counted every GPU nvidia-smi lists (8 processes on a job given 2 GPUs of a node without device
+    cgroups) and ran plain torchrun (exit 1 and its dump for a bad checkpoint, where pretrain.torchrun keeps 2)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("python", EVAL_SBATCH_PYTHON.replace("REAL_PYTHON", sys.executable)),
+                       ("nvidia-smi", NVIDIA_SMI_STANDIN), ("srun", '#!/usr/bin/env bash\nshift\nexec "$@"\n')):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    record = tmp_path / "launched"
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    env.update(REBASED_SKIP_INSTALL="1", LAUNCH_RECORD=str(record), FAKE_GPUS="8", SLURM_SUBMIT_DIR=str(REPO),
+               SLURM_JOB_ID="7", PATH=f"{bin_dir}:{os.environ.get('PATH', '')}")
+    if visible is not None:
+        env["CUDA_VISIBLE_DEVICES"] = visible
+    had_results = (REPO / "results").exists()  # the job makes results/ in the submit folder
+    try:
+        p = subprocess.run(["bash", str(REPO / "launch/slurm/eval.sbatch"), "runs/x/export", "data/val", "--out",
+                            str(tmp_path / "r.json")], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    finally:
+        if not had_results and (REPO / "results").is_dir() and not any((REPO / "results").iterdir()):
+            (REPO / "results").rmdir()
+    assert p.returncode == 0, p.stderr[-2000:]
+    command = record.read_text().split("\0")[:-1]
+    assert command[:3] == ["python", "-m", "pretrain.torchrun"]
+    assert option(command, "--nproc_per_node") is None and f"--nproc_per_node={expected}" in command
