@@ -35,7 +35,10 @@ def run(cmd: list[str], done: Path | None = None) -> None:
         print(f"[demo] skip (done): {shlex.join(cmd)}", flush=True)
         return
     print(f"\n[demo] $ {shlex.join(cmd)}", flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    code = subprocess.run(cmd, cwd=ROOT).returncode
+    if code:  # the step printed its own message: stop with its exit code (2: bad input), no traceback of ours
+        print(f"[demo] stopped: the step above exited with code {code}", file=sys.stderr, flush=True)
+        raise SystemExit(code)
 
 
 def forget_stale_outputs(out: Path, settings: dict) -> None:
@@ -94,6 +97,9 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=300, help="training steps per model")
     parser.add_argument("--vocab-size", type=int, default=2048)
     args = parser.parse_args(argv)
+    for option, value in (("--steps", args.steps), ("--vocab-size", args.vocab_size)):
+        if value < 1:  # refused before anything of an earlier demo is removed
+            parser.error(f"{option} must be >= 1, got {value}")
     out = Path(args.out)
     py = sys.executable
     start = time.time()

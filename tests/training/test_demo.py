@@ -62,3 +62,23 @@ def test_other_settings_redo_what_depends_on_them(commands, tmp_path):
     demo.main(["--out", str(out), "--steps", "20", "--vocab-size", "1024"])
     assert count(commands, "--vocab-size 1024") == 1 and count(commands, "tokenize_pile.py") == 1
     assert count(commands, "model_overrides=[vocab_size=1024]") == 2 and count(commands, "--checkpoint") == 2
+
+
+@pytest.mark.parametrize("option, value", [("--steps", "-1"), ("--steps", "0"), ("--vocab-size", "0")])
+def test_bad_settings_are_refused_before_an_earlier_demo_is_touched(commands, tmp_path, capsys, option, value):
+    """--steps -1 removed the earlier demo's runs and results, then failed in the trainer."""
+    out = tmp_path / "demo"
+    demo.main(["--out", str(out)])
+    kept = sorted(p.relative_to(out) for p in out.rglob("*"))
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--out", str(out), option, value])
+    assert e.value.code == 2 and f"{option} must be >= 1" in capsys.readouterr().err
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == kept
+
+
+def test_a_failing_step_stops_the_demo_with_its_exit_code(tmp_path, capsys):
+    import sys
+
+    with pytest.raises(SystemExit) as e:
+        demo.run([sys.executable, "-c", "import sys; print('bad input', file=sys.stderr); sys.exit(2)"])
+    assert e.value.code == 2 and "exited with code 2" in capsys.readouterr().err
