@@ -827,7 +827,10 @@ def parse_size(text: str) -> int:
     if not m:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 200M, 1G, 5000000)")
     mult = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[m.group(2).upper()]
-    return int(float(m.group(1)) * mult)
+    size = float(m.group(1)) * mult
+    if size != int(size):
+        raise argparse.ArgumentTypeError(f"not a whole number of bytes: {text!r}")
+    return int(size)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -858,8 +861,20 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not args.dry_run and args.out is None:
         ap.error("--out is required (or use --dry-run)")
+    # every value is checked here, before apt is asked or anything is downloaded
     if args.max_doc_bytes < 4:
         ap.error("--max-doc-bytes must be at least 4 (a piece must hold any UTF-8 character)")
+    if args.min_doc_bytes > args.max_doc_bytes:
+        ap.error(f"--min-doc-bytes ({args.min_doc_bytes}) is larger than --max-doc-bytes ({args.max_doc_bytes}): "
+                 "every document would be dropped or split into dropped pieces")
+    for option, value in (("--max-bytes-per-subset", args.max_bytes_per_subset),
+                          ("--train-file-bytes", args.train_file_bytes)):
+        if value < 1:
+            ap.error(f"{option} must be at least 1 byte, got {value}")
+    if not 1 <= args.zstd_level <= 22:
+        ap.error(f"--zstd-level must be in [1, 22] (zstd's levels), got {args.zstd_level}")
+    if args.seed < 0:
+        ap.error(f"--seed must be >= 0 (it keys the hashes), got {args.seed}")
     if not (0 <= args.val_fraction and 0 <= args.test_fraction and args.val_fraction + args.test_fraction < 1):
         ap.error("--val-fraction and --test-fraction must be >= 0 and sum to less than 1")
     subsets = [s for s in SUBSETS if s.key in args.subsets]

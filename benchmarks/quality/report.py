@@ -115,14 +115,22 @@ def load_evals(paths: list[Path]) -> list[dict]:
             data = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: {path}: not a readable evaluation JSON ({e})")
+        if not isinstance(data, dict):
+            raise SystemExit(f"error: {path}: not an evaluation result (a JSON {type(data).__name__}, not an object)")
         match = NAME.match(str(data.get("name", "")))
         if not match or "bits_per_byte" not in data or "seq_len" not in data:
             raise SystemExit(f"error: {path}: field 'name' must be q<width>_<model>_s<seed> (got "
                              f"{data.get('name')!r}) and 'bits_per_byte', 'seq_len' must be present")
+        if not isinstance(data.get("by_set", {}), dict):
+            raise SystemExit(f"error: {path}: by_set must be a mapping of set name to result, got "
+                             f"{type(data['by_set']).__name__}")
         by_set = {k: _finite(v.get("bits_per_byte") if isinstance(v, dict) else None, path,
                              f"by_set[{k!r}].bits_per_byte") for k, v in data.get("by_set", {}).items()}
+        seq_len = data["seq_len"]
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+            raise SystemExit(f"error: {path}: seq_len must be a whole number >= 1 (got {seq_len!r})")
         row = {"width": match["width"], "model": match["model"], "seed": int(match["seed"]),
-               "seq_len": int(data["seq_len"]), "bpb": _finite(data["bits_per_byte"], path, "bits_per_byte"),
+               "seq_len": seq_len, "bpb": _finite(data["bits_per_byte"], path, "bits_per_byte"),
                "loss": _finite(data.get("loss"), path, "loss"), "by_set": by_set, "file": str(path)}
         key = (row["width"], row["model"], row["seed"], row["seq_len"])
         if key in first_file:  # two results for one run and length: which one counts is the user's call

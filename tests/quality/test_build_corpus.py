@@ -301,6 +301,22 @@ def test_cli_refuses_a_max_doc_bytes_no_character_fits(tmp_path, monkeypatch, ca
     assert exit_info.value.code == 2 and "--max-doc-bytes must be at least 4" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--zstd-level", "99"], "--zstd-level must be in [1, 22]"),  # failed at write time, after the downloads
+    (["--zstd-level", "0"], "--zstd-level must be in [1, 22]"),
+    (["--train-file-bytes", "0"], "--train-file-bytes must be at least 1 byte"),
+    (["--max-bytes-per-subset", "0"], "--max-bytes-per-subset must be at least 1 byte"),  # an empty corpus
+    (["--min-doc-bytes", "2M", "--max-doc-bytes", "1M"], "--min-doc-bytes (2097152) is larger than"),
+    (["--seed", "-5"], "--seed must be >= 0"),
+    (["--max-doc-bytes", "0.3K"], "not a whole number of bytes"),
+])
+def test_cli_checks_every_option_before_apt(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.setattr(bc, "resolve_package", lambda *a: pytest.fail("options must be checked before apt"))
+    with pytest.raises(SystemExit) as exit_info:
+        bc.main(["--out", str(tmp_path / "out"), *args])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_cap_cuts_the_pieces_of_a_split_document(tmp_path):
     tree = tmp_path / "tree"
     (tree / "usr/share/doc/t").mkdir(parents=True)

@@ -3,6 +3,7 @@ curves and the errors on bad input."""
 
 import json
 import math
+import re
 
 import pytest
 
@@ -84,6 +85,18 @@ def test_bad_inputs_name_the_file(tmp_path):
         report.load_evals([a, b])
     with pytest.raises(SystemExit, match="no metrics.jsonl"):
         report.plot_curves([tmp_path], tmp_path / "c.png")
+    # malformed results name the file instead of a traceback
+    for name, text, message in (("list.json", "[1, 2]", "a JSON list, not an object"),
+                                ("seq.json", None, "seq_len must be a whole number >= 1 (got None)"),
+                                ("sets.json", None, "by_set must be a mapping")):
+        path = tmp_path / name
+        if text is None:
+            data = json.loads(write_eval(path, "q50m_rebased_s0", 1024, 1.0, {}).read_text())
+            data.update({"seq_len": None} if name == "seq.json" else {"by_set": []})
+            text = json.dumps(data)
+        path.write_text(text)
+        with pytest.raises(SystemExit, match=f"{re.escape(name)}: .*{re.escape(message)}"):
+            report.load_evals([path])
 
 
 def t_two_sided_p_by_integration(t: float, df: int, steps: int = 20000) -> float:
