@@ -129,6 +129,14 @@ def train(inputs: list[str], out: str, vocab_size: int = 32000, *, text_key: str
           character_coverage: float = 0.9995, model_type: str = "bpe", threads: int | None = None) -> dict:
     if max_sentence_bytes < 10:  # SentencePiece's minimum: checked before reading, not as an internal error after
         raise ValueError(f"--max-sentence-bytes must be at least 10, got {max_sentence_bytes}")
+    for option, value in (("--vocab-size", vocab_size), ("--sample-docs", sample_docs),
+                          ("--sample-bytes", sample_bytes)):
+        if value < 1:
+            raise ValueError(f"{option} must be >= 1, got {value}")
+    if not 0 < character_coverage <= 1:
+        raise ValueError(f"--character-coverage must be in (0, 1], got {character_coverage}")
+    if not out.endswith(".model"):  # the .vocab and .json written beside it are named from OUT minus its suffix
+        raise ValueError(f"--out {out}: the model's file name must end in .model (e.g. tokenizers/pile32k.model)")
     sources = check_inputs(inputs)
     stats = {"documents": 0, "skipped": 0, "sentences": 0, "text_bytes": 0,
              "skipped_by_reason": collections.Counter(), "examples": []}

@@ -65,20 +65,23 @@ def load_documents(data: str, tokenizer, *, text_key: str = "text", max_document
 def _raw_documents(data: str, tokenizer, text_key: str, max_documents: int | None) -> list[Document]:
     docs = []
     # --max-documents counts documents scored, as for shards: records skipped below (no text) do not count
-    for event in iter_records(resolve_inputs([data], "main")):
+    sources = resolve_inputs([data], "main")
+    for event in iter_records(sources):
         if max_documents is not None and len(docs) >= max_documents:
             break
         if not isinstance(event, Record):
             continue
-        where = f"{event.source}:{event.line_no}"
+        where = f"{sources[event.source].name}:{event.line_no}"  # the file and line (the source's index before)
         if event.payload is None:
             raise EvaluationInputError(f"{data}: {event.reason}: {event.message}")
         try:
             obj = json.loads(event.payload) if isinstance(event.payload, bytes) else event.payload
             text = obj[text_key]
         except (ValueError, KeyError, TypeError) as e:
-            raise EvaluationInputError(f"{data} record {where}: cannot read '{text_key}': {e}") from e
-        if not isinstance(text, str) or not text:
+            raise EvaluationInputError(f"{where}: cannot read '{text_key}': {e}") from e
+        if not isinstance(text, str):  # as tokenize_pile: a missing or non-string text is bad input, not a skip
+            raise EvaluationInputError(f"{where}: '{text_key}' is a {type(text).__name__}, not a string")
+        if not text:
             continue
         meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
         subset = meta.get("pile_set_name")

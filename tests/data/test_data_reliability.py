@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import subprocess
 import sys
 
@@ -136,3 +137,18 @@ def test_train_tokenizer_names_missing_and_empty_inputs(tmp_path):
                         "--out", out, "--vocab-size", "300"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and p.stderr.startswith(f"error: no usable document to train on in {empty}"), p.stderr
     assert "INTERNAL" not in p.stderr.upper() and "trainer_interface" not in p.stderr
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"vocab_size": 0}, "--vocab-size must be >= 1, got 0"),  # SentencePiece's internal message before
+    ({"sample_docs": 0}, "--sample-docs must be >= 1, got 0"),  # reported "(no records)"
+    ({"sample_bytes": -1}, "--sample-bytes must be >= 1"),
+    ({"character_coverage": 1.5}, "--character-coverage must be in (0, 1]"),
+    ({"out": "tok.json"}, "must end in .model"),  # its .json side file would have replaced the model
+])
+def test_train_tokenizer_refuses_bad_settings_before_reading(tmp_path, kwargs, message):
+    src = write_zst(tmp_path / "in.jsonl.zst", [{"text": "some text here"}])
+    out = str(tmp_path / kwargs.pop("out", "tok.model"))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train([src], out, **{"vocab_size": 300, **kwargs})
+    assert not os.path.exists(out)

@@ -209,3 +209,15 @@ def test_compare_names_an_unreadable_result(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["compare", str(tmp_path / "missing.json")])
     assert e.value.code == 2 and "missing.json: not a readable result JSON" in capsys.readouterr().err
+
+
+def test_raw_text_that_is_not_a_string_is_refused_naming_the_record(tmp_path):
+    import sentencepiece as spm
+    from pretrain.data.tokenizer import Tokenizer
+    from pretrain.evaluation.loading import EvaluationInputError, load_documents
+
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["alpha beta"] * 40), model_prefix=str(tmp_path / "tok"),
+                                   vocab_size=20, hard_vocab_limit=False, bos_id=2, eos_id=3, unk_id=1, pad_id=0)
+    (tmp_path / "raw.jsonl").write_text('{"text": "alpha"}\n{"text": 5}\n')
+    with pytest.raises(EvaluationInputError, match=r"raw\.jsonl:2: 'text' is a int, not a string"):
+        load_documents(str(tmp_path / "raw.jsonl"), Tokenizer(tmp_path / "tok.model"))
