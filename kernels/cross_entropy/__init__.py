@@ -28,6 +28,8 @@ def cross_entropy_grad(logits: torch.Tensor, targets: torch.Tensor, row_scale: t
                          f"{tuple(targets.shape)}, {tuple(row_scale.shape)}")
     if targets.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"targets must be int32 or int64 word indices, got {targets.dtype}")
+    if logits.shape[0] and logits.shape[1] == 0:  # no class to be right about: neither backend has a loss to give
+        raise ValueError("logits [R, V] need V >= 1 classes, got V = 0")
     if logits.dtype != torch.float64 and resolve_backend("cross_entropy_grad", backend, logits.device) == "triton":
         return get_triton_impl("cross_entropy_grad")(logits, targets, row_scale, inplace=inplace)
     return cross_entropy_grad_torch(logits, targets, row_scale)

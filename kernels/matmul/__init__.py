@@ -25,6 +25,8 @@ def matmul_tf32x3(a: torch.Tensor, b: torch.Tensor, *, backend: Optional[str] = 
     dtypes, CPU tensors, ``backend="torch"``) is the plain product."""
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
         raise ValueError(f"matmul_tf32x3: expected a [M, K] and b [K, N]; got {tuple(a.shape)} and {tuple(b.shape)}")
+    if not a.is_floating_point():  # "one floating dtype": an integer product is not what this op is for
+        raise ValueError(f"matmul_tf32x3: a and b must be floating point; got {a.dtype}")
     if a.dtype != b.dtype or a.device != b.device:
         raise ValueError(f"matmul_tf32x3: a and b must share dtype and device; got {a.dtype} on {a.device} and "
                          f"{b.dtype} on {b.device}")

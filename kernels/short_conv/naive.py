@@ -43,6 +43,8 @@ def validate_short_conv_inputs(x, weight, bias, gate, cu_seqlens, cache, mode) -
     for name, other in (("weight", weight), ("bias", bias), ("gate", gate), ("cache", cache)):
         if other is not None and torch.is_tensor(other) and other.device != x.device:
             raise ValueError(f"{name} is on {other.device} but x is on {x.device}")
+        if other is not None and torch.is_tensor(other) and not other.is_floating_point():
+            raise ValueError(f"{name} must be a floating point tensor, got {other.dtype}")
     if mode is not None and mode not in SHORT_CONV_MODES:
         raise ValueError(f"mode must be one of {SHORT_CONV_MODES} or None, got {mode!r}")
     offsets = check_cu_seqlens(cu_seqlens, b, t, "x")
@@ -79,8 +81,9 @@ def short_conv_torch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         xe = torch.cat([c0, xp.transpose(1, 2)], dim=-1)               # [N, D, K-1+Tm]
         if tm:
             y = F.conv1d(xe, w.unsqueeze(1), bia, groups=d).transpose(1, 2)  # [N, Tm, D]
-        else:  # no tokens (T == 0 or only empty documents): conv1d rejects an input shorter than the kernel
-            y = xp.new_zeros(n, 0, d)
+        else:  # no tokens (T == 0 or only empty documents): conv1d rejects an input shorter than the kernel;
+            # an empty output still computed from the inputs, so autograd gives (zero) gradients as for T > 0
+            y = (xe[:, :, :0].transpose(1, 2) * w.sum()) + (bia.sum() * 0 if bia is not None else 0)
         final = None
         if output_final_state:
             # last K-1 inputs of each document: x_ext indices len .. len+K-2

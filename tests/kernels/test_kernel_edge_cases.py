@@ -100,3 +100,29 @@ def test_fp16_attention_with_a_state_past_the_fp16_range(kind):
     ref_grads = torch.autograd.grad(ref, x64, do)
     for got, want in zip(grads, ref_grads):
         assert got.dtype == torch.float16 and rel(got, want) < 2e-2
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_short_conv_without_tokens_has_zero_gradients(backend):
+    """T = 0: every input gets a gradient (zeros), as at T > 0; the reference returned an output outside autograd."""
+    x = torch.randn(2, 0, 8, device=DEV, requires_grad=True)
+    weight = torch.randn(8, 4, device=DEV, requires_grad=True)
+    bias = torch.randn(8, device=DEV, requires_grad=True)
+    y, _ = kernels.short_conv(x, weight, bias, backend=backend)
+    assert y.shape == (2, 0, 8)
+    grads = torch.autograd.grad(y.sum(), (x, weight, bias))
+    assert [g.shape for g in grads] == [x.shape, weight.shape, bias.shape]
+    assert all(g.abs().sum() == 0 for g in grads)
+
+
+def test_non_float_operands_are_refused():
+    x, weight = torch.randn(1, 5, 8, device=DEV), torch.randn(8, 3, device=DEV)
+    for name, kwargs in (("bias", {"bias": torch.ones(8, dtype=torch.long, device=DEV)}),
+                         ("gate", {"gate": torch.ones(1, 5, 8, dtype=torch.long, device=DEV)})):
+        with pytest.raises(ValueError, match=f"{name} must be a floating point tensor"):
+            kernels.short_conv(x, weight, **kwargs)
+    with pytest.raises(ValueError, match="must be floating point"):
+        kernels.matmul_tf32x3(torch.ones(2, 3, dtype=torch.long), torch.ones(3, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="V >= 1"):
+        kernels.cross_entropy_grad(torch.zeros(2, 0, device=DEV), torch.zeros(2, dtype=torch.long, device=DEV),
+                                   torch.ones(2, device=DEV))

@@ -297,7 +297,7 @@ def test_export_round_trip(tmp_path, tie):
     cfg = small_config(["short_conv", "rebased", "attention"], tie_embeddings=tie)
     model = make_model(cfg).float()
     export_model(model, tmp_path / "export")
-    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["config.yaml", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["config.yaml", "export.json", "model.safetensors"]
     loaded = load_exported(tmp_path / "export")
     ids = torch.randint(0, 97, (2, 7))
     assert torch.equal(loaded(ids), model(ids))

@@ -59,9 +59,11 @@ def _export(tmp_path, **overrides):
 
 
 def _with_config(export, tmp_path, **changes):
-    """A copy of ``export`` whose config.yaml has ``changes``."""
+    """A copy of ``export`` whose config.yaml has ``changes``, without export.json (whose SHA-256 would refuse the
+    edited file first): an export written by hand or before the checksums, so the weight checks are what is tested."""
     out = tmp_path / "changed"
     shutil.copytree(export, out)
+    (out / "export.json").unlink()
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     cfg.update(changes)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg))
