@@ -104,6 +104,10 @@ class ParallelConfig:
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl with CUDA, gloo on CPU
     fsdp_reshard_after_forward: bool = True
 
+    def __post_init__(self):
+        if self.zero_stage is not None and self.zero_stage not in (1, 2, 3):
+            raise ValueError(f"zero_stage={self.zero_stage}: DeepSpeed ZeRO stages 1, 2 and 3 are supported")
+
 
 @dataclass
 class CheckpointConfig:

@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from pretrain.atomic import publish_dir
+from pretrain.config import ConfigError
 from pretrain.training.distributed import barrier
 from pretrain.training import optim as optim_lib
 
@@ -208,14 +209,15 @@ class DeepSpeedStrategy(Strategy):
             zero["stage"] = run_cfg.parallel.zero_stage
         zero.setdefault("stage", 2)
         if zero["stage"] not in (1, 2, 3):
-            raise ValueError(f"DeepSpeed ZeRO stage {zero['stage']} is not supported (use 1, 2 or 3)")
+            raise ConfigError(f"DeepSpeed ZeRO stage {zero['stage']} is not supported (parallel.zero_stage or "
+                              f"{run_cfg.parallel.deepspeed_config}: use 1, 2 or 3)")
         if zero["stage"] == 3 and t.activation_checkpointing == "selective":
             # ZeRO-3 runs linear layers through its own autograd function, which adds the bias in place into the
             # matmul output; selective checkpointing keeps that output, so the recompute adds the bias a second
             # time (tried in tests/training/test_equivalence.py: the losses left its 2e-6 tolerance)
-            raise ValueError("training.activation_checkpointing=selective does not give the same gradients under "
-                             "DeepSpeed ZeRO stage 3; use full or every_k with ZeRO-3, or selective with FSDP2 "
-                             "(parallel.strategy=fsdp) or ZeRO stage 1/2")
+            raise ConfigError("training.activation_checkpointing=selective does not give the same gradients under "
+                              "DeepSpeed ZeRO stage 3; use full or every_k with ZeRO-3, or selective with FSDP2 "
+                              "(parallel.strategy=fsdp) or ZeRO stage 1/2")
         cfg.setdefault("steps_per_print", 10**9)
         cfg.setdefault("wall_clock_breakdown", False)
         if load_universal:
@@ -313,7 +315,14 @@ def build_strategy(module, run_cfg, device, dtype, accum: int, rank: int, world:
     universal = False
     if resume_meta is not None:
         stage = DeepSpeedStrategy.ds_config(run_cfg, world, accum, dtype, False)["zero_optimization"]["stage"]
-        universal = resume_meta.get("world_size") != world or resume_meta.get("zero_stage") != stage
+        saved_stage = resume_meta.get("zero_stage")
+        if saved_stage != stage and 3 in (saved_stage, stage):
+            # DeepSpeed's universal checkpoint converts, but its load then fails (an assertion in its
+            # state_dict_factory) between stage 3 and stages 1/2; 1 <-> 2 and other world sizes load
+            raise ConfigError(f"checkpoint.resume: {resume_path} was saved under ZeRO stage {saved_stage}, which "
+                              f"stage {stage} cannot load; resume with parallel.zero_stage={saved_stage}, or export "
+                              "its model (python -m pretrain.training.export)")
+        universal = resume_meta.get("world_size") != world or saved_stage != stage
         if universal and rank == 0:
             DeepSpeedStrategy.convert_to_universal(resume_path)
         barrier()

@@ -232,3 +232,38 @@ def test_nccl_without_gpus_is_a_config_error(shards, tmp_path):
                         "parallel.backend=nccl"], cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert "parallel.backend=nccl needs CUDA GPUs" in p.stderr
+
+
+def _train_directly(shards, tmp_path, name, *overrides):
+    """``python -m pretrain.train`` in one process (a non-single strategy at world size 1), no launcher."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, env
+
+    path = write_config(shards, tmp_path / name)
+    return subprocess.run([sys.executable, "-m", "pretrain.train", "--config", str(path), NO_NAN, *overrides],
+                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["parallel.zero_stage=3", "training.activation_checkpointing=selective"], "selective does not give the same"),
+    (["parallel.zero_stage=4"], "zero_stage=4: DeepSpeed ZeRO stages 1, 2 and 3"),
+])
+def test_deepspeed_settings_it_cannot_run_are_config_errors(shards, tmp_path, overrides, message):
+    """They raised a plain ValueError inside the strategy: a traceback per rank and exit 1 under torchrun."""
+    p = _train_directly(shards, tmp_path, "run", "parallel.strategy=deepspeed", *overrides)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert message in p.stderr
+
+
+def test_resuming_zero2_under_zero3_is_refused_by_name(shards, tmp_path):
+    """DeepSpeed converts the checkpoint to a universal one, then fails to load it between stage 3 and 1/2 (an
+    assertion deep in DeepSpeed, exit 1): refused before, naming the stage to resume with."""
+    first = _train_directly(shards, tmp_path, "run", "parallel.strategy=deepspeed", "parallel.zero_stage=2",
+                            "training.max_steps=5", "checkpoint.every=5")
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = _train_directly(shards, tmp_path, "run", "parallel.strategy=deepspeed", "parallel.zero_stage=3",
+                            "training.max_steps=10", "checkpoint.every=5")
+    assert again.returncode == 2 and "Traceback" not in again.stderr, again.stderr[-2000:]
+    assert "saved under ZeRO stage 2, which stage 3 cannot load; resume with parallel.zero_stage=2" in again.stderr
