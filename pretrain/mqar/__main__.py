@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     command = "python -m pretrain.mqar " + " ".join(shlex.quote(a) for a in argv)
     try:
         train_mqar(cfg, command=command)
-    except RunInProgressError as e:
+    except (RunInProgressError, ConfigError) as e:  # another run of this output; a device this machine lacks
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

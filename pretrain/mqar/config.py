@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import re
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -96,9 +99,18 @@ class TrainSection:
     checkpoint: bool = True
 
     def __post_init__(self):
-        if not self.lr > 0:
-            raise ValueError(f"lr={self.lr} must be > 0")
-        for key in ("batch_size", "max_epochs", "max_steps", "eval_every_steps"):
+        if not 0 < self.lr < math.inf:  # NaN and inf fail too
+            raise ValueError(f"lr={self.lr} must be a finite number > 0")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"weight_decay={self.weight_decay} must be a finite number >= 0")
+        if self.grad_clip is not None and not 0 < self.grad_clip < math.inf:
+            # clip_grad_norm_ with a negative limit flips every gradient (gradient ascent), 0 zeroes them
+            raise ValueError(f"grad_clip={self.grad_clip} must be a finite number > 0, or null (no clipping)")
+        if self.time_limit_s is not None and not self.time_limit_s > 0:
+            raise ValueError(f"time_limit_s={self.time_limit_s} must be > 0 or null")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device={self.device!r} must be auto, cpu, cuda or cuda:N")
+        for key in ("batch_size", "max_epochs", "max_steps", "eval_every_steps", "eval_batch_size"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ValueError(f"{key}={value} must be >= 1")
@@ -106,8 +118,8 @@ class TrainSection:
             raise ValueError(f"early_stop_accuracy={self.early_stop_accuracy} must be in [0, 1] (an accuracy) or null")
         if self.micro_batch_size is not None and (self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size):
             raise ValueError(f"micro_batch_size={self.micro_batch_size} must divide batch_size={self.batch_size}")
-        if len(self.betas) != 2:
-            raise ValueError("betas must be two numbers")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas={self.betas} must be two numbers in [0, 1)")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads={self.num_threads} must be >= 1")
         if self.micro_batch_tokens < 1 or self.loss_chunk_rows < 1:

@@ -75,6 +75,8 @@ class MQARSpec:
             raise ValueError(f"num_kv_pairs={n} needs at least {n} keys and values; vocab_size={V} is too small")
         if V > 32767:
             raise ValueError(f"vocab_size={V} does not fit the int16 storage")
+        if self.seed < 0:  # numpy seeds are non-negative
+            raise ValueError(f"seed={self.seed} must be >= 0")
         if not self.power_a > 0:
             raise ValueError(f"power_a={self.power_a} must be > 0")
         if self.num_train < 0 or self.num_test < 0:

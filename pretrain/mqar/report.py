@@ -58,15 +58,36 @@ def setting_key(result: dict) -> tuple:
     return s["mixer"], int(s["d_model"]), int(s["seq_len"]), float(s["lr"]), int(s["seed"])
 
 
-def load_results(dirs, log=print) -> list[tuple[Path, dict]]:
-    """Complete results under ``dirs``; a setting found twice keeps its newest result (with a warning)."""
+def arm(result: dict) -> str:
+    """The training arm a result belongs to: its precision, and the model variant when not the official layout.
+    Runs of different arms are different experiments (bf16 vs fp32 is an open question of the protocol)."""
+    proto = result.get("protocol") if isinstance(result.get("protocol"), dict) else {}
+    train = (result.get("config") or {}).get("train", {}) if isinstance(result.get("config"), dict) else {}
+    precision = proto.get("precision") or train.get("precision") or "unrecorded"
+    variant = proto.get("model_variant") or "official"
+    return precision if variant == "official" else f"{precision}, {variant}"
+
+
+def load_results(dirs, log=print, field: str = "best_accuracy", arms: list[str] | None = None
+                 ) -> list[tuple[Path, dict]]:
+    """Complete results under ``dirs`` (of the given ``arms`` when named); a setting found twice keeps its newest
+    result (with a warning). Results of several arms are refused: they would be averaged into one cell, or one
+    would replace the other as a duplicate."""
     chosen: dict[tuple, tuple[Path, dict]] = {}
+    seen_arms: Counter = Counter()  # before duplicates are dropped: a bf16 copy of an fp32 run is another arm
     for path, result in iter_results(*dirs):
         try:
             key = setting_key(result)
         except (KeyError, TypeError, ValueError):
             log(f"report: skipping {path}: no complete 'setting' (mixer, d_model, seq_len, lr, seed)")
             continue
+        value = result.get(field)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            log(f"report: skipping {path}: {field} is {value!r}, not a number")
+            continue
+        if arms is not None and arm(result) not in arms:
+            continue
+        seen_arms[arm(result)] += 1
         if key in chosen:
             other_path, other = chosen[key]
             keep_new = str(result.get("date", "")) > str(other.get("date", ""))
@@ -75,6 +96,10 @@ def load_results(dirs, log=print) -> list[tuple[Path, dict]]:
             if not keep_new:
                 continue
         chosen[key] = (path, result)
+    if len(seen_arms) > 1:
+        listed = ", ".join(f"'{a}' ({n} runs)" for a, n in seen_arms.most_common())
+        raise ValueError(f"the results mix training arms: {listed}; report one at a time with --arm "
+                         "(e.g. --arm bf16), or from separate folders")
     return [chosen[k] for k in sorted(chosen, key=lambda k: (mixer_sort_key(k[0]), *k[1:]))]
 
 
@@ -220,8 +245,9 @@ def plot_accuracy(summary: dict, path: str | Path) -> Path:
     return path
 
 
-def write_report(dirs, out_dir, metric: str = "best", log=print, command: str | None = None) -> dict:
-    results = load_results(dirs, log=log)
+def write_report(dirs, out_dir, metric: str = "best", log=print, command: str | None = None,
+                 arms: list[str] | None = None) -> dict:
+    results = load_results(dirs, log=log, field=METRICS[metric], arms=arms)
     if not results:
         raise FileNotFoundError(f"no MQAR results (*.json with schema mqar-result/1) under {', '.join(map(str, dirs))}")
     summary = summarize(results, metric)
@@ -246,17 +272,23 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="where the table, summary and figure go")
     p.add_argument("--metric", choices=sorted(METRICS), default="best",
                    help="best (default, the paper's: best validation accuracy over epochs) or final accuracy")
+    p.add_argument("--arm", action="append", dest="arms",
+                   help="only results of this training arm: a precision (fp32, bf16, tf32x3, tf32), with ', clean' "
+                        "for model.variant=clean (repeatable)")
     args = p.parse_args(argv)
     missing = [d for d in args.results if not Path(d).exists()]
     if missing:
         print(f"error: no such file or folder: {', '.join(missing)}", file=sys.stderr)
         return 2
     try:
-        write_report(args.results, args.out, args.metric,
+        write_report(args.results, args.out, args.metric, arms=args.arms,
                      command="python -m pretrain.mqar.report " + " ".join(shlex.quote(a) for a in argv))
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except ValueError as e:  # several training arms in one table
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from kernels.linear_attention.triton_chunk import CHUNK_LAUNCH
-from pretrain.config import to_dict
+from pretrain.config import ConfigError, to_dict
 from pretrain.models import build_model, count_parameters
 from pretrain.models.loss import chunked_cross_entropy
 from pretrain.mqar.config import MQARConfig
@@ -52,9 +52,14 @@ CHECKPOINT_VERSION = 1
 
 
 def resolve_device(name: str) -> torch.device:
+    """train.device on this machine; ConfigError when it asks for a GPU this machine does not have."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and (not torch.cuda.is_available()
+                                  or (device.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"train.device={name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def device_name(device: torch.device) -> str:

@@ -60,6 +60,12 @@ def test_a_foreign_npy_file_at_the_cache_path_is_regenerated(tmp_path):
     ("train.max_steps=0", "max_steps=0"), ("train.eval_every_steps=-1", "eval_every_steps=-1"),
     ("train.early_stop_accuracy=99", "early_stop_accuracy=99.0"),
     ("data.num_test=0", "num_test=0"), ("data.num_train=0", "num_train=0"),
+    # accepted before: gradient ascent (clip_grad_norm_ with a negative limit), an empty evaluation, AdamW or numpy
+    # tracebacks mid-run, NaN losses
+    ("train.grad_clip=-1", "grad_clip=-1.0"), ("train.grad_clip=0", "grad_clip=0.0"),
+    ("train.eval_batch_size=-5", "eval_batch_size=-5"), ("train.eval_batch_size=0", "eval_batch_size=0"),
+    ("train.weight_decay=-1", "weight_decay=-1.0"), ("train.betas=[2,3]", r"betas=\[2.0, 3.0\]"),
+    ("train.lr=.inf", "lr=inf"), ("train.device=tpu", "device='tpu'"), ("data.seed=-1", "seed=-1"),
 ])
 def test_invalid_values_are_refused_naming_the_key(override, named):
     section = override.split(".")[0]

@@ -145,3 +145,34 @@ def test_a_point_with_a_cut_run_is_a_lower_bound(tmp_path):
     table = markdown_report(summary)
     assert "| rebased | 64 | 512 | 128 | ≥ 0.5000 |" in table and "| rebased | 128 | 512 | 128 | 0.5000 |" in table
     assert "| rebased | 64 | ≥ 0.500 |" in table and "lower bound" in table
+
+
+def test_training_arms_are_never_averaged_or_taken_for_duplicates(tmp_path, capsys):
+    """fp32 and bf16 (or model.variant=clean) runs of one setting: one replaced the other as a "duplicate" and
+    other seeds were averaged into one cell. Mixed arms are refused; --arm reports one."""
+    make_result(tmp_path / "fp32", "rebased", 64, 256, 1e-3, 0, 0.9, protocol={**PROTOCOL, "precision": "fp32"})
+    make_result(tmp_path / "fp32", "rebased", 64, 256, 1e-3, 1, 0.8, protocol={**PROTOCOL, "precision": "fp32"})
+    make_result(tmp_path / "bf16", "rebased", 64, 256, 1e-3, 0, 0.1, date="2026-02-01T00:00:00+00:00",
+                protocol={**PROTOCOL, "precision": "bf16"})
+    make_result(tmp_path / "clean", "rebased", 64, 256, 1e-3, 2, 0.2,
+                protocol={**PROTOCOL, "precision": "fp32", "model_variant": "clean"})
+    with pytest.raises(ValueError, match="mix training arms: 'fp32' \\(2 runs\\)"):
+        load_results([tmp_path], log=lambda m: None)
+    assert main([str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert "--arm" in capsys.readouterr().err
+    fp32 = load_results([tmp_path], log=lambda m: None, arms=["fp32"])
+    assert sorted(r["best_accuracy"] for _, r in fp32) == [0.8, 0.9]
+    assert [r["best_accuracy"] for _, r in load_results([tmp_path], arms=["fp32, clean"])] == [0.2]
+    assert main([str(tmp_path), "--out", str(tmp_path / "out"), "--arm", "bf16"]) == 0
+
+
+def test_a_result_without_a_number_for_the_metric_is_skipped(tmp_path):
+    make_result(tmp_path, "rebased", 64, 256, 1e-3, 0, 0.5)
+    bad = make_result(tmp_path, "rebased", 64, 256, 1e-3, 1, 0.5)
+    data = json.loads(bad.read_text())
+    data.update(best_accuracy=None, final_accuracy=float("nan"))
+    bad.write_text(json.dumps(data))
+    messages = []
+    assert len(load_results([tmp_path], log=messages.append)) == 1
+    assert any("best_accuracy is None" in m for m in messages)
+    assert len(load_results([tmp_path], log=lambda m: None, field="final_accuracy")) == 1
