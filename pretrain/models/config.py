@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Literal, get_args, get_origin, get_type_hints
 
@@ -24,8 +26,8 @@ def _check_linear_attention(name: str, sub) -> None:
         raise ValueError(f"{name}.num_heads and {name}.feature_dim must be positive")
     if sub.value_heads is not None and (sub.value_heads < 1 or sub.num_heads % sub.value_heads):
         raise ValueError(f"{name}.value_heads={sub.value_heads} must divide {name}.num_heads={sub.num_heads}")
-    if not sub.eps > 0:
-        raise ValueError(f"{name}.eps={sub.eps} must be > 0")
+    if not 0 < sub.eps < math.inf:  # NaN fails too
+        raise ValueError(f"{name}.eps={sub.eps} must be a finite number > 0")
 
 
 @dataclass
@@ -134,7 +136,9 @@ class ModelConfig:
     sliding_window: SlidingWindowConfig = field(default_factory=SlidingWindowConfig)
 
     def __post_init__(self):
-        if (self.layers is None) == (self.layer_unit is None):
+        if (self.layers is None) == (self.layer_unit is None) or (self.layers is not None and
+                                                                   self.n_layers is not None):
+            # n_layers beside a full pattern was ignored: the model had len(layers) layers whatever it said
             raise ValueError("give exactly one of 'layers' (full pattern) or 'layer_unit' + 'n_layers'")
         if self.layer_unit is not None:
             if not self.layer_unit or not self.n_layers or self.n_layers < 1:
@@ -165,8 +169,8 @@ class ModelConfig:
                 raise ValueError(f"d_model={self.d_model} is smaller than the "
                                  f"{getattr(self, name).value_heads or getattr(self, name).num_heads} value heads of {name}")
         for name in ("norm_eps", "init_std", "rope_theta"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name}={getattr(self, name)} must be a finite number > 0")
         if self.max_seq_len < 1:
             raise ValueError(f"max_seq_len={self.max_seq_len} must be >= 1")
         if self.mlp_hidden is not None and self.mlp_hidden < 1:

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels.common import check_cu_seqlens
 from pretrain.generation import decoder
 from pretrain.generation.sampling import Sampling
 from pretrain.models.cache import ModelCache
@@ -152,6 +153,8 @@ class CausalLM(nn.Module):
         B, T = input_ids.shape
         if cu_seqlens is not None and B != 1:
             raise ValueError("cu_seqlens needs a packed batch of one ([1, T] input_ids)")
+        # before the positions are cut from it: offsets not covering [0, T] failed there with shape errors
+        check_cu_seqlens(cu_seqlens, B, T, "input_ids")
         if cache is not None:  # the cache checks the positions it hands out
             positions = self._cache_positions(cache, B, T, input_ids.device, cu_seqlens)
         else:

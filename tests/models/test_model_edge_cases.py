@@ -35,6 +35,10 @@ def config(**overrides) -> dict:
     ({"max_seq_len": 0}, "max_seq_len"),
     ({"rope_theta": 0.0}, "rope_theta"),
     ({"rope_theta": -10000.0}, "rope_theta"),
+    ({"init_std": float("inf")}, "init_std"),  # built a model whose loss was NaN
+    ({"norm_eps": float("nan")}, "norm_eps"),
+    ({"rebased": {"num_heads": 2, "feature_dim": 4, "eps": float("inf")}}, "rebased.eps"),  # failed in the forward
+    ({"n_layers": 3}, "give exactly one of 'layers'"),  # beside a full pattern it was ignored
 ])
 def test_invalid_values_fail_at_config_time_naming_the_field(overrides, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
@@ -107,3 +111,13 @@ def test_configs_built_in_code_check_their_choices_too(overrides, field):
         ModelConfig(**{**dict(vocab_size=50, d_model=32, layers=["short_conv"]), **overrides})
     with pytest.raises(ValueError, match=r"^rebased\.norm_scope='global'.*valid choices"):
         ReBasedConfig(norm_scope="global")  # built the joint LayerNorm
+
+
+@pytest.mark.parametrize("offsets, message", [([0, 5, 10], "must end at the sequence length T=12"),
+                                              ([2, 5, 12], "must start at 0"),
+                                              ([0, 7, 5, 12], "must be non-decreasing")])
+def test_bad_document_offsets_are_named(offsets, message):
+    """cu_seqlens not covering [0, T]: a shape error from the positions before, not naming cu_seqlens."""
+    model = build_model(from_dict(ModelConfig, config()))
+    with pytest.raises(ValueError, match=f"cu_seqlens {message}"):
+        model(torch.randint(0, 50, (1, 12)), cu_seqlens=torch.tensor(offsets, dtype=torch.int32))
