@@ -47,7 +47,7 @@ def test_duplicate_keys_in_an_override_value_are_refused(tmp_path):
     ("rebased.use_gama=true", "unknown key 'rebased.use_gama'"),
     ("d_model=abc", "key 'd_model': expected an integer"),
     ("rebased.norm_scope=global", "'per_head', 'joint'"),
-    ("rebased.eps=-1", "rebased.eps=-1.0 must be > 0"),  # the section's __post_init__
+    ("rebased.eps=-1", "rebased.eps=-1.0 must be a finite number > 0"),  # the section's __post_init__
     ("rebased={eps: 1.0e-6, value_head: 2}", "unknown key 'rebased.value_head'"),  # a whole section replaced
 ])
 def test_errors_caused_by_an_override_name_it(tmp_path, override, expected):
@@ -79,7 +79,7 @@ def test_errors_in_list_items_set_by_an_override_name_it(tmp_path):
 
 
 def test_overrides_without_a_file_name_the_override():
-    with pytest.raises(ConfigError, match=r"^<overrides>: rebased: rebased.eps=-1.0 must be > 0 "
+    with pytest.raises(ConfigError, match=r"^<overrides>: rebased: rebased.eps=-1.0 must be a finite number > 0 "
                                           r"\(from override 'rebased.eps=-1'\)$"):
         load_config(ModelConfig, None, ["vocab_size=10", "d_model=8", "layers=[rebased]", "rebased.eps=-1"])
 
