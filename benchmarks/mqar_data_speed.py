@@ -13,6 +13,7 @@ import os
 import platform
 import time
 
+from pretrain.atomic import write_text_atomic
 from pretrain.cores import available_cores
 from pretrain.mqar.data import MQARSpec, _generate, default_num_kv_pairs
 
@@ -43,9 +44,7 @@ def main() -> None:
     lines += [f"| {t} | {s:.2f} | {rows[0][1] / s:.2f}× |" for t, s in rows]
     print("\n".join(lines))
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, f"mqar_data_speed_{date[:10]}.md"), "w") as f:
-            f.write("\n".join(lines) + "\n")
+        write_text_atomic(os.path.join(args.out, f"mqar_data_speed_{date[:10]}.md"), "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

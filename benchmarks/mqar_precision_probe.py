@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from kernels.linear_attention import reference
 from kernels.linear_attention.feature_maps import feature_map, kernel_from_dot
+from pretrain.atomic import write_text_atomic
 from pretrain.models import build_model
 from pretrain.mqar.config import load_mqar_config
 from pretrain.mqar.data import load_mqar
@@ -140,9 +141,7 @@ def main() -> None:
                      f"{r['valid_accuracy']:.4f} | {r['valid_loss']:.4f} | {_fmt(r['gpu_valid_accuracy'])} |")
     print("\n".join(lines))
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, f"mqar_precision_probe_{date[:10]}.md"), "w") as f:
-            f.write("\n".join(lines) + "\n")
+        write_text_atomic(os.path.join(args.out, f"mqar_precision_probe_{date[:10]}.md"), "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
