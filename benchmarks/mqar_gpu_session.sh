@@ -2,10 +2,13 @@
 # An MQAR sweep on a machine lent for a limited time, driven by commands of at most a few minutes each.
 #
 #   bash benchmarks/mqar_gpu_session.sh start OUT [sweep flags and overrides...]   # start the sweep detached
+#   bash benchmarks/mqar_gpu_session.sh start OUT [grid A...] --then [grid B...]   # sweeps one after another
 #   bash benchmarks/mqar_gpu_session.sh wait OUT SECONDS PACK [--checkpoints]      # wait, then pack results
 #
 # `start` runs `python -m pretrain.mqar.sweep --out OUT ...` in its own process session (setsid), so it outlives
-# the command that started it; its output goes to OUT/sweep.log. Any result JSON already under
+# the command that started it; its output goes to OUT/sweep.log. `--then` separates sweeps (each with its own grid
+# flags and overrides) that run one after another into OUT, in the order given: the way to say which settings a
+# short lease spends its time on first. Any result JSON already under
 # benchmarks/results/mqar/seed_results/ for the same grid is copied into OUT first (the sweep skips settings whose
 # result exists and was made with the same config). `wait` sleeps until the sweep ends or SECONDS pass, then packs
 # every result, every log and the sweep's own log into the archive PACK, written to a temporary name and renamed, so
@@ -17,6 +20,7 @@
 # MQAR_CKPT_PART_BYTES (15 MiB) named <name>.ckpt.part<i>of<n>, and `start` joins a complete set back into
 # <name>.ckpt (an incomplete set is reported and left alone; the run then starts afresh).
 set -euo pipefail
+self="$(realpath "$0")"
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 action="${1:?usage: $0 start OUT [sweep args...] | wait OUT SECONDS PACK}"
@@ -57,10 +61,25 @@ case "$action" in
       [[ -f "$seed" && ! -e "$out/$(basename "$seed")" ]] && cp "$seed" "$out"/
     done
     export PYTHONUNBUFFERED=1
-    setsid nohup "$PYTHON" -m pretrain.mqar.sweep --out "$out" "$@" >"$out/sweep.log" 2>&1 </dev/null &
+    setsid nohup bash "$self" sweeps "$out" "$@" >"$out/sweep.log" 2>&1 </dev/null &
     echo "$!" >"$out/sweep.pid"
     echo "$!" >"$running"
     echo "sweep started (pid $(cat "$out/sweep.pid")); log: $out/sweep.log"
+    ;;
+  sweeps)  # what `start` runs detached: each --then-separated sweep in turn; the exit code is the last failure's
+    shift 2
+    status=0
+    group=()
+    for arg in "$@" --then; do
+      if [[ "$arg" != --then ]]; then
+        group+=("$arg")
+        continue
+      fi
+      echo "== sweep ${group[*]} ($(date -u +%T))"
+      "$PYTHON" -m pretrain.mqar.sweep --out "$out" "${group[@]}" || status=$?
+      group=()
+    done
+    exit "$status"
     ;;
   wait)
     seconds="${3:?missing SECONDS}"

@@ -364,6 +364,27 @@ def test_gpu_session_script_runs_a_detached_sweep_and_packs_it(tmp_path):
     assert bad.returncode == 2 and "unknown option '--ckpt'" in bad.stderr and not (packs / "b.tgz").exists()
 
 
+def test_gpu_session_script_runs_then_separated_sweeps_in_the_order_given(tmp_path):
+    """`start OUT A --then B` runs sweep A to its end, then sweep B, into one folder: a short lease spends its time
+    on the settings named first."""
+    env = dict(os.environ, PYTHON=sys.executable)
+    out = tmp_path / "out"
+    grid = ["--config", TINY, "--d-models", "64", "--seq-lens", "32", "--lrs", "0.01", "--gpus", "none",
+            "train.max_steps=1"]
+    start = subprocess.run(["bash", str(SESSION), "start", str(out), "--mixers", "based", *grid, "--then",
+                            "--mixers", "rebased", *grid], env=env, capture_output=True, text=True, timeout=60)
+    assert start.returncode == 0, start.stderr
+    wait = subprocess.run(["bash", str(SESSION), "wait", str(out), "300", str(tmp_path / "a.tgz")], env=env,
+                          capture_output=True, text=True, timeout=400)
+    assert wait.returncode == 0 and "sweep finished" in wait.stdout, wait.stderr
+    first, second = (read_result(out / f"{m}_d64_L32_lr0.01_s0.json") for m in ("based", "rebased"))
+    assert first["stopped_by"] == second["stopped_by"] == "max_steps"
+    log = (out / "sweep.log").read_text()
+    assert log.count("== sweep") == 2 and log.index("--mixers based") < log.index("--mixers rebased")
+    assert (out / "based_d64_L32_lr0.01_s0.json").stat().st_mtime \
+        <= (out / "rebased_d64_L32_lr0.01_s0.json").stat().st_mtime
+
+
 def test_gpu_session_script_refuses_a_second_sweep_into_a_folder_replaced_under_a_running_one(tmp_path):
     """On a warm machine the device tool replaces a carried-in OUT, pid file included, while the sweep an earlier
     call started still writes into it; `start` must refuse rather than run every setting twice."""
