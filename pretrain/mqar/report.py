@@ -135,10 +135,22 @@ def summarize(results: list[tuple[Path, dict]], metric: str = "best") -> dict:
     return {"schema": SUMMARY_SCHEMA, "metric": field, "rows": rows, "provenance": provenance(results)}
 
 
+# protocol fields that say how a run was executed, not what it computed: the micro-batch follows the sequence length
+# (train.micro_batch_tokens), and the loss is the exact batch mean whatever the split
+EXECUTION_FIELDS = ("micro_batch_size",)
+
+
 def provenance(results: list[tuple[Path, dict]]) -> dict:
     """Where and when the runs were made (devices, dates, software, commits, protocols), with counts."""
     dates = sorted(str(r["date"]) for _, r in results if r.get("date"))
-    protocols = Counter(json.dumps(r.get("protocol"), sort_keys=True) for _, r in results)
+
+    def protocol(r: dict) -> dict | None:
+        proto = r.get("protocol")
+        return {k: v for k, v in proto.items() if k not in EXECUTION_FIELDS} if isinstance(proto, dict) else proto
+
+    protocols = Counter(json.dumps(protocol(r), sort_keys=True) for _, r in results)
+    micro = Counter(str(r["protocol"].get("micro_batch_size")) for _, r in results
+                    if isinstance(r.get("protocol"), dict))
     return {
         "n_runs": len(results),
         "devices": dict(Counter(str(r.get("device", "unknown")) for _, r in results).most_common()),
@@ -147,6 +159,7 @@ def provenance(results: list[tuple[Path, dict]]) -> dict:
         "torch": dict(Counter(str(r.get("torch", "unknown")) for _, r in results).most_common()),
         "git_commits": dict(Counter(str(r.get("git_commit")) for _, r in results).most_common()),
         "protocols": [{"protocol": json.loads(p), "n_runs": n} for p, n in protocols.most_common()],
+        "micro_batch_sizes": dict(micro.most_common()),
         "sources": sorted({str(p.parent) for p, _ in results}),
     }
 
@@ -205,6 +218,8 @@ def markdown_report(summary: dict) -> str:
         proto = p["protocol"] or {}
         lines.append("Protocol (" + str(p["n_runs"]) + " runs): "
                      + ", ".join(f"{k}={v}" for k, v in proto.items()) + ".")
+    if prov.get("micro_batch_sizes"):
+        lines.append(f"Micro-batch sizes (sequences; execution only): {_counts(prov['micro_batch_sizes'])}.")
     if len(prov["protocols"]) > 1:
         lines.append("**Warning: the runs follow different protocols; compare points with care.**")
     return "\n".join(lines) + "\n"

@@ -176,3 +176,15 @@ def test_a_result_without_a_number_for_the_metric_is_skipped(tmp_path):
     assert len(load_results([tmp_path], log=messages.append)) == 1
     assert any("best_accuracy is None" in m for m in messages)
     assert len(load_results([tmp_path], log=lambda m: None, field="final_accuracy")) == 1
+
+
+def test_micro_batch_sizes_are_execution_not_protocol(tmp_path):
+    """The micro-batch follows the sequence length (seq 2048 takes 256 sequences, shorter ones 512) and leaves the
+    batch-mean loss the same: runs that differ only there follow one protocol, and the sizes are listed apart."""
+    make_result(tmp_path, "rebased", 64, 512, 1e-3, 0, 0.5, protocol={**PROTOCOL, "micro_batch_size": 512})
+    make_result(tmp_path, "rebased", 64, 2048, 1e-3, 0, 0.5, protocol={**PROTOCOL, "micro_batch_size": 256})
+    summary = write_report([tmp_path], tmp_path / "out", log=lambda m: None)
+    assert len(summary["provenance"]["protocols"]) == 1
+    assert summary["provenance"]["micro_batch_sizes"] == {"512": 1, "256": 1}
+    table = (tmp_path / "out" / TABLE_FILE).read_text()
+    assert "Warning" not in table and "Micro-batch sizes (sequences; execution only): 512 (1), 256 (1)." in table

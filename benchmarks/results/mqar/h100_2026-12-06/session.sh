@@ -5,7 +5,8 @@
 #   2. Based at d_model 64, seq 1024, lr 1e-3 and 3e-3 (cut at epochs 59 / 55 on 2026-12-04, no checkpoint);
 #   3. ReBased and Based at d_model 64, seq 2048, lr 1e-3 and 3e-3 (what time is left; cut runs' checkpoints return).
 # Before the sweep starts: the fp32 attention op per tile (the 8 x 8 fp32 tiles of 41d17b8 against the old 16 x 16)
-# and 3xTF32; beside the sweep: the CUDA resume test.
+# and 3xTF32, and bf16 with more warps (the tile-16 state and gradient kernels spill at 2 / 4 warps, not at 4 / 8:
+# benchmarks/results/kernels_resources_triton3_6_0_2026-12-06.md); beside the sweep: the CUDA resume test.
 #   bash session.sh start SECONDS     # record the machine, measure, start the sweeps detached, wait, pack
 #   bash session.sh wait SECONDS      # a later call on the same machine: wait, pack (results, logs, checkpoints)
 set -u
@@ -23,9 +24,9 @@ if [[ "$action" == start ]]; then
   } >"$OUT/gpu.txt" 2>&1
   {
     echo "== fp32 attention per tile ($(date -u +%T))"
-    timeout 170 python -m benchmarks.mqar_profile attention --variants '[{}, {"dtype": "float32"},
-      {"dtype": "float32", "tile": 16}, {"dtype": "float32", "fp32_dot": "tf32x3"},
-      {"dtype": "float32", "fp32_dot": "tf32x3", "tile": 16}]'
+    timeout 190 python -m benchmarks.mqar_profile attention --variants '[{}, {"warps_state": 4, "warps_grad": 8},
+      {"tile": 8, "warps_grad": 8}, {"dtype": "float32"}, {"dtype": "float32", "tile": 16},
+      {"dtype": "float32", "fp32_dot": "tf32x3"}]'
     echo "exit $? ($(date -u +%T))"
   } >"$OUT/attention_fp32.log" 2>&1
   grid="--gpus 0 train.precision=bf16"
