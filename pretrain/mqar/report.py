@@ -135,9 +135,9 @@ def summarize(results: list[tuple[Path, dict]], metric: str = "best") -> dict:
     return {"schema": SUMMARY_SCHEMA, "metric": field, "rows": rows, "provenance": provenance(results)}
 
 
-# protocol fields that say how a run was executed, not what it computed: the micro-batch follows the sequence length
-# (train.micro_batch_tokens), and the loss is the exact batch mean whatever the split
-EXECUTION_FIELDS = ("micro_batch_size",)
+# the protocol field that says how a run was executed, not what it computed: the micro-batch follows the sequence
+# length (train.micro_batch_tokens), and the loss is the exact batch mean whatever the split
+EXECUTION_FIELD = "micro_batch_size"
 
 
 def provenance(results: list[tuple[Path, dict]]) -> dict:
@@ -146,10 +146,10 @@ def provenance(results: list[tuple[Path, dict]]) -> dict:
 
     def protocol(r: dict) -> dict | None:
         proto = r.get("protocol")
-        return {k: v for k, v in proto.items() if k not in EXECUTION_FIELDS} if isinstance(proto, dict) else proto
+        return {k: v for k, v in proto.items() if k != EXECUTION_FIELD} if isinstance(proto, dict) else proto
 
     protocols = Counter(json.dumps(protocol(r), sort_keys=True) for _, r in results)
-    micro = Counter(str(r["protocol"].get("micro_batch_size")) for _, r in results
+    micro = Counter(str(r["protocol"].get(EXECUTION_FIELD)) for _, r in results
                     if isinstance(r.get("protocol"), dict))
     return {
         "n_runs": len(results),
