@@ -6,6 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..common import next_power_of_2
 from ..backend import register_triton_impl
 from ..poison import poison
 
@@ -49,7 +50,7 @@ def cross_entropy_grad_triton(logits: torch.Tensor, targets: torch.Tensor, row_s
     poison(loss)
     if not inplace:
         poison(grad)
-    block = block or min(4096, triton.next_power_of_2(max(vocab, 16)))
+    block = block or min(4096, next_power_of_2(max(vocab, 16)))
     if rows and vocab:
         _ce_grad_kernel[(rows,)](logits, targets.contiguous(), row_scale.contiguous(), loss, grad, vocab,
                                  logits.stride(0), grad.stride(0), BLOCK=block, num_warps=8 if block >= 2048 else 4)

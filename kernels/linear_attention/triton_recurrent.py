@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..common import next_power_of_2
 from ..poison import poison
 from .feature_maps import state_size
 from .reference import linear_attention_step_reference
@@ -106,7 +107,7 @@ def _recurrent_step_kernel(q_ptr, k_ptr, v_ptr, o_ptr, kv_ptr, z_ptr, c_first, c
 def supports_step(kind: str, q: torch.Tensor, state) -> bool:
     """Whether the kernel covers these (validated) inputs: fp32/bf16/fp16 q, k, v, fp32 state, Dk up to 32."""
     return (q.dtype in (torch.float32, torch.bfloat16, torch.float16) and state[0].dtype == torch.float32
-            and triton.next_power_of_2(state_size(kind, q.shape[-1])) <= MAX_PADDED_FEATURES)
+            and next_power_of_2(state_size(kind, q.shape[-1])) <= MAX_PADDED_FEATURES)
 
 
 def recurrent_step(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state, *, scale: float,
@@ -119,8 +120,8 @@ def recurrent_step(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     b, _, h, dk = q.shape
     dv = v.shape[-1]
     n_features = state_size(kind, dk)
-    padded = triton.next_power_of_2(n_features)
-    block_v = min(triton.next_power_of_2(dv), max(16, TILE_ELEMENTS // padded))
+    padded = next_power_of_2(n_features)
+    block_v = min(next_power_of_2(dv), max(16, TILE_ELEMENTS // padded))
     o = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     poison(o)
     if b * h == 0:

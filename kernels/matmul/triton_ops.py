@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..common import cdiv
 from ..backend import register_triton_impl
 from ..poison import poison
 
@@ -63,11 +64,11 @@ def _splits(tiles: int, k: int, device: torch.device) -> int:
 
 def matmul_tf32x3_triton(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     (m, k), n = a.shape, b.shape[1]
-    tiles = triton.cdiv(m, BLOCK_M) * triton.cdiv(n, BLOCK_N)
+    tiles = cdiv(m, BLOCK_M) * cdiv(n, BLOCK_N)
     splits = _splits(tiles, k, a.device)
     # K range per split, a whole number of K blocks
-    k_per_split = triton.cdiv(triton.cdiv(k, splits), BLOCK_K) * BLOCK_K if k else BLOCK_K
-    splits = max(1, triton.cdiv(k, k_per_split))
+    k_per_split = cdiv(cdiv(k, splits), BLOCK_K) * BLOCK_K if k else BLOCK_K
+    splits = max(1, cdiv(k, k_per_split))
     out = torch.empty(splits, m, n, dtype=torch.float32, device=a.device)
     poison(out)
     if m and n:

@@ -23,7 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..common import cdiv, next_power_of_2
 from ..backend import register_triton_impl
+from ..eager_op import eager_function, needs_dispatcher
 from ..poison import poison
 from .config import SHORT_CONV_LAUNCH
 from .naive import short_conv_torch
@@ -273,12 +275,12 @@ def _step_kernel(x_ptr, w_ptr, bias_ptr, gate_ptr, cache_ptr, y_ptr, new_cache_p
 def _blocks(d: int, which: str) -> Tuple[int, int, int]:
     """(block_t, block_d, warps) of pass ``which`` from the launch configuration in force (:mod:`.config`)."""
     block_t, block_d, warps = SHORT_CONV_LAUNCH.get().blocks(which)
-    return block_t, min(block_d, max(16, triton.next_power_of_2(d))), warps
+    return block_t, min(block_d, max(16, next_power_of_2(d))), warps
 
 
 def _slot_block(k: int) -> int:
     # the K-1 cache slots padded to a power of two (tl.arange needs one)
-    return triton.next_power_of_2(max(k - 1, 1))
+    return next_power_of_2(max(k - 1, 1))
 
 
 def _tiles_per_program(t_tiles: int, other_programs: int, device: torch.device) -> int:
@@ -290,7 +292,7 @@ def _tiles_per_program(t_tiles: int, other_programs: int, device: torch.device) 
         return 1
     target = 8 * torch.cuda.get_device_properties(device).multi_processor_count
     tiles = 1
-    while tiles < 8 and triton.cdiv(t_tiles, 2 * tiles) * other_programs >= target:
+    while tiles < 8 and cdiv(t_tiles, 2 * tiles) * other_programs >= target:
         tiles *= 2
     return tiles
 
@@ -324,12 +326,12 @@ def _fwd_impl(x, weight, bias, gate, cache, cu_seqlens, residual, store_final):
     cu, doc_of_token = _documents(cu_seqlens, t, x.device)
     block_t, block_d, warps = _blocks(d, "fwd")
     if y.numel():
-        _fwd_kernel[(triton.cdiv(t, block_t), triton.cdiv(d, block_d), b)](
+        _fwd_kernel[(cdiv(t, block_t), cdiv(d, block_d), b)](
             x, weight, _or(bias, x), _or(gate, x), _or(cache, x), _or(doc_of_token, x), _or(cu, x), y, t, d,
             K=k, BT=block_t, BD=block_d, HAS_BIAS=bias is not None, HAS_GATE=gate is not None, RESIDUAL=residual,
             HAS_CACHE=cache is not None, VARLEN=cu is not None, num_warps=warps)
     if final.numel():
-        _final_cache_kernel[(n_docs, triton.cdiv(d, block_d))](
+        _final_cache_kernel[(n_docs, cdiv(d, block_d))](
             x, _or(cache, x), _or(cu, x), final, t, d,
             K=k, KC=_slot_block(k), BD=block_d, HAS_CACHE=cache is not None, VARLEN=cu is not None, num_warps=warps)
     return y, final
@@ -341,10 +343,10 @@ def _bwd_impl(x, weight, bias, gate, cache, cu_seqlens, dy, dfinal, residual):
     x, weight, bias, gate, cache, dy, dfinal = (_contiguous(v) for v in (x, weight, bias, gate, cache, dy, dfinal))
     n_docs = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
     block_t, block_d, warps = _blocks(d, "bwd")
-    d_tiles = triton.cdiv(d, block_d)
-    t_tiles = triton.cdiv(t, block_t)
+    d_tiles = cdiv(d, block_d)
+    t_tiles = cdiv(t, block_t)
     tiles = _tiles_per_program(t_tiles, d_tiles * b, x.device)
-    t_programs = triton.cdiv(t_tiles, tiles)
+    t_programs = cdiv(t_tiles, tiles)
     f32 = torch.float32
     dx = torch.empty_like(x)
     dgate = torch.empty_like(gate) if gate is not None else x.new_empty(0)
@@ -357,7 +359,7 @@ def _bwd_impl(x, weight, bias, gate, cache, cu_seqlens, dy, dfinal, residual):
         _bwd_kernel[(t_programs, d_tiles, b)](
             x, weight, _or(bias, x), _or(gate, x), _or(cache, x), _or(doc_of_token, x), _or(cu, x), dy,
             _or(dfinal, x), dx, dgate, dw_part, dbias_part, t, d, tiles,
-            K=k, KP=triton.next_power_of_2(k), BT=block_t, BD=block_d, HAS_BIAS=bias is not None,
+            K=k, KP=next_power_of_2(k), BT=block_t, BD=block_d, HAS_BIAS=bias is not None,
             HAS_GATE=gate is not None, RESIDUAL=residual, HAS_CACHE=cache is not None,
             HAS_DFINAL=dfinal is not None, VARLEN=cu is not None, num_warps=warps)
     if dcache.numel():
@@ -379,7 +381,7 @@ def _step_impl(x, weight, bias, gate, cache, residual, store_cache):
     poison(y, new_cache)
     _, block_d, warps = _blocks(d, "fwd")
     if y.numel():
-        _step_kernel[(triton.cdiv(d, block_d), b)](
+        _step_kernel[(cdiv(d, block_d), b)](
             x, weight, _or(bias, x), _or(gate, x), cache, y, new_cache, d,
             K=k, BD=block_d, HAS_BIAS=bias is not None, HAS_GATE=gate is not None, RESIDUAL=residual,
             STORE_CACHE=store_cache, num_warps=warps)
@@ -435,12 +437,14 @@ def _backward(ctx, dy, dfinal):
         dy = torch.zeros_like(x)
     if not ctx.store_final:
         dfinal = None
-    dx, dweight, dbias, dgate, dcache = _op_bwd(x, weight, bias, gate, cache, cu_seqlens, dy, dfinal, ctx.residual)
+    bwd = _op_bwd if needs_dispatcher(x, weight, dy) else _bwd_impl
+    dx, dweight, dbias, dgate, dcache = bwd(x, weight, bias, gate, cache, cu_seqlens, dy, dfinal, ctx.residual)
     return (dx, dweight, dbias if bias is not None else None, dgate if gate is not None else None,
             dcache if cache is not None else None, None, None, None)
 
 
 _op_fwd.register_autograd(_backward, setup_context=_setup_context)
+_eager_fwd = eager_function("ShortConv", lambda *inputs: _fwd_impl(*inputs), _setup_context, _backward)
 
 
 @torch.library.custom_op(f"{_LIB}::short_conv_step", mutates_args=())
@@ -475,9 +479,11 @@ def short_conv_triton(x, weight, bias=None, *, gate=None, residual=False, cu_seq
         return short_conv_torch(x, weight, bias, gate=gate, residual=residual, cu_seqlens=cu_seqlens, cache=cache,
                                 output_final_state=output_final_state, mode=mode)
     if _is_decode_step(x, weight, bias, gate, cache, cu_seqlens, mode):
-        y, final = _op_step(x, weight, bias, gate, cache, bool(residual), bool(output_final_state))
+        step = _op_step if needs_dispatcher(x, weight, bias, gate, cache) else _step_impl
+        y, final = step(x, weight, bias, gate, cache, bool(residual), bool(output_final_state))
     else:
-        y, final = _op_fwd(x, weight, bias, gate, cache, cu_seqlens, bool(residual), bool(output_final_state))
+        fwd = _op_fwd if needs_dispatcher(x, weight, bias, gate, cache) else _eager_fwd
+        y, final = fwd(x, weight, bias, gate, cache, cu_seqlens, bool(residual), bool(output_final_state))
     return y, (final if output_final_state else None)
 
 

@@ -95,7 +95,7 @@ def test_op_picks_the_tile_by_operand_dtype(monkeypatch, dtype, tile):
     def fake_fwd(q, k, v, cu_seqlens, S0, z0, scale, eps, normalize, based, tile, *rest):
         raise Launched(tile)
 
-    monkeypatch.setattr(ops, "_op_fwd", fake_fwd)
+    monkeypatch.setattr(ops, "_fwd_impl", fake_fwd)
     q = torch.randn(1, 64, 2, 16, dtype=dtype)
     with pytest.raises(Launched) as info:
         ops.chunk_linear_attention("rebased", q, q, torch.randn(1, 64, 2, 10, dtype=dtype), scale=0.25)

@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import torch
-import triton
 
+from ...common import cdiv, next_power_of_2
 from ...poison import poison
 from .jit import _grad_kernel, _h_kernel, _out_kernel, _scan_kernel, _state_kernel
 from .config import CHUNK_LAUNCH
@@ -32,7 +32,7 @@ def _scan_segments(tot, start, init, fin, doc, n_docs, reverse):
     has_init, has_fin = init is not None, fin is not None
     init = (init[0].contiguous(), init[1].contiguous()) if has_init else tot  # tot: unread placeholders
     fin = fin if has_fin else tot
-    _scan_kernel[(n_docs, h, triton.cdiv(m, blk) + triton.cdiv(mz, blk))](
+    _scan_kernel[(n_docs, h, cdiv(m, blk) + cdiv(mz, blk))](
         tot[0], start[0], init[0], fin[0], tot[1], start[1], init[1], fin[1], doc, h, m, mz,
         BLK=blk, REVERSE=reverse, HAS_INIT=has_init, HAS_FIN=has_fin)
 
@@ -119,8 +119,8 @@ def _bwd_impl(q, k, v, o, den, S_start, z_start, hc, hz, do, dSf, dzf, cu_seqlen
     poison(hbuf)
     if normalize:
         bt = 64
-        _h_kernel[(triton.cdiv(total * h, bt),)](do, o, den, hbuf, total * h, eps, DV=dv,
-                                                 DVP=max(16, triton.next_power_of_2(dv)), BT=bt, num_warps=4)
+        _h_kernel[(cdiv(total * h, bt),)](do, o, den, hbuf, total * h, eps, DV=dv,
+                                                 DVP=max(16, next_power_of_2(dv)), BT=bt, num_warps=4)
     # the reverse segment starts (dL/dS from the later segments and the final state's gradient) and dL/dS_initial
     has_rstart = max_per_doc > 1 or dSf is not None
     R_start = torch.empty(ns_max if has_rstart or has_init else 0, h, ft, dv, dtype=_state_dtype(q.dtype),

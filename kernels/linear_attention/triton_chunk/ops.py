@@ -1,5 +1,6 @@
 """The custom ops (``rebased_kernels::la_chunk_fwd`` / ``la_chunk_bwd``, with fake implementations for
-torch.compile), their autograd, and the entry point :func:`chunk_linear_attention`."""
+torch.compile), their autograd, its eager shortcut (``kernels/eager_op.py``) and the entry point
+:func:`chunk_linear_attention`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ...eager_op import eager_function, needs_dispatcher
 from .launch import _bwd_impl, _fwd_impl
 from .state_layout import state_from_internal, state_to_internal
 from .config import CHUNK_LAUNCH
@@ -94,14 +96,16 @@ def _backward(ctx, do, dden, dSs, dzs, dSf, dzf, dhc, dhz):
         if dzf is None:
             dzf = torch.zeros(n, h, fz, dtype=torch.float32, device=q.device)
         dSf, dzf = dSf.float(), dzf.float()
-    dq, dk, dv, dS0, dz0 = _op_bwd(q, k, v, o, den, S_start, z_start, hc, hz, do, dSf, dzf, cu_seqlens, has_init,
-                                   scale, eps, normalize, based, tile, chunk, seg_tokens)
+    bwd = _op_bwd if needs_dispatcher(q, do) else _bwd_impl
+    dq, dk, dv, dS0, dz0 = bwd(q, k, v, o, den, S_start, z_start, hc, hz, do, dSf, dzf, cu_seqlens, has_init, scale,
+                               eps, normalize, based, tile, chunk, seg_tokens)
     if not has_init:
         dS0 = dz0 = None
     return dq, dk, dv, None, dS0, dz0, None, None, None, None, None, None, None, None, None
 
 
 _op_fwd.register_autograd(_backward, setup_context=_setup_context)
+_eager_fwd = eager_function("ChunkLinearAttention", lambda *inputs: _fwd_impl(*inputs), _setup_context, _backward)
 
 
 def chunk_linear_attention(kind: str, q, k, v, *, scale: float, eps: float = 1e-6, normalize: bool = True,
@@ -133,9 +137,10 @@ def chunk_linear_attention(kind: str, q, k, v, *, scale: float, eps: float = 1e-
     if initial_state is not None:
         S0, z0 = state_to_internal(kind, initial_state[0], initial_state[1], dk, tile)
     save = config.save_states and cu_seqlens is None
-    o, den, S_start, z_start, S_fin, z_fin, _, _ = _op_fwd(q, k, v, cu_seqlens, S0, z0, float(scale), float(eps),
-                                                           bool(normalize), based, tile, chunk, seg_tokens,
-                                                           bool(output_final_state), save)
+    fwd = _op_fwd if needs_dispatcher(q, k, v, S0) else _eager_fwd
+    o, den, S_start, z_start, S_fin, z_fin, _, _ = fwd(q, k, v, cu_seqlens, S0, z0, float(scale), float(eps),
+                                                       bool(normalize), based, tile, chunk, seg_tokens,
+                                                       bool(output_final_state), save)
     final = None
     if output_final_state:
         final = state_from_internal(kind, S_fin, z_fin, dk, tile)

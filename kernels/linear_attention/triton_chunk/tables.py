@@ -8,8 +8,8 @@ import functools
 from typing import List, Optional, Tuple
 
 import torch
-import triton
 
+from ...common import cdiv, next_power_of_2
 from .config import CHUNK_LAUNCH, ChunkLaunchConfig
 from .jit import INTERPRETED
 
@@ -140,9 +140,9 @@ def _ns_max(total_tokens: int, n_docs: int, seg_tokens: int) -> int:
 
 def _cfg(which: str, dv: int, config: ChunkLaunchConfig) -> Tuple[int, int, int]:
     """(Dv block, Dv blocks, warps) of kernel `which` ("state" | "out" | "grad"); a feature block is one tile."""
-    dvp = max(16, triton.next_power_of_2(dv))
+    dvp = max(16, next_power_of_2(dv))
     bv = min(config.block_v(which), dvp)
-    return bv, triton.cdiv(dv, bv), config.num_warps(which)
+    return bv, cdiv(dv, bv), config.num_warps(which)
 
 
 @functools.lru_cache(maxsize=256)

@@ -1,0 +1,42 @@
+"""The eager shortcut past a custom op's dispatcher: the same implementation and backward, fewer Python layers.
+
+Our Triton kernels are ``torch.library.custom_op``s so that torch.compile can trace them (fake implementations)
+and dispatch modes can see them: selective activation checkpointing keeps the attention and short-conv outputs by
+naming the ops. In an eager call that nothing observes, the custom op's Python layers (argument defaults, the
+generated autograd wrapper, two redispatches) cost more host time than our own launch code
+(``python -m benchmarks.host_path``). There a call goes through a plain ``torch.autograd.Function`` running the
+same implementation and the same backward, so results are identical bit for bit; whenever something could tell
+the difference, the custom op runs.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def needs_dispatcher(*tensors) -> bool:
+    """True where a kernel call must go through its custom op: under torch.compile, inside any TorchDispatchMode
+    (selective checkpointing, FakeTensorMode, FlopCounterMode, tracing) or for tensor subclasses."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return True
+    return any(t is not None and type(t) not in _PLAIN for t in tensors)
+
+
+def eager_function(name: str, impl: Callable, setup_context: Callable, backward: Callable) -> Callable:
+    """``apply`` of an autograd.Function that runs ``impl(*inputs)``, then ``setup_context(ctx, inputs, output)``,
+    with ``backward(ctx, *grads)``: the three pieces a custom op registers, so both paths share them."""
+
+    def forward(ctx, *inputs):
+        output = impl(*inputs)
+        setup_context(ctx, inputs, output)
+        return output
+
+    function = type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(forward),
+        "backward": staticmethod(lambda ctx, *grads: backward(ctx, *grads)),
+    })
+    return function.apply
