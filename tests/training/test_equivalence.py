@@ -15,7 +15,7 @@ tolerance is 5e-3; a missing gradient average or a wrong accumulation factor mov
 
 import pytest
 
-from conftest import REFERENCE_RUNS, STEPS, losses, max_rel_diff, records, run
+from conftest import REFERENCE_RUNS, REPO, STEPS, losses, max_rel_diff, records, run
 
 LOSS_RTOL = 2e-6
 GRAD_RTOL = 5e-3
@@ -65,3 +65,41 @@ def test_loss_chunking_changes_nothing(runs, shards, key, chunk):
                          [f"training.loss_chunk_tokens={other_chunk}"], **evaluate)
         other_val = {r["step"]: r["val_loss"] for r in records(other) if "val_loss" in r}
         assert all(abs(val[s] - other_val[s]) <= 1e-6 * val[s] for s in val), (val, other_val)
+
+
+# The trainer, printing at exit how many graphs dynamo compiled (each worker its own); a script, as torchrun starts
+COUNTING_COMPILED_GRAPHS = (
+    "import atexit, sys\n"
+    "import torch._dynamo.utils as dynamo_utils\n"
+    "atexit.register(lambda: print('compiled graphs:', dynamo_utils.counters['stats']['unique_graphs'], flush=True))\n"
+    "from pretrain.train import main\n"
+    "sys.exit(main(sys.argv[1:]))\n")
+COMPILE_RTOL = 1e-5
+
+
+@pytest.mark.parametrize("key", ["single", "fsdp", "zero2"])
+def test_compile_matches_eager(runs, shards, tmp_path, key):
+    """training.compile (every block through torch.compile) in the real trainer, alone, under FSDP2 with full
+    activation checkpointing and under ZeRO-2 with selective checkpointing: the same samples and the eager run's
+    losses and gradient norms. Inductor fuses and reorders fp32 sums, so the losses agree to about 1e-6, not
+    bitwise (1e-5 allowed; a 1% larger learning rate moves them by 1.5e-4). The workers report the graphs dynamo
+    compiled, so a compile that silently did not happen fails. CPU only: the GPU trainer's compiled speed is
+    issue 21's measurement."""
+    nproc, strategy, _ = REFERENCE_RUNS[key]
+    ref = losses(runs.reference(key))
+    out = tmp_path / f"{key}_compiled"
+    script = tmp_path / "train_counting_compiled_graphs.py"
+    script.write_text(COUNTING_COMPILED_GRAPHS)
+    p = run(shards, out, nproc, strategy, [*runs.overrides(key), "training.compile=true"], timeout=600,
+            entry=(str(script),), extra_env={"PYTHONPATH": str(REPO)})
+    compiled = [int(line.split(":")[1]) for line in p.stdout.splitlines() if line.startswith("compiled graphs:")]
+    assert len(compiled) == nproc and all(n > 0 for n in compiled), p.stdout[-2000:]
+    got = losses(out)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert [got[s]["batch_fp"] for s in got] == [ref[s]["batch_fp"] for s in got], "different samples"
+    assert got[4]["loss"] == "nan" and got[4]["skipped_steps"] == 1
+    assert max_rel_diff(got, ref, "loss") <= COMPILE_RTOL
+    # the gradient norm: within 1e-4 at every step but the one hypersensitive step of this trajectory (11, see the
+    # module docstring), where eager strategies differ by up to 0.19% and compiled runs measured 0.5-0.8%
+    norm_diffs = sorted(max_rel_diff({s: got[s]}, ref, "grad_norm") for s in got)
+    assert norm_diffs[-2] <= 1e-4 and norm_diffs[-1] <= 2e-2, norm_diffs[-3:]
