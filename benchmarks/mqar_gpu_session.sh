@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/mqar_gpu_session.sh start OUT [sweep flags and overrides...]   # start the sweep detached
 #   bash benchmarks/mqar_gpu_session.sh start OUT [grid A...] --then [grid B...]   # sweeps one after another
-#   bash benchmarks/mqar_gpu_session.sh wait OUT SECONDS PACK [--checkpoints]      # wait, then pack results
+#   bash benchmarks/mqar_gpu_session.sh wait OUT SECONDS PACK [--checkpoints] [--every N]   # wait, pack results
 #
 # `start` runs `python -m pretrain.mqar.sweep --out OUT ...` in its own process session (setsid), so it outlives
 # the command that started it; its output goes to OUT/sweep.log. `--then` separates sweeps (each with its own grid
@@ -18,7 +18,10 @@
 # The lent machine returns at most 8 files per call, each of up to about 16 MiB (so at most 3 runs of d_model 128
 # at seq 2048 cut at once, with two archives): a larger checkpoint goes as parts of
 # MQAR_CKPT_PART_BYTES (15 MiB) named <name>.ckpt.part<i>of<n>, and `start` joins a complete set back into
-# <name>.ckpt (an incomplete set is reported and left alone; the run then starts afresh).
+# <name>.ckpt (an incomplete set is reported and left alone; the run then starts afresh). With --every N, `wait`
+# packs every N seconds until the sweep ends or SECONDS pass, refreshing the archive and the checkpoint copies and
+# removing the copies it made of runs that have finished since: a command the lease cuts at any moment still
+# returns every result so far and the latest checkpoint of every run still going.
 set -euo pipefail
 self="$(realpath "$0")"
 cd "$(dirname "$0")/.."
@@ -33,6 +36,55 @@ alive() {  # a process that exists and is not a zombie left unreaped
   local state
   state="$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)"
   [[ -n "$state" && "$state" != Z ]]
+}
+
+# Pack every result and log (and the sweep's log) into the archive $1, written to a temporary name and renamed; with
+# $2 set, copy each unfinished run's checkpoint beside it (in parts over MQAR_CKPT_PART_BYTES) and remove the copies
+# of checkpoints whose runs have finished, so the folder always holds the latest state of every run still going.
+declare -A copied=()  # checkpoint names pack_results has copied beside PACK in this command
+pack_results() {
+  local pack="$1" checkpoints="$2" dest part_bytes ckpt name size count i part
+  (cd "$out" && find . -maxdepth 1 -type f \( -name '*.json' -o -name '*.log' \) -print0 |
+    tar czf "$pack.tmp" --null -T -)
+  mv "$pack.tmp" "$pack"
+  echo "packed $(tar tzf "$pack" | wc -l) files into $pack"
+  [[ -n "$checkpoints" ]] || return 0
+  # a run replaces its checkpoint by rename, so a copy reads one whole version
+  part_bytes="${MQAR_CKPT_PART_BYTES:-15728640}"
+  dest="$(dirname "$pack")"
+  for ckpt in "$out"/*.ckpt; do
+    [[ -f "$ckpt" ]] || continue
+    name="$(basename "$ckpt")"
+    # a run that ends meanwhile removes its checkpoint: skip it, not the ones after it
+    cp "$ckpt" "$dest/.$name.tmp" 2>/dev/null || { echo "checkpoint $name gone (its run finished)"; continue; }
+    copied[$name]=1
+    size="$(stat -c %s "$dest/.$name.tmp")"
+    if ((size <= part_bytes)); then
+      mv "$dest/.$name.tmp" "$dest/$name"
+      rm -f "$dest/$name".part*of*
+      echo "checkpoint $name copied beside $pack"
+      continue
+    fi
+    count=$(((size + part_bytes - 1) / part_bytes))
+    split -b "$part_bytes" -d -a 3 "$dest/.$name.tmp" "$dest/.$name.split."
+    i=1
+    for part in "$dest/.$name.split."*; do
+      mv "$part" "$dest/$name.part${i}of$count"
+      i=$((i + 1))
+    done
+    rm -f "$dest/.$name.tmp" "$dest/$name"
+    for part in "$dest/$name".part*of*; do  # parts of an earlier copy cut in another number of parts
+      [[ "$part" == *"of$count" ]] || rm -f "$part"
+    done
+    echo "checkpoint $name copied beside $pack in $count parts"
+  done
+  # the copies this command made earlier of runs that have finished since (nothing else beside PACK is touched)
+  for name in "${!copied[@]}"; do
+    [[ -f "$out/$name" ]] && continue
+    rm -f "$dest/$name" "$dest/$name".part*of*
+    unset "copied[$name]"
+    echo "removed the copy of checkpoint $name (its run finished)"
+  done
 }
 
 case "$action" in
@@ -84,45 +136,34 @@ case "$action" in
   wait)
     seconds="${3:?missing SECONDS}"
     pack="${4:?missing PACK}"
-    checkpoints="${5:-}"
-    [[ -z "$checkpoints" || "$checkpoints" == "--checkpoints" ]] || { echo "unknown option '$checkpoints'" >&2; exit 2; }
+    shift 4
+    checkpoints="" every=""
+    while (($#)); do
+      case "$1" in
+        --checkpoints) checkpoints=1 ;;
+        --every)
+          every="${2:-}"
+          [[ "$every" =~ ^[1-9][0-9]*$ ]] || { echo "--every needs a whole number of seconds > 0" >&2; exit 2; }
+          shift ;;
+        *) echo "unknown option '$1'" >&2; exit 2 ;;
+      esac
+      shift
+    done
     pid="$(cat "$out/sweep.pid" 2>/dev/null || cat "$running")"
     end=$((SECONDS + seconds))
-    while alive "$pid" && ((SECONDS < end)); do
-      sleep 5
-    done
-    alive "$pid" && echo "sweep still running after ${seconds}s" || echo "sweep finished"
-    tail -n 40 "$out/sweep.log"
-    (cd "$out" && find . -maxdepth 1 -type f \( -name '*.json' -o -name '*.log' \) -print0 |
-      tar czf "$pack.tmp" --null -T -)
-    mv "$pack.tmp" "$pack"
-    echo "packed $(tar tzf "$pack" | wc -l) files into $pack"
-    if [[ -n "$checkpoints" ]]; then
-      # a run replaces its checkpoint by rename, so a copy reads one whole version
-      part_bytes="${MQAR_CKPT_PART_BYTES:-15728640}"
-      dest="$(dirname "$pack")"
-      for ckpt in "$out"/*.ckpt; do
-        [[ -f "$ckpt" ]] || continue
-        name="$(basename "$ckpt")"
-        # a run that ends meanwhile removes its checkpoint: skip it, not the ones after it
-        cp "$ckpt" "$dest/.$name.tmp" 2>/dev/null || { echo "checkpoint $name gone (its run finished)"; continue; }
-        size="$(stat -c %s "$dest/.$name.tmp")"
-        if ((size <= part_bytes)); then
-          mv "$dest/.$name.tmp" "$dest/$name"
-          echo "checkpoint $name copied beside $pack"
-          continue
-        fi
-        count=$(((size + part_bytes - 1) / part_bytes))
-        split -b "$part_bytes" -d -a 3 "$dest/.$name.tmp" "$dest/.$name.split."
-        i=1
-        for part in "$dest/.$name.split."*; do
-          mv "$part" "$dest/$name.part${i}of$count"
-          i=$((i + 1))
-        done
-        rm "$dest/.$name.tmp"
-        echo "checkpoint $name copied beside $pack in $count parts"
+    while :; do
+      until_pack=$((end - SECONDS))
+      [[ -n "$every" ]] && ((every < until_pack)) && until_pack=$every
+      stop=$((SECONDS + until_pack))
+      while alive "$pid" && ((SECONDS < stop)); do
+        sleep 1
       done
-    fi
+      alive "$pid" && finished="" || finished=1
+      pack_results "$pack" "$checkpoints"
+      [[ -n "$finished" ]] && { echo "sweep finished"; break; }
+      ((SECONDS >= end)) && { echo "sweep still running after ${seconds}s"; break; }
+    done
+    tail -n 40 "$out/sweep.log"
     ;;
   *)
     echo "unknown action '$action' (start | wait)" >&2

@@ -364,6 +364,48 @@ def test_gpu_session_script_runs_a_detached_sweep_and_packs_it(tmp_path):
     assert bad.returncode == 2 and "unknown option '--ckpt'" in bad.stderr and not (packs / "b.tgz").exists()
 
 
+def test_gpu_session_script_packs_every_n_seconds_while_the_sweep_runs(tmp_path):
+    """`wait ... --checkpoints --every N` refreshes the archive and the checkpoint copies every N seconds, so a
+    command the lease cuts at any moment still returns the latest state; a copy of a run that has finished goes,
+    files beside the archive that the command did not copy stay."""
+    fake = tmp_path / "fake_python"  # stands in for the sweep: a run that checkpoints twice, then finishes
+    fake.write_text("#!/usr/bin/env bash\nout=$4\n"
+                    "echo first > \"$out/r.json.ckpt\"; sleep 4\n"
+                    "echo second > \"$out/r.json.ckpt.tmp\"; mv \"$out/r.json.ckpt.tmp\" \"$out/r.json.ckpt\"; sleep 4\n"
+                    "echo '{}' > \"$out/r.json\"; rm \"$out/r.json.ckpt\"\n")
+    fake.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(fake), TMPDIR=str(tmp_path))
+    out, packs = tmp_path / "out", tmp_path / "packs"
+    packs.mkdir()
+    (packs / "kept.json.ckpt").write_text("a checkpoint from another session")
+    assert subprocess.run(["bash", str(SESSION), "start", str(out)], env=env, capture_output=True,
+                          timeout=60).returncode == 0
+    wait = subprocess.Popen(["bash", str(SESSION), "wait", str(out), "60", str(packs / "a.tgz"), "--checkpoints",
+                             "--every", "1"], env=env, stdout=subprocess.PIPE, text=True)
+
+    def copy_reads(text, timeout=15.0):
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            copy = packs / "r.json.ckpt"
+            if (copy.read_text() if copy.exists() else None) == text:
+                return True
+            time.sleep(0.1)
+        return False
+
+    assert copy_reads("first\n") and copy_reads("second\n")
+    stdout, _ = wait.communicate(timeout=60)
+    assert wait.returncode == 0 and "sweep finished" in stdout
+    assert not (packs / "r.json.ckpt").exists() and "removed the copy of checkpoint r.json.ckpt" in stdout
+    assert (packs / "kept.json.ckpt").read_text() == "a checkpoint from another session"
+    import tarfile
+
+    with tarfile.open(packs / "a.tgz") as tar:
+        assert "r.json" in {Path(n).name for n in tar.getnames()}
+    bad = subprocess.run(["bash", str(SESSION), "wait", str(out), "1", str(packs / "b.tgz"), "--every", "0"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--every" in bad.stderr and not (packs / "b.tgz").exists()
+
+
 def test_gpu_session_script_runs_then_separated_sweeps_in_the_order_given(tmp_path):
     """`start OUT A --then B` runs sweep A to its end, then sweep B, into one folder: a short lease spends its time
     on the settings named first."""
