@@ -6,8 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import next_power_of_2
 from ..backend import register_triton_impl
+from ..common import next_power_of_2
 from ..poison import poison
 
 

@@ -10,8 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import cdiv
 from ..backend import register_triton_impl
+from ..common import cdiv
 from ..poison import poison
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import cdiv, next_power_of_2
 from ..backend import register_triton_impl
+from ..common import cdiv, next_power_of_2
 from ..eager_op import eager_function, needs_dispatcher
 from ..poison import poison
 from .config import SHORT_CONV_LAUNCH
@@ -444,6 +444,7 @@ def _backward(ctx, dy, dfinal):
 
 
 _op_fwd.register_autograd(_backward, setup_context=_setup_context)
+# _fwd_impl looked up per call, as the custom op's body does, so both paths run whatever it is bound to
 _eager_fwd = eager_function("ShortConv", lambda *inputs: _fwd_impl(*inputs), _setup_context, _backward)
 
 

@@ -105,6 +105,7 @@ def _backward(ctx, do, dden, dSs, dzs, dSf, dzf, dhc, dhz):
 
 
 _op_fwd.register_autograd(_backward, setup_context=_setup_context)
+# _fwd_impl looked up per call, as the custom op's body does, so both paths run whatever it is bound to
 _eager_fwd = eager_function("ChunkLinearAttention", lambda *inputs: _fwd_impl(*inputs), _setup_context, _backward)
 
 
