@@ -16,12 +16,14 @@ from typing import Callable
 import torch
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+# how many TorchDispatchModes are active; a torch without this private query always takes the custom op
+_dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 1)
 
 
 def needs_dispatcher(*tensors) -> bool:
     """True where a kernel call must go through its custom op: under torch.compile, inside any TorchDispatchMode
     (selective checkpointing, FakeTensorMode, FlopCounterMode, tracing) or for tensor subclasses."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+    if torch.compiler.is_compiling() or _dispatch_modes() > 0:
         return True
     return any(t is not None and type(t) not in _PLAIN for t in tensors)
 
