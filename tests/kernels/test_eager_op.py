@@ -77,9 +77,9 @@ def _attention_call(kind, packed, with_state):
     return run
 
 
-@pytest.mark.parametrize("kind", ["rebased", "based"])
-@pytest.mark.parametrize("packed,with_state", [(False, False), (False, True), (True, True)],
-                         ids=["dense", "dense_states", "packed_states"])
+@pytest.mark.parametrize("kind,packed,with_state", [("rebased", False, False), ("based", False, True),
+                                                     ("rebased", True, True)],
+                         ids=["rebased_dense", "based_dense_states", "rebased_packed_states"])
 def test_attention_shortcut_is_bit_identical(monkeypatch, kind, packed, with_state):
     run = _attention_call(kind, packed, with_state)
     shortcut = run()
