@@ -62,17 +62,6 @@ def launches_stubbed():
         yield
 
 
-@contextlib.contextmanager
-def through_dispatcher():
-    """Every kernel call takes its custom op, as under a dispatch mode (the path before the eager shortcut)."""
-    from kernels.linear_attention.triton_chunk import ops as attention_ops
-    from kernels.short_conv import triton_ops as short_conv_ops
-
-    with _patched([(module, "needs_dispatcher", lambda *tensors: True)
-                   for module in (attention_ops, short_conv_ops)]):
-        yield
-
-
 def per_call_us(fn, calls: int, repeats: int = 5) -> float:
     for _ in range(10):
         fn()
@@ -86,6 +75,8 @@ def per_call_us(fn, calls: int, repeats: int = 5) -> float:
 
 
 def _timed(forward, forward_backward, calls: int) -> dict:
+    from kernels.eager_op import through_dispatcher
+
     row = {}
     with launches_stubbed():
         for path, context in (("eager", contextlib.nullcontext), ("dispatcher", through_dispatcher)):

@@ -11,6 +11,7 @@ the difference, the custom op runs.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -18,12 +19,26 @@ import torch
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 # how many TorchDispatchModes are active; a torch without this private query always takes the custom op
 _dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 1)
+_always_dispatcher = False
+
+
+@contextlib.contextmanager
+def through_dispatcher():
+    """Every kernel call takes its custom op for the duration: the path before the shortcut, for benchmarks and
+    tests that compare the two."""
+    global _always_dispatcher
+    saved, _always_dispatcher = _always_dispatcher, True
+    try:
+        yield
+    finally:
+        _always_dispatcher = saved
 
 
 def needs_dispatcher(*tensors) -> bool:
     """True where a kernel call must go through its custom op: under torch.compile, inside any TorchDispatchMode
-    (selective checkpointing, FakeTensorMode, FlopCounterMode, tracing) or for tensor subclasses."""
-    if torch.compiler.is_compiling() or _dispatch_modes() > 0:
+    (selective checkpointing, FakeTensorMode, FlopCounterMode, tracing), for tensor subclasses, or inside
+    :func:`through_dispatcher`."""
+    if _always_dispatcher or torch.compiler.is_compiling() or _dispatch_modes() > 0:
         return True
     return any(t is not None and type(t) not in _PLAIN for t in tensors)
 
@@ -39,6 +54,6 @@ def eager_function(name: str, impl: Callable, setup_context: Callable, backward:
 
     function = type(name, (torch.autograd.Function,), {
         "forward": staticmethod(forward),
-        "backward": staticmethod(lambda ctx, *grads: backward(ctx, *grads)),
+        "backward": staticmethod(backward),
     })
     return function.apply

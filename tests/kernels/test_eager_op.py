@@ -16,14 +16,6 @@ from kernels.short_conv import triton_ops as short_conv_ops  # noqa: E402
 from pretrain.training.activation_checkpointing import _selective_context  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-MODULES = (attention_ops, short_conv_ops)
-
-
-def _force_dispatcher(monkeypatch):
-    for module in MODULES:
-        monkeypatch.setattr(module, "needs_dispatcher", lambda *tensors: True)
-
-
 def _forbid_shortcut(monkeypatch):
     def refuse(*args):
         raise AssertionError("the eager shortcut ran where the custom op must")
@@ -49,6 +41,9 @@ def test_needs_dispatcher():
         assert eager_op.needs_dispatcher(x)
     assert eager_op.needs_dispatcher(x, x.as_subclass(_Subclass))
     assert torch.compile(lambda t: t + eager_op.needs_dispatcher(t), backend="eager", fullgraph=True)(x).eq(2).all()
+    with eager_op.through_dispatcher():
+        assert eager_op.needs_dispatcher(x)
+    assert not eager_op.needs_dispatcher(x)
 
 
 def _attention_call(kind, packed, with_state):
@@ -80,11 +75,11 @@ def _attention_call(kind, packed, with_state):
 @pytest.mark.parametrize("kind,packed,with_state", [("rebased", False, False), ("based", False, True),
                                                      ("rebased", True, True)],
                          ids=["rebased_dense", "based_dense_states", "rebased_packed_states"])
-def test_attention_shortcut_is_bit_identical(monkeypatch, kind, packed, with_state):
+def test_attention_shortcut_is_bit_identical(kind, packed, with_state):
     run = _attention_call(kind, packed, with_state)
     shortcut = run()
-    _force_dispatcher(monkeypatch)
-    through_op = run()
+    with eager_op.through_dispatcher():
+        through_op = run()
     assert len(shortcut) == len(through_op)
     for a, b in zip(shortcut, through_op):
         assert torch.equal(a, b)
@@ -109,11 +104,11 @@ def _short_conv_call(with_cache):
 
 
 @pytest.mark.parametrize("with_cache", [False, True], ids=["no_cache", "cache"])
-def test_short_conv_shortcut_is_bit_identical(monkeypatch, with_cache):
+def test_short_conv_shortcut_is_bit_identical(with_cache):
     run = _short_conv_call(with_cache)
     shortcut = run()
-    _force_dispatcher(monkeypatch)
-    through_op = run()
+    with eager_op.through_dispatcher():
+        through_op = run()
     for a, b in zip(shortcut, through_op):
         assert torch.equal(a, b)
 

@@ -35,14 +35,6 @@ def test_measure_times_both_paths():
         assert all(row[f"{part}_us_{path}"] > 0 for part in ("fwd", "fwd_bwd") for path in ("eager", "dispatcher"))
 
 
-def test_through_dispatcher_is_undone():
-    from kernels.linear_attention.triton_chunk import ops
-
-    with host_path.through_dispatcher():
-        assert ops.needs_dispatcher() and short_conv_ops.needs_dispatcher()
-    assert not ops.needs_dispatcher() and not short_conv_ops.needs_dispatcher()
-
-
 def test_grid_arithmetic_matches_triton():
     """kernels.common's cdiv / next_power_of_2 size the launch grids in place of Triton's wrapped versions."""
     import triton

@@ -120,7 +120,7 @@ def _bwd_impl(q, k, v, o, den, S_start, z_start, hc, hz, do, dSf, dzf, cu_seqlen
     if normalize:
         bt = 64
         _h_kernel[(cdiv(total * h, bt),)](do, o, den, hbuf, total * h, eps, DV=dv,
-                                                 DVP=max(16, next_power_of_2(dv)), BT=bt, num_warps=4)
+                                          DVP=max(16, next_power_of_2(dv)), BT=bt, num_warps=4)
     # the reverse segment starts (dL/dS from the later segments and the final state's gradient) and dL/dS_initial
     has_rstart = max_per_doc > 1 or dSf is not None
     R_start = torch.empty(ns_max if has_rstart or has_init else 0, h, ft, dv, dtype=_state_dtype(q.dtype),
