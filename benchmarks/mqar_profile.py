@@ -8,8 +8,8 @@
 ``profile`` builds the run exactly as ``python -m pretrain.mqar`` does (compiled body, fused LM head + loss),
 warms it up, then records ``--steps`` optimizer steps with torch.profiler and prints the CUDA time per kernel
 (ms per optimizer step, grouped by name) and the share of the step. ``attention`` times the op alone (batch 256 ×
-2048 tokens × 12 heads, feature dim 16, value heads of 10, bf16 unless a variant sets "dtype"), each variant in its
-own process. ``head`` times the three matmuls of the fused LM head (logits, hidden and weight gradients) of one
+2048 tokens × 12 heads, feature dim 16, value heads of 10 and bf16 unless a variant sets "dv" or "dtype"), each
+variant in its own process. ``head`` times the three matmuls of the fused LM head (logits, hidden and weight gradients) of one
 chunk of query rows at the setting's d_model, vocabulary 8192, in IEEE fp32 (cuBLAS, TF32 off), 3xTF32
 (``kernels.matmul_tf32x3``), TF32 and bf16 (cuBLAS), with each one's relative error against float64.
 """
@@ -94,14 +94,16 @@ def attention_one(tuning: dict) -> dict:
     import kernels
     from kernels.linear_attention.triton_chunk import CHUNK_LAUNCH
 
-    # this process runs one variant: a dict of ChunkLaunchConfig knobs, and "dtype" (bfloat16 unless given)
+    # this process runs one variant: a dict of ChunkLaunchConfig knobs, "dtype" (bfloat16 unless given) and "dv"
+    # (the value-head width: 10 unless given; the MQAR models' floor(d_model / 12))
     tuning = dict(tuning)
     dtype = getattr(torch, tuning.pop("dtype", "bfloat16"))
+    dv = tuning.pop("dv", 10)
     CHUNK_LAUNCH.update(**tuning)
-    out = {"tuning": tuning, "dtype": str(dtype)[6:]}
+    out = {"tuning": tuning, "dtype": str(dtype)[6:], "dv": dv}
     for kind in ("rebased", "based"):
         fn = kernels.rebased_attention if kind == "rebased" else kernels.based_attention
-        q, k, v, do = _inputs(256, 2048, 12, 10, dtype)
+        q, k, v, do = _inputs(256, 2048, 12, dv, dtype)
 
         def step():
             o, _ = fn(q, k, v, backend="triton")
