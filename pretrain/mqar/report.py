@@ -75,7 +75,7 @@ def load_results(dirs, log=print, field: str = "best_accuracy", arms: list[str] 
     would replace the other as a duplicate."""
     chosen: dict[tuple, tuple[Path, dict]] = {}
     seen_arms: Counter = Counter()  # before duplicates are dropped: a bf16 copy of an fp32 run is another arm
-    for path, result in iter_results(*dirs):
+    for path, result in iter_results(*dirs, log=lambda message: log(f"report: {message}")):
         try:
             key = setting_key(result)
         except (KeyError, TypeError, ValueError):

@@ -47,7 +47,7 @@ from pathlib import Path
 from pretrain.config import ConfigError, dotted_keys, parse_override, to_dict
 from pretrain.mqar.config import REPO_ROOT, format_lr, load_mqar_config, setting_name
 from pretrain.mqar.estimate import measured_epoch_times, order_cheapest_first, print_estimate
-from pretrain.mqar.results import read_result
+from pretrain.mqar.results import check_result, read_result
 
 DEFAULT_CONFIG = "configs/mqar/base.yaml"
 DEFAULT_MIXERS = ("rebased", "based")
@@ -140,6 +140,7 @@ class SettingStatus:
     state: str  # done | pending | stale | failed (pending, and the last attempt exited non-zero)
     result: dict | None = None
     differences: list[str] | None = None
+    damaged: str | None = None  # a result file that is there but not a complete result: what is wrong with it
 
 
 class Sweep:
@@ -180,7 +181,7 @@ class Sweep:
             self.expected_config(setting)
 
     def status(self, setting: Setting) -> SettingStatus:
-        result = read_result(result_path(self.out_dir, setting))
+        result, damaged = check_result(result_path(self.out_dir, setting))
         if result is not None:
             found, found_model = result.get("config"), result.get("model_config")
             diffs = config_differences(self.expected_config(setting), found) if isinstance(found, dict) else []
@@ -191,7 +192,7 @@ class Sweep:
                 return SettingStatus(setting, "stale", result, diffs)
             return SettingStatus(setting, "done", result)
         rc = last_exit_code(log_path(self.out_dir, setting))
-        return SettingStatus(setting, "failed" if rc not in (None, 0) else "pending")
+        return SettingStatus(setting, "failed" if rc not in (None, 0) else "pending", damaged=damaged)
 
     def statuses(self) -> list[SettingStatus]:
         return [self.status(s) for s in self.settings]
@@ -514,6 +515,10 @@ def main(argv=None) -> int:
         return 2
 
     statuses = sweep.statuses()
+    for st in statuses:
+        if st.damaged:
+            print(f"warning: {st.damaged}: setting #{st.setting.index} counts as not done and runs again",
+                  file=sys.stderr)
     train_cfg = load_mqar_config(sweep.config, list(sweep.overrides)).train
 
     def epoch_times():  # reads every result and speed table: only for the estimate and the order that use it

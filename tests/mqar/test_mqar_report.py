@@ -178,6 +178,17 @@ def test_a_result_without_a_number_for_the_metric_is_skipped(tmp_path):
     assert len(load_results([tmp_path], log=lambda m: None, field="final_accuracy")) == 1
 
 
+def test_a_damaged_result_file_is_named_where_it_breaks(results):
+    """A torn or edited result is not silently dropped from the table: the report names the file and the place
+    the JSON breaks. Another kind of JSON beside the results (notes, summaries) is no problem."""
+    runs, _ = results
+    messages = []
+    load_results([runs], log=messages.append)
+    torn = [m for m in messages if "torn.json" in m]
+    assert len(torn) == 1 and f"{runs / 'torn.json'}: not valid JSON (" in torn[0] and "line 1 column" in torn[0]
+    assert not any("sweep_notes.json" in m for m in messages)
+
+
 def test_micro_batch_sizes_are_execution_not_protocol(tmp_path):
     """The micro-batch follows the sequence length (seq 2048 takes 256 sequences, shorter ones 512) and leaves the
     batch-mean loss the same: runs that differ only there follow one protocol, and the sizes are listed apart."""

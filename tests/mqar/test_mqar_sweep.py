@@ -123,11 +123,16 @@ def test_real_runs_skip_finished_settings(tmp_path, capsys):
     done_path = write_done(sweep, 1)
     done_bytes = done_path.read_bytes()
     torn = result_path(out, sweep.settings[2])
-    torn.write_text('{"schema": "mqar-result/1", "best_acc')  # an interrupted write: not a result
+    torn.write_text('{"schema": "mqar-result/1", "best_acc')  # a damaged file: not a result, and said so
+    damaged = sweep.status(sweep.settings[2]).damaged
+    assert damaged.startswith(f"{torn}: not valid JSON (") and "line 1 column" in damaged, damaged
+    assert sweep.status(sweep.settings[0]).damaged is None, "a missing result is no damage"
     assert dry_run_states(out, capsys) == ["pending", "done", "pending"]
 
     assert main(["--out", str(out), *GRID, "train.max_steps=1", "--workers", "2"]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert f"warning: {torn}: not valid JSON" in captured.err and "setting #2 counts as not done" in captured.err
+    printed = captured.out
     assert "3 settings, 1 done, 2 to run on 2 CPU worker(s)" in printed
     assert "2 finished, 0 failed, 1 were already done" in printed
     assert done_path.read_bytes() == done_bytes, "a finished setting is not run again"
