@@ -148,6 +148,14 @@ def test_tuning_variants(kind, tuning):
     run_case(kind, 2, 37, 2, 32, torch.float32, init=True, final=True, chunk=16, seg=16)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_chunks_of_128_across_chunks(kind):
+    """Chunks of 128 (a launch knob above the default clamp of 64, spill-free with 8 x 8 tiles): three chunks, the
+    last one partial, at an MQAR value-head width, with initial and final states."""
+    CHUNK_LAUNCH.update(chunk=128, tile=8, warps_out=8, warps_grad=8, warps_state=4)
+    run_case(kind, 1, 300, 2, 10, torch.bfloat16, init=True, final=True, chunk=128)
+
+
 @pytest.mark.skipif(not _HAS_CUDA, reason="3xTF32 products need tensor cores (the interpreter uses fp32)")
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dv", [5, 10, 64])
