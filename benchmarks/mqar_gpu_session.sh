@@ -4,6 +4,7 @@
 #   bash benchmarks/mqar_gpu_session.sh start OUT [sweep flags and overrides...]   # start the sweep detached
 #   bash benchmarks/mqar_gpu_session.sh start OUT [grid A...] --then [grid B...]   # sweeps one after another
 #   bash benchmarks/mqar_gpu_session.sh wait OUT SECONDS PACK [--checkpoints] [--every N]   # wait, pack results
+#   bash benchmarks/mqar_gpu_session.sh machine FILE     # what ran: the GPUs, driver, torch and triton, the date
 #
 # `start` runs `python -m pretrain.mqar.sweep --out OUT ...` in its own process session (setsid), so it outlives
 # the command that started it; its output goes to OUT/sweep.log. `--then` separates sweeps (each with its own grid
@@ -26,7 +27,7 @@ set -euo pipefail
 self="$(realpath "$0")"
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
-action="${1:?usage: $0 start OUT [sweep args...] | wait OUT SECONDS PACK}"
+action="${1:?usage: $0 start OUT [sweep args...] | wait OUT SECONDS PACK | machine FILE}"
 out="${2:?missing OUT}"
 # The sweep's pid is also kept outside OUT: a device tool that carries OUT in replaces the folder, pid file included,
 # while the sweep an earlier call started on the same (warm) machine still runs and writes into it
@@ -88,6 +89,17 @@ pack_results() {
 }
 
 case "$action" in
+  machine)  # the record a results README quotes: GPU name, driver and memory, torch and triton, the date (UTC)
+    {
+      if command -v nvidia-smi >/dev/null; then
+        nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || true
+      else
+        echo "no nvidia-smi"
+      fi
+      "$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" 2>&1 || true
+      date -u
+    } >"$out"
+    ;;
   start)
     shift 2
     if [[ -f "$running" ]] && alive "$(cat "$running")"; then
@@ -166,7 +178,7 @@ case "$action" in
     tail -n 40 "$out/sweep.log"
     ;;
   *)
-    echo "unknown action '$action' (start | wait)" >&2
+    echo "unknown action '$action' (start | wait | machine)" >&2
     exit 2
     ;;
 esac

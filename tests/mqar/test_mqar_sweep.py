@@ -315,6 +315,18 @@ def test_cheapest_first_starts_the_shortest_estimated_epochs(tmp_path, fake_runs
 SESSION = Path(__file__).resolve().parents[2] / "benchmarks" / "mqar_gpu_session.sh"
 
 
+def test_gpu_session_script_records_the_machine(tmp_path):
+    """`machine FILE` writes what a results README quotes, and a missing GPU tool does not fail the session."""
+    import torch
+
+    record = tmp_path / "gpu.txt"
+    done = subprocess.run(["bash", str(SESSION), "machine", str(record)], env=dict(os.environ, PYTHON=sys.executable),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = record.read_text().splitlines()
+    assert f"torch {torch.__version__} triton " in "\n".join(lines) and lines[-1].endswith(time.strftime("%Y")), lines
+
+
 def test_gpu_session_script_runs_a_detached_sweep_and_packs_it(tmp_path):
     """`start` runs the sweep detached; `wait` packs results and logs (never checkpoints) into one archive and, with
     --checkpoints, copies each unfinished run's checkpoint beside it so the next machine can resume the run."""

@@ -25,11 +25,7 @@ if [[ "$action" == variants ]]; then
 fi
 seconds="${2:?SECONDS}"
 if [[ "$action" == start ]]; then
-  {
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-    python -c "import torch, triton; print(torch.__version__, triton.__version__)"
-    date -u
-  } >"$OUT/gpu.txt" 2>&1
+  bash $S machine "$OUT/gpu.txt"
   grid="--gpus 0 train.precision=bf16"
   # shellcheck disable=SC2086
   bash $S start runs/s --mixers rebased --d-models 64 --seq-lens 1024 --lrs 1e-2 $grid \
