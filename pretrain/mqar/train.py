@@ -45,7 +45,7 @@ from pretrain.mqar.config import MQARConfig
 from pretrain.mqar.data import IGNORE_INDEX, MQARSplit, load_mqar
 from pretrain.atomic import write_bytes_atomic, write_json_atomic
 from pretrain.mqar.results import SCHEMA
-from pretrain.mqar.sweep import result_relevant_config
+from pretrain.mqar.sweep import config_differences, result_relevant_config
 from pretrain.training.metrics import init_wandb
 
 CHECKPOINT_VERSION = 1
@@ -240,8 +240,11 @@ class MQARRun:
             state = torch.load(path, map_location="cpu", weights_only=False)
             if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
                 raise ValueError("not an MQAR run checkpoint of this version")
-            if state.get("config") != self._checkpoint_config():
-                self.log(f"mqar: {path} was saved by a run with another config; starting afresh")
+            saved, now = state.get("config"), self._checkpoint_config()
+            if saved != now:
+                diffs = config_differences(now, saved) if isinstance(saved, dict) else ["no config recorded"]
+                listed = "; ".join(diffs[:5]) + (f"; and {len(diffs) - 5} more" if len(diffs) > 5 else "")
+                self.log(f"mqar: {path} was saved by a run with another config ({listed}); starting afresh")
                 return None
             self._check_checkpoint(state)
         except Exception as e:  # a torn or foreign file: the run starts afresh and overwrites it

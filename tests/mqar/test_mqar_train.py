@@ -127,6 +127,17 @@ def test_a_checkpoint_of_another_config_or_a_torn_file_is_not_used(tmp_path, one
     assert read_result(out)["time"]["attempts"] == 1
 
 
+def test_a_checkpoint_of_another_config_is_not_used_and_the_difference_is_named(tmp_path, one_thread, capsys,
+                                                                                  monkeypatch):
+    out = tmp_path / "r.json"
+    _killed_after_epoch_2(out, SHORT, monkeypatch)
+    capsys.readouterr()
+    assert mqar_main(["--config", str(TINY), *SHORT, "train.lr=3e-3", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"{out}.ckpt was saved by a run with another config (train.lr: 0.01 -> 0.003); starting afresh" in printed
+    assert "resuming from" not in printed and read_result(out)["epochs_run"] == 3
+
+
 def test_a_second_run_of_the_same_output_is_refused_while_the_first_runs(tmp_path, one_thread, capsys):
     """Two processes on one setting would resume from and overwrite one checkpoint; the second exits with 2."""
     import fcntl
