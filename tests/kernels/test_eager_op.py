@@ -16,6 +16,8 @@ from kernels.short_conv import triton_ops as short_conv_ops  # noqa: E402
 from pretrain.training.activation_checkpointing import _selective_context  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _forbid_shortcut(monkeypatch):
     def refuse(*args):
         raise AssertionError("the eager shortcut ran where the custom op must")
