@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The next MQAR device session (prepared 2026-12-06; rename this folder to the date it runs). bf16 like the
+# The MQAR device session of 2026-12-06 (afternoon, the fifth of that date). bf16 like the
 # settings already run, one run at a time, in this order:
 #   1. ReBased, d_model 64, seq 1024, lr 1e-2 to the end (cut at epoch 22 on 2026-12-04 at 0.245 and rising: is
 #      the paper's ≈ 0.55 at this point a matter of the lr our best-of-two-lrs table lacks?);
