@@ -9,9 +9,9 @@
 # `start` runs `python -m pretrain.mqar.sweep --out OUT ...` in its own process session (setsid), so it outlives
 # the command that started it; its output goes to OUT/sweep.log. `--then` separates sweeps (each with its own grid
 # flags and overrides) that run one after another into OUT, in the order given: the way to say which settings a
-# short lease spends its time on first. Any result JSON already under
-# benchmarks/results/mqar/seed_results/ for the same grid is copied into OUT first (the sweep skips settings whose
-# result exists and was made with the same config). `wait` sleeps until the sweep ends or SECONDS pass, then packs
+# short lease spends its time on first. Every result JSON under benchmarks/results/mqar/seed_results/ that OUT lacks
+# is copied into OUT first (a sweep skips the settings of its grid whose result exists and was made with the same
+# config; results outside its grid are left alone, and are packed with the rest). `wait` sleeps until the sweep ends or SECONDS pass, then packs
 # every result, every log and the sweep's own log into the archive PACK, written to a temporary name and renamed, so
 # an archive is never half-written. With --checkpoints, each unfinished run's per-epoch checkpoint (OUT/<setting>.ckpt,
 # a few MB at d_model 64) is also copied beside PACK, one file each, so that a run cut by the machine's lease resumes
