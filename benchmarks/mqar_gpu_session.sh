@@ -4,6 +4,8 @@
 #   bash benchmarks/mqar_gpu_session.sh start OUT [sweep flags and overrides...]   # start the sweep detached
 #   bash benchmarks/mqar_gpu_session.sh start OUT [grid A...] --then [grid B...]   # sweeps one after another
 #   bash benchmarks/mqar_gpu_session.sh wait OUT SECONDS PACK [--checkpoints] [--every N]   # wait, pack results
+#   bash benchmarks/mqar_gpu_session.sh go OUT SECONDS PACK [--checkpoints] [--every N] [--from DIR] -- [sweep args...]
+#   bash benchmarks/mqar_gpu_session.sh collect FETCHED DIR  # here, after a call: what came back into DIR, for --from
 #   bash benchmarks/mqar_gpu_session.sh machine FILE     # what ran: the GPUs, driver, torch and triton, the date
 #
 # `start` runs `python -m pretrain.mqar.sweep --out OUT ...` in its own process session (setsid), so it outlives
@@ -23,6 +25,14 @@
 # packs every N seconds until the sweep ends or SECONDS pass, refreshing the archive and the checkpoint copies and
 # removing the copies it made of runs that have finished since: a command the lease cuts at any moment still
 # returns every result so far and the latest checkpoint of every run still going.
+#
+# `go` is the one command to repeat while a lease lasts: if a sweep an earlier call started into OUT still runs on
+# this machine it waits for it, like `wait`; otherwise (a fresh machine, the last one having been taken back) it first
+# copies the results, logs and checkpoints of DIR that OUT lacks into OUT, starts the sweep given after `--`, and
+# waits. Carry DIR (never OUT: carrying OUT in would replace it under a running sweep) and refresh it here after every
+# call with `collect FETCHED DIR`: it unpacks each archive the call brought back into DIR, copies the checkpoints
+# beside them, and drops the checkpoints of runs whose result DIR now holds. `wait` on a machine where no sweep was
+# started into OUT says so and exits 4.
 set -euo pipefail
 self="$(realpath "$0")"
 cd "$(dirname "$0")/.."
@@ -88,6 +98,92 @@ pack_results() {
   done
 }
 
+# The pid of the sweep an earlier call started into OUT on this machine, or nothing (a fresh machine). The record
+# outside OUT comes first: carrying OUT in replaces OUT/sweep.pid, and a pid file carried from another machine names
+# an unrelated process.
+sweep_pid() {
+  cat "$running" 2>/dev/null || cat "$out/sweep.pid" 2>/dev/null || true
+}
+
+# Start the sweeps "$@" (--then-separated) detached into OUT; exit 3 if one an earlier call started still runs.
+start_sweep() {
+  local first ckpt count parts i seed
+  if [[ -f "$running" ]] && alive "$(cat "$running")"; then
+    echo "a sweep into $out from an earlier call is still running (pid $(cat "$running")): 'wait' for it, or stop" \
+      "it first; two would train the same settings into the same files" >&2
+    exit 3
+  fi
+  mkdir -p "$out"
+  for first in "$out"/*.ckpt.part1of*; do  # checkpoints brought back in parts
+    [[ -f "$first" ]] || continue
+    ckpt="${first%.part1of*}"
+    count="${first##*.part1of}"
+    parts=()
+    for ((i = 1; i <= count; i++)); do parts+=("$ckpt.part${i}of$count"); done
+    if ls "${parts[@]}" >/dev/null 2>&1; then
+      cat "${parts[@]}" >"$ckpt.tmp" && mv "$ckpt.tmp" "$ckpt" && rm -f "${parts[@]}"
+      echo "joined $count parts into $ckpt"
+    else
+      echo "incomplete parts of $ckpt (want $count): not joined" >&2
+    fi
+  done
+  for seed in benchmarks/results/mqar/seed_results/*.json; do  # never over a result already in OUT
+    [[ -f "$seed" && ! -e "$out/$(basename "$seed")" ]] && cp "$seed" "$out"/
+  done
+  export PYTHONUNBUFFERED=1
+  setsid nohup bash "$self" sweeps "$out" "$@" >"$out/sweep.log" 2>&1 </dev/null &
+  echo "$!" >"$out/sweep.pid"
+  echo "$!" >"$running"
+  echo "sweep started (pid $(cat "$out/sweep.pid")); log: $out/sweep.log"
+}
+
+# Wait up to SECONDS for the sweep PID, packing into PACK (every $every seconds if set, and at the end).
+wait_sweep() {
+  local pid="$1" seconds="$2" pack="$3" end until_pack stop finished
+  end=$((SECONDS + seconds))
+  while :; do
+    until_pack=$((end - SECONDS))
+    [[ -n "$every" ]] && ((every < until_pack)) && until_pack=$every
+    stop=$((SECONDS + until_pack))
+    while alive "$pid" && ((SECONDS < stop)); do
+      sleep 1
+    done
+    alive "$pid" && finished="" || finished=1
+    pack_results "$pack" "$checkpoints"
+    [[ -n "$finished" ]] && { echo "sweep finished"; break; }
+    ((SECONDS >= end)) && { echo "sweep still running after ${seconds}s"; break; }
+  done
+  tail -n 40 "$out/sweep.log"
+}
+
+# The options of `wait` and `go`; sets checkpoints, every, from and rest (what follows `--`, for `go`).
+checkpoints="" every="" from=""
+rest=()
+parse_wait_options() {
+  local allow_from="$1"
+  shift
+  while (($#)); do
+    case "$1" in
+      --checkpoints) checkpoints=1 ;;
+      --every)
+        every="${2:-}"
+        [[ "$every" =~ ^[1-9][0-9]*$ ]] || { echo "--every needs a whole number of seconds > 0" >&2; exit 2; }
+        shift ;;
+      --from)
+        [[ -n "$allow_from" ]] || { echo "unknown option '$1'" >&2; exit 2; }
+        from="${2:?--from needs a folder}"
+        shift ;;
+      --)
+        [[ -n "$allow_from" ]] || { echo "unknown option '$1'" >&2; exit 2; }
+        shift
+        rest=("$@")
+        return ;;
+      *) echo "unknown option '$1'" >&2; exit 2 ;;
+    esac
+    shift
+  done
+}
+
 case "$action" in
   machine)  # the record a results README quotes: GPU name, driver and memory, torch and triton, the date (UTC)
     {
@@ -102,33 +198,7 @@ case "$action" in
     ;;
   start)
     shift 2
-    if [[ -f "$running" ]] && alive "$(cat "$running")"; then
-      echo "a sweep into $out from an earlier call is still running (pid $(cat "$running")): 'wait' for it, or stop" \
-        "it first; two would train the same settings into the same files" >&2
-      exit 3
-    fi
-    mkdir -p "$out"
-    for first in "$out"/*.ckpt.part1of*; do  # checkpoints brought back in parts
-      [[ -f "$first" ]] || continue
-      ckpt="${first%.part1of*}"
-      count="${first##*.part1of}"
-      parts=()
-      for ((i = 1; i <= count; i++)); do parts+=("$ckpt.part${i}of$count"); done
-      if ls "${parts[@]}" >/dev/null 2>&1; then
-        cat "${parts[@]}" >"$ckpt.tmp" && mv "$ckpt.tmp" "$ckpt" && rm -f "${parts[@]}"
-        echo "joined $count parts into $ckpt"
-      else
-        echo "incomplete parts of $ckpt (want $count): not joined" >&2
-      fi
-    done
-    for seed in benchmarks/results/mqar/seed_results/*.json; do  # never over a result already in OUT
-      [[ -f "$seed" && ! -e "$out/$(basename "$seed")" ]] && cp "$seed" "$out"/
-    done
-    export PYTHONUNBUFFERED=1
-    setsid nohup bash "$self" sweeps "$out" "$@" >"$out/sweep.log" 2>&1 </dev/null &
-    echo "$!" >"$out/sweep.pid"
-    echo "$!" >"$running"
-    echo "sweep started (pid $(cat "$out/sweep.pid")); log: $out/sweep.log"
+    start_sweep "$@"
     ;;
   sweeps)  # what `start` runs detached: each --then-separated sweep in turn; the exit code is the last failure's
     shift 2
@@ -149,36 +219,71 @@ case "$action" in
     seconds="${3:?missing SECONDS}"
     pack="${4:?missing PACK}"
     shift 4
-    checkpoints="" every=""
-    while (($#)); do
-      case "$1" in
-        --checkpoints) checkpoints=1 ;;
-        --every)
-          every="${2:-}"
-          [[ "$every" =~ ^[1-9][0-9]*$ ]] || { echo "--every needs a whole number of seconds > 0" >&2; exit 2; }
-          shift ;;
-        *) echo "unknown option '$1'" >&2; exit 2 ;;
-      esac
-      shift
+    parse_wait_options "" "$@"
+    pid="$(sweep_pid)"
+    if [[ -z "$pid" ]]; then
+      echo "no sweep was started into $out on this machine (a fresh machine, the last one taken back?): 'start'" \
+        "it again, or use 'go', with the latest results and checkpoints" >&2
+      exit 4
+    fi
+    wait_sweep "$pid" "$seconds" "$pack"
+    ;;
+  go)
+    seconds="${3:?missing SECONDS}"
+    pack="${4:?missing PACK}"
+    shift 4
+    parse_wait_options 1 "$@"
+    pid="$(sweep_pid)"
+    if [[ -n "$pid" ]] && alive "$pid"; then
+      echo "the sweep an earlier call started is still running (pid $pid): waiting for it"
+    else
+      if [[ -n "$from" ]]; then
+        [[ -d "$from" ]] || { echo "--from: no folder '$from'" >&2; exit 2; }
+        [[ "$(realpath "$from")" != "$(realpath -m "$out")" ]] || { echo "--from must not be OUT itself" >&2; exit 2; }
+        mkdir -p "$out"
+        for file in "$from"/*.json "$from"/*.log "$from"/*.ckpt "$from"/*.ckpt.part*of*; do
+          [[ -f "$file" && "$(basename "$file")" != sweep.log ]] || continue
+          [[ -e "$out/$(basename "$file")" ]] && continue  # what OUT holds is at least as new
+          cp "$file" "$out"/
+          echo "brought $(basename "$file") from $from"
+        done
+      fi
+      start_sweep "${rest[@]}"
+      pid="$(sweep_pid)"
+    fi
+    wait_sweep "$pid" "$seconds" "$pack"
+    ;;
+  collect)  # here, after a call: FETCHED is the call's files folder, DIR the folder `go --from` carries
+    dir="${3:?missing DIR}"
+    [[ -d "$out" ]] || { echo "collect: no folder '$out'" >&2; exit 2; }
+    mkdir -p "$dir"
+    for archive in "$out"/*.tgz; do
+      [[ -f "$archive" ]] || continue
+      tar xzf "$archive" -C "$dir" --exclude sweep.log
+      echo "unpacked $(tar tzf "$archive" | wc -l) files of $(basename "$archive") into $dir"
     done
-    pid="$(cat "$out/sweep.pid" 2>/dev/null || cat "$running")"
-    end=$((SECONDS + seconds))
-    while :; do
-      until_pack=$((end - SECONDS))
-      [[ -n "$every" ]] && ((every < until_pack)) && until_pack=$every
-      stop=$((SECONDS + until_pack))
-      while alive "$pid" && ((SECONDS < stop)); do
-        sleep 1
-      done
-      alive "$pid" && finished="" || finished=1
-      pack_results "$pack" "$checkpoints"
-      [[ -n "$finished" ]] && { echo "sweep finished"; break; }
-      ((SECONDS >= end)) && { echo "sweep still running after ${seconds}s"; break; }
+    fetched=("$out"/*.ckpt "$out"/*.ckpt.part*of*)
+    for file in "${fetched[@]}"; do  # an older copy goes first, whole or in parts, whatever form the new one has
+      [[ -f "$file" ]] || continue
+      name="$(basename "$file")"
+      rm -f "$dir/${name%%.ckpt*}.ckpt" "$dir/${name%%.ckpt*}.ckpt".part*of*
     done
-    tail -n 40 "$out/sweep.log"
+    for file in "${fetched[@]}"; do
+      [[ -f "$file" ]] || continue
+      cp "$file" "$dir"/
+      chmod u+w "$dir/$(basename "$file")"
+      echo "checkpoint $(basename "$file") copied into $dir"
+    done
+    for ckpt in "$dir"/*.ckpt "$dir"/*.ckpt.part*of*; do  # a run whose result has come back needs no checkpoint
+      [[ -f "$ckpt" ]] || continue
+      result="${ckpt%%.ckpt*}"
+      [[ -f "$result" ]] || continue
+      rm -f "$ckpt"
+      echo "dropped $(basename "$ckpt"): its run finished"
+    done
     ;;
   *)
-    echo "unknown action '$action' (start | wait | machine)" >&2
+    echo "unknown action '$action' (start | wait | go | collect | machine)" >&2
     exit 2
     ;;
 esac

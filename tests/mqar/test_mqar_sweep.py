@@ -472,6 +472,71 @@ def test_gpu_session_script_refuses_a_second_sweep_into_a_folder_replaced_under_
     os.kill(int((out / "sweep.pid").read_text()), signal.SIGKILL)
 
 
+def test_gpu_session_go_starts_from_carried_state_on_a_fresh_machine_and_waits_on_a_warm_one(tmp_path):
+    """`go` is one command to repeat while a lease lasts: on a fresh machine it brings the carried results, logs and
+    checkpoints into OUT and starts the sweep; on the machine that still runs it, it only waits. `collect` turns what
+    a call brought back into the next carried folder; `wait` where nothing was started says so."""
+    import tarfile
+
+    fake = tmp_path / "fake_python"  # stands in for the sweep: notes what it was given and found, then finishes r
+    fake.write_text("#!/usr/bin/env bash\nout=$4\n"
+                    "echo \"$@\" > \"$out/args.log\"; ls \"$out\" > \"$out/seen.log\"\n"
+                    "cat \"$out/r.json.ckpt\" > \"$out/resumed.log\"; sleep 3\n"
+                    "echo '{}' > \"$out/r.json\"; rm \"$out/r.json.ckpt\"\n")
+    fake.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(fake), TMPDIR=str(tmp_path))
+    out, packs, carry = tmp_path / "out", tmp_path / "packs", tmp_path / "carry"
+    packs.mkdir()
+    carry.mkdir()
+    (carry / "r.json.ckpt").write_text("epoch 34")
+    (carry / "r.log").write_text("epochs 1-34\n")
+    (carry / "done.json").write_text("{}")
+    (carry / "sweep.log").write_text("the last machine's sweep")
+
+    def go(seconds):
+        return subprocess.run(["bash", str(SESSION), "go", str(out), str(seconds), str(packs / "a.tgz"),
+                               "--checkpoints", "--from", str(carry), "--", "--mixers", "based"], env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    first = go(1)
+    assert first.returncode == 0, first.stderr
+    assert "sweep started" in first.stdout and "sweep still running" in first.stdout
+    assert all(f"brought {name} from {carry}" in first.stdout for name in ("r.json.ckpt", "r.log", "done.json"))
+    assert "brought sweep.log" not in first.stdout  # the new sweep writes its own log
+    assert (out / "resumed.log").read_text() == "epoch 34"
+    assert (packs / "r.json.ckpt").read_text() == "epoch 34"  # cut now, the run still resumes on the next machine
+    second = go(60)  # the same machine: the sweep still runs, so nothing starts twice
+    assert second.returncode == 0, second.stderr
+    assert "waiting for it" in second.stdout and "sweep started" not in second.stdout
+    assert "sweep finished" in second.stdout
+    assert "-m pretrain.mqar.sweep --out" in (out / "args.log").read_text()
+    assert (out / "args.log").read_text().rstrip().endswith("--mixers based")
+    with tarfile.open(packs / "a.tgz") as tar:
+        assert {"r.json", "r.log", "done.json"} <= {Path(n).name for n in tar.getnames()}
+
+    # here: what came back becomes the next carried folder; a finished run's checkpoint goes, parts replace a whole
+    nxt = tmp_path / "next"
+    nxt.mkdir()
+    (nxt / "r.json.ckpt").write_text("stale")
+    (nxt / "big.json.ckpt").write_text("older, whole")
+    for i in (1, 2):
+        (packs / f"big.json.ckpt.part{i}of2").write_text(f"part {i}")
+    collect = subprocess.run(["bash", str(SESSION), "collect", str(packs), str(nxt)], env=env, capture_output=True,
+                             text=True, timeout=60)
+    assert collect.returncode == 0, collect.stderr
+    assert (nxt / "r.json").exists() and (nxt / "done.json").exists() and not (nxt / "sweep.log").exists()
+    assert not (nxt / "r.json.ckpt").exists() and "dropped r.json.ckpt: its run finished" in collect.stdout
+    assert not (nxt / "big.json.ckpt").exists()
+    assert [(nxt / f"big.json.ckpt.part{i}of2").read_text() for i in (1, 2)] == ["part 1", "part 2"]
+
+    nothing = subprocess.run(["bash", str(SESSION), "wait", str(tmp_path / "fresh"), "1", str(packs / "b.tgz")],
+                             env=env, capture_output=True, text=True, timeout=60)
+    assert nothing.returncode == 4 and "no sweep was started" in nothing.stderr
+    itself = subprocess.run(["bash", str(SESSION), "go", str(carry), "1", str(packs / "c.tgz"), "--from", str(carry),
+                             "--"], env=env, capture_output=True, text=True, timeout=60)
+    assert itself.returncode == 2 and "--from must not be OUT" in itself.stderr
+
+
 def test_learning_rates_keep_every_digit_in_names_and_overrides():
     """A setting's name and its train.lr override read back as the lr asked for: with 6 significant digits,
     0.0012345678 trained as 0.00123457, and 0.001 and 0.0010000001 wrote one result file."""
