@@ -31,8 +31,9 @@
 # copies the results, logs and checkpoints of DIR that OUT lacks into OUT, starts the sweep given after `--`, and
 # waits. Carry DIR (never OUT: carrying OUT in would replace it under a running sweep) and refresh it here after every
 # call with `collect FETCHED DIR`: it unpacks each archive the call brought back into DIR, copies the checkpoints
-# beside them, and drops the checkpoints of runs whose result DIR now holds. `wait` on a machine where no sweep was
-# started into OUT says so and exits 4.
+# beside them, and drops the checkpoints of runs whose result DIR now holds. Once the sweep has finished, `wait` and
+# `go` exit with its exit code (1 if it ended without one: killed). `wait` on a machine where no sweep was started into
+# OUT says so and exits 4.
 set -euo pipefail
 self="$(realpath "$0")"
 cd "$(dirname "$0")/.."
@@ -130,6 +131,7 @@ start_sweep() {
   for seed in benchmarks/results/mqar/seed_results/*.json; do  # never over a result already in OUT
     [[ -f "$seed" && ! -e "$out/$(basename "$seed")" ]] && cp "$seed" "$out"/
   done
+  rm -f "$out/sweep.exit"
   export PYTHONUNBUFFERED=1
   setsid nohup bash "$self" sweeps "$out" "$@" >"$out/sweep.log" 2>&1 </dev/null &
   echo "$!" >"$out/sweep.pid"
@@ -139,7 +141,7 @@ start_sweep() {
 
 # Wait up to SECONDS for the sweep PID, packing into PACK (every $every seconds if set, and at the end).
 wait_sweep() {
-  local pid="$1" seconds="$2" pack="$3" end until_pack stop finished
+  local pid="$1" seconds="$2" pack="$3" end until_pack stop finished="" code
   end=$((SECONDS + seconds))
   while :; do
     until_pack=$((end - SECONDS))
@@ -150,10 +152,19 @@ wait_sweep() {
     done
     alive "$pid" && finished="" || finished=1
     pack_results "$pack" "$checkpoints"
-    [[ -n "$finished" ]] && { echo "sweep finished"; break; }
+    [[ -n "$finished" ]] && break
     ((SECONDS >= end)) && { echo "sweep still running after ${seconds}s"; break; }
   done
   tail -n 40 "$out/sweep.log"
+  [[ -n "$finished" ]] || return 0
+  # the sweep's own exit code becomes this command's, so a failed setting shows in the call's status
+  if [[ -f "$out/sweep.exit" ]]; then
+    code="$(cat "$out/sweep.exit")"
+    echo "sweep finished, exit code $code"
+    return "$code"
+  fi
+  echo "sweep finished without an exit code (killed?)"
+  return 1
 }
 
 # The options of `wait` and `go`; sets checkpoints, every, from and rest (what follows `--`, for `go`).
@@ -213,6 +224,7 @@ case "$action" in
       "$PYTHON" -m pretrain.mqar.sweep --out "$out" "${group[@]}" || status=$?
       group=()
     done
+    echo "$status" >"$out/sweep.exit.tmp" && mv "$out/sweep.exit.tmp" "$out/sweep.exit"
     exit "$status"
     ;;
   wait)

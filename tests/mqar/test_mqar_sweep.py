@@ -537,6 +537,31 @@ def test_gpu_session_go_starts_from_carried_state_on_a_fresh_machine_and_waits_o
     assert itself.returncode == 2 and "--from must not be OUT" in itself.stderr
 
 
+def test_gpu_session_wait_exits_with_the_sweeps_exit_code(tmp_path):
+    """A sweep run detached still reports its failure: `wait` exits with the sweep's exit code, and with 1 when the
+    sweep ended without one (killed)."""
+    failing = tmp_path / "failing_python"
+    failing.write_text("#!/usr/bin/env bash\necho 'a setting failed'; exit 3\n")
+    failing.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(failing), TMPDIR=str(tmp_path))
+    out = tmp_path / "out"
+    assert subprocess.run(["bash", str(SESSION), "start", str(out)], env=env, timeout=60).returncode == 0
+    wait = subprocess.run(["bash", str(SESSION), "wait", str(out), "60", str(tmp_path / "a.tgz")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert wait.returncode == 3 and "sweep finished, exit code 3" in wait.stdout and "a setting failed" in wait.stdout
+
+    slow = tmp_path / "slow_python"
+    slow.write_text("#!/usr/bin/env bash\nexec sleep 60\n")
+    slow.chmod(0o755)
+    env["PYTHON"] = str(slow)
+    assert subprocess.run(["bash", str(SESSION), "start", str(out)], env=env, timeout=60).returncode == 0
+    assert not (out / "sweep.exit").exists()  # the last sweep's code is not this one's
+    os.killpg(int((out / "sweep.pid").read_text()), signal.SIGKILL)  # the sweep and its child, as a lost lease
+    wait = subprocess.run(["bash", str(SESSION), "wait", str(out), "60", str(tmp_path / "b.tgz")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert wait.returncode == 1 and "without an exit code" in wait.stdout
+
+
 def test_learning_rates_keep_every_digit_in_names_and_overrides():
     """A setting's name and its train.lr override read back as the lr asked for: with 6 significant digits,
     0.0012345678 trained as 0.00123457, and 0.001 and 0.0010000001 wrote one result file."""

@@ -37,4 +37,6 @@ bash $S go runs/s "$seconds" "$OUT/s_$stamp.tgz" --checkpoints --every 60 --from
   --mixers based --d-models 64 --seq-lens 2048 --lrs 1e-3 $grid \
   --then --mixers based --d-models 64 --seq-lens 1024 --lrs 1e-2 $grid \
   --then --mixers rebased based --d-models 128 --seq-lens 2048 --lrs 1e-2 $grid
+status=$?  # the sweep's, once it has finished
 nvidia-smi >"$OUT/nvidia_smi_$stamp.txt" 2>&1
+exit "$status"
