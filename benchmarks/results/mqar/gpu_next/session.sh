@@ -23,7 +23,7 @@ stamp="$(date -u +%H%M)"
 if [[ "$action" == first ]]; then
   bash $S machine "$OUT/gpu.txt"
   start=$SECONDS
-  python -m benchmarks.mqar_profile attention --variants '[{}, {"tile": 8, "warps_grad": 8},
+  timeout 300 python -m benchmarks.mqar_profile attention --variants '[{}, {"tile": 8, "warps_grad": 8},
     {"chunk": 128, "tile": 8, "warps_out": 8, "warps_grad": 8, "warps_state": 4},
     {"dv": 5}, {"dv": 5, "tile": 8, "warps_grad": 8},
     {"dv": 5, "chunk": 128, "tile": 8, "warps_out": 8, "warps_grad": 8, "warps_state": 4}]' \
