@@ -13,8 +13,8 @@
 # flags and overrides) that run one after another into OUT, in the order given: the way to say which settings a
 # short lease spends its time on first. Every result JSON under benchmarks/results/mqar/seed_results/ that OUT lacks
 # is copied into OUT first (a sweep skips the settings of its grid whose result exists and was made with the same
-# config; results outside its grid are left alone, and are packed with the rest). `wait` sleeps until the sweep ends or SECONDS pass, then packs
-# every result, every log and the sweep's own log into the archive PACK, written to a temporary name and renamed, so
+# config; results outside its grid are left alone, and are packed with the rest). `wait` sleeps until the sweep ends
+# or SECONDS pass, then packs every result, every log and the sweep's own log into the archive PACK, written to a temporary name and renamed, so
 # an archive is never half-written. With --checkpoints, each unfinished run's per-epoch checkpoint (OUT/<setting>.ckpt,
 # a few MB at d_model 64) is also copied beside PACK, one file each, so that a run cut by the machine's lease resumes
 # on the next machine: put the files back into OUT (e.g. pass OUT in the device tool's `carry`) and `start` again.
@@ -38,7 +38,7 @@ set -euo pipefail
 self="$(realpath "$0")"
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
-action="${1:?usage: $0 start OUT [sweep args...] | wait OUT SECONDS PACK | machine FILE}"
+action="${1:?usage: $0 start OUT [sweep args...] | wait OUT SECONDS PACK | go OUT SECONDS PACK ... -- [sweep args...] | collect FETCHED DIR | machine FILE}"
 out="${2:?missing OUT}"
 # The sweep's pid is also kept outside OUT: a device tool that carries OUT in replaces the folder, pid file included,
 # while the sweep an earlier call started on the same (warm) machine still runs and writes into it
@@ -167,12 +167,13 @@ wait_sweep() {
   return 1
 }
 
-# The options of `wait` and `go`; sets checkpoints, every, from and rest (what follows `--`, for `go`).
+# The options of `wait` and `go` (--from and `--` for `go` only); sets checkpoints, every, from and rest (what follows
+# `--`: the sweep's arguments).
 checkpoints="" every="" from=""
 rest=()
 parse_wait_options() {
-  local allow_from="$1"
-  shift
+  local allow_from=""
+  [[ "$action" == go ]] && allow_from=1
   while (($#)); do
     case "$1" in
       --checkpoints) checkpoints=1 ;;
@@ -227,28 +228,19 @@ case "$action" in
     echo "$status" >"$out/sweep.exit.tmp" && mv "$out/sweep.exit.tmp" "$out/sweep.exit"
     exit "$status"
     ;;
-  wait)
+  wait | go)
     seconds="${3:?missing SECONDS}"
     pack="${4:?missing PACK}"
     shift 4
-    parse_wait_options "" "$@"
+    parse_wait_options "$@"
     pid="$(sweep_pid)"
-    if [[ -z "$pid" ]]; then
+    if [[ "$action" == wait && -z "$pid" ]]; then
       echo "no sweep was started into $out on this machine (a fresh machine, the last one taken back?): 'start'" \
         "it again, or use 'go', with the latest results and checkpoints" >&2
       exit 4
-    fi
-    wait_sweep "$pid" "$seconds" "$pack"
-    ;;
-  go)
-    seconds="${3:?missing SECONDS}"
-    pack="${4:?missing PACK}"
-    shift 4
-    parse_wait_options 1 "$@"
-    pid="$(sweep_pid)"
-    if [[ -n "$pid" ]] && alive "$pid"; then
+    elif [[ "$action" == go && -n "$pid" ]] && alive "$pid"; then
       echo "the sweep an earlier call started is still running (pid $pid): waiting for it"
-    else
+    elif [[ "$action" == go ]]; then
       if [[ -n "$from" ]]; then
         [[ -d "$from" ]] || { echo "--from: no folder '$from'" >&2; exit 2; }
         [[ "$(realpath "$from")" != "$(realpath -m "$out")" ]] || { echo "--from must not be OUT itself" >&2; exit 2; }
@@ -271,8 +263,8 @@ case "$action" in
     mkdir -p "$dir"
     for archive in "$out"/*.tgz; do
       [[ -f "$archive" ]] || continue
-      tar xzf "$archive" -C "$dir" --exclude sweep.log
-      echo "unpacked $(tar tzf "$archive" | wc -l) files of $(basename "$archive") into $dir"
+      count="$(tar xzvf "$archive" -C "$dir" --exclude sweep.log | wc -l)"  # a broken archive stops here (pipefail)
+      echo "unpacked $count files of $(basename "$archive") into $dir"
     done
     fetched=("$out"/*.ckpt "$out"/*.ckpt.part*of*)
     for file in "${fetched[@]}"; do  # an older copy goes first, whole or in parts, whatever form the new one has

@@ -9,9 +9,9 @@
 warms it up, then records ``--steps`` optimizer steps with torch.profiler and prints the CUDA time per kernel
 (ms per optimizer step, grouped by name) and the share of the step. ``attention`` times the op alone (batch 256 ×
 2048 tokens × 12 heads, feature dim 16, value heads of 10 and bf16 unless a variant sets "dv" or "dtype"), each
-variant in its own process. ``head`` times the three matmuls of the fused LM head (logits, hidden and weight gradients) of one
-chunk of query rows at the setting's d_model, vocabulary 8192, in IEEE fp32 (cuBLAS, TF32 off), 3xTF32
-(``kernels.matmul_tf32x3``), TF32 and bf16 (cuBLAS), with each one's relative error against float64.
+variant in its own process. ``head`` times the three matmuls of the fused LM head (logits, hidden and weight
+gradients) of one chunk of query rows at the setting's d_model, vocabulary 8192, in IEEE fp32 (cuBLAS, TF32 off),
+3xTF32 (``kernels.matmul_tf32x3``), TF32 and bf16 (cuBLAS), with each one's relative error against float64.
 """
 
 from __future__ import annotations
