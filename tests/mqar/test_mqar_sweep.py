@@ -478,9 +478,9 @@ def test_gpu_session_go_starts_from_carried_state_on_a_fresh_machine_and_waits_o
     a call brought back into the next carried folder; `wait` where nothing was started says so."""
     import tarfile
 
-    fake = tmp_path / "fake_python"  # stands in for the sweep: notes what it was given and found, then finishes r
+    fake = tmp_path / "fake_python"  # stands in for the sweep: notes its arguments and checkpoint, then finishes r
     fake.write_text("#!/usr/bin/env bash\nout=$4\n"
-                    "echo \"$@\" > \"$out/args.log\"; ls \"$out\" > \"$out/seen.log\"\n"
+                    "echo \"$@\" > \"$out/args.log\"\n"
                     "cat \"$out/r.json.ckpt\" > \"$out/resumed.log\"; sleep 3\n"
                     "echo '{}' > \"$out/r.json\"; rm \"$out/r.json.ckpt\"\n")
     fake.chmod(0o755)
