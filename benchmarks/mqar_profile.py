@@ -94,16 +94,18 @@ def attention_one(tuning: dict) -> dict:
     import kernels
     from kernels.linear_attention.triton_chunk import CHUNK_LAUNCH
 
-    # this process runs one variant: a dict of ChunkLaunchConfig knobs, "dtype" (bfloat16 unless given) and "dv"
-    # (the value-head width: 10 unless given; the MQAR models' floor(d_model / 12))
+    # this process runs one variant: a dict of ChunkLaunchConfig knobs, "dtype" (bfloat16 unless given), "dv"
+    # (the value-head width: 10 unless given; the MQAR models' floor(d_model / 12)) and "batch" (sequences of 2048
+    # tokens: 256 unless given, the micro-batch of the MQAR runs at seq 2048)
     tuning = dict(tuning)
     dtype = getattr(torch, tuning.pop("dtype", "bfloat16"))
     dv = tuning.pop("dv", 10)
+    batch = tuning.pop("batch", 256)
     CHUNK_LAUNCH.update(**tuning)
-    out = {"tuning": tuning, "dtype": str(dtype)[6:], "dv": dv}
+    out = {"tuning": tuning, "dtype": str(dtype)[6:], "dv": dv, "batch": batch}
     for kind in ("rebased", "based"):
         fn = kernels.rebased_attention if kind == "rebased" else kernels.based_attention
-        q, k, v, do = _inputs(256, 2048, 12, dv, dtype)
+        q, k, v, do = _inputs(batch, 2048, 12, dv, dtype)
 
         def step():
             o, _ = fn(q, k, v, backend="triton")

@@ -7,7 +7,7 @@ import re
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pretrain.config import load_config
 from pretrain.mqar.data import MQARSpec, default_num_kv_pairs
@@ -94,6 +94,9 @@ class TrainSection:
     num_threads: int | None = None  # CPU threads for torch (None: torch's default); 1 is fastest on a shared CPU
     compile: bool | None = None  # torch.compile the model body; None: on CUDA only
     loss_chunk_rows: int = 32_768  # query rows per chunk of the fused LM head + cross-entropy
+    # knobs of the attention kernels' launch configuration (kernels' ChunkLaunchConfig) for this run, e.g.
+    # {sequential: false}: how the work is cut, not what is computed (fp32_dot comes from precision)
+    attention_launch: dict[str, Any] = field(default_factory=dict)
     # Save the run's state after every epoch to <output>.ckpt and resume from it on a rerun (the file is removed
     # once the result is written). A run killed mid-epoch loses only that epoch.
     checkpoint: bool = True
@@ -124,6 +127,19 @@ class TrainSection:
             raise ValueError(f"num_threads={self.num_threads} must be >= 1")
         if self.micro_batch_tokens < 1 or self.loss_chunk_rows < 1:
             raise ValueError("micro_batch_tokens and loss_chunk_rows must be >= 1")
+        if "fp32_dot" in self.attention_launch:
+            raise ValueError("attention_launch.fp32_dot is set by precision (tf32x3 or not), not here")
+        if self.attention_launch:  # imports the kernels (Triton) only when knobs are given
+            import dataclasses
+
+            from kernels.linear_attention.triton_chunk.config import ChunkLaunchConfig
+
+            known = {f.name for f in dataclasses.fields(ChunkLaunchConfig)}
+            unknown = sorted(set(self.attention_launch) - known)
+            if unknown:
+                raise ValueError(f"attention_launch: unknown knob(s) {', '.join(unknown)}; the knobs: "
+                                 f"{', '.join(sorted(known - {'fp32_dot'}))}")
+            ChunkLaunchConfig(**self.attention_launch)  # a bad value raises, naming the knob
 
 
 @dataclass

@@ -186,6 +186,7 @@ class MQARRun:
             torch.backends.cuda.matmul.allow_tf32 = tc.precision in ("tf32", "bf16")
             torch.backends.cudnn.allow_tf32 = tc.precision in ("tf32", "bf16")
             CHUNK_LAUNCH.update(fp32_dot="tf32x3" if tc.precision == "tf32x3" else "ieee")
+        CHUNK_LAUNCH.update(**tc.attention_launch)  # checked when the config was loaded
         # tf32x3: the attention kernels' products (above) and the LM head's three matmuls as 3xTF32
         self.fp32_dot = "tf32x3" if tc.precision == "tf32x3" else "ieee"
         bf16 = tc.precision == "bf16" and cuda
