@@ -3,8 +3,9 @@
 # (kernels/linear_attention/triton_chunk/sequential.py) checked and timed against the chunk-parallel kernels, then
 # the sweep. bf16 like the settings already run.
 #
-#   bash session.sh kernels SECONDS   # call 1: the walk's GPU tests, then the op alone per launch variant
-#   bash session.sh speed SECONDS     # call 2: issue 17's epoch time, walk vs chunk-parallel, then `go`
+#   bash session.sh kernels SECONDS   # call 1: the walk's GPU tests, the op alone per launch variant, and issue
+#                                     # 17's epoch time with the chunk-parallel kernels and with the walk
+#   bash session.sh speed SECONDS     # the epoch times alone, then `go`
 #   bash session.sh go SECONDS        # later calls (device tool: carry runs/carry), held machine or fresh
 # After every sweep call, here: bash benchmarks/mqar_gpu_session.sh collect FETCHED_FOLDER runs/carry
 #
@@ -21,21 +22,29 @@ case "$action" in
   kernels)
     bash $S machine "$OUT/gpu.txt"
     # the walk against float64 at the MQAR shapes (and the tiny ones), the chunk-parallel kernels' MQAR-shape cases
-    timeout 240 python -m pytest -q -p no:cacheprovider tests/kernels/test_triton_sequential.py \
+    timeout 200 python -m pytest -q -p no:cacheprovider tests/kernels/test_triton_sequential.py \
       tests/kernels/test_triton_attention.py -k "sequential or h12 or v10 or v5" >"$OUT/gpu_tests_$stamp.txt" 2>&1
     tests=$?
     tail -n 5 "$OUT/gpu_tests_$stamp.txt"
     [[ $tests == 0 ]] || exit "$tests"
     # forward + backward of the op, batch x 2048 tokens x 12 heads, bf16; value heads of 10 (d 128) and 5 (d 64)
-    timeout $((seconds - (SECONDS - start) - 10)) python -m benchmarks.mqar_profile attention --variants '[
+    timeout 200 python -m benchmarks.mqar_profile attention --variants '[
       {"sequential": false}, {"sequential": true},
-      {"sequential": true, "warps_sequential": 8}, {"sequential": true, "sequential_chunk": 32},
-      {"sequential": true, "sequential_chunk": 32, "warps_sequential": 8},
+      {"sequential": true, "warps_sequential": 8}, {"sequential": true, "sequential_chunk": 32, "warps_sequential": 8},
       {"dv": 5, "sequential": false}, {"dv": 5, "sequential": true, "warps_sequential": 8},
-      {"batch": 32, "sequential": false}, {"batch": 32, "sequential": true, "warps_sequential": 8},
-      {"batch": 8, "sequential": false}, {"batch": 8, "sequential": true, "warps_sequential": 8}]' \
+      {"batch": 32, "sequential": false}, {"batch": 32, "sequential": true, "warps_sequential": 8}]' \
       >"$OUT/attention_variants_$stamp.txt" 2>&1
     cat "$OUT/attention_variants_$stamp.txt"
+    # issue 17's setting, the same command with the chunk-parallel kernels (before) and the walk (after)
+    timeout $((seconds - (SECONDS - start) - 15)) python -m benchmarks.mqar_speed --out "$OUT/speed" --epochs 3 \
+      --settings rebased:128:2048 \
+      --variant chunk_parallel=train.precision=bf16,train.attention_launch.sequential=false \
+      --variant walk=train.precision=bf16,train.attention_launch.sequential=true \
+      --variant walk_8_warps=train.precision=bf16,train.attention_launch.sequential=true,train.attention_launch.warps_sequential=8 \
+      >"$OUT/speed_$stamp.txt" 2>&1
+    grep -v "^{" "$OUT/speed_$stamp.txt" | tail -n 6
+    # one archive: the device tool returns at most 8 files
+    tar czf "$OUT/speed_$stamp.tgz" -C "$OUT" speed && rm -rf "$OUT/speed"
     ;;
   speed|go)
     mkdir -p runs/carry  # what the device tool carried in; without it, every setting starts afresh
