@@ -148,8 +148,8 @@ def test_which_calls_take_the_walk(launches):
 
 def test_auto_rule():
     q, k, v = inputs(64, 8, 12, 10, torch.bfloat16)
-    auto = ChunkLaunchConfig()
-    assert auto.sequential is None
+    assert ChunkLaunchConfig().sequential is False  # the default: the chunk-parallel kernels
+    auto = ChunkLaunchConfig(sequential=None)
     if not _HAS_CUDA:  # the rule was measured on GPUs: off the GPU only an explicit True takes the walk
         assert not sequential.use_sequential(q, v, None, None, False, auto)
         return

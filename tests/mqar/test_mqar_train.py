@@ -84,11 +84,11 @@ def test_attention_launch_knobs_reach_the_kernels_and_bad_ones_are_named(capsys,
     assert mqar_main(["--config", str(TINY), "train.attention_launch.fp32_dot=ieee"]) == 2
     assert "set by precision" in capsys.readouterr().err
     with CHUNK_LAUNCH.override():  # the run sets the process's configuration; the other tests keep theirs
-        cfg = load_mqar_config(TINY, ["train.attention_launch.sequential=false",
+        cfg = load_mqar_config(TINY, ["train.attention_launch.sequential=null",
                                       "train.attention_launch.warps_sequential=8"])
         mqar_train.MQARRun(cfg, log=lambda *a, **k: None)
-        assert CHUNK_LAUNCH.get().sequential is False and CHUNK_LAUNCH.get().warps_sequential == 8
-    assert CHUNK_LAUNCH.get().sequential is None
+        assert CHUNK_LAUNCH.get().sequential is None and CHUNK_LAUNCH.get().warps_sequential == 8
+    assert CHUNK_LAUNCH.get().sequential is False
 
 
 SHORT = ["data.num_train=1000", "data.num_test=256", "train.max_epochs=3", "train.early_stop_accuracy=null"]

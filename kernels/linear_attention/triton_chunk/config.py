@@ -44,8 +44,9 @@ class ChunkLaunchConfig(LaunchConfig):
         recomputing them there. Default True.
     sequential: the sequential walk (``sequential.py``: one program per sequence and head walks its chunks with the
         state in registers) instead of the chunk-parallel kernels, where it covers the call (Dk 16, Dv <= 16, no
-        cu_seqlens, no initial or final state). True: wherever covered; False: never; None (default): on CUDA for
-        bf16 inputs with at least ``sequential_per_sm`` (sequence, head) pairs per SM.
+        cu_seqlens, no initial or final state). True: wherever covered; None: on CUDA for bf16 inputs with at least
+        ``sequential_per_sm`` (sequence, head) pairs per SM; False (default, until the walk is timed on a GPU):
+        never.
     sequential_per_sm: the auto rule's (sequence, head) pairs per SM. Default 4.
     sequential_chunk: the walk's chunk length, one of 16, 32, 64, 128. Default 64.
     warps_sequential: warps per program of the walk's kernels. Default 4.
@@ -71,7 +72,7 @@ class ChunkLaunchConfig(LaunchConfig):
     stages_out: Optional[int] = None
     stages_grad: Optional[int] = None
     save_states: bool = True
-    sequential: Optional[bool] = None
+    sequential: Optional[bool] = False
     sequential_per_sm: int = 4
     sequential_chunk: int = 64
     warps_sequential: int = 4

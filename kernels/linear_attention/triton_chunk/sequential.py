@@ -52,8 +52,9 @@ def sequential_supports(q: torch.Tensor, v: torch.Tensor, cu_seqlens, initial_st
 
 def use_sequential(q: torch.Tensor, v: torch.Tensor, cu_seqlens, initial_state, output_final_state,
                    config: ChunkLaunchConfig) -> bool:
-    """The ``sequential`` knob for this call: True takes the walk wherever it is covered, False never; None (auto)
-    takes it on CUDA for bf16 inputs with at least ``sequential_min_programs`` (sequence, head) pairs."""
+    """The ``sequential`` knob for this call: True takes the walk wherever it is covered, False never; None (the
+    auto rule) takes it on CUDA for bf16 inputs with at least ``config.sequential_min_programs`` (sequence, head)
+    pairs."""
     if config.sequential is False or not sequential_supports(q, v, cu_seqlens, initial_state, output_final_state):
         return False
     if config.sequential:
