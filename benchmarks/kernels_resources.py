@@ -2,8 +2,7 @@
 
     python -m benchmarks.kernels_resources [--dtype fp32] [--dv 10] [--variants JSON] [--arch 90] [--out DIR]
 
-Triton compiles each kernel (the state pass in both directions, the output and the gradient kernel, and the sequential
-walk's forward and backward) for the target
+Triton compiles each kernel (the state pass in both directions, the output and the gradient kernel) for the target
 (default sm_90: H100 / H200) with its own ptxas; no GPU and no driver are needed. For every variant (a JSON list of
 objects: ``ChunkLaunchConfig`` knobs such as ``tile``, ``chunk``, ``warps_grad``, ``fp32_dot``, plus optional
 ``dtype``, ``dv`` and ``kind``) it prints, per kernel, what the cubin declares (registers per thread, stack bytes
@@ -33,33 +32,23 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-KERNELS = ("state", "state_rev", "out", "grad", "seq_fwd", "seq_bwd")
+KERNELS = ("state", "state_rev", "out", "grad")
 _DTYPES = {"bf16": "bf16", "bfloat16": "bf16", "fp32": "fp32", "float32": "fp32"}
 
 
 def _launch(which: str, dtype: str, dv: int, based: bool, config) -> tuple:
     """(kernel, pointer types, scalar types, constexprs, compile options) of one launch, as launch.py makes it."""
-    from kernels.linear_attention.triton_chunk import jit, sequential
+    from kernels.linear_attention.triton_chunk import jit
     from kernels.linear_attention.triton_chunk.tables import MAX_CHUNK, MAX_CHUNK_FP32, _cfg, _layout, _stages
 
-    mm = {"bf16": 1, "fp32": 5 if config.fp32_dot == "tf32x3" else 0}[dtype]
-    x = "*" + dtype
-    f32 = "*fp32"
-    if which.startswith("seq"):  # the sequential walk (sequential.py), as its launches make it
-        keywords = sequential._launch_keywords(dv, config)
-        options = {"num_warps": keywords.pop("num_warps")}
-        consts = dict(keywords, DK=16, NORMALIZE=True, BASED=based, MM=mm)
-        scalars = dict(T="i32", H="i32", scale="fp32", eps="fp32")
-        if which == "seq_fwd":
-            ptrs = dict(q_ptr=x, k_ptr=x, v_ptr=x, o_ptr=x, den_ptr=f32)
-            return sequential._seq_fwd_kernel, ptrs, scalars, consts, options
-        ptrs = dict(q_ptr=x, k_ptr=x, v_ptr=x, o_ptr=x, den_ptr=f32, do_ptr=x, dq_ptr=x, dk_ptr=x, dv_ptr=x)
-        return sequential._seq_bwd_kernel, ptrs, scalars, consts, options
     base = "state" if which.startswith("state") else which
     ts, f2, ft, fz = _layout(based, 16, config.tile_for(dv, fp32=dtype == "fp32"))
     bv, nvb, warps = _cfg(base, dv, config)
+    mm = {"bf16": 1, "fp32": 5 if config.fp32_dot == "tf32x3" else 0}[dtype]
     chunk = config.chunk or (MAX_CHUNK_FP32 if dtype == "fp32" else MAX_CHUNK)  # as ops.py picks it
+    x = "*" + dtype
     st = "*bf16" if dtype == "bf16" else "*fp32"  # the stored chunk / segment start states (tables._state_dtype)
+    f32 = "*fp32"
     layout = dict(DK=16, DV=dv, BV=bv, NVB=nvb, TS=ts, C=chunk, F2=f2, FT=ft, FZ=fz, BASED=based, MM=mm)
     options = {"num_warps": warps, **_stages(base, config)}
     if base == "state":
@@ -127,7 +116,7 @@ def compile_variant(variant: dict, arch: int, workdir: str, kernels=KERNELS) -> 
         names = list(inspect.signature(fn.fn).parameters)
         signature = {n: "constexpr" if n in consts else ptrs.get(n) or scalars[n] for n in names}
         row = dict(kernel=which, warps=options["num_warps"], stages=options.get("num_stages"), chunk=consts["C"],
-                   tile=consts.get("TS"), bv=consts["BV"])
+                   tile=consts["TS"], bv=consts["BV"])
         t = time.time()
         try:
             k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts),

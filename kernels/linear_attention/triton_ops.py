@@ -1,9 +1,7 @@
 """Triton backend of the linear-attention family: registers ``<kind>_attention`` and ``<kind>_attention_step`` for
 every kind in :data:`kernels.linear_attention.feature_maps.KINDS` on import.
 
-The chunked kernels live in :mod:`kernels.linear_attention.triton_chunk` (chunk-parallel, or for narrow value
-heads the sequential walk of its ``sequential`` module, chosen per call by the launch configuration), the decoding
-step in
+The chunked kernels live in :mod:`kernels.linear_attention.triton_chunk`, the decoding step in
 :mod:`kernels.linear_attention.triton_recurrent`. Inputs the chunked kernels do not cover (Dk != 16, float64) and
 empty ones (no rows, heads, tokens or value columns) fall back to the torch reference, chunk mode.
 """
@@ -15,8 +13,7 @@ from functools import partial
 from ..backend import register_triton_impl
 from .feature_maps import KINDS
 from .reference import linear_attention_reference
-from .triton_chunk import CHUNK_LAUNCH, chunk_linear_attention, supports
-from .triton_chunk.sequential import sequential_linear_attention, use_sequential
+from .triton_chunk import chunk_linear_attention, supports
 from .triton_recurrent import recurrent_step
 
 __all__ = ["linear_attention_triton"]
@@ -29,8 +26,6 @@ def linear_attention_triton(kind, q, k, v, *, scale, eps=1e-6, normalize=True, c
         return linear_attention_reference(kind, q, k, v, scale=scale, eps=eps, normalize=normalize,
                                           cu_seqlens=cu_seqlens, initial_state=initial_state,
                                           output_final_state=output_final_state, mode=None, chunk_size=chunk_size)
-    if use_sequential(q, v, cu_seqlens, initial_state, output_final_state, CHUNK_LAUNCH.get()):
-        return sequential_linear_attention(kind, q, k, v, scale=scale, eps=eps, normalize=normalize), None
     return chunk_linear_attention(kind, q, k, v, scale=scale, eps=eps, normalize=normalize, cu_seqlens=cu_seqlens,
                                   initial_state=initial_state, output_final_state=output_final_state,
                                   chunk_size=chunk_size)

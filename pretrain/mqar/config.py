@@ -95,7 +95,7 @@ class TrainSection:
     compile: bool | None = None  # torch.compile the model body; None: on CUDA only
     loss_chunk_rows: int = 32_768  # query rows per chunk of the fused LM head + cross-entropy
     # knobs of the attention kernels' launch configuration (kernels' ChunkLaunchConfig) for this run, e.g.
-    # {sequential: false}: how the work is cut, not what is computed (fp32_dot comes from precision)
+    # {tile: 8, warps_grad: 8}: how the work is cut, not what is computed (fp32_dot comes from precision)
     attention_launch: dict[str, Any] = field(default_factory=dict)
     # Save the run's state after every epoch to <output>.ckpt and resume from it on a rerun (the file is removed
     # once the result is written). A run killed mid-epoch loses only that epoch.

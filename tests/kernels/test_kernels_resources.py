@@ -46,11 +46,3 @@ def test_fp32_launch_as_the_op_makes_it(tmp_path):
     assert row["tile"] == 8 and row["chunk"] == 32  # fp32 operands: tile 8, chunk 32, as the op launches them
     assert row["hgmma"] == row["hmma"] == 0 and row["ffma"] > 0  # IEEE fp32: no tensor-core products
     assert any(name.endswith(".cubin") for name in os.listdir(tmp_path / "cubins"))
-
-
-def test_the_sequential_walk_compiles_for_hopper(tmp_path):
-    fwd, bwd = _run(tmp_path, [{"dtype": "bf16", "dv": 10, "warps_sequential": 8}], ["seq_fwd", "seq_bwd"])
-    for row in (fwd, bwd):
-        assert "error" not in row, row
-        assert row["warps"] == 8 and row["chunk"] == 64 and row["bv"] == 16 and row["tile"] is None
-        assert row["hgmma"] > 0  # its bf16 products on the warp-group MMA too

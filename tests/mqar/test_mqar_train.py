@@ -76,19 +76,19 @@ def test_attention_launch_knobs_reach_the_kernels_and_bad_ones_are_named(capsys,
     from kernels.linear_attention.triton_chunk import CHUNK_LAUNCH
     from pretrain.mqar import train as mqar_train
 
-    assert mqar_main(["--config", str(TINY), "train.attention_launch.sequentail=true"]) == 2
+    assert mqar_main(["--config", str(TINY), "train.attention_launch.tiles=8"]) == 2
     err = capsys.readouterr().err
-    assert "unknown knob(s) sequentail" in err and "sequential_chunk" in err
-    assert mqar_main(["--config", str(TINY), "train.attention_launch.sequential_chunk=48"]) == 2
-    assert "sequential_chunk must be one of" in capsys.readouterr().err
+    assert "unknown knob(s) tiles" in err and "warps_grad" in err and "tiny_cpu.yaml" in err
+    assert mqar_main(["--config", str(TINY), "train.attention_launch.tile=5"]) == 2
+    assert "tile must be one of" in capsys.readouterr().err
     assert mqar_main(["--config", str(TINY), "train.attention_launch.fp32_dot=ieee"]) == 2
     assert "set by precision" in capsys.readouterr().err
+    default = CHUNK_LAUNCH.get()
     with CHUNK_LAUNCH.override():  # the run sets the process's configuration; the other tests keep theirs
-        cfg = load_mqar_config(TINY, ["train.attention_launch.sequential=null",
-                                      "train.attention_launch.warps_sequential=8"])
+        cfg = load_mqar_config(TINY, ["train.attention_launch.tile=8", "train.attention_launch.warps_grad=8"])
         mqar_train.MQARRun(cfg, log=lambda *a, **k: None)
-        assert CHUNK_LAUNCH.get().sequential is None and CHUNK_LAUNCH.get().warps_sequential == 8
-    assert CHUNK_LAUNCH.get().sequential is False
+        assert CHUNK_LAUNCH.get() == default.replace(tile=8, warps_grad=8)
+    assert CHUNK_LAUNCH.get() == default
 
 
 SHORT = ["data.num_train=1000", "data.num_test=256", "train.max_epochs=3", "train.early_stop_accuracy=null"]

@@ -4,8 +4,7 @@ Modules: ``config`` (the typed launch configuration :class:`ChunkLaunchConfig` a
 force), ``jit`` (the @triton.jit kernels), ``tables`` (the state layout's sizes, tile and segment tables, block
 sizes, warps and stages from the config), ``launch`` (buffers and launches of the forward and backward), ``ops``
 (the custom ops, autograd and the entry point :func:`chunk_linear_attention`), ``state_layout`` (the public state
-layout to and from the internal one), ``sequential`` (the sequential walk for value heads of at most 16: one program
-per sequence and head, the state in registers; its own kernels, ops and autograd).
+layout to and from the internal one).
 
 Algorithm (the math, the backward and the state layout are derived in ``kernels/linear_attention/DESIGN.md``)
 ---------------------------------------------------------------------------------------------------------------

@@ -42,14 +42,6 @@ class ChunkLaunchConfig(LaunchConfig):
         output kernel, 1 for the gradient kernel.
     save_states: keep the forward's per-chunk states for the backward (only without ``cu_seqlens``) instead of
         recomputing them there. Default True.
-    sequential: the sequential walk (``sequential.py``: one program per sequence and head walks its chunks with the
-        state in registers) instead of the chunk-parallel kernels, where it covers the call (Dk 16, Dv <= 16, no
-        cu_seqlens, no initial or final state). True: wherever covered; None: on CUDA for bf16 inputs with at least
-        ``sequential_per_sm`` (sequence, head) pairs per SM; False (default, until the walk is timed on a GPU):
-        never.
-    sequential_per_sm: the auto rule's (sequence, head) pairs per SM. Default 4.
-    sequential_chunk: the walk's chunk length, one of 16, 32, 64, 128. Default 64.
-    warps_sequential: warps per program of the walk's kernels. Default 4.
     fp32_dot: how fp32 inputs are multiplied on the GPU. "ieee" (default): fp32 products on the CUDA cores, what
         fp32 means everywhere else. "tf32x3": each operand split into a TF32 high part and a TF32 remainder, three
         tensor-core products (hi·hi + hi·lo + lo·hi) summed in fp32: relative error of the order of fp32's own
@@ -72,10 +64,6 @@ class ChunkLaunchConfig(LaunchConfig):
     stages_out: Optional[int] = None
     stages_grad: Optional[int] = None
     save_states: bool = True
-    sequential: Optional[bool] = False
-    sequential_per_sm: int = 4
-    sequential_chunk: int = 64
-    warps_sequential: int = 4
     fp32_dot: str = "ieee"
 
     def __post_init__(self) -> None:
@@ -92,11 +80,6 @@ class ChunkLaunchConfig(LaunchConfig):
         check_choice(name, "fp32_dot", self.fp32_dot, FP32_DOTS)
         if not isinstance(self.save_states, bool):
             raise ValueError(f"{name}.save_states must be a bool, got {self.save_states!r}")
-        if self.sequential not in (None, True, False):
-            raise ValueError(f"{name}.sequential must be True, False or None (auto), got {self.sequential!r}")
-        check_int(name, "sequential_per_sm", self.sequential_per_sm, minimum=0)
-        check_choice(name, "sequential_chunk", self.sequential_chunk, CHUNKS)
-        check_power_of_two(name, "warps_sequential", self.warps_sequential, maximum=32)
 
     @staticmethod
     def _check_kernel(which: str) -> None:
@@ -125,10 +108,6 @@ class ChunkLaunchConfig(LaunchConfig):
         # fp32 operands at tile 16 overflow the registers: compiled for sm_90, the gradient kernel gets 32 registers
         # and 8 KB of stack per thread (every block spilled; tile 8: none), benchmarks/kernels_resources.py
         return self.tile or (16 if dv <= 16 and not fp32 else 8)
-
-    def sequential_min_programs(self, num_sms: int) -> int:
-        """The (sequence, head) pairs from which the auto rule takes the sequential walk on a GPU of ``num_sms``."""
-        return self.sequential_per_sm * num_sms
 
 
 CHUNK_LAUNCH: LaunchSettings[ChunkLaunchConfig] = LaunchSettings(ChunkLaunchConfig())
