@@ -68,11 +68,19 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def git_commit() -> str | None:
+def git_commit(here: str | None = None) -> str | None:
+    """HEAD's commit of the checkout holding ``here`` (default: this code), with "-dirty" appended when tracked files
+    differ from it (uncommitted changes, or a copied tree whose .git is older than its files): then only
+    ``source_digest`` names the code that ran. None outside a git checkout."""
+    here = here or os.path.dirname(os.path.abspath(__file__))
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=os.path.dirname(os.path.abspath(__file__)))
-        return out.stdout.strip() or None
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=here)
+        commit = head.stdout.strip()
+        if head.returncode or not commit:
+            return None
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                text=True, timeout=30, cwd=here)
+        return commit + "-dirty" if status.returncode or status.stdout.strip() else commit
     except (OSError, subprocess.SubprocessError):
         return None
 

@@ -91,6 +91,26 @@ def test_attention_launch_knobs_reach_the_kernels_and_bad_ones_are_named(capsys,
     assert CHUNK_LAUNCH.get() == default
 
 
+def test_git_commit_says_when_the_tree_differs_from_head(tmp_path):
+    import subprocess
+
+    from pretrain.mqar.train import git_commit
+
+    assert git_commit(str(tmp_path)) is None  # not a checkout
+    git = lambda *a: subprocess.run(["git", "-C", str(tmp_path), *a], check=True, capture_output=True)  # noqa: E731
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", "code.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    assert git_commit(str(tmp_path)) == head
+    (tmp_path / "notes.txt").write_text("untracked files do not count\n")
+    assert git_commit(str(tmp_path)) == head
+    (tmp_path / "code.py").write_text("x = 2\n")  # what a copied tree with an older .git looks like
+    assert git_commit(str(tmp_path)) == head + "-dirty"
+
+
 SHORT = ["data.num_train=1000", "data.num_test=256", "train.max_epochs=3", "train.early_stop_accuracy=null"]
 
 
