@@ -65,7 +65,12 @@ class LaunchConfig:
     :meth:`replace`)."""
 
     def replace(self, **changes: Any) -> "LaunchConfig":
-        """A copy with ``changes`` applied (validated); an unknown knob raises TypeError."""
+        """A copy with ``changes`` applied (validated); an unknown knob raises TypeError naming it and the knobs."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise TypeError(f"{type(self).__name__}: unknown knob(s) {', '.join(unknown)}; the knobs: "
+                            f"{', '.join(sorted(known))}")
         return dataclasses.replace(self, **changes)
 
     def overrides(self) -> Dict[str, Any]:

@@ -130,16 +130,12 @@ class TrainSection:
         if "fp32_dot" in self.attention_launch:
             raise ValueError("attention_launch.fp32_dot is set by precision (tf32x3 or not), not here")
         if self.attention_launch:  # imports the kernels (Triton) only when knobs are given
-            import dataclasses
-
             from kernels.linear_attention.triton_chunk.config import ChunkLaunchConfig
 
-            known = {f.name for f in dataclasses.fields(ChunkLaunchConfig)}
-            unknown = sorted(set(self.attention_launch) - known)
-            if unknown:
-                raise ValueError(f"attention_launch: unknown knob(s) {', '.join(unknown)}; the knobs: "
-                                 f"{', '.join(sorted(known - {'fp32_dot'}))}")
-            ChunkLaunchConfig(**self.attention_launch)  # a bad value raises, naming the knob
+            try:  # an unknown knob or a bad value raises, naming it
+                ChunkLaunchConfig().replace(**self.attention_launch)
+            except TypeError as e:
+                raise ValueError(f"attention_launch: {e}") from e
 
 
 @dataclass

@@ -56,7 +56,7 @@ def test_short_conv_config_rejects(bad):
 
 
 def test_unknown_knob_and_frozen():
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=r"unknown knob\(s\) tile_size; the knobs: .*\btile\b"):
         CHUNK_LAUNCH.get().replace(tile_size=8)
     with pytest.raises(dataclasses.FrozenInstanceError):
         CHUNK_LAUNCH.get().tile = 4
