@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The next MQAR device session (prepared 2026-12-06; rename this folder to the date it runs). bf16 like the
+# MQAR device session of 2026-12-06 (evening; prepared earlier that day). bf16 like the
 # settings already run, one run at a time, in this order:
 #   1. Based, d_model 64, seq 2048, lr 1e-3: the last of the first 24 settings (cut at epoch 36, at chance,
 #      on 2026-12-06e; its checkpoint resumes it if it is still here in runs/carry);
