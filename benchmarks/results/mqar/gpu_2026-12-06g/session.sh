@@ -6,11 +6,10 @@
 #   2. Based, d_model 64, seq 1024, lr 1e-2 to the end (cut at epoch 21 on 2026-12-04c at 0.115): ReBased there gained
 #      0.209 -> 0.440 from lr 1e-2, so the two mixers are compared over the same four lrs at the paper's point;
 #   3. ReBased, then Based, d_model 128, seq 2048, lr 1e-2 (about 9 min each on an H100; resumable).
-# Before the sweep, the first call times the attention op alone at the MQAR shapes (value heads of 10 and 5) under
-# launch configurations that compile without register spills for Triton 3.6 (benchmarks.kernels_resources): 8 x 8
-# tiles with 8 gradient warps, and chunks of 128 (half the per-chunk states). About 3 minutes, nothing else on the GPU.
+# Before the sweep, the first call measures the epoch time of d_model 512 at seq 2048 (ReBased, bf16, two epochs),
+# the one width the sweep's --dry-run estimate has no measurement for; about 2 minutes.
 #
-#   bash session.sh first SECONDS     # the variants, then `go`       (device tool: carry runs/carry)
+#   bash session.sh first SECONDS     # the d_model-512 epoch time, then `go`       (device tool: carry runs/carry)
 #   bash session.sh go SECONDS        # every later call, the same whether the machine is still held or fresh
 # After every call, here: bash benchmarks/mqar_gpu_session.sh collect FETCHED_FOLDER runs/carry
 set -u
@@ -23,12 +22,10 @@ stamp="$(date -u +%H%M)"
 if [[ "$action" == first ]]; then
   bash $S machine "$OUT/gpu.txt"
   start=$SECONDS
-  timeout 300 python -m benchmarks.mqar_profile attention --variants '[{}, {"tile": 8, "warps_grad": 8},
-    {"chunk": 128, "tile": 8, "warps_out": 8, "warps_grad": 8, "warps_state": 4},
-    {"dv": 5}, {"dv": 5, "tile": 8, "warps_grad": 8},
-    {"dv": 5, "chunk": 128, "tile": 8, "warps_out": 8, "warps_grad": 8, "warps_state": 4}]' \
-    >"$OUT/attention_variants_$stamp.txt" 2>&1
-  tail -n 20 "$OUT/attention_variants_$stamp.txt"
+  timeout 170 python -m benchmarks.mqar_speed --out runs/speed512 --epochs 2 --settings rebased:512:2048 \
+    --variant bf16=train.precision=bf16 >"$OUT/speed512_$stamp.txt" 2>&1
+  cp runs/speed512/mqar_speed.json "$OUT/mqar_speed_d512.json" 2>/dev/null
+  tail -n 4 "$OUT/speed512_$stamp.txt"
   seconds=$((seconds - (SECONDS - start)))
 fi
 grid="--gpus 0 train.precision=bf16"
