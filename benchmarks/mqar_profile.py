@@ -1,7 +1,7 @@
 """Where an MQAR training step spends its GPU time, and the attention kernels at the MQAR models' shapes.
 
     python -m benchmarks.mqar_profile profile [--setting rebased:128:2048] [--steps 4]
-    python -m benchmarks.mqar_profile errors [--precisions bf16,fp32,tf32x3]  # kernel error vs float64, MQAR shapes
+    python -m benchmarks.mqar_profile errors [--precisions bf16,fp32,tf32x3] [--variants JSON]  # error vs float64
     python -m benchmarks.mqar_profile attention [--variants JSON] # fwd+bwd ms of the op per launch-config variant
     python -m benchmarks.mqar_profile head [--setting rebased:128:2048]  # the LM head's matmuls per precision
 
@@ -61,17 +61,20 @@ def profile(setting: str, steps: int, overrides: list[str]) -> None:
         print(f"  {ms:8.3f} ms  {100 * ms / total:5.1f}%  {name[:110]}")
 
 
-def errors(precisions: list[str]) -> None:
-    """Relative error of o, dq, dk, dv against float64 at the MQAR shapes, per precision: bf16 inputs, fp32 inputs
-    multiplied in IEEE fp32 ("fp32") or in 3xTF32 ("tf32x3")."""
+def errors(precisions: list[str], tunings: list[dict]) -> None:
+    """Relative error of o, dq, dk, dv against float64 at the MQAR shapes, per launch-config variant (a dict of
+    ChunkLaunchConfig knobs) and precision: bf16 inputs, fp32 inputs multiplied in IEEE fp32 ("fp32") or in 3xTF32
+    ("tf32x3")."""
     import torch
 
     import kernels
-    from kernels.linear_attention.triton_chunk import CHUNK_LAUNCH
+    from kernels.linear_attention.triton_chunk import CHUNK_LAUNCH, ChunkLaunchConfig
 
-    for precision in precisions:
+    for tuning, precision in ((t, p) for t in tunings for p in precisions):
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        CHUNK_LAUNCH.update(fp32_dot="tf32x3" if precision == "tf32x3" else "ieee")
+        CHUNK_LAUNCH.set(ChunkLaunchConfig(fp32_dot="tf32x3" if precision == "tf32x3" else "ieee", **tuning))
+        if tuning:
+            precision = f"{precision} {json.dumps(tuning)}"
         for kind in ("rebased", "based"):
             fn = kernels.rebased_attention if kind == "rebased" else kernels.based_attention
             for dv in (5, 10, 16, 64):
@@ -170,7 +173,7 @@ def main() -> None:
     if args.what == "profile":
         profile(args.setting, args.steps, args.override)
     elif args.what == "errors":
-        errors(args.precisions.split(","))
+        errors(args.precisions.split(","), json.loads(args.variants))
     elif args.what == "head":
         head(args.setting)
     elif args.what == "attention":
