@@ -73,8 +73,7 @@ def errors(precisions: list[str], tunings: list[dict]) -> None:
     for tuning, precision in ((t, p) for t in tunings for p in precisions):
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         CHUNK_LAUNCH.set(ChunkLaunchConfig(fp32_dot="tf32x3" if precision == "tf32x3" else "ieee", **tuning))
-        if tuning:
-            precision = f"{precision} {json.dumps(tuning)}"
+        label = f"{precision} {json.dumps(tuning)}" if tuning else precision
         for kind in ("rebased", "based"):
             fn = kernels.rebased_attention if kind == "rebased" else kernels.based_attention
             for dv in (5, 10, 16, 64):
@@ -87,7 +86,7 @@ def errors(precisions: list[str], tunings: list[dict]) -> None:
                 err = {n: ((a.double() - r).norm() / r.norm()).item()
                        for n, a, r in zip(("o", "dq", "dk", "dv"), (o, *g), (o_ref, *g_ref))}
                 errs = " ".join(f"{n} {e:.2e}" for n, e in err.items())
-                print(f"{kind} dv={dv} {precision} B=8 T=2048 H=12: {errs}", flush=True)
+                print(f"{kind} dv={dv} {label} B=8 T=2048 H=12: {errs}", flush=True)
 
 
 def attention_one(tuning: dict) -> dict:

@@ -2,7 +2,7 @@
 # MQAR device session of 2026-12-06 (fourteenth session): the sequential walk of the attention kernels
 # (kernels/linear_attention/triton_chunk/sequential.py) checked and timed against the chunk-parallel kernels, then
 # the sweep. bf16 like the settings already run. A record: the walk and its `sequential*` knobs were removed after
-# this session measured them (README.md here), so only `go` still runs; the next sweep is ../gpu_next/session.sh.
+# this session measured them (README.md here), so only `go` still runs; the next sweep ran as ../gpu_2026-12-06g/session.sh.
 #
 #   bash session.sh kernels SECONDS   # call 1: the walk's GPU tests, the op alone per launch variant, and issue
 #                                     # 17's epoch time with the chunk-parallel kernels and with the walk
