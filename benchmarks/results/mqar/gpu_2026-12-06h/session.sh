@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The next MQAR device session (prepared 2026-12-06 evening; rename this folder to the date it runs). bf16 like the
+# The MQAR device session of 2026-12-06, 21:00 UTC on (prepared that evening). bf16 like the
 # settings already run, one run at a time, in this order:
 #   1. Based, d_model 64, seq 1024, lr 1e-2 to the end (cut at epoch 34 on 2026-12-06g at 0.355; its checkpoint
 #      resumes it if it is still in runs/carry, else it starts afresh: about 5 minutes on an H100);
