@@ -8,14 +8,24 @@
 #
 #   bash session.sh first SECONDS     # records the machine, then `go`       (device tool: carry runs/carry)
 #   bash session.sh go SECONDS        # every later call, the same whether the machine is still held or fresh
+#   bash session.sh speed             # d_model 512's epoch time (bf16, seq 2048), for the grid's estimate; alone
 # After every call, here: bash benchmarks/mqar_gpu_session.sh collect FETCHED_FOLDER runs/carry
 set -u
 cd "$(dirname "$0")/../../../.." || exit 1
 mkdir -p runs/carry  # what the device tool carried in; without it, every setting starts afresh
-action="${1:?first | go}"
-seconds="${2:?SECONDS}"
+action="${1:?first | go | speed}"
 S=benchmarks/mqar_gpu_session.sh
 stamp="$(date -u +%H%M)"
+if [[ "$action" == speed ]]; then
+  bash $S machine "$OUT/gpu_speed.txt"
+  python -m benchmarks.mqar_speed --out /tmp/speed512 --settings rebased:512:2048 --epochs 2 \
+    --variant bf16=train.precision=bf16 2>&1 | tail -5
+  status=${PIPESTATUS[0]}
+  cp /tmp/speed512/mqar_speed.json "$OUT/mqar_speed_d512.json"
+  tar czf "$OUT/speed512.tgz" -C /tmp speed512
+  exit "$status"
+fi
+seconds="${2:?SECONDS}"
 if [[ "$action" == first ]]; then
   bash $S machine "$OUT/gpu.txt"
 fi
