@@ -2,7 +2,8 @@
 # The MQAR device session of 2026-12-07, from 00:00 UTC (prepared 2026-12-06, 23:55). bf16 like the settings
 # already run.
 #   speed: three timings of the same command (`python -m benchmarks.mqar_speed`, 3 epochs, early stop off):
-#     d_model 128, seq 2048 alone (this card's baseline), the same with three copies at once on the GPU (the
+#     d_model 128, seq 2048 alone (this card's baseline; and with micro-batches of 1M tokens, the whole 512-sequence
+#     batch in one, against the default 512k), the same with three copies at once on the GPU (the
 #     per-run GPU time of a packed sweep), and d_model 512, seq 2048 alone (2 epochs; the grid estimate lacks d 512).
 #   go: resumable sweeps, one after the other:
 #     1. Based, d_model 64, seq 2048, lr 1e-3 from its checkpoint after epoch 25 (in runs/carry), alone;
@@ -24,14 +25,14 @@ if [[ "$action" == first ]]; then
   speed() {  # NAME TIMEOUT ARGS...: one mqar_speed table, kept whether it finishes or is cut
     local name="$1" limit="$2"
     shift 2
-    timeout "$limit" python -m benchmarks.mqar_speed --out "/tmp/speed/$name" "$@" \
-      --variant bf16=train.precision=bf16 >"/tmp/speed/$name.log" 2>&1
+    timeout "$limit" python -m benchmarks.mqar_speed --out "/tmp/speed/$name" "$@" >"/tmp/speed/$name.log" 2>&1
     echo "speed $name: exit $?" >>/tmp/speed/exits.txt
   }
   mkdir -p /tmp/speed
-  speed alone 100 --settings rebased:128:2048 --epochs 3
-  speed packed3 150 --settings rebased:128:2048 --epochs 3 --concurrent 3
-  speed d512 130 --settings rebased:512:2048 --epochs 2
+  speed alone 170 --settings rebased:128:2048 --epochs 3 --variant bf16=train.precision=bf16 \
+    --variant bf16_micro1M=train.precision=bf16,train.micro_batch_tokens=1048576
+  speed packed3 150 --settings rebased:128:2048 --epochs 3 --concurrent 3 --variant bf16=train.precision=bf16
+  speed d512 130 --settings rebased:512:2048 --epochs 2 --variant bf16=train.precision=bf16
   nvidia-smi >"/tmp/speed/nvidia_smi.txt" 2>&1
   tar czf "$OUT/speed.tgz" -C /tmp speed
 fi
