@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The MQAR device session of 2026-12-07, from 00:00 UTC (prepared 2026-12-06, 23:55). bf16 like the settings
 # already run.
-#   speed: three timings of the same command (`python -m benchmarks.mqar_speed`, 3 epochs, early stop off):
-#     d_model 128, seq 2048 alone (this card's baseline; and with micro-batches of 1M tokens, the whole 512-sequence
-#     batch in one, against the default 512k), the same with three copies at once on the GPU (the
-#     per-run GPU time of a packed sweep), and d_model 512, seq 2048 alone (2 epochs; the grid estimate lacks d 512).
-#   go: resumable sweeps, one after the other:
-#     1. Based, d_model 64, seq 2048, lr 1e-3 from its checkpoint after epoch 25 (in runs/carry), alone;
-#     2. ReBased and Based, d_model 128, seq 2048, lr 1e-2, both at once on the GPU (--runs-per-gpu 2).
+#   speed: timings of the same command (`python -m benchmarks.mqar_speed`, early stop off): d_model 128, seq 2048
+#     (3 epochs; this card's baseline, and with micro-batches of 1M tokens, the whole 512-sequence batch in one,
+#     against the default 512k), and d_model 512, seq 2048 (2 epochs; the grid estimate lacks d 512). Packing runs
+#     is not timed again: two at once at seq 2048 were slower per run than one alone (gpu_2026-12-06c, H100).
+#   go: resumable, one run at a time:
+#     1. Based, d_model 64, seq 2048, lr 1e-3 from its checkpoint after epoch 25 (in runs/carry);
+#     2. ReBased, then Based, d_model 128, seq 2048, lr 1e-2.
 #
 #   bash session.sh first SECONDS     # records the machine, runs `speed`, then `go` for what is left of SECONDS
 #   bash session.sh go SECONDS        # every later call, the same whether the machine is still held or fresh
@@ -31,7 +31,6 @@ if [[ "$action" == first ]]; then
   mkdir -p /tmp/speed
   speed alone 170 --settings rebased:128:2048 --epochs 3 --variant bf16=train.precision=bf16 \
     --variant bf16_micro1M=train.precision=bf16,train.micro_batch_tokens=1048576
-  speed packed3 150 --settings rebased:128:2048 --epochs 3 --concurrent 3 --variant bf16=train.precision=bf16
   speed d512 130 --settings rebased:512:2048 --epochs 2 --variant bf16=train.precision=bf16
   nvidia-smi >"/tmp/speed/nvidia_smi.txt" 2>&1
   tar czf "$OUT/speed.tgz" -C /tmp speed
@@ -40,7 +39,7 @@ grid="--gpus 0 train.precision=bf16"
 # shellcheck disable=SC2086
 bash $S go runs/s $(( deadline - $(date +%s) - 15 )) "$OUT/s_$stamp.tgz" --checkpoints --every 60 --from runs/carry -- \
   --mixers based --d-models 64 --seq-lens 2048 --lrs 1e-3 $grid \
-  --then --mixers rebased based --d-models 128 --seq-lens 2048 --lrs 1e-2 $grid --runs-per-gpu 2
+  --then --mixers rebased based --d-models 128 --seq-lens 2048 --lrs 1e-2 $grid
 status=$?  # the sweep's, once it has finished
 nvidia-smi >"$OUT/nvidia_smi_$stamp.txt" 2>&1
 exit "$status"
