@@ -4,7 +4,7 @@
 #   speed: timings of the same command (`python -m benchmarks.mqar_speed`, early stop off): d_model 128, seq 2048
 #     (3 epochs; this card's baseline, and with micro-batches of 1M tokens, the whole 512-sequence batch in one,
 #     against the default 512k), and d_model 512, seq 2048 (2 epochs; the grid estimate lacks d 512). Packing runs
-#     is not timed again: two at once at seq 2048 were slower per run than one alone (gpu_2026-12-06c, H100).
+#     is not timed again: two at once at seq 2048 took 19-20 s per epoch each against 8.6 alone (H100, 2026-12-05).
 #   go: resumable, one run at a time:
 #     1. Based, d_model 64, seq 2048, lr 1e-3 from its checkpoint after epoch 25 (in runs/carry);
 #     2. ReBased, then Based, d_model 128, seq 2048, lr 1e-2.
