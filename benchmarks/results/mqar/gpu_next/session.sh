@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The MQAR device session of 2026-12-07, from 00:00 UTC (prepared 2026-12-06, 23:55). bf16 like the settings
-# already run; one run at a time (two at once at seq 2048 took 19-20 s per epoch each against 8.6 alone: H100,
-# 2026-12-05).
+# The next MQAR device session (prepared 2026-12-06, 23:55 UTC; no machine came on 2026-12-07 between 23:55 and
+# 01:32, so it has not run: rename this folder to the date it runs). bf16 like the settings already run; one run at
+# a time (two at once at seq 2048 took 19-20 s per epoch each against 8.6 alone: H100, 2026-12-05).
 #   first SECONDS: records the machine, then
 #     1. Based, d_model 64, seq 2048, lr 1e-3 from its checkpoint after epoch 25 (in runs/carry) to the end: the last
 #        of the issue's first 24 settings (about 5 minutes);
@@ -10,7 +10,9 @@
 #        against the default 512k), then d_model 512, seq 2048 for 2 (the grid estimate lacks d 512).
 #   go SECONDS: every later call, the same whether the machine is still held or fresh: run 1 if it has not finished,
 #     then ReBased and Based, d_model 128, seq 2048, lr 1e-2 (about 9 minutes each on an H100; resumable).
-# (device tool: carry runs/carry). After every call, here: bash benchmarks/mqar_gpu_session.sh collect FETCHED runs/carry
+# With less than about 400 s of device time, skip the timings: `bash benchmarks/mqar_gpu_session.sh machine
+# "$OUT/gpu.txt"; bash session.sh go SECONDS`. Device tool: carry runs/carry. After every call, here:
+#   bash benchmarks/mqar_gpu_session.sh collect FETCHED runs/carry
 set -u
 cd "$(dirname "$0")/../../../.." || exit 1
 mkdir -p runs/carry  # what the device tool carried in; without it, every setting starts afresh
