@@ -89,3 +89,14 @@ def print_estimate(statuses: list[SettingStatus], table: dict, max_epochs: int) 
     print(f"estimate: {total_h:.2f} GPU-hours for the {len(pending) - len(unknown)} pending settings with a measured "
           f"or scaled epoch time ({max_epochs} epochs each: an upper bound, early stops end runs sooner)"
           + (f"; no epoch time for {len(unknown)} (d_model {sorted({s.d_model for s in unknown})})" if unknown else ""))
+    # where the time goes: the long sequences at small widths rarely stop early, so they bound a grid's cost
+    hours: dict[tuple[int, int], float] = {}
+    for s, t in known:
+        if t is not None:
+            hours[(s.d_model, s.seq_len)] = hours.get((s.d_model, s.seq_len), 0.0) + t * max_epochs / 3600
+    if hours:
+        widths, lengths = sorted({d for d, _ in hours}), sorted({L for _, L in hours})
+        print("GPU-hours by d_model (rows) and seq_len (columns), all mixers, lrs and seeds:")
+        print(f"{'':>8}" + "".join(f"{L:>8}" for L in lengths))
+        for d in widths:
+            print(f"{d:>8}" + "".join(f"{hours[(d, L)]:>8.2f}" if (d, L) in hours else f"{'-':>8}" for L in lengths))

@@ -286,6 +286,12 @@ def test_dry_run_estimates_gpu_time_from_measured_epochs(tmp_path, capsys):
     hours = 10 * (4.0 + 8.0) / 3600
     assert f"estimate: {hours:.2f} GPU-hours for the 2 pending settings" in printed
     assert "no epoch time for 2 (d_model [128])" in printed
+    # the breakdown by width and length: d_model 64's two lengths, nothing for the unmeasured width
+    lines = printed.splitlines()
+    header = lines.index("GPU-hours by d_model (rows) and seq_len (columns), all mixers, lrs and seeds:")
+    assert lines[header + 1].split() == ["1024", "2048"]
+    assert lines[header + 2].split() == ["64", f"{10 * 4.0 / 3600:.2f}", f"{10 * 8.0 / 3600:.2f}"]
+    assert not any(line.split()[:1] == ["128"] for line in lines[header + 1:])
     assert main(["--out", str(out), "--mixers", "rebased", "--d-models", "64", "--seq-lens", "1024", "2048",
                  "--lrs", "0.001", "--dry-run", "--epoch-times", str(table), "train.max_epochs=10",
                  "train.precision=fp32"]) == 0
