@@ -83,17 +83,20 @@ def print_estimate(statuses: list[SettingStatus], table: dict, max_epochs: int) 
     pending = [s.setting for s in statuses if s.state != "done"]
     if not pending:
         return
-    known = [(s, estimate_epoch_s(table, s.mixer, s.d_model, s.seq_len)) for s in pending]
-    unknown = [s for s, t in known if t is None]
-    total_h = sum(t for _, t in known if t is not None) * max_epochs / 3600
-    print(f"estimate: {total_h:.2f} GPU-hours for the {len(pending) - len(unknown)} pending settings with a measured "
-          f"or scaled epoch time ({max_epochs} epochs each: an upper bound, early stops end runs sooner)"
-          + (f"; no epoch time for {len(unknown)} (d_model {sorted({s.d_model for s in unknown})})" if unknown else ""))
-    # where the time goes: the long sequences at small widths rarely stop early, so they bound a grid's cost
+    # GPU-hours by (d_model, seq_len): the total and where it goes (the long sequences at small widths rarely stop
+    # early, so they bound a grid's cost)
     hours: dict[tuple[int, int], float] = {}
-    for s, t in known:
-        if t is not None:
-            hours[(s.d_model, s.seq_len)] = hours.get((s.d_model, s.seq_len), 0.0) + t * max_epochs / 3600
+    unknown = []
+    for s in pending:
+        epoch_s = estimate_epoch_s(table, s.mixer, s.d_model, s.seq_len)
+        if epoch_s is None:
+            unknown.append(s)
+        else:
+            hours[(s.d_model, s.seq_len)] = hours.get((s.d_model, s.seq_len), 0.0) + epoch_s * max_epochs / 3600
+    print(f"estimate: {sum(hours.values()):.2f} GPU-hours for the {len(pending) - len(unknown)} pending settings "
+          f"with a measured or scaled epoch time ({max_epochs} epochs each: an upper bound, early stops end runs "
+          "sooner)"
+          + (f"; no epoch time for {len(unknown)} (d_model {sorted({s.d_model for s in unknown})})" if unknown else ""))
     if hours:
         widths, lengths = sorted({d for d, _ in hours}), sorted({L for _, L in hours})
         print("GPU-hours by d_model (rows) and seq_len (columns), all mixers, lrs and seeds:")
