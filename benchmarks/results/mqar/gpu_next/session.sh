@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The next MQAR device session (prepared 2026-12-06, 23:55 UTC; no machine came on 2026-12-07 between 23:55 and
-# 01:32, so it has not run: rename this folder to the date it runs). bf16 like the settings already run; one run at
-# a time (two at once at seq 2048 took 19-20 s per epoch each against 8.6 alone: H100, 2026-12-05).
+# The next MQAR device session (prepared 2026-12-06, 23:55 UTC; no machine came in either device session of
+# 2026-12-07, README.md here, so it has not run: rename this folder to the date it runs). bf16 like the settings
+# already run; one run at a time (two at once at seq 2048 took 19-20 s per epoch each against 8.6 alone: H100,
+# 2026-12-05).
 #   first SECONDS: records the machine, then
 #     1. Based, d_model 64, seq 2048, lr 1e-3 from its checkpoint after epoch 25 (in runs/carry) to the end: the last
 #        of the first 24 settings (about 5 minutes);
