@@ -1,11 +1,10 @@
 #!/usr/bin/env bash
-# The next MQAR device session (prepared 2026-12-06, 23:55 UTC; no machine came in either device session of
-# 2026-12-07, README.md here, so it has not run: rename this folder to the date it runs). bf16 like the settings
-# already run; one run at a time (two at once at seq 2048 took 19-20 s per epoch each against 8.6 alone: H100,
-# 2026-12-05).
+# The next MQAR device session (prepared 2026-12-07, 08:00 UTC: gpu_2026-12-07/session.sh again, for what that
+# session's one short call left; rename this folder to the date it runs). bf16 like the settings already run; one
+# run at a time (two at once at seq 2048 took 19-20 s per epoch each against 8.6 alone: H100, 2026-12-05).
 #   first SECONDS: records the machine, then
-#     1. Based, d_model 64, seq 2048, lr 1e-3 from its checkpoint after epoch 25 (in runs/carry) to the end: the last
-#        of the first 24 settings (about 5 minutes);
+#     1. Based, d_model 64, seq 2048, lr 1e-3 from its checkpoint after epoch 56 (in runs/carry) to the end: the last
+#        of the first 24 settings (8 epochs, about 1 minute);
 #     2. timings of `python -m benchmarks.mqar_speed` (early stop off) in what is left: d_model 128, seq 2048 for 3
 #        epochs (this card's baseline, and with micro-batches of 1M tokens, the whole 512-sequence batch in one,
 #        against the default 512k), then d_model 512, seq 2048 for 2 (the grid estimate lacks d 512).
