@@ -1,6 +1,6 @@
 """How long the MQAR grid's pending settings will take: GPU seconds per epoch measured by
 ``benchmarks/mqar_speed.py`` or read from finished results, scaled to unmeasured lengths; the sweep's ``--dry-run``
-estimate and its ``--order cheapest-first``."""
+estimate, with its floor (the matmul FLOPs at a GPU's peak rate), and its ``--order cheapest-first``."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from pretrain.mqar.results import read_result
 
 if TYPE_CHECKING:  # the sweep imports this module
+    from pretrain.mqar.config import MQARConfig
     from pretrain.mqar.sweep import Setting, SettingStatus
 
 
@@ -71,6 +72,24 @@ def estimate_epoch_s(table: dict, mixer: str, d_model: int, seq_len: int) -> flo
     return None
 
 
+# Dense bf16 tensor-core peak of one H100 SXM or H200, TFLOP/s: the yardstick of the FLOP floor below.
+PEAK_BF16_TFLOPS = 989.0
+
+
+def epoch_flops(cfg: MQARConfig) -> float:
+    """Matmul FLOPs of one epoch of ``cfg``'s run, counted for the minimal algorithm (``pretrain.models.flops``):
+    forward and backward (3x forward) over the train split, plus the evaluation's forward over the test split. The
+    LM head runs at the query positions only, as the runner computes it; norms and other elementwise work are left
+    out. At a GPU's peak rate this is the least time an epoch can take."""
+    from pretrain.models.flops import flops_per_token  # the model zoo imports the kernels (Triton): only when asked
+
+    model_cfg, spec = cfg.model_config(), cfg.data.spec()
+    per_token = flops_per_token(model_cfg, spec.seq_len)
+    body = per_token["forward"] - per_token["breakdown"]["lm_head"]
+    per_sequence = body * spec.seq_len + 2 * model_cfg.d_model * model_cfg.vocab_size * spec.num_kv_pairs
+    return per_sequence * (3 * spec.num_train + spec.num_test)
+
+
 def order_cheapest_first(settings: list[Setting], table: dict) -> list[Setting]:
     """Settings by estimated seconds per epoch (unmeasured widths by d_model x seq_len), ties in grid order."""
     def cost(s: Setting):
@@ -79,7 +98,10 @@ def order_cheapest_first(settings: list[Setting], table: dict) -> list[Setting]:
     return sorted(settings, key=cost)
 
 
-def print_estimate(statuses: list[SettingStatus], table: dict, max_epochs: int) -> None:
+def print_estimate(statuses: list[SettingStatus], table: dict, max_epochs: int,
+                   flops_of: Callable[[Setting], float] | None = None) -> None:
+    """The pending settings' GPU-hours from ``table`` (``max_epochs`` each), by width and length; with
+    ``flops_of`` (a setting's FLOPs per epoch), also the floor: the same epochs at ``PEAK_BF16_TFLOPS``."""
     pending = [s.setting for s in statuses if s.state != "done"]
     if not pending:
         return
@@ -103,3 +125,10 @@ def print_estimate(statuses: list[SettingStatus], table: dict, max_epochs: int) 
         print(f"{'':>8}" + "".join(f"{L:>8}" for L in lengths))
         for d in widths:
             print(f"{d:>8}" + "".join(f"{hours[(d, L)]:>8.2f}" if (d, L) in hours else f"{'-':>8}" for L in lengths))
+    if flops_of is not None:
+        floor = sum(flops_of(s) for s in pending) * max_epochs / (PEAK_BF16_TFLOPS * 1e12) / 3600
+        known = sum(hours.values())
+        ratio = f"; the estimate above is {known / floor:.1f}x it" if known and not unknown else ""
+        print(f"floor: {floor:.2f} GPU-hours for the {len(pending)} pending settings if every matmul FLOP ran at "
+              f"{PEAK_BF16_TFLOPS:.0f} TFLOP/s (the dense bf16 peak of an H100 or H200; {max_epochs} epochs each, "
+              f"LM head at the query positions){ratio}")

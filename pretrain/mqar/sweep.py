@@ -46,7 +46,7 @@ from pathlib import Path
 
 from pretrain.config import ConfigError, dotted_keys, parse_override, to_dict
 from pretrain.mqar.config import REPO_ROOT, format_lr, load_mqar_config, setting_name
-from pretrain.mqar.estimate import measured_epoch_times, order_cheapest_first, print_estimate
+from pretrain.mqar.estimate import epoch_flops, measured_epoch_times, order_cheapest_first, print_estimate
 from pretrain.mqar.results import check_result, read_result
 
 DEFAULT_CONFIG = "configs/mqar/base.yaml"
@@ -526,7 +526,8 @@ def main(argv=None) -> int:
 
     if args.dry_run:
         _print_statuses(statuses, sweep.out_dir)
-        print_estimate(statuses, epoch_times(), train_cfg.max_epochs)
+        print_estimate(statuses, epoch_times(), train_cfg.max_epochs,
+                       lambda s: epoch_flops(load_mqar_config(sweep.config, sweep.run_overrides(s))))
         return 0
     stale = [s for s in statuses if s.state == "stale"]
     if stale and not args.rerun_stale:

@@ -298,6 +298,33 @@ def test_dry_run_estimates_gpu_time_from_measured_epochs(tmp_path, capsys):
     assert f"estimate: {10 * (12.0 + 24.0) / 3600:.2f} GPU-hours for the 2 pending settings" in capsys.readouterr().out
 
 
+def test_epoch_flops_counts_the_head_at_query_positions_and_the_test_split_forward_only():
+    """An epoch's matmul FLOPs: the LM head costs 2·d·vocab per query (not per token), and each test sequence costs
+    a third of a train sequence (forward only). Varying one factor at a time isolates each term."""
+    def flops(*overrides):
+        return mqar_estimate.epoch_flops(mqar_sweep.load_mqar_config(
+            TINY, ["model.d_model=64", "data.seq_len=32", "data.num_kv_pairs=4", *overrides]))
+
+    base = flops("data.vocab_size=64", "data.num_train=10", "data.num_test=5")
+    sequences = 3 * 10 + 5
+    assert flops("data.vocab_size=96", "data.num_train=10", "data.num_test=5") - base == pytest.approx(
+        2 * 64 * 32 * 4 * sequences)  # 32 more words at 4 queries per sequence
+    per_train = flops("data.vocab_size=64", "data.num_train=11", "data.num_test=5") - base
+    per_test = flops("data.vocab_size=64", "data.num_train=10", "data.num_test=6") - base
+    assert per_train == pytest.approx(3 * per_test) and per_test > 2 * 64 * 64 * 4
+    assert base == pytest.approx(per_test * sequences)
+
+
+def test_dry_run_prints_the_flop_floor(tmp_path, capsys, monkeypatch):
+    """The floor is the pending settings' FLOPs per epoch x epochs at the peak rate."""
+    out = tmp_path / "r"
+    monkeypatch.setattr(mqar_sweep, "epoch_flops", lambda cfg: 3.6e15 * cfg.data.seq_len)
+    assert main([*GRID[:2], "--out", str(out), "--mixers", "rebased", "--d-models", "64", "--seq-lens", "16", "32",
+                 "--lrs", "0.01", "--dry-run", "--epoch-times", "train.max_epochs=5"]) == 0
+    hours = 5 * 3.6e15 * (16 + 32) / (mqar_estimate.PEAK_BF16_TFLOPS * 1e12) / 3600
+    assert f"floor: {hours:.2f} GPU-hours for the 2 pending settings" in capsys.readouterr().out
+
+
 def test_cheapest_first_starts_the_shortest_estimated_epochs(tmp_path, fake_runs, capsys):
     """--order cheapest-first: estimated seconds per epoch ascending (unmeasured widths last, by d_model x seq_len)."""
     measured = {("rebased", 64, 2048): 8.0, ("based", 64, 512): 1.0}
