@@ -7,14 +7,24 @@
 #   2. ReBased, d_model 64, seq 2048, lr 3e-3 in fp32, the original's precision (bf16: 0.008), issue 17's bf16 against
 #      fp32 check at one hard setting (about 3× bf16's 7.7 s per epoch: it resumes over two or three calls).
 # Every call: `bash benchmarks/results/mqar/gpu_next/session.sh SECONDS` (device tool: carry runs/carry; SECONDS about
-# 30 below the call's timeout), the same whether the machine is still held or fresh. Record the machine once:
-# `bash benchmarks/mqar_gpu_session.sh machine "$OUT/gpu.txt"; bash .../session.sh SECONDS`. After every call, here:
+# 30 below the call's timeout), the same whether the machine is still held or fresh. The first call of a session:
+# `bash benchmarks/results/mqar/gpu_next/session.sh SECONDS first`, which before the sweep records the machine and,
+# on the idle GPU, profiles the d_model 128, seq 2048 step as it is now (the last profile predates the Triton loss
+# kernel; about 2 minutes; `$OUT/profile_d128.txt`). After every call, here:
 #   bash benchmarks/mqar_gpu_session.sh collect FETCHED runs/carry
 set -u
 cd "$(dirname "$0")/../../../.." || exit 1
 mkdir -p runs/carry  # what the device tool carried in; without it, every setting starts afresh
 seconds="${1:?SECONDS}"
+deadline=$(( $(date +%s) + seconds ))
 stamp="$(date -u +%H%M)"
+if [[ "${2:-}" == first ]]; then
+  bash benchmarks/mqar_gpu_session.sh machine "$OUT/gpu.txt"
+  timeout 180 python -m benchmarks.mqar_profile profile --setting rebased:128:2048 --steps 4 \
+    --override train.precision=bf16 >"$OUT/profile_d128.txt" 2>&1
+  echo "profile: exit $?" >>"$OUT/profile_d128.txt"
+fi
+seconds=$(( deadline - $(date +%s) ))
 # shellcheck disable=SC2086
 bash benchmarks/mqar_gpu_session.sh go runs/s "$((seconds - 15))" "$OUT/s_$stamp.tgz" --checkpoints --every 60 \
   --from runs/carry -- --mixers rebased based --d-models 64 --seq-lens 1024 --lrs 1e-2 --seeds 1 2 --gpus 0 \
