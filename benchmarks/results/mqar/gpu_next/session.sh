@@ -10,7 +10,8 @@
 # 30 below the call's timeout), the same whether the machine is still held or fresh. The first call of a session:
 # `bash benchmarks/results/mqar/gpu_next/session.sh SECONDS first`, which before the sweep records the machine and,
 # on the idle GPU, profiles the d_model 128, seq 2048 step as it is now (the last profile predates the Triton loss
-# kernel; about 2 minutes; `$OUT/profile_d128.txt`). After every call, here:
+# kernel; about 2 minutes; `$OUT/profile_d128.txt`) and measures the attention kernels' bf16 error at the MQAR
+# shapes (`$OUT/errors.txt`). After every call, here:
 #   bash benchmarks/mqar_gpu_session.sh collect FETCHED runs/carry
 set -u
 cd "$(dirname "$0")/../../../.." || exit 1
@@ -23,6 +24,11 @@ if [[ "${2:-}" == first ]]; then
   timeout 180 python -m benchmarks.mqar_profile profile --setting rebased:128:2048 --steps 4 \
     --override train.precision=bf16 >"$OUT/profile_d128.txt" 2>&1
   echo "profile: exit $?" >>"$OUT/profile_d128.txt"
+  # the kernels' bf16 error against float64 at the MQAR shapes, as they are now (the last table, 2026-12-04, predates
+  # the 16 x 16 tiles narrow value heads use; ReBased's dq and dk were then 4-5x less accurate at value heads of 5
+  # and 10 than at 16 or more, Based's not: a lead for ReBased's gap to the paper; about a minute)
+  timeout 150 python -m benchmarks.mqar_profile errors >"$OUT/errors.txt" 2>&1
+  echo "errors: exit $?" >>"$OUT/errors.txt"
 fi
 seconds=$(( deadline - $(date +%s) ))
 # shellcheck disable=SC2086
