@@ -67,7 +67,8 @@ def pydoc_topics():
             yield "Pile-CC", f"{name}\n\n{text}\n"
 
 
-def module_docstrings(files):
+def _parsed_modules(files):
+    """(module name, syntax tree) of each readable standard-library file that parses."""
     for rel, path in files:
         src = _read(path)
         if not src:
@@ -76,22 +77,18 @@ def module_docstrings(files):
             tree = ast.parse(src)
         except (SyntaxError, ValueError):
             continue
+        yield rel[:-3].replace("/", ".").removesuffix(".__init__"), tree
+
+
+def module_docstrings(files):
+    for mod, tree in _parsed_modules(files):
         doc = ast.get_docstring(tree)
         if doc and len(doc) > 200:
-            mod = rel[:-3].replace("/", ".").removesuffix(".__init__")
             yield "Wikipedia (en)", f"{mod}\n\n{doc}\n"
 
 
 def qa_pages(files):
-    for rel, path in files:
-        src = _read(path)
-        if not src:
-            continue
-        try:
-            tree = ast.parse(src)
-        except (SyntaxError, ValueError):
-            continue
-        mod = rel[:-3].replace("/", ".").removesuffix(".__init__")
+    for mod, tree in _parsed_modules(files):
         for node in tree.body:
             if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
                 doc = ast.get_docstring(node)
