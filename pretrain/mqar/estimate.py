@@ -72,8 +72,9 @@ def estimate_epoch_s(table: dict, mixer: str, d_model: int, seq_len: int) -> flo
     return None
 
 
-# Dense bf16 tensor-core peak of one H100 SXM or H200, TFLOP/s: the yardstick of the FLOP floor below.
-PEAK_BF16_TFLOPS = 989.0
+# Dense peak of one H100 SXM or H200 in TFLOP/s by train.precision, the yardstick of the FLOP floor below: bf16 and
+# TF32 tensor cores; tf32x3 at best three TF32 products per product; IEEE fp32 on the CUDA cores.
+PEAK_TFLOPS = {"bf16": 989.0, "tf32": 495.0, "tf32x3": 165.0, "fp32": 67.0}
 
 
 def epoch_flops(cfg: MQARConfig) -> float:
@@ -99,9 +100,9 @@ def order_cheapest_first(settings: list[Setting], table: dict) -> list[Setting]:
 
 
 def print_estimate(statuses: list[SettingStatus], table: dict, max_epochs: int,
-                   flops_of: Callable[[Setting], float] | None = None) -> None:
+                   flops_of: Callable[[Setting], float] | None = None, precision: str = "bf16") -> None:
     """The pending settings' GPU-hours from ``table`` (``max_epochs`` each), by width and length; with
-    ``flops_of`` (a setting's FLOPs per epoch), also the floor: the same epochs at ``PEAK_BF16_TFLOPS``."""
+    ``flops_of`` (a setting's FLOPs per epoch), also the floor: the same epochs at ``PEAK_TFLOPS[precision]``."""
     pending = [s.setting for s in statuses if s.state != "done"]
     if not pending:
         return
@@ -126,9 +127,10 @@ def print_estimate(statuses: list[SettingStatus], table: dict, max_epochs: int,
         for d in widths:
             print(f"{d:>8}" + "".join(f"{hours[(d, L)]:>8.2f}" if (d, L) in hours else f"{'-':>8}" for L in lengths))
     if flops_of is not None:
-        floor = sum(flops_of(s) for s in pending) * max_epochs / (PEAK_BF16_TFLOPS * 1e12) / 3600
+        peak = PEAK_TFLOPS[precision]
+        floor = sum(flops_of(s) for s in pending) * max_epochs / (peak * 1e12) / 3600
         known = sum(hours.values())
         ratio = f"; the estimate above is {known / floor:.1f}x it" if known and not unknown else ""
         print(f"floor: {floor:.2f} GPU-hours for the {len(pending)} pending settings if every matmul FLOP ran at "
-              f"{PEAK_BF16_TFLOPS:.0f} TFLOP/s (the dense bf16 peak of an H100 or H200; {max_epochs} epochs each, "
+              f"{peak:.0f} TFLOP/s (the dense {precision} peak of an H100 or H200; {max_epochs} epochs each, "
               f"LM head at the query positions){ratio}")

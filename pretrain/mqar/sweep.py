@@ -527,7 +527,8 @@ def main(argv=None) -> int:
     if args.dry_run:
         _print_statuses(statuses, sweep.out_dir)
         print_estimate(statuses, epoch_times(), train_cfg.max_epochs,
-                       lambda s: epoch_flops(load_mqar_config(sweep.config, sweep.run_overrides(s))))
+                       lambda s: epoch_flops(load_mqar_config(sweep.config, sweep.run_overrides(s))),
+                       train_cfg.precision)
         return 0
     stale = [s for s in statuses if s.state == "stale"]
     if stale and not args.rerun_stale:

@@ -316,13 +316,16 @@ def test_epoch_flops_counts_the_head_at_query_positions_and_the_test_split_forwa
 
 
 def test_dry_run_prints_the_flop_floor(tmp_path, capsys, monkeypatch):
-    """The floor is the pending settings' FLOPs per epoch x epochs at the peak rate."""
+    """The floor is the pending settings' FLOPs per epoch x epochs at the peak rate of the sweep's precision (IEEE
+    fp32 runs on the CUDA cores, about 15x slower than bf16 on the tensor cores)."""
     out = tmp_path / "r"
     monkeypatch.setattr(mqar_sweep, "epoch_flops", lambda cfg: 3.6e15 * cfg.data.seq_len)
-    assert main([*GRID[:2], "--out", str(out), "--mixers", "rebased", "--d-models", "64", "--seq-lens", "16", "32",
-                 "--lrs", "0.01", "--dry-run", "--epoch-times", "train.max_epochs=5"]) == 0
-    hours = 5 * 3.6e15 * (16 + 32) / (mqar_estimate.PEAK_BF16_TFLOPS * 1e12) / 3600
-    assert f"floor: {hours:.2f} GPU-hours for the 2 pending settings" in capsys.readouterr().out
+    for precision, peak in (("bf16", 989.0), ("fp32", 67.0)):
+        assert main([*GRID[:2], "--out", str(out), "--mixers", "rebased", "--d-models", "64", "--seq-lens", "16",
+                     "32", "--lrs", "0.01", "--dry-run", "--epoch-times", "train.max_epochs=5",
+                     f"train.precision={precision}"]) == 0
+        hours = 5 * 3.6e15 * (16 + 32) / (peak * 1e12) / 3600
+        assert f"floor: {hours:.2f} GPU-hours for the 2 pending settings" in capsys.readouterr().out
 
 
 def test_cheapest_first_starts_the_shortest_estimated_epochs(tmp_path, fake_runs, capsys):
