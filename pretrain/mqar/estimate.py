@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Callable
 from pretrain.mqar.results import read_result
 
 if TYPE_CHECKING:  # the sweep imports this module
+    from pretrain.models.config import ModelConfig
     from pretrain.mqar.config import MQARConfig
     from pretrain.mqar.sweep import Setting, SettingStatus
 
@@ -77,14 +78,15 @@ def estimate_epoch_s(table: dict, mixer: str, d_model: int, seq_len: int) -> flo
 PEAK_TFLOPS = {"bf16": 989.0, "tf32": 495.0, "tf32x3": 165.0, "fp32": 67.0}
 
 
-def epoch_flops(cfg: MQARConfig) -> float:
-    """Matmul FLOPs of one epoch of ``cfg``'s run, counted for the minimal algorithm (``pretrain.models.flops``):
-    forward and backward (3x forward) over the train split, plus the evaluation's forward over the test split. The
-    LM head runs at the query positions only, as the runner computes it; norms and other elementwise work are left
-    out. At a GPU's peak rate this is the least time an epoch can take."""
+def epoch_flops(cfg: MQARConfig, model_cfg: ModelConfig) -> float:
+    """Matmul FLOPs of one epoch of ``cfg``'s run (``model_cfg``: its resolved ``cfg.model_config()``), counted for
+    the minimal algorithm (``pretrain.models.flops``): forward and backward (3x forward) over the train split, plus
+    the evaluation's forward over the test split. The LM head runs at the query positions only, as the runner
+    computes it; norms and other elementwise work are left out. At a GPU's peak rate this is the least time an
+    epoch can take."""
     from pretrain.models.flops import flops_per_token  # the model zoo imports the kernels (Triton): only when asked
 
-    model_cfg, spec = cfg.model_config(), cfg.data.spec()
+    spec = cfg.data.spec()
     per_token = flops_per_token(model_cfg, spec.seq_len)
     body = per_token["forward"] - per_token["breakdown"]["lm_head"]
     per_sequence = body * spec.seq_len + 2 * model_cfg.d_model * model_cfg.vocab_size * spec.num_kv_pairs

@@ -156,25 +156,30 @@ class Sweep:
             if key in RESERVED_KEYS:
                 raise ConfigError(f"override '{text}': '{key}' is set by the sweep (use the grid flags "
                                   f"--mixers/--d-models/--seq-lens/--lrs/--seeds; results go to --out)")
-        self._expected: dict[int, tuple[dict, dict]] = {}
+        self._expected: dict[int, tuple] = {}
 
     def run_overrides(self, setting: Setting) -> list[str]:
         return [*self.overrides, *setting.overrides()]
 
-    def _resolve(self, setting: Setting) -> tuple[dict, dict]:
-        """The run's config and its model config (validated: a bad key or value fails here, naming the file and
-        the key)."""
+    def _resolve(self, setting: Setting) -> tuple:
+        """The run's config and its model config, loaded and as dicts (validated: a bad key or value fails here,
+        naming the file and the key)."""
         if setting.index not in self._expected:
             cfg = load_mqar_config(self.config, self.run_overrides(setting))
-            self._expected[setting.index] = (to_dict(cfg), to_dict(cfg.model_config()))
+            model_cfg = cfg.model_config()
+            self._expected[setting.index] = (cfg, model_cfg, to_dict(cfg), to_dict(model_cfg))
         return self._expected[setting.index]
 
+    def run_config(self, setting: Setting) -> tuple:
+        """The run's MQARConfig and its ModelConfig, as loaded."""
+        return self._resolve(setting)[:2]
+
     def expected_config(self, setting: Setting) -> dict:
-        return self._resolve(setting)[0]
+        return self._resolve(setting)[2]
 
     def expected_model_config(self, setting: Setting) -> dict:
         """The resolved model: the run config names the model YAML, only this holds what the YAML said."""
-        return self._resolve(setting)[1]
+        return self._resolve(setting)[3]
 
     def validate(self) -> None:
         for setting in self.settings:
@@ -527,8 +532,7 @@ def main(argv=None) -> int:
     if args.dry_run:
         _print_statuses(statuses, sweep.out_dir)
         print_estimate(statuses, epoch_times(), train_cfg.max_epochs,
-                       lambda s: epoch_flops(load_mqar_config(sweep.config, sweep.run_overrides(s))),
-                       train_cfg.precision)
+                       lambda s: epoch_flops(*sweep.run_config(s)), train_cfg.precision)
         return 0
     stale = [s for s in statuses if s.state == "stale"]
     if stale and not args.rerun_stale:

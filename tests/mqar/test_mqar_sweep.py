@@ -302,8 +302,9 @@ def test_epoch_flops_counts_the_head_at_query_positions_and_the_test_split_forwa
     """An epoch's matmul FLOPs: the LM head costs 2·d·vocab per query (not per token), and each test sequence costs
     a third of a train sequence (forward only). Varying one factor at a time isolates each term."""
     def flops(*overrides):
-        return mqar_estimate.epoch_flops(mqar_sweep.load_mqar_config(
-            TINY, ["model.d_model=64", "data.seq_len=32", "data.num_kv_pairs=4", *overrides]))
+        cfg = mqar_sweep.load_mqar_config(TINY, ["model.d_model=64", "data.seq_len=32", "data.num_kv_pairs=4",
+                                                 *overrides])
+        return mqar_estimate.epoch_flops(cfg, cfg.model_config())
 
     base = flops("data.vocab_size=64", "data.num_train=10", "data.num_test=5")
     sequences = 3 * 10 + 5
@@ -319,7 +320,7 @@ def test_dry_run_prints_the_flop_floor(tmp_path, capsys, monkeypatch):
     """The floor is the pending settings' FLOPs per epoch x epochs at the peak rate of the sweep's precision (IEEE
     fp32 runs on the CUDA cores, about 15x slower than bf16 on the tensor cores)."""
     out = tmp_path / "r"
-    monkeypatch.setattr(mqar_sweep, "epoch_flops", lambda cfg: 3.6e15 * cfg.data.seq_len)
+    monkeypatch.setattr(mqar_sweep, "epoch_flops", lambda cfg, model_cfg: 3.6e15 * cfg.data.seq_len)
     for precision, peak in (("bf16", 989.0), ("fp32", 67.0)):
         assert main([*GRID[:2], "--out", str(out), "--mixers", "rebased", "--d-models", "64", "--seq-lens", "16",
                      "32", "--lrs", "0.01", "--dry-run", "--epoch-times", "train.max_epochs=5",
