@@ -107,6 +107,7 @@ class Trainer:
             raise ConfigError(f"training.eval_samples={t.eval_samples} is fewer than the {self.world} processes; "
                               f"give at least one validation sequence per process")
         self.stop_signal = None
+        self._previous_handlers: dict = {}  # signal -> the handler this run replaced
 
         self.model_cfg = load_model_config(cfg.model, cfg.model_overrides)
         if self.model_cfg.learned_positions and cfg.data.seq_len > self.model_cfg.max_seq_len:
@@ -299,8 +300,14 @@ class Trainer:
         def handler(signum, frame):
             self.stop_signal = signum
 
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, handler)
+        self._previous_handlers = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+
+    def _restore_signal_handlers(self):
+        # the handler holds the trainer: left installed, it would keep the model (and its hold on the process group)
+        # alive until interpreter exit, where a gloo group torn down late can abort a finished run
+        for sig, previous in self._previous_handlers.items():
+            signal.signal(sig, previous)
+        self._previous_handlers = {}
 
     def _signal_agreed(self) -> bool:
         flag = torch.tensor([1.0 if self.stop_signal is not None else 0.0], device=self._reduce_device)
@@ -366,13 +373,15 @@ class Trainer:
                 if self._periodic(metrics):  # a signal: saved, stop here
                     metrics.close()
                     return 0
+            self._finish(metrics)
+            metrics.close()
+            return 0
         except NonFiniteError as e:
             report_error(EXIT_NONFINITE, f"error: {e}")
             metrics.close()
             return EXIT_NONFINITE
-        self._finish(metrics)
-        metrics.close()
-        return 0
+        finally:
+            self._restore_signal_handlers()
 
     def _start(self) -> MetricsLogger:
         cfg, t = self.cfg, self.cfg.training
@@ -510,17 +519,17 @@ def main(argv=None) -> int:
     if trainer.rank != 0:
         logging.getLogger("pretrain").setLevel(logging.WARNING)
     try:
-        code = trainer.run()
+        return trainer.run()
     except ConfigError as e:  # found in the data while training (e.g. a token id past the vocabulary)
         report_error(EXIT_CONFIG, f"config error: {e}")
         return EXIT_CONFIG
-    if dist.is_initialized():
-        # free the wrapped model (it holds the process group) while Python is still up: a group torn down only at
-        # interpreter exit can abort the process ("terminate called without an active exception") after a clean run
-        del trainer
-        gc.collect()
-        dist.destroy_process_group()
-    return code
+    finally:
+        if dist.is_initialized():
+            # free the wrapped model (it holds the process group) while Python is still up: a group torn down only
+            # at interpreter exit can abort the process ("terminate called without an active exception")
+            del trainer
+            gc.collect()
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

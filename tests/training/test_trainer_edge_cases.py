@@ -267,3 +267,31 @@ def test_resuming_zero2_under_zero3_is_refused_by_name(shards, tmp_path):
                             "training.max_steps=10", "checkpoint.every=5")
     assert again.returncode == 2 and "Traceback" not in again.stderr, again.stderr[-2000:]
     assert "saved under ZeRO stage 2, which stage 3 cannot load; resume with parallel.zero_stage=2" in again.stderr
+
+
+# --- teardown -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("ending", ["finished", "nonfinite"])  # nonfinite: stopped by too many in a row (exit 3)
+def test_a_finished_run_gives_back_its_signal_handlers_and_can_be_freed(shards, tmp_path, monkeypatch, ending):
+    """After ``run()`` the SIGTERM/SIGUSR1 handlers are the ones from before and nothing keeps the trainer alive:
+    under torchrun its model holds the process group, which must go before ``destroy_process_group``, not at
+    interpreter exit (where gloo aborted a finished run now and then: 'terminate called without an active
+    exception')."""
+    import gc
+    import signal
+    import weakref
+
+    from pretrain.train import Trainer
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    overrides = ["parallel.strategy=single", "training.max_steps=4", "checkpoint.every=0"]
+    if ending == "nonfinite":
+        overrides += ["training.inject_nan_at_steps=[0,1]", "training.max_nonfinite_in_a_row=2"]
+    trainer = Trainer(load_config(RunConfig, str(write_config(shards, tmp_path / "run")), overrides))
+    code = trainer.run()
+    assert code == {"finished": 0, "nonfinite": 3}[ending]
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+    alive = weakref.ref(trainer)
+    del trainer
+    gc.collect()
+    assert alive() is None, [type(r) for r in gc.get_referrers(alive())]
