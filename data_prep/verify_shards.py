@@ -1,6 +1,7 @@
 """Check token shards against the manifest ``tokenize_pile.py`` wrote for them: every listed ``.bin`` has the size
 and the SHA-256 recorded when it was written, and its ``.idx`` opens, covers the ``.bin`` back to back and holds
-the manifest's document and token counts. Use it after copying a dataset to another machine or file system
+the manifest's document and token counts; so does the split's merged ``OUT/{split}.bin`` of ``--merge``, against
+``OUT/manifest.json``. Use it after copying a dataset to another machine or file system
 (loading already checks the sizes, not the bytes).
 
     python data_prep/verify_shards.py OUT/train [OUT/val ...]
@@ -33,42 +34,58 @@ def _sha256(path: str, bar) -> str:
     return h.hexdigest()
 
 
+def _verify_shard(prefix: str, record: dict, bar) -> list[str]:
+    """Problems of one ``.bin``/``.idx`` pair against the manifest ``record`` written with it."""
+    path = prefix + ".bin"
+    if not os.path.isfile(path):
+        return [f"{path}: missing"]
+    if os.path.getsize(path) != record["bin_bytes"]:
+        return [f"{path}: {os.path.getsize(path)} bytes, the manifest records {record['bin_bytes']}"]
+    if _sha256(path, bar) != record["bin_sha256"]:
+        return [f"{path}: SHA-256 differs from the manifest's"]
+    try:
+        index = IndexedDataset(prefix)
+    except (OSError, ValueError) as e:
+        return [f"{prefix}.idx: {e}"]
+    problems = []
+    # the .idx must describe this .bin whole (the loader streams it back to back) and the recorded counts: another
+    # shard's index opens fine against a longer .bin
+    if not index.is_contiguous():
+        problems.append(f"{prefix}.idx: its sequences do not cover {path} back to back (another shard's index, or a "
+                        "damaged one)")
+    for field, found in (("documents", index.num_documents), ("tokens", index.num_tokens)):
+        if field in record and found != record[field]:
+            problems.append(f"{prefix}.idx: {found} {field}, the manifest records {record[field]}")
+    return problems
+
+
+def _merged_record(split_dir: str) -> dict | None:
+    """What ``OUT/manifest.json`` records of ``OUT/{split}.bin`` (``tokenize_pile.py --merge``), if anything."""
+    split_dir = os.path.abspath(split_dir)
+    try:
+        with open(os.path.join(os.path.dirname(split_dir), "manifest.json")) as f:
+            return json.load(f)["merged"][os.path.basename(split_dir)]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def verify_split(split_dir: str, progress: bool = True) -> list[str]:
-    """Problems of one split directory (empty if none)."""
+    """Problems of one split directory (empty if none), and of its merged file when ``--merge`` wrote one."""
     manifest = os.path.join(split_dir, "manifest.json")
     try:
         with open(manifest) as f:
             shards = json.load(f)["shards"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         return [f"{manifest}: cannot read its shard list ({type(e).__name__}: {e})"]
+    merged = _merged_record(split_dir)
+    pairs = [(os.path.join(split_dir, shard["name"]), shard) for shard in shards]
+    if merged is not None:
+        pairs.append((os.path.normpath(split_dir), merged))
     problems = []
-    total = sum(s.get("bin_bytes", 0) for s in shards)
-    with tqdm(total=total, unit="B", unit_scale=True, desc=split_dir, disable=not progress) as bar:
-        for shard in shards:
-            prefix = os.path.join(split_dir, shard["name"])
-            path = prefix + ".bin"
-            if not os.path.isfile(path):
-                problems.append(f"{path}: missing")
-                continue
-            if os.path.getsize(path) != shard["bin_bytes"]:
-                problems.append(f"{path}: {os.path.getsize(path)} bytes, the manifest records {shard['bin_bytes']}")
-                continue
-            if _sha256(path, bar) != shard["bin_sha256"]:
-                problems.append(f"{path}: SHA-256 differs from the manifest's")
-                continue
-            try:
-                index = IndexedDataset(prefix)
-            except (OSError, ValueError) as e:
-                problems.append(f"{prefix}.idx: {e}")
-                continue
-            # the .idx must describe this .bin whole (the loader streams it back to back) and the recorded counts:
-            # another shard's index opens fine against a longer .bin
-            if not index.is_contiguous():
-                problems.append(f"{prefix}.idx: its sequences do not cover {path} back to back (another shard's "
-                                "index, or a damaged one)")
-            for field, found in (("documents", index.num_documents), ("tokens", index.num_tokens)):
-                if field in shard and found != shard[field]:
-                    problems.append(f"{prefix}.idx: {found} {field}, the manifest records {shard[field]}")
+    with tqdm(total=sum(r.get("bin_bytes", 0) for _, r in pairs), unit="B", unit_scale=True, desc=split_dir,
+              disable=not progress) as bar:
+        for prefix, record in pairs:
+            problems += _verify_shard(prefix, record, bar)
     return problems
 
 

@@ -100,6 +100,17 @@ def _check_listed_sizes(manifest: str, shards: list, prefixes: list[str]) -> Non
                              "replaced since it was written: tokenize again, or copy it again)")
 
 
+def _check_merged_size(prefix: str) -> None:
+    """A merged ``OUT/{split}.bin`` of ``tokenize_pile.py --merge`` has the size ``OUT/manifest.json`` records."""
+    manifest = os.path.join(os.path.dirname(os.path.abspath(prefix)), "manifest.json")
+    try:
+        with open(manifest) as f:
+            record = json.load(f)["merged"][os.path.basename(prefix)]
+    except (OSError, ValueError, KeyError, TypeError):  # not a merged split of tokenize_pile.py: nothing recorded
+        return
+    _check_listed_sizes(manifest, [{**record, "name": os.path.basename(prefix)}], [prefix])
+
+
 def _natural_key(path: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
 
@@ -113,10 +124,13 @@ def resolve_shards(spec: str | os.PathLike) -> list[str]:
     ``train-100000`` follows ``train-99999``.
     """
     spec = os.fspath(spec)
-    if os.path.isfile(spec + ".idx"):
+    manifest = os.path.join(spec, "manifest.json")
+    # a split directory with its manifest wins over the merged OUT/{split}.bin of --merge beside it: its shards are
+    # the ones the manifest's sizes and verify_shards.py vouch for (name OUT/train.idx to read the merged file)
+    if os.path.isfile(spec + ".idx") and not os.path.isfile(manifest):
+        _check_merged_size(spec)
         return [spec]
     if os.path.isdir(spec):
-        manifest = os.path.join(spec, "manifest.json")
         if os.path.isfile(manifest):
             with open(manifest) as f:
                 try:
@@ -139,7 +153,10 @@ def resolve_shards(spec: str | os.PathLike) -> list[str]:
             found = sorted((p for p in glob.glob(spec) if p.endswith(".idx")), key=_natural_key)
     if not found:
         raise FileNotFoundError(f"no indexed dataset (.idx/.bin) found at {spec!r}")
-    return [p[: -len(".idx")] for p in found]
+    prefixes = [p[: -len(".idx")] for p in found]
+    for prefix in prefixes:
+        _check_merged_size(prefix)
+    return prefixes
 
 
 class TokenStream:

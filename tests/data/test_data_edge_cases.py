@@ -284,6 +284,34 @@ def test_listed_shards_are_checked_on_load_and_by_verify_shards(tokenizer_model,
     assert verify_main([str(split), "--no-progress"]) == 1
 
 
+def test_the_merged_file_of_a_split_is_checked_on_load_and_by_verify_shards(tokenizer_model, tmp_path, capsys):
+    """--merge writes OUT/train.bin beside OUT/train/: OUT/train names the verified shards (it named the merged file,
+    which verify_shards did not check, so a same-size change there was trained on); OUT/train.idx names the merged
+    file, whose size is checked on load and whose bytes verify_shards checks against OUT/manifest.json."""
+    from data_prep.verify_shards import main as verify_main
+    from pretrain.data.packed import resolve_shards
+
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(jsonl_bytes(make_docs(60, seed=7)))
+    out = tmp_path / "out"
+    assert cli([str(path)], tokenizer_model, out, "--docs-per-shard", "30", "--merge").returncode == 0
+    split, merged = out / "train", str(out / "train")
+    assert [os.path.basename(p) for p in resolve_shards(split)] == ["train-00000", "train-00001"]
+    assert resolve_shards(str(out / "train.idx")) == [merged]
+    ds = PackedSequenceDataset([merged + ".idx"], 16)
+    assert ds.streams[0].read(0, ds.streams[0].num_tokens).tolist() == \
+        PackedSequenceDataset([str(split)], 16).streams[0].read(0, ds.streams[0].num_tokens).tolist()
+    assert verify_main([str(split), "--no-progress"]) == 0
+    data = open(merged + ".bin", "rb").read()
+    open(merged + ".bin", "wb").write(data[:1] + bytes([data[1] ^ 1]) + data[2:])  # same size, one bit flipped
+    capsys.readouterr()
+    assert verify_main([str(split), "--no-progress"]) == 1
+    assert f"{merged}.bin: SHA-256 differs" in capsys.readouterr().out
+    open(merged + ".bin", "wb").write(data[:-2])  # truncated
+    with pytest.raises(ValueError, match=r"train\.bin: .* bytes, but .*manifest\.json records"):
+        resolve_shards(str(out / "train.idx"))
+
+
 def test_verify_shards_catches_an_index_of_another_shard(tokenizer_model, tmp_path, capsys):
     """Another (shorter) shard's .idx opens against a longer .bin: verify_shards must not call the split verified
     when the loader then refuses it."""
