@@ -392,14 +392,18 @@ class Tokenization:
         options = self._options()
         pool = None
         if self.workers > 1:
-            import multiprocessing as mp  # a pool only with --workers > 1
+            # a pool only with --workers > 1; concurrent.futures, not multiprocessing.Pool: a worker killed (e.g. by
+            # the OOM killer) fails its batch with BrokenProcessPool, where Pool waited for the result forever
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
 
             if "fork" in mp.get_all_start_methods():  # workers inherit the parsed tokenizer: no parse per worker
                 init_worker(self.tok.model_proto, options, tok=self.tok)
-                pool = mp.get_context("fork").Pool(self.workers, initializer=set_parent_death_signal)
+                pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("fork"),
+                                           initializer=set_parent_death_signal)
             else:
-                pool = mp.get_context("spawn").Pool(self.workers, initializer=init_worker,
-                                                    initargs=(self.tok.model_proto, options))
+                pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"), initializer=init_worker,
+                                           initargs=(self.tok.model_proto, options))
         else:
             init_worker(self.tok.model_proto, options, tok=self.tok)
         max_inflight = 2 * self.workers + 2
@@ -410,7 +414,7 @@ class Tokenization:
             for kind, payload in self._events(pieces):
                 if kind == "batch":
                     if pool is not None:
-                        pending.append(("batch", pool.apply_async(process_batch, (payload,)), payload))
+                        pending.append(("batch", pool.submit(process_batch, payload), payload))
                     else:
                         pending.append(("batch", process_batch(payload), payload))
                 else:
@@ -422,15 +426,27 @@ class Tokenization:
         except BaseException:
             chunk.abort()
             if pool is not None:
-                pool.terminate()
+                # wait for the workers (their batches are small): forked, they share the OUT/.lock of this run, which
+                # a rerun would otherwise find still held
+                pool.shutdown(cancel_futures=True)
                 pool = None
             raise
         finally:
             if pool is not None:
-                pool.close()
-                pool.join()
+                pool.shutdown()
             if bar is not None:
                 bar.close()
+
+    def _batch_result(self, future) -> dict:
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            raise WorkerDiedError(f"a tokenizer worker process died (killed, e.g. by the out-of-memory killer?) while "
+                               f"writing {self.out}: the shards of the unfinished chunk were removed; rerun the same "
+                               "command to resume (with fewer --workers or a smaller --batch-bytes if memory ran "
+                               "out)") from None
 
     def _progress(self):
         return _Progress() if self.cfg.progress else None
@@ -446,7 +462,7 @@ class Tokenization:
             if delay:
                 time.sleep(delay)
             return _Chunk(chunk.k + 1, self.out, self.dtype)
-        result = payload.get() if hasattr(payload, "get") and not isinstance(payload, dict) else payload
+        result = payload if isinstance(payload, dict) else self._batch_result(payload)
         st = chunk.stats
         tokens_before, bytes_before = st["tokens"], st["text_bytes"]
         for (split, set_name, ntok, tbytes, reason, message), rec in zip(result["docs"], records):
@@ -596,11 +612,15 @@ class _Progress:
             self.bar.close()
 
 
+class WorkerDiedError(RuntimeError):
+    """A tokenizer process of ``--workers N`` died before returning its batch."""
+
+
 def _ready(item) -> bool:
     kind, payload, _ = item
     if kind != "batch" or isinstance(payload, dict):
         return True
-    return payload.ready()
+    return payload.done()
 
 
 def tokenize(cfg: TokenizeConfig) -> dict:

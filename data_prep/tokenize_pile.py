@@ -17,7 +17,7 @@ import sys
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data_prep.pipeline import TokenizeConfig, format_summary, tokenize  # noqa: E402
+from data_prep.pipeline import TokenizeConfig, WorkerDiedError, format_summary, tokenize  # noqa: E402
 from pretrain.data.sources import InputError  # noqa: E402
 
 
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         manifest = tokenize(config_from_args(args))
-    except (InputError, ValueError) as e:
+    except (InputError, ValueError, WorkerDiedError, OSError) as e:  # OSError: e.g. a missing --tokenizer
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(format_summary(manifest))

@@ -361,3 +361,33 @@ def test_max_docs_below_one_is_refused(tokenizer_model, tmp_path, max_docs):
     p = cli([str(path)], tokenizer_model, tmp_path / "out", "--max-docs", max_docs)
     assert p.returncode == 1 and f"--max-docs must be >= 1, got {max_docs}" in p.stderr
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def _killed_at_line_40(records):
+    """A tokenizer worker killed (as by the out-of-memory killer) on the batch holding line 40."""
+    import signal
+
+    from data_prep.workers import process_batch as real
+
+    if any(r[1] == 40 for r in records):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(records)
+
+
+def test_a_tokenizer_worker_that_dies_stops_the_run_and_a_rerun_finishes_it(tokenizer_model, tmp_path, monkeypatch):
+    """With multiprocessing.Pool the dead worker's batch never came back and the run waited forever; now it stops
+    naming the cause, keeps the committed chunks, and the same command finishes with the uninterrupted output."""
+    import data_prep.pipeline as pipeline
+
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(jsonl_bytes(make_docs(90, seed=9)))
+    config = dict(inputs=[str(path)], tokenizer=tokenizer_model, workers=2, progress=False, docs_per_shard=30,
+                  batch_docs=4)
+    tokenize(TokenizeConfig(out=str(tmp_path / "whole"), **config))
+    monkeypatch.setattr(pipeline, "process_batch", _killed_at_line_40)
+    with pytest.raises(pipeline.WorkerDiedError, match="worker process died"):
+        tokenize(TokenizeConfig(out=str(tmp_path / "out"), **config))
+    assert sorted(os.listdir(tmp_path / "out" / "train")) == ["train-00000.bin", "train-00000.idx"]
+    monkeypatch.undo()
+    tokenize(TokenizeConfig(out=str(tmp_path / "out"), **config))
+    assert shard_bytes(tmp_path / "out") == shard_bytes(tmp_path / "whole")
