@@ -12,6 +12,7 @@ Exit codes: 0 finished or saved after SIGTERM/SIGUSR1; 3 stopped after too many 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import logging
 import math
@@ -160,7 +161,9 @@ class Trainer:
         dm = self.cfg.data.document_masking
         return torch.utils.data.DataLoader(
             ds, batch_size=self.cfg.training.micro_batch_size, num_workers=self.cfg.data.num_workers,
-            collate_fn=lambda s: collate(s, dm), pin_memory=self.device.type == "cuda",
+            # a partial, not a lambda: workers started by spawn/forkserver (macOS; Linux from Python 3.14) get it
+            # pickled
+            collate_fn=functools.partial(collate, document_masking=dm), pin_memory=self.device.type == "cuda",
             persistent_workers=self.cfg.data.num_workers > 0,
             # its own generator: starting an iterator would otherwise draw from the global torch RNG, which a
             # resume restores before the iterator starts (dropout would then differ from the uninterrupted run)

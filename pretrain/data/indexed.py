@@ -90,6 +90,11 @@ class IndexedDataset:
         else:
             self.tokens = np.zeros(0, dtype=self.dtype)
 
+    def __reduce__(self):
+        # pickled by its path, reopened on load: a memmap pickles as a full copy of the file (a DataLoader worker
+        # started by spawn or forkserver would hold the whole shard in memory)
+        return type(self), (self.prefix,)
+
     def __len__(self) -> int:
         return len(self.sizes)
 

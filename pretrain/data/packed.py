@@ -163,8 +163,8 @@ class TokenStream:
     """Several indexed shards read as one concatenated token stream (memory-mapped)."""
 
     def __init__(self, spec: str | os.PathLike | Sequence[str]):
-        prefixes = list(spec) if isinstance(spec, (list, tuple)) else resolve_shards(spec)
-        self.shards = [IndexedDataset(p) for p in prefixes]
+        self.prefixes = list(spec) if isinstance(spec, (list, tuple)) else resolve_shards(spec)
+        self.shards = [IndexedDataset(p) for p in self.prefixes]
         for s in self.shards:
             if not s.is_contiguous():
                 raise ValueError(f"{s.prefix}: sequences are not stored back to back; cannot stream it")
@@ -183,6 +183,9 @@ class TokenStream:
         dtypes = {s.dtype for s in self.shards}
         if len(dtypes) > 1:
             raise ValueError(f"shards of {spec!r} mix token dtypes {dtypes}")
+
+    def __reduce__(self):  # by its shard paths, reopened on load (the document starts are memmap views)
+        return type(self), (self.prefixes,)
 
     def _pieces(self, a: int, b: int):
         first = int(np.searchsorted(self.starts, a, side="right")) - 1

@@ -167,3 +167,26 @@ def test_dataloader_workers_keep_order(shards):
     plain = torch.stack([ds[i]["input_ids"] for i in range(1, 40, 2)])
     assert torch.equal(torch.cat(batches), plain)
     assert ds.state_dict(consumed_samples=24)["consumed_samples"] == 24
+
+
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+def test_dataloader_workers_started_by_pickling_keep_order_and_do_not_copy_the_shards(shards, start_method):
+    """spawn/forkserver workers (macOS's default; Linux's from Python 3.14) receive the dataset pickled: the shards
+    travel as their paths and are reopened (memmaps pickled as full copies of every shard before), and a restored
+    position travels with it."""
+    import pickle
+
+    ds = PackedSequenceDataset([(shards["a"], 2.0), (shards["b"], 1.0)], seq_len=16, seed=4, max_samples=40,
+                               micro_batch_size=4, return_cu_seqlens=True)
+    shard_bytes = sum(s.tokens.nbytes for stream in ds.streams for s in stream.shards)
+    assert len(pickle.dumps(ds)) < shard_bytes / 4
+    copy = pickle.loads(pickle.dumps(ds))
+    assert all(torch.equal(copy[i]["input_ids"], ds[i]["input_ids"]) for i in range(40))
+    ds.load_state_dict(ds.state_dict(consumed_samples=12))
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, multiprocessing_context=start_method,
+                                         collate_fn=_input_ids)
+    assert torch.equal(torch.cat(list(loader)), torch.stack([ds[i]["input_ids"] for i in range(12, 40)]))
+
+
+def _input_ids(samples):  # module level: spawned workers unpickle it by name
+    return torch.stack([s["input_ids"] for s in samples])
