@@ -33,6 +33,8 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
+import numbers
 import os
 import re
 from typing import Iterator, Sequence
@@ -211,7 +213,8 @@ class TokenStream:
             j = int(np.searchsorted(starts, y * scale, side="left"))
             if i < j:
                 out.append(np.asarray(starts[i:j], dtype=np.int64) // scale + lo)
-        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+        # unique: empty documents (which other MMIDIDX writers may store) start where the next one does
+        return np.unique(np.concatenate(out)) if out else np.zeros(0, dtype=np.int64)
 
 
 class PackedSequenceDataset(torch.utils.data.IterableDataset):
@@ -256,14 +259,16 @@ class PackedSequenceDataset(torch.utils.data.IterableDataset):
             raise ValueError(f"rank {rank} outside world size {world_size}")
         pairs = []
         for item in datasets:
-            if isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[1], (int, float)):
+            if (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[1], numbers.Real)
+                    and not isinstance(item[1], bool)):  # numpy scalars too
                 pairs.append((item[0], float(item[1])))
             else:
                 pairs.append((item, 1.0))
         if not pairs:
             raise ValueError("no datasets given")
-        if any(w <= 0 for _, w in pairs):
-            raise ValueError("mixing weights must be positive")
+        for path, weight in pairs:
+            if not (math.isfinite(weight) and weight > 0):
+                raise ValueError(f"mixing weight of {path!r} must be a positive finite number, got {weight}")
         self.paths = [p if isinstance(p, (list, tuple)) else os.fspath(p) for p, _ in pairs]
         total = sum(w for _, w in pairs)
         self.weights = [w / total for _, w in pairs]

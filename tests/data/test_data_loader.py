@@ -190,3 +190,25 @@ def test_dataloader_workers_started_by_pickling_keep_order_and_do_not_copy_the_s
 
 def _input_ids(samples):  # module level: spawned workers unpickle it by name
     return torch.stack([s["input_ids"] for s in samples])
+
+
+def test_empty_documents_leave_no_empty_segment_in_cu_seqlens(tmp_path):
+    """Other MMIDIDX writers may store empty documents: each starts where the next one does, and cu_seqlens must
+    not repeat that boundary (a zero-length segment)."""
+    write_docs(tmp_path / "x", [np.array([5, 6, 7]), np.array([], dtype=np.int64), np.array([], dtype=np.int64),
+                                np.array([8, 9, 10, 11]), np.array([12]), np.array([13, 14])])
+    ds = PackedSequenceDataset([str(tmp_path / "x")], seq_len=8, seed=0, return_cu_seqlens=True)
+    assert ds[0]["cu_seqlens"].tolist() == [0, 3, 7, 8]
+    assert TokenStream(str(tmp_path / "x")).document_starts(0, 10).tolist() == [0, 3, 7, 8]
+
+
+@pytest.mark.parametrize("weight,message", [(float("nan"), "got nan"), (float("inf"), "got inf"), (0, "got 0.0"),
+                                            (-1.5, "got -1.5")])
+def test_mixing_weights_must_be_positive_and_finite(shards, weight, message):
+    with pytest.raises(ValueError, match=f"mixing weight of '.*b' must be a positive finite number, {message}"):
+        PackedSequenceDataset([(shards["a"], 1.0), (shards["b"], weight)], seq_len=8)
+
+
+def test_numpy_mixing_weights_are_weights(shards):
+    ds = PackedSequenceDataset([(shards["a"], np.float32(3.0)), (shards["b"], np.int64(1))], seq_len=8, mix_block=100)
+    assert ds.weights == [0.75, 0.25]
