@@ -353,7 +353,7 @@ class Tokenization:
             start, counts = (0, 0), {}
         pos = start
         n = chunk * D
-        reader = iter_records(self.sources, start=start, max_docs=cfg.max_docs, max_line_bytes=cfg.max_doc_bytes,
+        reader = iter_records(self.sources, start=start, max_docs=cfg.max_docs, max_line_bytes=max_line_bytes(cfg),
                               group_counts=counts, progress=self._reading)
         batch: list[tuple] = []
         nbytes = 0
@@ -610,6 +610,13 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def max_line_bytes(cfg: TokenizeConfig) -> int:
+    """The longest JSON line read (longer ones are skipped unparsed, never buffered whole): room for a text of
+    ``--max-doc-bytes`` escaped in the worst case (``\\u0001``: 6 bytes for 1) and its metadata. The text's own
+    UTF-8 bytes are what ``--max-doc-bytes`` limits."""
+    return 6 * cfg.max_doc_bytes + (1 << 20)
 
 
 class WorkerDiedError(RuntimeError):

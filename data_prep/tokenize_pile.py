@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-docs", type=int, default=None,
                    help="read at most this many records from each input group (main, val, test)")
     p.add_argument("--max-doc-bytes", type=int, default=64 << 20,
-                   help="longer lines/documents are errors (skipped with --on-error skip); default 64 MiB")
+                   help="a document whose text has more UTF-8 bytes is an error (skipped with --on-error skip); "
+                   "default 64 MiB")
     p.add_argument("--prepend-bos", action="store_true", help="also put BOS before each document (EOD always ends it)")
     p.add_argument("--on-error", choices=("stop", "skip"), default="stop",
                    help="stop (default): bad input stops the run naming file and line; skip: skip and count it")

@@ -391,3 +391,19 @@ def test_a_tokenizer_worker_that_dies_stops_the_run_and_a_rerun_finishes_it(toke
     monkeypatch.undo()
     tokenize(TokenizeConfig(out=str(tmp_path / "out"), **config))
     assert shard_bytes(tmp_path / "out") == shard_bytes(tmp_path / "whole")
+
+
+def test_max_doc_bytes_limits_the_text_not_its_escaped_json_line(tokenizer_model, tmp_path):
+    """--max-doc-bytes 100: a text of 100 UTF-8 bytes (50 'é', written as \\u00e9: a 320-byte line) is kept; one of
+    102 bytes is skipped as too_long, named by the text's size (the line's size refused both before)."""
+    path = tmp_path / "in.jsonl"
+    texts = ["é" * 50, "é" * 51, "plain words"]
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    out = tmp_path / "out"
+    p = cli([str(path)], tokenizer_model, out, "--max-doc-bytes", "100", "--on-error", "skip")
+    assert p.returncode == 0, p.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["skipped_by_reason"] == {"too_long": 1}
+    assert manifest["skipped_examples"][0]["line"] == 2
+    assert "holds 102 bytes, more than --max-doc-bytes 100" in manifest["skipped_examples"][0]["message"]
+    assert manifest["counts"]["documents_written"] == 2
