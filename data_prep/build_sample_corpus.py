@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import glob
 import json
 import os
 import random
@@ -143,11 +144,20 @@ def _write_zst(path: str, docs: list[dict]) -> int:
 
 
 def build(out: str, max_mb: float = 4.0, train_files: int = 2, holdout_every: int = 25) -> dict:
-    """Write the corpus; every ``holdout_every``-th document goes to val, the next one to test."""
+    """Write the corpus; every ``holdout_every``-th document goes to val, the next one to test. Train files of an
+    earlier build into ``out`` beyond ``train_files`` are removed (they would be read as part of this corpus)."""
+    if train_files < 1:
+        raise ValueError(f"--train-files must be >= 1, got {train_files}")
+    if not max_mb > 0:
+        raise ValueError(f"--max-mb must be > 0, got {max_mb}")
     train, val, test = [], [], []
     for i, doc in enumerate(documents(int(max_mb * 1e6))):
         r = i % holdout_every
         (val if r == holdout_every - 2 else test if r == holdout_every - 1 else train).append(doc)
+    if len(train) < train_files or not val or not test:
+        raise ValueError(f"--max-mb {max_mb} collects {len(train)} train, {len(val)} val and {len(test)} test "
+                         f"documents: every one of the {train_files} train files and both held-out files needs at "
+                         "least one; raise --max-mb or lower --train-files")
     written = {}
     per = -(-len(train) // train_files)
     for f in range(train_files):
@@ -156,6 +166,9 @@ def build(out: str, max_mb: float = 4.0, train_files: int = 2, holdout_every: in
     for name, docs in (("val", val), ("test", test)):
         path = os.path.join(out, f"{name}.jsonl.zst")
         written[path] = (len(docs), _write_zst(path, docs))
+    for stale in glob.glob(os.path.join(out, "train", "[0-9][0-9]*.jsonl.zst")):
+        if stale not in written:
+            os.remove(stale)
     return written
 
 
@@ -165,7 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-mb", type=float, default=4.0, help="text to collect, in MB (default 4)")
     p.add_argument("--train-files", type=int, default=2, help="number of train files (default 2)")
     args = p.parse_args(argv)
-    written = build(args.out, args.max_mb, args.train_files)
+    try:
+        written = build(args.out, args.max_mb, args.train_files)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for path, (docs, size) in written.items():
         print(f"{path}: {docs} documents, {size / 1e6:.2f} MB compressed")
     return 0
