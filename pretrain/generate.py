@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -50,7 +51,7 @@ def parse_device(name: str | None) -> torch.device:
 def read_prompts(path: str) -> list[str]:
     """One prompt per line of a text file (blank lines skipped), or the "prompt" field of each JSON line."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not text
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e})") from None
     # lines end at "\n" only (read_text already turned "\r\n" into it): str.splitlines would also cut at U+2028,
@@ -72,6 +73,15 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def unescape(stop: str) -> str:
+    """``--stop`` as typed in a shell: ``\\n``, ``\\t``, ``\\r`` and ``\\\\`` are a newline, a tab, a carriage return and
+    a backslash (``--stop "\\n\\n"`` stops at a blank line); any other backslash stays as it is."""
+    return re.sub(r"\\(.)", lambda m: _ESCAPES.get(m.group(1), m.group(0)), stop, flags=re.DOTALL)
+
+
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     """text up to the first stop string, and whether one was found."""
     cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
@@ -91,8 +101,10 @@ class Streamer:
     complete a multi-byte character begun by the previous one). Only settled text is printed, so the stream never
     shows what the final text cuts; ``finish`` prints the rest of that final text."""
 
-    def __init__(self, tokenizer, stops: list[str], out=sys.stdout):
-        self.tokenizer, self.stops, self.out = tokenizer, stops, out
+    def __init__(self, tokenizer, stops: list[str], out=None):
+        # sys.stdout as it is now, not at import: a redirected stdout (contextlib.redirect_stdout, pytest's capsys)
+        # gets the continuation too, as it gets the prompt
+        self.tokenizer, self.stops, self.out = tokenizer, stops, out if out is not None else sys.stdout
         self.tokens: list[int] = []
         self.printed = 0
 
@@ -129,7 +141,8 @@ def main(argv=None) -> int:
     parser.add_argument("--top-k", type=int)
     parser.add_argument("--top-p", type=float)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--stop", action="append", default=[],
+                        help="stop string (repeatable); \\n, \\t, \\r and \\\\ in it are escapes")
     parser.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-document token")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                         help="weights and activations (auto: bf16 on CUDA, fp32 on the CPU)")
@@ -144,6 +157,7 @@ def main(argv=None) -> int:
         sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
         if args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
+        args.stop = [unescape(s) for s in args.stop]
         if "" in args.stop:  # found at the start of every text: each row would stop after one token, printing nothing
             raise ValueError("--stop '' is empty: a stop string needs at least one character")
         prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
@@ -157,6 +171,10 @@ def main(argv=None) -> int:
         if tokenizer.vocab_size > model.config.vocab_size:
             raise ValueError(f"{args.tokenizer} has {tokenizer.vocab_size} tokens, more than the model's "
                              f"{model.config.vocab_size}")
+        if not 0 <= tokenizer.eod_id < model.config.vocab_size:
+            raise ValueError(f"{args.tokenizer} has no end-of-document token (id {tokenizer.eod_id}) in the model's "
+                             f"vocabulary of {model.config.vocab_size}: every prompt starts after it, as every "
+                             "training document did")
         ids = [[tokenizer.eod_id] + tokenizer.encode(p) for p in prompts]
         check_positions(model, ids, args.max_new_tokens)
     except (ValueError, OSError, ConfigError) as e:
@@ -169,7 +187,7 @@ def main(argv=None) -> int:
     def should_stop(row: int, tokens: list[int]) -> bool:
         return bool(args.stop) and cut_at_stop(tokenizer.decode(tokens), args.stop)[1]
 
-    streamer = Streamer(tokenizer, args.stop) if len(prompts) == 1 else None
+    streamer = Streamer(tokenizer, args.stop) if args.prompt is not None else None  # --prompts: always a batch
     if streamer is not None:
         sys.stdout.write(prompts[0])
         sys.stdout.flush()

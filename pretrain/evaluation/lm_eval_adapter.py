@@ -106,7 +106,8 @@ class LMEvalMethods:
         for req in requests:
             context, kwargs = req.args[0], dict(req.args[1] if len(req.args) > 1 else {})
             until = kwargs.get("until") or []
-            untils.append([until] if isinstance(until, str) else list(until))
+            # an empty string would end every row after one token (and str.split refuses it): not a stop string
+            untils.append([s for s in ([until] if isinstance(until, str) else until) if s])
             limits.append(int(kwargs.get("max_gen_toks", 256)))
             prompt = [self.tokenizer.eod_id] + self.tokenizer.encode(context)
             prompts.append(prompt[-max(1, self.max_length - limits[-1]):])

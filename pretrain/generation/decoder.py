@@ -55,15 +55,46 @@ class DecodeStep:
         return self.logits
 
 
+def _is_list_like(x) -> bool:  # lists, tuples, numpy arrays, 1-d tensors; not text
+    return not isinstance(x, (str, bytes)) and hasattr(x, "__len__") and hasattr(x, "__iter__") and \
+        getattr(x, "ndim", 1) >= 1
+
+
+def token_lists(prompts, vocab_size: int) -> list[list[int]]:
+    """``prompts`` (token-id sequences, or a [B, T] integer tensor) as lists of ints, each checked: not empty and
+    every id in [0, vocab_size), the first offender named (the embedding would fail on it with an IndexError, a
+    device-side assert on CUDA)."""
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() != 2 or prompts.is_floating_point() or prompts.is_complex():
+            raise ValueError(f"prompts as a tensor must be [batch, length] token ids, got {prompts.dim()}-d "
+                             f"{prompts.dtype}")
+        prompts = prompts.tolist()
+    if not _is_list_like(prompts) or len(prompts) == 0:
+        raise ValueError("prompts must be a non-empty list of token-id lists")
+    out = []
+    for i, prompt in enumerate(prompts):
+        if not _is_list_like(prompt):
+            raise ValueError(f"prompt {i} must be a list of token ids, got {type(prompt).__name__}")
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token (e.g. the "
+                             "end-of-document token)")
+        ids = []
+        for token in prompt:
+            if isinstance(token, bool) or not hasattr(token, "__index__"):
+                raise ValueError(f"prompt {i} holds {token!r}, not an integer token id")
+            token = int(token)
+            if not 0 <= token < vocab_size:
+                raise ValueError(f"prompt {i} holds token id {token}, outside the model's vocabulary "
+                                 f"[0, {vocab_size})")
+            ids.append(token)
+        out.append(ids)
+    return out
+
+
 @torch.no_grad()
 def prefill(model, prompts: Sequence[Sequence[int]], max_len: int):
     """(cache with the prompts consumed, logits [N, vocab] after each prompt's last token)."""
-    if not prompts:
-        raise ValueError("no prompts to prefill")
-    empty = [i for i, p in enumerate(prompts) if len(p) == 0]
-    if empty:
-        raise ValueError(f"prompt {empty[0]} is empty: every prompt needs at least one token (e.g. the "
-                         "end-of-document token)")
+    prompts = token_lists(prompts, model.config.vocab_size)
     device = next(model.parameters()).device
     lengths = torch.tensor([len(p) for p in prompts])
     cu_seqlens = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(device)
@@ -114,8 +145,11 @@ def check_positions(model, prompts: Sequence[Sequence[int]], max_new_tokens: int
 def _generate(model, prompts, max_new_tokens, sampling, eos_ids, should_stop, on_tokens, cuda_graph, compile,
               generator, vocab_size) -> list[list[int]]:
     sampling = sampling or Sampling(temperature=0.0)
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
+    prompts = token_lists(prompts, model.config.vocab_size)
+    if isinstance(eos_ids, int):  # one id
+        eos_ids = (eos_ids,)
     if vocab_size is not None and not 0 < vocab_size <= model.config.vocab_size:
         raise ValueError(f"vocab_size={vocab_size} must be in [1, the model's {model.config.vocab_size}]")
     if max_new_tokens == 0:

@@ -4,6 +4,7 @@ draws."""
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -17,12 +18,18 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self):
-        if not 0 <= self.temperature < math.inf:  # NaN fails too
-            raise ValueError(f"temperature={self.temperature} must be a finite number >= 0 (0: greedy)")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k={self.top_k} must be >= 1")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        def number(x) -> bool:
+            return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+        if not (number(self.temperature) and 0 <= self.temperature < math.inf):  # NaN fails too
+            raise ValueError(f"temperature={self.temperature!r} must be a finite number >= 0 (0: greedy)")
+        if self.top_k is not None and not (isinstance(self.top_k, numbers.Integral) and not isinstance(self.top_k, bool)
+                                           and self.top_k >= 1):
+            raise ValueError(f"top_k={self.top_k!r} must be an integer >= 1")
+        if self.top_p is not None and not (number(self.top_p) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]")
+        if self.seed is not None and not (isinstance(self.seed, numbers.Integral) and not isinstance(self.seed, bool)):
+            raise ValueError(f"seed={self.seed!r} must be an integer")
 
     @property
     def greedy(self) -> bool:

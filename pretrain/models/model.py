@@ -199,6 +199,8 @@ class CausalLM(nn.Module):
         temperature 0 is greedy. The batched decoder of ``pretrain.generation`` (a prefill, then one-token steps on
         preallocated caches, a CUDA graph on CUDA); ReBased/Based/short_conv layers keep a constant-size state,
         sliding_window its window of keys, attention every key."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
         new = decoder.generate(self, input_ids.tolist(), max_new_tokens, generator=generator,
                        sampling=Sampling(temperature=temperature, top_k=top_k, top_p=top_p))
         return torch.cat([input_ids, torch.tensor(new, dtype=input_ids.dtype, device=input_ids.device)], dim=1)

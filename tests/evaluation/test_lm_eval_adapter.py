@@ -64,3 +64,9 @@ def test_lm_eval_is_optional():
     except ImportError:
         with pytest.raises(ImportError, match="pip install lm_eval"):
             make_lm_eval_model("nowhere", "nothing.model")
+
+
+def test_generate_until_ignores_an_empty_stop_string(adapter):
+    (free,) = adapter.generate_until([req("ab", {"max_gen_toks": 6})])
+    assert adapter.generate_until([req("ab", {"until": [""], "max_gen_toks": 6})]) == [free]
+    assert adapter.generate_until([req("ab", {"until": "", "max_gen_toks": 6})]) == [free]

@@ -132,3 +132,58 @@ def test_a_vocabulary_padded_past_the_tokenizer_never_yields_its_padding_ids(wor
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "20 new tokens" in proc.stderr
+
+
+def test_a_file_with_one_prompt_is_still_a_batch(workspace, tmp_path):
+    """The output's form follows the option, not the number of lines: --prompts prints '=== 0: ...' blocks."""
+    (tmp_path / "one.txt").write_text("the sea\n")
+    proc = run(workspace, "--prompts", str(tmp_path / "one.txt"), "--temperature", "0", "--max-new-tokens", "5")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"=== 0: the sea\nthe sea{greedy_text(workspace, 'the sea', 5)}\n\n"
+
+
+def test_a_jsonl_file_with_a_byte_order_mark(workspace, tmp_path):
+    (tmp_path / "p.jsonl").write_bytes("\ufeff".encode() + b'{"prompt": "far"}\n')
+    proc = run(workspace, "--prompts", str(tmp_path / "p.jsonl"), "--temperature", "0", "--max-new-tokens", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("=== 0: far\n")
+
+
+def test_stop_escapes_as_typed_in_a_shell():
+    from pretrain.generate import cut_at_stop, unescape
+
+    assert unescape(r"\n\n") == "\n\n" and unescape(r"a\tb\r") == "a\tb\r" and unescape(r"\\n") == "\\n"
+    assert unescape(r"\x") == r"\x" and unescape("é\n") == "é\n"
+    assert cut_at_stop("cat\n\nsat on", [unescape(r"\n\n")]) == ("cat", True)
+
+
+def test_the_stream_follows_a_redirected_stdout(workspace, monkeypatch):
+    """In-process (capsys, contextlib.redirect_stdout): the continuation goes where the prompt went."""
+    import contextlib
+    import io
+
+    from pretrain.generate import main
+
+    tmp, _ = workspace
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        assert main(["--checkpoint", str(tmp / "model"), "--tokenizer", str(tmp / "tok.model"), "--prompt",
+                     "the cat", "--temperature", "0", "--max-new-tokens", "6"]) == 0
+    assert buffer.getvalue() == "the cat" + greedy_text(workspace, "the cat", 6) + "\n"
+
+
+def test_a_tokenizer_without_an_end_of_document_token_is_one_line(workspace, tmp_path):
+    """Prompts start after the end-of-document token: a tokenizer without one (SentencePiece eos_id=-1) is refused
+    before anything is printed, not an IndexError in the embedding after the prompt was streamed."""
+    import sentencepiece as spm
+
+    tmp, _ = workspace
+    spm.SentencePieceTrainer.train(input=str(tmp / "corpus.jsonl"), model_prefix=str(tmp_path / "noeos"),
+                                   vocab_size=200, hard_vocab_limit=False, eos_id=-1,
+                                   minloglevel=2)
+    proc = subprocess.run([sys.executable, "-m", "pretrain.generate", "--checkpoint", str(tmp / "model"),
+                           "--tokenizer", str(tmp_path / "noeos.model"), "--prompt", "the cat"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("error: ") and "no end-of-document token (id -1)" in line

@@ -84,6 +84,38 @@ def test_bad_prompts_and_lengths_are_named():
         generate(model, [[1], []], 2)
     with pytest.raises(ValueError, match="max_new_tokens=-1"):
         generate(model, [[1]], -1)
+    vocab = model.config.vocab_size
+    for prompts, message in [([[1, vocab]], f"prompt 0 holds token id {vocab}, outside the model's vocabulary"),
+                             ([[2], [-1]], "prompt 1 holds token id -1"), ([[1.5]], "prompt 0 holds 1.5"),
+                             ([[True]], "prompt 0 holds True"), ([], "non-empty list"), ("ab", "non-empty list"),
+                             ([3], "prompt 0 must be a list of token ids, got int"),
+                             (torch.ones(2, 3), "must be \\[batch, length\\] token ids")]:
+        with pytest.raises(ValueError, match=message):
+            generate(model, prompts, 2)
+    for bad in (2.0, True):
+        with pytest.raises(ValueError, match="must be an integer >= 0"):
+            generate(model, [[1]], bad)
+
+
+def test_prompts_as_a_tensor_or_numpy_ids_and_one_eos_id():
+    import numpy as np
+
+    model = model_for(LAYOUTS["rebased"])
+    expected = generate(model, [[1, 2, 3], [4, 5, 6]], 3)
+    assert generate(model, torch.tensor([[1, 2, 3], [4, 5, 6]]), 3) == expected
+    assert generate(model, [np.array([1, 2, 3]), (4, 5, 6)], 3) == expected
+    first = expected[0][0]
+    assert generate(model, [[1, 2, 3]], 3, eos_ids=first) == [[first]]
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"top_k": 2.5}, "top_k=2.5 must be an integer"), ({"top_k": True}, "top_k=True"),
+    ({"temperature": True}, "temperature=True"), ({"temperature": "1"}, "temperature='1'"),
+    ({"top_p": "0.5"}, "top_p='0.5'"), ({"seed": 1.5}, "seed=1.5 must be an integer"),
+])
+def test_sampling_settings_of_the_wrong_type_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Sampling(**kwargs)
 
 
 class ByteTokenizer:
