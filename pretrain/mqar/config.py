@@ -66,6 +66,15 @@ class ModelSection:
     config: str | None = None  # base model YAML; None: the mixer's default (MIXER_MODELS)
     overrides: list[str] = field(default_factory=list)  # extra model overrides, applied last
 
+    def __post_init__(self):
+        # these come from the setting (its name and result record them): an override would train another model
+        # than the result says, or one that cannot read the data
+        owned = {"d_model": "model.d_model", "vocab_size": "data.vocab_size", "max_seq_len": "data.seq_len"}
+        for item in self.overrides:
+            key = str(item).split("=", 1)[0].strip()
+            if key in owned:
+                raise ValueError(f"overrides: {item!r} sets {key}, which the setting owns: set {owned[key]} instead")
+
 
 @dataclass
 class TrainSection:

@@ -79,6 +79,11 @@ class MQARSpec:
             raise ValueError(f"seed={self.seed} must be >= 0")
         if not self.power_a > 0:
             raise ValueError(f"power_a={self.power_a} must be > 0")
+        with np.errstate(over="ignore", invalid="ignore"):
+            finite = np.isfinite(query_slot_probs(self.space, self.power_a)).all()
+        if not finite:  # (g+1)^(a-1) past the float64 range: NaN probabilities would put every query first
+            raise ValueError(f"power_a={self.power_a} is too large for seq_len={L}: the query-slot weights "
+                             f"(g+1)^(a-1) overflow float64 (at most about 1 + 700 / ln({self.space}))")
         if self.num_train < 0 or self.num_test < 0:
             raise ValueError("num_train and num_test must be >= 0")
 

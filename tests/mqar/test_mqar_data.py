@@ -240,3 +240,12 @@ def test_invalid_pair_counts_name_the_file_and_key():
         MQARSpec(seq_len=64, num_kv_pairs=8, vocab_size=16)
     with pytest.raises(ConfigError, match=r"tiny_cpu\.yaml: data: num_kv_pairs=40"):
         load_mqar_config(REPO / "configs/mqar/tiny_cpu.yaml", ["data.num_kv_pairs=40"])
+
+
+@pytest.mark.parametrize("power_a", [200.0, float("inf"), float("nan"), 0.0])
+def test_a_power_law_exponent_without_finite_slot_weights_is_refused(power_a):
+    """(g+1)^(a-1) past float64 made the slot probabilities NaN, and every example put its queries in the first
+    slots, the opposite of what a > 1 asks (the official np.random.choice raises on them)."""
+    with pytest.raises(ValueError, match=f"power_a={power_a}"):
+        MQARSpec(seq_len=2048, num_kv_pairs=64, power_a=power_a)
+    MQARSpec(seq_len=2048, num_kv_pairs=64, power_a=50.0)  # large but finite: accepted

@@ -73,6 +73,17 @@ def test_invalid_values_are_refused_naming_the_key(override, named):
         load_mqar_config(TINY, [override])
 
 
+@pytest.mark.parametrize("key, owner", [("d_model", "model.d_model"), ("vocab_size", "data.vocab_size"),
+                                        ("max_seq_len", "data.seq_len")])
+def test_model_overrides_of_what_the_setting_owns_are_refused(key, owner):
+    """A result records the setting's d_model, vocabulary and length: an override of them trained another model
+    than the result named (or one that could not read the data: an IndexError in the embedding mid-run)."""
+    with pytest.raises(ConfigError, match=rf"tiny_cpu\.yaml: model: overrides: '{key}=32' sets {key}, which the "
+                                          rf"setting owns: set {owner} instead"):
+        load_mqar_config(TINY, [f"model.overrides=[{key}=32]"])
+    load_mqar_config(TINY, ["model.overrides=[rebased.eps=1e-6]"])
+
+
 @pytest.fixture
 def one_thread():
     threads = torch.get_num_threads()
