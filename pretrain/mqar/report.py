@@ -138,6 +138,8 @@ def summarize(results: list[tuple[Path, dict]], metric: str = "best") -> dict:
 # the protocol field that says how a run was executed, not what it computed: the micro-batch follows the sequence
 # length (train.micro_batch_tokens), and the loss is the exact batch mean whatever the split
 EXECUTION_FIELD = "micro_batch_size"
+# the data settings that define the task (num_kv_pairs as configured: null is the paper's rule, which follows seq_len)
+DATA_FIELDS = ("vocab_size", "num_kv_pairs", "power_a", "random_non_queries", "seed")
 
 
 def provenance(results: list[tuple[Path, dict]]) -> dict:
@@ -146,7 +148,14 @@ def provenance(results: list[tuple[Path, dict]]) -> dict:
 
     def protocol(r: dict) -> dict | None:
         proto = r.get("protocol")
-        return {k: v for k, v in proto.items() if k != EXECUTION_FIELD} if isinstance(proto, dict) else proto
+        if not isinstance(proto, dict):
+            return proto
+        proto = {k: v for k, v in proto.items() if k != EXECUTION_FIELD}
+        # the task itself (results record it in their config): runs on other data are another experiment
+        data = r["config"].get("data") if isinstance(r.get("config"), dict) else None
+        if isinstance(data, dict):
+            proto.update({f"data.{k}": data[k] for k in DATA_FIELDS if k in data})
+        return proto
 
     protocols = Counter(json.dumps(protocol(r), sort_keys=True) for _, r in results)
     micro = Counter(str(r["protocol"].get(EXECUTION_FIELD)) for _, r in results

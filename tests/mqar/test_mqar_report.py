@@ -15,7 +15,7 @@ PROTOCOL = {"num_train": 100000, "num_test": 3000, "max_epochs": 64, "batch_size
 
 
 def make_result(folder, mixer, d_model, seq_len, lr, seed, accuracy, *, final=None, total_s=100.0,
-                device="NVIDIA H100 80GB HBM3", date="2026-01-02T03:04:05+00:00", protocol=PROTOCOL):
+                device="NVIDIA H100 80GB HBM3", date="2026-01-02T03:04:05+00:00", protocol=PROTOCOL, config=None):
     name = f"{mixer}_d{d_model}_L{seq_len}_lr{lr:g}_s{seed}"
     data = {"schema": SCHEMA, "name": name,
             "setting": {"mixer": mixer, "d_model": d_model, "seq_len": seq_len, "num_kv_pairs": seq_len // 4,
@@ -23,6 +23,8 @@ def make_result(folder, mixer, d_model, seq_len, lr, seed, accuracy, *, final=No
             "best_accuracy": accuracy, "final_accuracy": accuracy if final is None else final, "epochs_run": 3,
             "time": {"total_s": total_s}, "device": device, "date": date, "torch": "2.13.0", "git_commit": "abc123",
             "hostname": "node1", "protocol": protocol}
+    if config is not None:
+        data["config"] = config
     return write_json_atomic(folder / f"{name}.json", data)
 
 
@@ -118,6 +120,22 @@ def test_report_files(results, tmp_path, capsys):
 def test_mixed_protocols_are_flagged(tmp_path):
     make_result(tmp_path, "rebased", 64, 256, 1e-3, 0, 0.5)
     make_result(tmp_path, "rebased", 64, 256, 1e-3, 1, 0.5, protocol={**PROTOCOL, "max_epochs": 4})
+    summary = write_report([tmp_path], tmp_path / "out", log=lambda m: None)
+    assert len(summary["provenance"]["protocols"]) == 2
+    assert "Warning: the runs follow different protocols" in (tmp_path / "out" / TABLE_FILE).read_text()
+
+
+def test_runs_on_other_data_are_flagged(tmp_path):
+    """The task's data settings (in each result's config) belong to its protocol: a run on another vocabulary or
+    query-spacing exponent is another experiment, not a second seed of the same point."""
+    data = {"seq_len": 256, "num_kv_pairs": None, "vocab_size": 8192, "power_a": 0.01, "random_non_queries": False,
+            "seed": 42, "num_train": 100000, "num_test": 3000, "cache_dir": ".cache/mqar"}
+    make_result(tmp_path, "rebased", 64, 256, 1e-3, 0, 0.5, config={"data": data})
+    make_result(tmp_path, "rebased", 64, 256, 1e-3, 1, 0.5, config={"data": data})
+    summary = write_report([tmp_path], tmp_path / "same", log=lambda m: None)
+    assert len(summary["provenance"]["protocols"]) == 1
+    assert summary["provenance"]["protocols"][0]["protocol"]["data.power_a"] == 0.01
+    make_result(tmp_path, "rebased", 64, 256, 1e-3, 2, 0.9, config={"data": {**data, "power_a": 0.5}})
     summary = write_report([tmp_path], tmp_path / "out", log=lambda m: None)
     assert len(summary["provenance"]["protocols"]) == 2
     assert "Warning: the runs follow different protocols" in (tmp_path / "out" / TABLE_FILE).read_text()
