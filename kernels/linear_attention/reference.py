@@ -217,7 +217,13 @@ def linear_attention_reference(kind: str, q: torch.Tensor, k: torch.Tensor, v: t
     else:
         num, den, state = _core_recurrent(kind, qp, kp, vp, scale, valid, kv0, z0, output_final_state)
 
-    o = num / (den[..., None] + eps) if normalize else num
+    if normalize:
+        # padding rows of packed documents have den = 0: divided by 1 there, so eps = 0 sends no 0/0 into the
+        # gradients of the real tokens (the rows are dropped by the unpacking anyway)
+        den = torch.where(valid[:, :, None], den + eps, torch.ones_like(den))
+        o = num / den[..., None]
+    else:
+        o = num
     o = unpack_documents(o, valid, offsets).to(out_dtype)
     return o, (state if output_final_state else None)
 

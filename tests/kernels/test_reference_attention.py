@@ -225,6 +225,21 @@ def test_cu_seqlens_equals_separate_documents(kind, mode, with_init):
             assert rel(g[:, sl], g_sep[:, sl]) < 1e-10
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("mode", MODES)
+def test_cu_seqlens_with_eps_zero_keeps_gradients_finite(kind, mode):
+    """Documents of unequal length are padded to the longest: the padding rows have a zero normaliser, and with
+    eps = 0 their 0 / 0 reached the real tokens' gradients as NaN (the forward dropped the rows)."""
+    q, k, v = make_qkv(1, 8, 2, 4, 3, grad=True)
+    cu = torch.tensor([0, 3, 8])
+    o, _ = attn(kind)(q, k, v, cu_seqlens=cu, eps=0.0, mode=mode)
+    grads = torch.autograd.grad(o.sum(), [q, k, v])
+    assert torch.isfinite(o).all() and all(torch.isfinite(g).all() for g in grads)
+    for a, b in ((0, 3), (3, 8)):
+        on, _ = attn(kind)(q[:, a:b], k[:, a:b], v[:, a:b], eps=0.0, mode="quadratic")
+        assert rel(o[:, a:b], on) < 1e-10
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_cu_seqlens_empty_document_and_int64(mode):
     q, k, v = make_qkv(1, 6, 1, 4, 3)
