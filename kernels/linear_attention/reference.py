@@ -60,11 +60,12 @@ def validate_attention_inputs(kind: str, q, k, v, *, scale, eps, cu_seqlens, ini
         raise ValueError(f"q, k, v must be on the same device, got {q.device}, {k.device}, {v.device}")
     if q.shape[-1] < 1 or v.shape[-1] < 1:
         raise ValueError(f"feature dims must be >= 1, got q {_shape(q)} and v {_shape(v)}")
-    if scale is not None and (not isinstance(scale, (int, float)) or not math.isfinite(scale)):
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale)):
         raise ValueError(f"scale must be a finite python number or None, got {scale!r}")
     if kind == "based" and scale is not None and scale < 0:
         raise ValueError(f"based attention needs scale >= 0, got {scale}")
-    if not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:  # NaN fails too
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:  # NaN fails too
         raise ValueError(f"eps must be a finite non-negative number, got {eps!r}")
     if not isinstance(normalize, bool):  # a truthy string ("no") would silently normalise
         raise ValueError(f"normalize must be a bool, got {normalize!r}")

@@ -335,6 +335,7 @@ def test_input_validation_errors():
     # numbers that would make every output NaN, and a truthy non-bool that silently normalised
     for kwargs, message in (({"scale": math.nan}, "scale must be a finite"), ({"scale": math.inf}, "scale must"),
                             ({"eps": math.nan}, "eps must be a finite"), ({"eps": -1e-6}, "eps must"),
+                            ({"scale": True}, "scale must be a finite"), ({"eps": False}, "eps must be a finite"),
                             ({"normalize": "no"}, "normalize must be a bool")):
         for backend in ("torch", "triton"):
             with pytest.raises(ValueError, match=message):
