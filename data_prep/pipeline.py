@@ -253,11 +253,15 @@ class Tokenization:
         else:
             write_json_atomic(cfg_path, fp, sort_keys=True)
         self.fp = fp
-        # Remove leftovers of killed runs: temporary files never look complete, but they take space.
-        for root, _, files in os.walk(self.out):
-            for name in files:
-                if ".tmp-" in name:
-                    os.remove(os.path.join(root, name))
+        # Remove leftovers of killed runs: temporary files never look complete, but they take space. Only where this
+        # run writes (OUT itself, .state, the split folders): anything else under OUT (e.g. inputs in OUT/raw) is
+        # not ours
+        for folder in (self.out, self.state_dir, *(os.path.join(self.out, s) for s in SPLITS)):
+            if os.path.isdir(folder):
+                for name in os.listdir(folder):
+                    path = os.path.join(folder, name)
+                    if ".tmp-" in name and os.path.isfile(path):
+                        os.remove(path)
         pieces: list[dict] = []
         k = 0
         while True:

@@ -110,6 +110,12 @@ def resolve_backend(op_name: str, backend: Optional[str], device: torch.device) 
                 f"registered (registered: {list(registered_triton_ops()) or 'none'}). Use backend='torch' "
                 f"or make sure kernels/<family>/triton_ops.py calls register_triton_impl({op_name!r}, fn)."
             )
+        if torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise BackendUnavailableError(
+                f"backend 'triton' requested for {op_name} (via {source}) with inputs on {torch.device(device)}: "
+                "Triton runs them on CUDA, or on the CPU through its interpreter (TRITON_INTERPRET=1, set before "
+                "triton is imported; slow, for tests). Use backend='torch' on the CPU."
+            )
         return "triton"
     # auto
     if torch.device(device).type == "cuda" and op_name in _TRITON_IMPLS:

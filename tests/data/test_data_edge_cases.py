@@ -407,3 +407,21 @@ def test_max_doc_bytes_limits_the_text_not_its_escaped_json_line(tokenizer_model
     assert manifest["skipped_examples"][0]["line"] == 2
     assert "holds 102 bytes, more than --max-doc-bytes 100" in manifest["skipped_examples"][0]["message"]
     assert manifest["counts"]["documents_written"] == 2
+
+
+def test_leftover_temporary_files_are_removed_only_where_the_run_writes(tokenizer_model, tmp_path):
+    """A rerun removes what a killed run left half-written (names with '.tmp-') in OUT, OUT/.state and the split
+    folders; files elsewhere under OUT (inputs kept in OUT/raw, which is allowed) are not the run's to delete."""
+    out = tmp_path / "out"
+    (out / "raw").mkdir(parents=True)
+    mine = out / "raw" / "notes.tmp-keep.jsonl"
+    mine.write_text("mine")
+    path = out / "raw" / "in.jsonl"
+    path.write_bytes(jsonl_bytes(make_docs(20, seed=3)))
+    assert cli([str(path)], tokenizer_model, out).returncode == 0
+    leftovers = [out / "train" / "train-00001.bin.tmp-99", out / ".state" / "chunk-00007.json.tmp-99",
+                 out / "manifest.json.tmp-99"]
+    for f in leftovers:
+        f.write_bytes(b"half")
+    assert cli([str(path)], tokenizer_model, out).returncode == 0
+    assert mine.read_text() == "mine" and not any(f.exists() for f in leftovers)

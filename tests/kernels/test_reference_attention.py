@@ -413,3 +413,12 @@ def test_no_tokens_still_gives_a_graph_through_the_inputs(mode):
     assert o.shape == (1, 0, 2, 4) and o.requires_grad
     dq, dv = torch.autograd.grad(o.sum(), (q, v))
     assert dq.shape == q.shape and dv.shape == v.shape
+
+
+def test_triton_on_the_cpu_without_the_interpreter_is_named(monkeypatch):
+    """Not Triton's '0 active drivers' from deep inside a launch: the device and the interpreter switch are named."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(kbackend.BackendUnavailableError, match="inputs on cpu: .*TRITON_INTERPRET=1"):
+        kbackend.resolve_backend("rebased_attention", "triton", torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert kbackend.resolve_backend("rebased_attention", "triton", torch.device("cpu")) == "triton"
