@@ -155,6 +155,10 @@ def _wandb_run(cfg: MQARConfig):
                       name=cfg.run_name(), dir=cfg.log.wandb_dir, config=to_dict(cfg), reinit=True)
 
 
+# train.* limits a checkpoint may be resumed under with other values (the result records the final ones)
+RESUMABLE_LIMITS = ("max_steps", "time_limit_s")
+
+
 def epoch_lr(cfg: MQARConfig, epoch: int) -> float:
     if cfg.train.schedule == "constant":
         return cfg.train.lr
@@ -224,7 +228,13 @@ class MQARRun:
     # ------------------------------------------------------------------ checkpoints
 
     def _checkpoint_config(self) -> dict:
-        return result_relevant_config(to_dict(self.cfg))
+        """What a checkpoint must match to be resumed: the result-relevant run config without the limits that only
+        say where a run stops (the trajectory up to there does not depend on them: a rerun may raise them), plus
+        the resolved model config (a model YAML edited between attempts changes the model, not the run config)."""
+        config = result_relevant_config(to_dict(self.cfg))
+        for key in RESUMABLE_LIMITS:
+            config["train"].pop(key, None)
+        return {**config, "model_config": to_dict(self.model_cfg)}
 
     def save_checkpoint(self) -> None:
         progress = asdict(self.progress)

@@ -177,6 +177,36 @@ def test_a_checkpoint_of_another_config_is_not_used_and_the_difference_is_named(
     assert "resuming from" not in printed and read_result(out)["epochs_run"] == 3
 
 
+def test_a_checkpoint_resumes_under_other_limits_but_not_with_another_model(tmp_path, one_thread, capsys,
+                                                                              monkeypatch):
+    """max_steps and time_limit_s only say where a run stops: a rerun that raises them resumes (the result records
+    the new values). A model YAML edited between attempts changes the model though the run config is the same:
+    that checkpoint is not used."""
+    import yaml
+
+    out = tmp_path / "r.json"
+    _killed_after_epoch_2(out, [*SHORT, "train.time_limit_s=3600"], monkeypatch)
+    capsys.readouterr()
+    assert mqar_main(["--config", str(TINY), *SHORT, "train.time_limit_s=7200", "--output", str(out)]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    result = read_result(out)
+    assert result["time"]["attempts"] == 2 and result["protocol"]["time_limit_s"] == 7200
+
+    model_yaml = tmp_path / "mqar_rebased.yaml"
+    model_yaml.write_text((REPO / "configs/models/mqar_rebased.yaml").read_text())
+    out = tmp_path / "m.json"
+    edited = [*SHORT, f"model.config={model_yaml}"]
+    _killed_after_epoch_2(out, edited, monkeypatch)
+    model = yaml.safe_load(model_yaml.read_text())
+    model["rebased"]["eps"] = 1e-3
+    model_yaml.write_text(yaml.safe_dump(model))
+    capsys.readouterr()
+    assert mqar_main(["--config", str(TINY), *edited, "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "another config (model_config.rebased.eps: 1e-12 -> 0.001); starting afresh" in printed
+    assert read_result(out)["time"]["attempts"] == 1
+
+
 def test_a_second_run_of_the_same_output_is_refused_while_the_first_runs(tmp_path, one_thread, capsys):
     """Two processes on one setting would resume from and overwrite one checkpoint; the second exits with 2."""
     import fcntl
