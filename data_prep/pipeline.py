@@ -44,7 +44,7 @@ import time
 
 from pretrain.atomic import copy_file_atomic, write_json_atomic
 from pretrain.cores import available_cores
-from pretrain.data.writer import IndexedDatasetWriter, bin_path, idx_path, token_dtype_name
+from pretrain.data.writer import IndexedDatasetWriter, bin_path, idx_bytes, idx_path, token_dtype_name
 
 from pretrain.data.sources import FileDone, InputError, Record, Source, iter_records, resolve_inputs
 from pretrain.data.tokenizer import Tokenizer, file_sha256
@@ -225,7 +225,9 @@ class Tokenization:
         for split, shard in piece["shards"].items():
             prefix = os.path.join(self.out, split, shard["name"])
             try:
-                if os.path.getsize(bin_path(prefix)) != shard["bin_bytes"] or not os.path.isfile(idx_path(prefix)):
+                # sizes of both files: a chunk whose .idx was damaged is tokenized again, not found at load time
+                if (os.path.getsize(bin_path(prefix)) != shard["bin_bytes"]
+                        or os.path.getsize(idx_path(prefix)) != idx_bytes(shard["documents"])):
                     return False
             except OSError:
                 return False

@@ -52,6 +52,12 @@ def bin_path(prefix: str | os.PathLike) -> str:
     return f"{os.fspath(prefix)}.bin"
 
 
+def idx_bytes(documents: int) -> int:
+    """Size of the ``.idx`` this writer makes for ``documents`` documents (one sequence each): the header, the sizes
+    (int32), the pointers (int64) and the document index (int64, documents + 1 entries)."""
+    return HEADER_BYTES + documents * (4 + 8) + (documents + 1) * 8
+
+
 def idx_path(prefix: str | os.PathLike) -> str:
     return f"{os.fspath(prefix)}.idx"
 

@@ -67,6 +67,20 @@ def test_exit_inside_commit_then_rerun_is_identical(corpus, tokenizer_model, ref
     assert shard_bytes(out) == reference
 
 
+def test_a_damaged_index_of_a_committed_chunk_is_tokenized_again(corpus, tokenizer_model, reference, tmp_path):
+    """Killed after chunk 2 with chunk 1's .idx cut short: the rerun keeps chunk 0 and redoes the rest (the .bin size alone passed,
+    and the split failed only at load time)."""
+    out = tmp_path / "out"
+    p = cli(corpus, tokenizer_model, out, DATA_PREP_TEST_EXIT_AT_CHUNK="3")
+    assert p.wait(120) == 75
+    index = out / "train" / "train-00001.idx"
+    index.write_bytes(index.read_bytes()[:-8])
+    p = cli(corpus, tokenizer_model, out, workers=1)
+    assert p.wait(120) == 0, p.stderr.read()
+    assert shard_bytes(out) == reference
+    assert b"resumed after 1 committed chunk(s)" in p.stdout.read()
+
+
 def test_rerun_with_different_options_refuses(corpus, tokenizer_model, tmp_path):
     out = str(tmp_path / "out")
     kw = dict(out=out, tokenizer=tokenizer_model, workers=1, progress=False, docs_per_shard=300)
