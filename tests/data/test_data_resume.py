@@ -68,8 +68,8 @@ def test_exit_inside_commit_then_rerun_is_identical(corpus, tokenizer_model, ref
 
 
 def test_a_damaged_index_of_a_committed_chunk_is_tokenized_again(corpus, tokenizer_model, reference, tmp_path):
-    """Killed after chunk 2 with chunk 1's .idx cut short: the rerun keeps chunk 0 and redoes the rest (the .bin size alone passed,
-    and the split failed only at load time)."""
+    """Stopped with chunks 0-2 committed and chunk 1's .idx then cut short: the rerun keeps chunk 0 and redoes the
+    rest (only the .bin size was checked, and the split failed at load time)."""
     out = tmp_path / "out"
     p = cli(corpus, tokenizer_model, out, DATA_PREP_TEST_EXIT_AT_CHUNK="3")
     assert p.wait(120) == 75
