@@ -77,8 +77,8 @@ _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
 
 
 def unescape(stop: str) -> str:
-    """``--stop`` as typed in a shell: ``\\n``, ``\\t``, ``\\r`` and ``\\\\`` are a newline, a tab, a carriage return and
-    a backslash (``--stop "\\n\\n"`` stops at a blank line); any other backslash stays as it is."""
+    """``--stop`` as typed in a shell: ``\\n``, ``\\t``, ``\\r`` and ``\\\\`` are a newline, a tab, a carriage return
+    and a backslash (``--stop "\\n\\n"`` stops at a blank line); any other backslash stays as it is."""
     return re.sub(r"\\(.)", lambda m: _ESCAPES.get(m.group(1), m.group(0)), stop, flags=re.DOTALL)
 
 
