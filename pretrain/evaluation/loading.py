@@ -49,14 +49,25 @@ def load_documents(data: str, tokenizer, *, text_key: str = "text", max_document
     except (OSError, ValueError) as e:  # nothing there, or a split that is not usable: one line, exit 2
         raise EvaluationInputError(f"--data {data}: {e}") from None
     for prefix in prefixes:
-        ds = IndexedDataset(prefix)
+        try:
+            ds = IndexedDataset(prefix)
+        except (OSError, ValueError) as e:  # a damaged .idx/.bin: one line naming it, exit 2
+            raise EvaluationInputError(f"--data {data}: {e}") from None
         for d in range(ds.num_documents):
             if max_documents is not None and len(docs) >= max_documents:
                 return docs
-            tokens = ds.document(d).tolist()
+            array = ds.document(d)
+            if array.size == 0:  # nothing to score (other writers may store empty documents): as raw text, skipped
+                continue
+            tokens = array.tolist()
             num_bytes = None
             if tokenizer is not None:
-                body = tokens[:-1] if tokens and tokens[-1] == tokenizer.eod_id else tokens
+                low, high = min(tokens), max(tokens)
+                if low < 0 or high >= tokenizer.vocab_size:  # decoding it would fail with a traceback
+                    raise EvaluationInputError(
+                        f"{prefix}: document {d} holds token id {low if low < 0 else high}, outside the vocabulary "
+                        f"of --tokenizer ({tokenizer.vocab_size} ids): the data was tokenized with another tokenizer")
+                body = tokens[:-1] if tokens[-1] == tokenizer.eod_id else tokens
                 num_bytes = len(tokenizer.decode(body).encode("utf-8"))
             docs.append(Document(tokens, num_bytes))
     return docs

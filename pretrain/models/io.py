@@ -58,11 +58,16 @@ def _verify_files(path: Path) -> None:
     if not manifest.exists():
         return
     try:
-        recorded = json.loads(manifest.read_text()).get("sha256", {})
+        recorded = json.loads(manifest.read_text()).get("sha256")
     except (OSError, ValueError, AttributeError) as e:
         raise ConfigError(f"{manifest}: unreadable ({e})") from None
-    for name, digest in recorded.items():
-        if name in (WEIGHTS, CONFIG) and file_sha256(path / name) != digest:
+    # an export.json records both files' digests: one without them (or of another shape) vouches for nothing
+    if not (isinstance(recorded, dict) and all(isinstance(recorded.get(n), str) for n in (WEIGHTS, CONFIG))):
+        raise ConfigError(f"{manifest}: malformed: 'sha256' must map {WEIGHTS} and {CONFIG} to their digests; "
+                          "export the checkpoint again")
+    for name in (WEIGHTS, CONFIG):
+        digest = recorded[name]
+        if file_sha256(path / name) != digest:
             raise ConfigError(f"{path / name}: SHA-256 differs from the one {manifest} records (damaged or changed "
                               "since the export); export the checkpoint again")
 
@@ -99,18 +104,27 @@ def load_exported(path: str | os.PathLike, device="cpu", dtype: torch.dtype | No
     return model.eval()
 
 
-def _check_weights_match_config(model: CausalLM, state: dict[str, torch.Tensor], path: Path) -> None:
-    """Raise ``ConfigError`` when the weights do not have the names and shapes the config's model has. A tied
-    head is stored once, as ``embed.weight``: a separate ``lm_head.weight`` means the weights were not tied."""
+def weight_problems(model: CausalLM, state: dict[str, torch.Tensor], tied_head_stored: bool = False) -> list[str]:
+    """How the weights differ from the names and shapes of the config's ``model`` (built on the meta device), as
+    'missing: ...', 'unexpected: ...', 'shape: ...'. A tied head is stored once, as ``embed.weight`` (an export), or
+    also as ``lm_head.weight`` (a training checkpoint: ``tied_head_stored``)."""
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    if model.config.tie_embeddings:
+    if model.config.tie_embeddings and not (tied_head_stored and "lm_head.weight" in state):
         del expected["lm_head.weight"]
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     shapes = [f"{k} {tuple(state[k].shape)} (config: {tuple(shape)})" for k, shape in expected.items()
               if k in state and state[k].shape != shape]
-    problems = [f"{what}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
-                for what, names in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)) if names]
+    return [f"{what}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+            for what, names in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)) if names]
+
+
+def _check_weights_match_config(model: CausalLM, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Raise ``ConfigError`` when the weights do not have the names and shapes the config's model has; a separate
+    ``lm_head.weight`` with ``tie_embeddings: true`` means the weights were not tied."""
+    problems = weight_problems(model, state)
+    unexpected = [p for p in problems if p.startswith("unexpected:")]
     if problems:
-        hint = " (an untied LM head, but the config has tie_embeddings: true)" if "lm_head.weight" in unexpected else ""
+        hint = (" (an untied LM head, but the config has tie_embeddings: true)"
+                if unexpected and "lm_head.weight" in unexpected[0] else "")
         raise ConfigError(f"{path / WEIGHTS} does not match its config {path / CONFIG}{hint}: {'; '.join(problems)}")

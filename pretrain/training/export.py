@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 
-from pretrain.config import ConfigError
-from pretrain.models.io import WEIGHTS, write_export
+from pretrain.config import ConfigError, from_dict
+from pretrain.models.config import ModelConfig
+from pretrain.models.io import WEIGHTS, weight_problems, write_export
+from pretrain.models.model import CausalLM
 from pretrain.training.checkpoint import CheckpointError, find_latest, is_complete, read_meta, verify
 
 
@@ -47,6 +49,21 @@ def _check_replaceable(out_dir: str) -> None:
                           "empty folder")
 
 
+def _check_model(path: str, meta: dict, state: dict) -> None:
+    """The model config in the checkpoint's meta.json is one this code builds, and the weights fit it: checked here,
+    naming the checkpoint, so that no export is published that cannot be loaded (a checkpoint of another code
+    version)."""
+    source = os.path.join(path, "meta.json")
+    if not isinstance(meta.get("model_config"), dict):
+        raise CheckpointError(f"{source}: no model_config recorded; cannot export this checkpoint")
+    cfg = from_dict(ModelConfig, meta["model_config"], source=f"{source} (model_config)")
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    problems = weight_problems(model, state, tied_head_stored=True)
+    if problems:
+        raise CheckpointError(f"{path}: its weights do not match the model config in {source}: {'; '.join(problems)}")
+
+
 def export_checkpoint(path: str, out_dir: str, dtype: str = "float32") -> str:
     out_dir = os.path.abspath(out_dir)  # "." or "run/" name the folder itself (the export replaces it whole)
     _check_replaceable(out_dir)
@@ -55,6 +72,7 @@ def export_checkpoint(path: str, out_dir: str, dtype: str = "float32") -> str:
         raise CheckpointError(f"{path} fails verification, not exporting it: {'; '.join(problems)}")
     meta = read_meta(path)
     state = _model_state_from_checkpoint(path, meta)
+    _check_model(path, meta, state)
     write_export(state, meta["model_config"], out_dir, metadata={"format": "pt", "step": meta["step"]},
                  dtype=getattr(torch, dtype),
                  provenance={"source": os.path.abspath(path), "step": meta["step"],

@@ -221,3 +221,62 @@ def test_raw_text_that_is_not_a_string_is_refused_naming_the_record(tmp_path):
     (tmp_path / "raw.jsonl").write_text('{"text": "alpha"}\n{"text": 5}\n')
     with pytest.raises(EvaluationInputError, match=r"raw\.jsonl:2: 'text' is a int, not a string"):
         load_documents(str(tmp_path / "raw.jsonl"), Tokenizer(tmp_path / "tok.model"))
+
+
+@pytest.mark.parametrize("damage", ["idx_magic", "idx_truncated", "bin_truncated"])
+def test_a_damaged_shard_is_one_line(tmp_path, capsys, damage):
+    model_dir = _export(tmp_path, ["short_conv"])
+    data, _ = _shards(tmp_path)
+    path = tmp_path / ("data.bin" if damage == "bin_truncated" else "data.idx")
+    raw = path.read_bytes()
+    path.write_bytes(b"X" + raw[1:] if damage == "idx_magic" else raw[:-4])
+    with pytest.raises(SystemExit) as e:
+        _evaluate(model_dir, data)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    (line,) = err.strip().splitlines()
+    assert line.startswith("error: --data ") and str(path.with_suffix("")) in line
+
+
+def test_token_ids_past_the_tokenizers_vocabulary_are_one_line(tmp_path, capsys):
+    """Bytes per document come from decoding the tokens: an id the tokenizer lacks failed with a traceback there,
+    before the model's vocabulary check could name the mismatch."""
+    import sentencepiece as spm
+
+    texts = ["the cat sat on the mat", "a dog ran far away"]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts * 20), model_prefix=str(tmp_path / "tok"),
+                                   vocab_size=30, hard_vocab_limit=False, bos_id=2, eos_id=3, unk_id=1, pad_id=0,
+                                   minloglevel=2)
+    from pretrain.data.tokenizer import Tokenizer
+
+    tok_size = Tokenizer(tmp_path / "tok.model").vocab_size
+    model_dir = _export(tmp_path, ["short_conv"], vocab_size=tok_size + 20)
+    writer = IndexedDatasetWriter(tmp_path / "data", "uint16")
+    writer.add_document([5, 6, tok_size + 10, EOD])
+    writer.finalize()
+    with pytest.raises(SystemExit) as e:
+        _evaluate(model_dir, tmp_path / "data", "--tokenizer", str(tmp_path / "tok.model"))
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2
+    assert f"document 0 holds token id {tok_size + 10}, outside the vocabulary of --tokenizer ({tok_size} ids)" in line
+
+
+def test_shards_holding_only_empty_documents_are_refused(tmp_path, capsys):
+    """Nothing to score: refused before any forward (it printed a NaN perplexity and exited 0); empty documents
+    among others are skipped, as empty raw-text records are, and do not count toward --max-documents."""
+    model_dir = _export(tmp_path, ["short_conv"])
+    writer = IndexedDatasetWriter(tmp_path / "empty", "uint16")
+    writer.add_document([])
+    writer.add_document([])
+    writer.finalize()
+    with pytest.raises(SystemExit) as e:
+        _evaluate(model_dir, tmp_path / "empty")
+    assert e.value.code == 2 and "no documents to evaluate" in capsys.readouterr().err
+    from pretrain.evaluation.loading import load_documents
+
+    writer = IndexedDatasetWriter(tmp_path / "mixed", "uint16")
+    for doc in ([], [5, EOD], [], [6, 7, EOD]):
+        writer.add_document(doc)
+    writer.finalize()
+    assert [d.tokens for d in load_documents(str(tmp_path / "mixed"), None, max_documents=2)] == [[5, EOD],
+                                                                                                   [6, 7, EOD]]

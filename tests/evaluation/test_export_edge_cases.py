@@ -198,3 +198,51 @@ def test_a_damaged_export_is_refused_naming_the_file(trained, tmp_path, damage):
         load_exported(out)
     text = str(e.value)
     assert f"{out / name}" in text and message in text and "\n" not in text
+
+
+@pytest.mark.parametrize("recorded", [[], "x", {WEIGHTS: "0" * 64}, None])
+def test_a_malformed_export_manifest_is_refused_by_name(trained, tmp_path, recorded):
+    """'sha256' of another shape crashed with an AttributeError; one naming only some files left the others
+    unchecked."""
+    import json
+
+    from pretrain.models.io import MANIFEST, export_model
+
+    out = tmp_path / "export"
+    export_model(trained[0], out)
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["sha256"] = recorded
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(out / MANIFEST))}: malformed"):
+        load_exported(out)
+
+
+@pytest.mark.parametrize("change", ["unknown_key", "other_shapes", "no_model_config"])
+def test_a_checkpoint_whose_model_config_does_not_fit_is_not_exported(trained, tmp_path, change, capsys):
+    """A checkpoint of another code version (a model key this code lacks) or with weights another config made: the
+    export names the checkpoint's meta.json and writes nothing (it published an export that could not be loaded,
+    and the evaluation named a deleted temporary folder)."""
+    import json
+
+    _, root, path = trained
+    copy_root = tmp_path / "checkpoints"
+    shutil.copytree(root, copy_root)
+    step = copy_root / Path(path).name
+    meta = json.loads((step / "meta.json").read_text())
+    if change == "unknown_key":
+        meta["model_config"]["rebased"]["old_option"] = 1
+    elif change == "other_shapes":
+        meta["model_config"]["d_model"] = 48
+    else:
+        del meta["model_config"]
+    ckpt.write_meta(str(step), meta)
+    # a checkpoint consistent otherwise: its marker records the new meta.json
+    ckpt.write_marker(str(step), meta["step"], ckpt.checksum_share(str(step), ckpt.list_files(str(step))))
+    assert ckpt.verify(str(step)) == []
+    with pytest.raises(SystemExit) as e:
+        main([str(step), str(tmp_path / "export")])
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and line.startswith("error: ") and str(step / "meta.json") in line
+    assert {"unknown_key": "unknown key 'rebased.old_option'", "other_shapes": "shape: ",
+            "no_model_config": "no model_config recorded"}[change] in line
+    assert not (tmp_path / "export").exists()
