@@ -8,7 +8,6 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [ "${REBASED_SKIP_INSTALL:-0}" = 1 ]; then
   export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-  export WANDB_MODE="${WANDB_MODE:-offline}"
   cd "$ROOT"
   return 0
 fi
@@ -28,5 +27,4 @@ if [ ! -f "$stamp" ]; then
   python -m pip install -q -e "$ROOT[dev]"
   touch "$stamp"
 fi
-export WANDB_MODE="${WANDB_MODE:-offline}"
 cd "$ROOT"

@@ -13,7 +13,7 @@
 #   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   multi-node rendezvous for torchrun (default 1 node, 29500)
 #   HOSTFILE        DeepSpeed hostfile ("host slots=N" lines); runs on all hosts in it
 #   LAUNCHER        force one: python | torchrun | deepspeed
-#   WANDB_MODE      online | offline | disabled (default offline: never needs an account)
+#   WANDB_MODE      online | offline | disabled: overrides the config's logging.wandb.mode (shipped: offline)
 #   PEAK_TFLOPS     peak device TFLOP/s for MFU when the GPU is not in the built-in table
 set -euo pipefail
 if [ $# -lt 1 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then

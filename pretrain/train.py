@@ -443,26 +443,29 @@ class Trainer:
         return rec
 
     def _periodic(self, metrics: MetricsLogger) -> bool:
-        """Evaluation, a signal's save, the periodic checkpoint (their time is left out of the throughput); True
-        when a signal stopped the run."""
+        """A signal's save, the periodic checkpoint, then the evaluation (a save never waits for an evaluation, nor
+        is lost when one fails; their time is left out of the throughput); True when a signal stopped the run. The
+        last step leaves all of it to ``_finish``, which also saves, evaluates and exports when a signal came."""
         cfg, t = self.cfg, self.cfg.training
-        if cfg.data.valid and t.eval_every and self.step % t.eval_every == 0:
-            metrics.log({"step": self.step, **self.evaluate()})
-            self.window.restart()
+        if self.step >= t.max_steps:
+            return False
         if self._signal_agreed():
             metrics.info(f"signal received: saving at step {self.step} and exiting")
             self.save("signal")
             return True
-        if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < t.max_steps:
+        if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
             self.save("periodic")
+            self.window.restart()
+        if cfg.data.valid and t.eval_every and self.step % t.eval_every == 0:
+            metrics.log({"step": self.step, **self.evaluate()})
             self.window.restart()
         return False
 
     def _finish(self, metrics: MetricsLogger) -> None:
-        cfg, t = self.cfg, self.cfg.training
+        cfg = self.cfg
         if cfg.checkpoint.save_final and self.last_saved_step != self.step:
             self.save("final")  # before the final evaluation: a failure there must not lose the run
-        if cfg.data.valid and (not t.eval_every or self.step % t.eval_every != 0):
+        if cfg.data.valid:
             metrics.log({"step": self.step, **self.evaluate()})
         if cfg.checkpoint.export_final and self.rank == 0:
             # the checkpoint of this step: saved above, or the one this run resumed from (at max_steps already)

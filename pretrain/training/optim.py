@@ -61,7 +61,8 @@ def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
         t = min(max(step - warmup, 0) / span, 1.0)
         return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * t))
     # wsd: stable at peak, then linear decay over the last decay_fraction of the run
-    decay_steps = int(round(cfg.decay_fraction * max_steps))
+    # at least one step when asked for any: a fraction of a short run that rounds to 0 would never decay
+    decay_steps = max(1, int(round(cfg.decay_fraction * max_steps))) if cfg.decay_fraction > 0 else 0
     decay_start = max_steps - decay_steps
     if step < decay_start or decay_steps == 0:
         return peak

@@ -22,7 +22,7 @@ import signal
 import pytest
 import torch
 
-from conftest import (REFERENCE_RUNS, REPO, STEPS, assert_same_losses, kill_run, losses, run, start,
+from conftest import (REFERENCE_RUNS, REPO, STEPS, assert_same_losses, kill_run, losses, records, run, start,
                       torchrun_workers, wait_for_step)
 from pretrain.training import checkpoint as ckpt
 
@@ -162,6 +162,31 @@ def test_signal_saves_exits_0_and_resume_is_exact(runs, shards, tmp_path, signum
     _signal_then_resume(runs, shards, tmp_path, "single", lambda proc: os.kill(proc.pid, signum), f"signal {signum}")
 
 
+def test_a_signal_during_the_last_step_still_finishes_the_run(shards, tmp_path):
+    """SIGTERM while the last step runs: the run ends as an unsignalled one would, with the final checkpoint, the
+    final evaluation and the export, and exits 0 (it saved and exited 0 without them, so a scheduler saw a finished
+    run whose export never came)."""
+    import time
+
+    out = tmp_path / "run"
+    proc = start(shards, out, 1, "single", ["checkpoint.every=0", "checkpoint.export_final=true"],
+                 extra_env=SLOW_STEPS, **{"data.valid": [{"path": str(shards / "valid")}]})
+    try:
+        wait_for_step(out, STEPS - 1, proc)
+        time.sleep(0.05)  # past step 19's own signal check: the last step (and its 0.25 s sleep) is running
+        os.kill(proc.pid, signal.SIGTERM)
+        returncode = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            kill_run(proc)
+    log = (out.parent / f"{out.name}.log").read_text()
+    assert returncode == 0, log[-3000:]
+    assert "signal received" not in log
+    assert [ckpt.read_meta(path)["reason"] for _, path in ckpt.list_complete(str(out / "checkpoints"))] == ["final"]
+    assert any("val_loss" in r and r["step"] == STEPS for r in records(out))
+    assert (out / "export" / "model.safetensors").is_file()
+
+
 def test_signal_to_one_rank_saves_on_every_rank(runs, shards, tmp_path):
     """DDP on 2 processes, SIGUSR1 to rank 1 only (rank 0 writes the metadata and never gets it): the ranks agree
     on it, both save the same step and exit 0, and the resume matches the uninterrupted DDP run bit for bit."""
@@ -267,17 +292,31 @@ def test_nonfinite_stop_without_an_earlier_checkpoint_says_so(shards, tmp_path):
     assert [step for step, _ in ckpt.list_complete(str(out / "checkpoints"))] == [5]
 
 
-def test_final_checkpoint_is_saved_before_the_final_evaluation(shards, tmp_path):
+@pytest.mark.parametrize("eval_every", [0, STEPS])
+def test_final_checkpoint_is_saved_before_the_final_evaluation(shards, tmp_path, eval_every):
     """A run whose end-of-run evaluation fails (here: validation tokens outside the model's vocabulary, which no
-    cheap start-up check sees) still keeps all its training: the final checkpoint is written first."""
+    cheap start-up check sees) still keeps all its training: the final checkpoint is written first, also when
+    training.eval_every divides max_steps (the last step's evaluation ran before the save, and lost it)."""
     from pretrain.data.synthetic import write_synthetic_shard
 
     bad_valid = tmp_path / "valid_vocab_4096"
     write_synthetic_shard(str(bad_valid), 8_000, 4096, seed=3)
     out = tmp_path / "run"
-    p = run(shards, out, 1, "single", ["checkpoint.every=0"], check=False,
+    p = run(shards, out, 1, "single", ["checkpoint.every=0", f"training.eval_every={eval_every}"], check=False,
             **{"data.valid": [{"path": str(bad_valid)}]})
     assert p.returncode != 0, "the evaluation must fail for this test to mean anything"
     assert max(losses(out)) == STEPS
     assert [step for step, _ in ckpt.list_complete(str(out / "checkpoints"))] == [STEPS]
     assert ckpt.verify(str(out / "checkpoints" / f"step_{STEPS:08d}")) == []
+
+
+def test_a_periodic_checkpoint_due_with_an_evaluation_is_saved_before_it(shards, tmp_path):
+    from pretrain.data.synthetic import write_synthetic_shard
+
+    bad_valid = tmp_path / "valid_vocab_4096"
+    write_synthetic_shard(str(bad_valid), 8_000, 4096, seed=3)
+    out = tmp_path / "run"
+    p = run(shards, out, 1, "single", ["checkpoint.every=10", "training.eval_every=10"], check=False,
+            **{"data.valid": [{"path": str(bad_valid)}]})
+    assert p.returncode == 2 and max(losses(out)) == 10, p.stderr[-2000:]
+    assert [step for step, _ in ckpt.list_complete(str(out / "checkpoints"))] == [10]

@@ -23,7 +23,7 @@ from conftest import REPO
 
 PYTHON_STANDIN = """#!/usr/bin/env bash
 if [ "${1:-}" = -m ] && { [ "${2:-}" = pretrain.train ] || [ "${2:-}" = pretrain.torchrun ]; }; then
-  printf '%s\\0' python "$@" > "$LAUNCH_RECORD"; exit 0
+  printf '%s\\0' python "$@" > "$LAUNCH_RECORD"; printf '%s' "${WANDB_MODE-<unset>}" > "$LAUNCH_RECORD.wandb"; exit 0
 fi
 exec REAL_PYTHON "$@"
 """
@@ -158,3 +158,13 @@ def test_eval_sbatch_starts_one_process_per_visible_gpu_through_our_launcher(tmp
     command = record.read_text().split("\0")[:-1]
     assert command[:3] == ["python", "-m", "pretrain.torchrun"]
     assert option(command, "--nproc_per_node") is None and f"--nproc_per_node={expected}" in command
+
+
+@pytest.mark.parametrize("wandb_mode", [None, "disabled", "online"])
+def test_the_configs_wandb_mode_holds_unless_the_environment_sets_one(launch, tmp_path, monkeypatch, wandb_mode):
+    """The launcher exported WANDB_MODE=offline when it was unset, and the trainer lets the environment win: a
+    config's `logging.wandb.mode: disabled` (or online) was never what ran through launch/pretrain.sh."""
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    p, cmd = launch(["configs/runs/tiny_cpu.yaml"], **({} if wandb_mode is None else {"WANDB_MODE": wandb_mode}))
+    assert p.returncode == 0 and cmd is not None, p.stderr
+    assert (tmp_path / "launched.wandb").read_text() == (wandb_mode or "<unset>")

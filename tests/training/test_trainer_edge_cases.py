@@ -74,6 +74,16 @@ def test_schedule_starts_at_the_peak_and_ends_at_the_floor(warmup, schedule):
     assert math.isclose(lrs[-1], 1e-4, rel_tol=1e-12), f"the last step must run at the floor lr, not {lrs[-1]}"
 
 
+@pytest.mark.parametrize("decay_fraction,max_steps", [(0.1, 5), (0.025, 20), (0.2, 2), (0.5, 1)])
+def test_wsd_decays_to_the_floor_when_its_fraction_of_the_run_rounds_to_no_step(decay_fraction, max_steps):
+    """round(0.1 * 5) is 0: the decay never started and the last step ran at the peak."""
+    cfg = OptimConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=0, schedule="wsd", decay_fraction=decay_fraction)
+    lrs = [lr_at(step, cfg, max_steps) for step in range(max_steps)]
+    assert math.isclose(lrs[-1], 0.1, rel_tol=1e-12) and lrs[:-1] == [1.0] * (max_steps - 1), lrs
+    no_decay = OptimConfig(lr=1.0, warmup_steps=0, schedule="wsd", decay_fraction=0.0)
+    assert lr_at(max_steps - 1, no_decay, max_steps) == 1.0
+
+
 def test_warmup_longer_than_the_run_is_named(shards, tmp_path):
     p = run(shards, tmp_path / "run", 1, "single", ["training.max_steps=3", "checkpoint.save_final=false"])
     assert "optim.warmup_steps=5 >= training.max_steps=3" in p.stderr, p.stderr[-2000:]
