@@ -101,12 +101,19 @@ def read_meta(path: str) -> dict:
 
 
 def remove_stale_temps(root: str):
-    """Temp dirs of saves that never finished (the process died mid-save)."""
+    """Leftovers of a process that died while saving or rotating: temp dirs of saves that never finished, and
+    checkpoints half deleted by the rotation, are removed; a checkpoint set aside to be replaced by a new save of
+    its step (``commit``) goes back in place when that save never landed."""
     if not os.path.isdir(root):
         return
-    for name in os.listdir(root):
-        if ".tmp-" in name:
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        replaced = re.match(r"^(step_\d+)\.old-\d+$", name)
+        if replaced and not os.path.exists(os.path.join(root, replaced.group(1))) and is_complete(path):
+            os.rename(path, os.path.join(root, replaced.group(1)))
+            fsync_dir(root)
+        elif ".tmp-" in name or ".deleting-" in name or replaced:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def temp_dir_name(step: int) -> str:
@@ -245,7 +252,11 @@ def commit(root: str, tmp: str, step: int, files: dict[str, list], keep_last: in
         protected = [p for s, p in complete if keep_through_step is not None and s <= keep_through_step][-1:]
         for _, path in complete[:-keep_last]:
             if path not in protected:
-                shutil.rmtree(path, ignore_errors=True)
+                # renamed first: a crash mid-delete leaves a leftover for the next start, not a half checkpoint
+                # under a checkpoint's name
+                doomed = f"{path}.deleting-{os.getpid()}"
+                os.rename(path, doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
     return final
 
 

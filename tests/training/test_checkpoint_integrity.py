@@ -207,3 +207,34 @@ def test_evaluation_refuses_a_damaged_checkpoint_in_one_line(runs, shards, tmp_p
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and f in err[0], err
+
+
+def test_a_start_after_a_crash_mid_resave_or_mid_rotation_restores_or_removes_the_leftovers(runs, tmp_path):
+    """A save of a step that exists sets the old one aside (step_N.old-PID) and renames the new one in: a crash
+    between the two renames left no step_N (the new copy, a temp dir, was deleted at the next start). The rotation
+    renames a checkpoint before deleting it, so a crash mid-delete leaves no half checkpoint under a step's name."""
+    root = tmp_path / "checkpoints"
+    shutil.copytree(runs.reference("single") / "checkpoints", root)
+    (step15, path15), (step20, path20) = ckpt.list_complete(str(root))
+    os.rename(path20, f"{path20}.old-123")  # the crash: set aside, the new save still a temp dir
+    shutil.copytree(f"{path20}.old-123", root / ckpt.temp_dir_name(step20))
+    shutil.copytree(path15, f"{path15}.old-456")  # set aside while the new one landed: an outdated copy
+    shutil.copytree(path15, f"{path15}.deleting-789")
+    os.remove(f"{path15}.deleting-789/meta.json")  # a rotation's delete cut short
+    ckpt.remove_stale_temps(str(root))
+    assert sorted(os.listdir(root)) == ["latest", "step_00000015", "step_00000020"]
+    assert ckpt.verify(path20) == [] and ckpt.find_latest(str(root)) == path20
+
+
+def test_rotation_deletes_under_another_name(tmp_path, monkeypatch):
+    """What the rotation's rmtree sees is no longer a checkpoint's name."""
+    deleted = []
+    monkeypatch.setattr(ckpt.shutil, "rmtree", lambda path, **kw: deleted.append(os.path.basename(path)))
+    root = tmp_path / "checkpoints"
+    for step in (5, 10):
+        tmp = root / ckpt.temp_dir_name(step)
+        tmp.mkdir(parents=True)
+        ckpt.write_meta(str(tmp), {"step": step})
+        ckpt.commit(str(root), str(tmp), step, ckpt.checksum_share(str(tmp), ckpt.list_files(str(tmp))), keep_last=1)
+    assert len(deleted) == 1 and deleted[0].startswith("step_00000005.deleting-")
+    assert [s for s, _ in ckpt.list_complete(str(root))] == [10]
