@@ -72,16 +72,16 @@ SPAWNED_WORKERS = ("import multiprocessing, sys; multiprocessing.set_start_metho
                    "from pretrain.train import main; sys.exit(main())")
 
 
-def test_dataloader_workers_started_by_spawn_give_the_same_run_and_resume(runs, shards, tmp_path):
-    """data.num_workers=2 with workers started by spawn (macOS's default; Linux's from Python 3.14: the dataset and
-    the collate function travel pickled): the same losses and batches as the single-process loader, also when
-    resumed from the checkpoint at step 15."""
-    ref = losses(runs.reference("single"))
-    out, resumed = tmp_path / "run", tmp_path / "resumed"
-    run(shards, out, 1, "single", ["data.num_workers=2"], entry=("-c", SPAWNED_WORKERS))
-    assert_same_losses(losses(out), ref, "2 spawned DataLoader workers")
-    run(shards, resumed, 1, "single", ["data.num_workers=2", f"checkpoint.resume={out}/checkpoints/step_00000015"],
+def test_dataloader_workers_started_by_spawn_resume_exactly(runs, shards, tmp_path):
+    """data.num_workers=2 with workers started by spawn (macOS's default; Linux's from Python 3.14: the dataset,
+    at its restored position, and the collate function travel pickled), resumed from the single-process reference
+    run's step 15: the reference's losses and batches, bit for bit."""
+    reference = runs.reference("single")
+    ref = losses(reference)
+    out = tmp_path / "resumed"
+    run(shards, out, 1, "single",
+        ["data.num_workers=2", f"checkpoint.resume={reference}/checkpoints/step_00000015"],
         entry=("-c", SPAWNED_WORKERS))
-    got = losses(resumed)
+    got = losses(out)
     assert sorted(got) == list(range(16, STEPS + 1))
     assert [(got[s]["loss"], got[s]["batch_fp"]) for s in got] == [(ref[s]["loss"], ref[s]["batch_fp"]) for s in got]
