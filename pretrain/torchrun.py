@@ -11,8 +11,10 @@ depends on (``launch/pretrain.sh`` and ``launch/slurm/pretrain.sbatch`` start th
 * Signals. SIGUSR1 and SIGTERM reaching the launcher are forwarded to the workers, which save a checkpoint and
   exit 0, and the launcher waits for them and exits 0 too. (torchrun dies on SIGUSR1 and leaves the workers
   running; on SIGTERM it exits 1 and kills the workers after its shutdown timeout, saved or not.) A signal that
-  arrives before any worker runs stops the launcher with 128 + the signal's number; like torchrun's own handlers,
-  it is acted on once the agent is back in Python, so during a rendezvous only when the rendezvous returns.
+  arrives before any worker runs, or while the workers start (before their first step: nothing to save), stops the
+  launcher with 128 + the signal's number and one line; like torchrun's own handlers, it is acted on once the agent
+  is back in Python, so during a rendezvous only when the rendezvous returns. Later signals (a scheduler's SIGTERM
+  after its SIGUSR1) are forwarded too, and change nothing once the workers have saved.
 """
 
 from __future__ import annotations
@@ -51,16 +53,33 @@ def worker_pids() -> list[int]:
     return pids
 
 
+# signals forwarded to the workers so far (a worker killed by one of them had not installed its handler yet)
+FORWARDED_SO_FAR: list[int] = []
+
+
 def forward(signum, frame):
     pids = worker_pids()
-    if not pids:  # nothing to save yet: stop the agent through its own shutdown path
+    if not pids:
+        if FORWARDED_SO_FAR:  # the workers got an earlier signal and are gone (saved, or being reaped): nothing to do
+            return
+        # nothing to save yet: stop the agent through its own shutdown path
         raise SignalException(f"launcher got {signal.Signals(signum).name} before any worker started",
                               sigval=signal.Signals(signum))
+    FORWARDED_SO_FAR.append(signum)
     for pid in pids:
         try:
             os.kill(pid, signum)
         except ProcessLookupError:
             pass
+
+
+def killed_by_forwarded_signal(error: ChildFailedError) -> int | None:
+    """The forwarded signal that killed every failed worker (they were still starting: the trainer installs its
+    handlers when training begins), else None."""
+    codes = {failure.exitcode for failure in error.failures.values()}
+    if not codes or not codes <= {-s for s in FORWARDED_SO_FAR}:
+        return None
+    return next(s for s in FORWARDED_SO_FAR if -s in codes)
 
 
 class Held(logging.Filter):
@@ -113,6 +132,11 @@ def main(argv=None) -> int:
         held.release()
         return 0
     except ChildFailedError as e:
+        stopped_by = killed_by_forwarded_signal(e)
+        if stopped_by is not None:  # nothing was trained yet, so nothing needed saving: as a signal before the start
+            print(f"pretrain.torchrun: the workers were stopped by {signal.Signals(stopped_by).name} while starting, "
+                  "before any training step (nothing to save)", file=sys.stderr, flush=True)
+            return 128 + stopped_by
         code = e.get_first_failure()[1].exitcode
         messages = reported_messages(folder)
         if code not in (EXIT_CONFIG, EXIT_NONFINITE) or not messages:
@@ -127,6 +151,10 @@ def main(argv=None) -> int:
         print(f"pretrain.torchrun: {e}", file=sys.stderr, flush=True)
         return 128 + e.sigval
     finally:
+        # the workers are gone: a late signal must not kill the launcher now (Python restores the default action of
+        # handled signals while it shuts down; an ignored one stays ignored)
+        for sig in FORWARDED:
+            signal.signal(sig, signal.SIG_IGN)
         if own_dir:
             shutil.rmtree(folder, ignore_errors=True)
 

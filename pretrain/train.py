@@ -22,6 +22,7 @@ import signal
 import sys
 import time
 import warnings
+import weakref
 
 import numpy as np
 import torch
@@ -300,16 +301,22 @@ class Trainer:
         if not self.cfg.checkpoint.save_on_signal:
             return
 
+        # a weak reference: a handler holding the trainer would keep its model (and the model's hold on the process
+        # group) alive until interpreter exit, where a gloo group torn down late can abort a finished run
+        trainer = weakref.ref(self)
+
         def handler(signum, frame):
-            self.stop_signal = signum
+            if trainer() is not None:
+                trainer().stop_signal = signum
 
         self._previous_handlers = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGUSR1)}
 
     def _restore_signal_handlers(self):
-        # the handler holds the trainer: left installed, it would keep the model (and its hold on the process group)
-        # alive until interpreter exit, where a gloo group torn down late can abort a finished run
-        for sig, previous in self._previous_handlers.items():
-            signal.signal(sig, previous)
+        """The handlers from before the run, unless a signal stopped it: then ours stay, so that a second signal
+        (a scheduler's SIGTERM after its SIGUSR1) cannot kill the process that has just saved."""
+        if self.stop_signal is None:
+            for sig, previous in self._previous_handlers.items():
+                signal.signal(sig, previous)
         self._previous_handlers = {}
 
     def _signal_agreed(self) -> bool:
@@ -530,6 +537,8 @@ def main(argv=None) -> int:
         report_error(EXIT_CONFIG, f"config error: {e}")
         return EXIT_CONFIG
     finally:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):  # the run is over (saved): a late signal must not fail the exit
+            signal.signal(sig, signal.SIG_IGN)
         if dist.is_initialized():
             # free the wrapped model (it holds the process group) while Python is still up: a group torn down only
             # at interpreter exit can abort the process ("terminate called without an active exception")

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -75,7 +76,13 @@ def test_signal_to_the_launcher_saves_on_every_rank(runs, shards, tmp_path, sign
         workers = torchrun_workers(proc.pid)  # pretrain.sh execs the launcher: proc.pid is the launcher
         assert sorted(workers) == [0, 1], workers
         os.kill(proc.pid, signum)
-        returncode = proc.wait(timeout=120)
+        # and again until it exits, as a scheduler may (SIGTERM after SIGUSR1): the saved run must still exit 0 (a
+        # late one killed a worker whose handlers were gone, or the launcher while Python shut down)
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline:
+            os.kill(proc.pid, signum)
+            time.sleep(0.05)
+        returncode = proc.wait(timeout=10)
     finally:
         if proc.poll() is None:  # only when the test failed: never leave a run behind
             os.killpg(proc.pid, signal.SIGKILL)
@@ -96,3 +103,26 @@ def test_signal_to_the_launcher_saves_on_every_rank(runs, shards, tmp_path, sign
                        text=True, timeout=240)
     assert p.returncode == 0 and f"resumed from {path} " in p.stderr, p.stderr[-4000:]
     assert_same_losses(losses(out), losses(runs.reference("ddp")), f"{signum.name} after step {signalled_after}")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM])
+def test_a_signal_while_the_workers_start_is_one_line(shards, tmp_path, signum):
+    """The workers install their handlers when training begins: one killed by the forwarded signal before that had
+    nothing to save, and the launcher says so in one line with 128 + the signal (it exited 1 around torchrun's
+    ChildFailedError dump)."""
+    config = write_config(shards, tmp_path / "run")
+    proc = subprocess.Popen(pretrain_sh(config), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=launcher_env(), start_new_session=True, text=True)
+    try:
+        deadline = time.time() + 60
+        while len(torchrun_workers(proc.pid)) < 2 and time.time() < deadline:
+            time.sleep(0.02)
+        os.kill(proc.pid, signum)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 128 + signum, output[-3000:]
+    assert f"pretrain.torchrun: the workers were stopped by {signum.name} while starting" in output
+    assert "ChildFailedError" not in output and "Traceback" not in output
