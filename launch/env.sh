@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by the launch scripts: use the active virtualenv, or create ./.venv, and install the project into it
 # when pyproject.toml changed since the last install. Nothing is installed twice.
 #   TORCH_SPEC   what to pip-install when torch is missing, pip options allowed (default: torch==2.13.0 when no
@@ -24,7 +25,7 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 stamp="$VIRTUAL_ENV/.rebased-installed-$(cksum < "$ROOT/pyproject.toml" | cut -d' ' -f1)"
 if [ ! -f "$stamp" ]; then
-  python -m pip install -q -e "$ROOT[dev]"
+  python -m pip install -q -e "${ROOT}[dev]"
   touch "$stamp"
 fi
 cd "$ROOT"

@@ -26,6 +26,11 @@ caller="$PWD"
 # env.sh moved to the repository root (where the configs' own relative paths start): a config named relative to
 # the caller's directory would be looked for there
 if [ "$PWD" != "$caller" ] && [[ "$CONFIG" != /* ]] && [ -e "$caller/$CONFIG" ]; then CONFIG="$caller/$CONFIG"; fi
+# the same for HOSTFILE (DeepSpeed, finding no hostfile, would silently run on this node alone)
+if [ -n "${HOSTFILE:-}" ]; then
+  if [[ "$HOSTFILE" != /* ]]; then HOSTFILE="$caller/$HOSTFILE"; fi
+  if [ ! -f "$HOSTFILE" ]; then echo "HOSTFILE=$HOSTFILE: no such file" >&2; exit 2; fi
+fi
 
 strategy=$(python - "$CONFIG" "$@" <<'PY'
 import sys
@@ -79,6 +84,10 @@ case "$launcher" in
       --rdzv_backend c10d --rdzv_endpoint "${MASTER_ADDR}:$port" --rdzv_id "${RDZV_ID:-pretrain}" \
       -m pretrain.train --config "$CONFIG" "$@" ;;
   deepspeed)
+    if [ "$nnodes" -gt 1 ] && [ -z "${HOSTFILE:-}" ]; then
+      echo "LAUNCHER=deepspeed with NNODES=$nnodes needs HOSTFILE (the deepspeed launcher takes its nodes from it)" >&2
+      exit 2
+    fi
     if [ -n "${HOSTFILE:-}" ]; then
       exec deepspeed --hostfile "$HOSTFILE" --master_port "$port" ${MASTER_ADDR:+--master_addr "$MASTER_ADDR"} \
         --module pretrain.train --config "$CONFIG" "$@"

@@ -100,6 +100,25 @@ def test_deepspeed_on_one_node_runs_under_pretrain_torchrun(launch, tmp_path):
     assert command[0] == "deepspeed" and option(command, "--hostfile") == str(hostfile), command
 
 
+def test_a_relative_hostfile_is_the_callers_and_a_missing_one_stops_the_launch(launch, tmp_path):
+    """The script runs from the repository root: a HOSTFILE relative to the caller's directory was not found there,
+    and DeepSpeed silently ran on this node alone."""
+    config = write_config(tmp_path / "run.yaml", "deepspeed")
+    (tmp_path / "hosts").write_text("node1 slots=2\nnode2 slots=2\n")
+    p, command = launch([str(config)], cwd=tmp_path, gpus=2, HOSTFILE="hosts", MASTER_ADDR="node1")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert option(command, "--hostfile") == str(tmp_path / "hosts"), command
+    p, command = launch([str(config)], cwd=tmp_path, gpus=2, HOSTFILE="no-such-hosts")
+    assert p.returncode == 2 and command is None and f"HOSTFILE={tmp_path}/no-such-hosts: no such file" in p.stderr
+
+
+def test_deepspeed_on_several_nodes_needs_a_hostfile(launch, tmp_path):
+    """NNODES=2 with LAUNCHER=deepspeed and no HOSTFILE ran on one node (NNODES and MASTER_ADDR dropped)."""
+    config = write_config(tmp_path / "run.yaml", "deepspeed")
+    p, command = launch([str(config)], gpus=2, LAUNCHER="deepspeed", NNODES="2", MASTER_ADDR="node1")
+    assert p.returncode == 2 and command is None and "needs HOSTFILE" in p.stderr
+
+
 def test_deepspeed_launcher_keeps_cuda_visible_devices(launch, tmp_path):
     """With --num_gpus DeepSpeed ignores CUDA_VISIBLE_DEVICES and runs on GPUs 0..N-1, someone else's GPUs."""
     config = write_config(tmp_path / "run.yaml", "deepspeed")
