@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from pretrain.mqar.config import DataSection
 from pretrain.mqar.results import read_result
 
 if TYPE_CHECKING:  # the sweep imports this module
@@ -18,11 +19,16 @@ if TYPE_CHECKING:  # the sweep imports this module
     from pretrain.mqar.sweep import Setting, SettingStatus
 
 
-def measured_epoch_times(sources: list[str | os.PathLike], precision: str) -> dict[tuple[str, int, int], float]:
+DEFAULT_NUM_TRAIN = DataSection.num_train  # what the speed tables were measured with
+
+
+def measured_epoch_times(sources: list[str | os.PathLike], precision: str,
+                         num_train: int = DEFAULT_NUM_TRAIN) -> dict[tuple[str, int, int], float]:
     """GPU seconds per epoch by (mixer, d_model, seq_len) at ``precision`` (``train.precision``: fp32 runs take
-    several times as long as bf16), from ``benchmarks/mqar_speed.py`` tables (``mqar_speed.json``:
-    gpu_s_per_epoch) and from finished results (their steady epoch time divided by the runs that shared the device).
-    The smallest measurement of a setting wins (the least disturbed one)."""
+    several times as long as bf16) and with ``num_train`` training examples (an epoch's length), from
+    ``benchmarks/mqar_speed.py`` tables (``mqar_speed.json``: gpu_s_per_epoch; measured with the default data) and
+    from finished results (their steady epoch time divided by the runs that shared the device; a file that is not
+    a complete result is skipped). The smallest measurement of a setting wins (the least disturbed one)."""
     table: dict[tuple[str, int, int], float] = {}
 
     def add(key, seconds):
@@ -40,21 +46,22 @@ def measured_epoch_times(sources: list[str | os.PathLike], precision: str) -> di
                 # rows written before the field existed were all bf16, the protocol's default then; a precision
                 # override is matched through that field, any other override times another workload
                 other = [o for o in row.get("overrides") or [] if not o.startswith("train.precision=")]
-                if (row.get("tree", "now") == "now" and not other
+                if (row.get("tree", "now") == "now" and not other and num_train == DEFAULT_NUM_TRAIN
                         and row.get("precision", "bf16") == precision):
                     mixer, d, L = row["setting"].split(":")
                     add((mixer, int(d), int(L)), row.get("gpu_s_per_epoch"))
         elif path.is_dir():
             for result_file in sorted(path.glob("*.json")):
                 result = read_result(result_file)
-                if not result:
+                try:
+                    time_, st = result["time"], result["setting"]
+                    run_precision = result["config"]["train"]["precision"]
+                    if (run_precision == precision and result["protocol"]["num_train"] == num_train
+                            and time_.get("steady_epoch_s")):
+                        add((st["mixer"], int(st["d_model"]), int(st["seq_len"])),
+                            float(time_["steady_epoch_s"]) / max(1, int(time_.get("runs_sharing_device", 1))))
+                except (KeyError, TypeError, AttributeError, ValueError):  # none, or not a result of this code
                     continue
-                time_ = result.get("time", {})
-                run_precision = (result.get("config") or {}).get("train", {}).get("precision")
-                if time_.get("steady_epoch_s") and result.get("setting") and run_precision == precision:
-                    st = result["setting"]
-                    add((st["mixer"], st["d_model"], st["seq_len"]),
-                        time_["steady_epoch_s"] / max(1, time_.get("runs_sharing_device", 1)))
     return table
 
 

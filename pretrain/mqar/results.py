@@ -26,7 +26,7 @@ def check_result(path: str | os.PathLike) -> tuple[dict | None, str | None]:
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         return None, None
     value = data.get("best_accuracy")
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:  # NaN fails too
         return None, f"{path}: an incomplete {SCHEMA} result (best_accuracy is {value!r})"
     return data, None
 

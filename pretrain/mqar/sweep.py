@@ -186,10 +186,13 @@ class Sweep:
             self.expected_config(setting)
 
     def status(self, setting: Setting) -> SettingStatus:
-        result, damaged = check_result(result_path(self.out_dir, setting))
+        path = result_path(self.out_dir, setting)
+        result, damaged = check_result(path)
+        if result is not None and not isinstance(result.get("config"), dict):  # nothing says what it ran
+            result, damaged = None, f"{path}: no run config recorded"
         if result is not None:
-            found, found_model = result.get("config"), result.get("model_config")
-            diffs = config_differences(self.expected_config(setting), found) if isinstance(found, dict) else []
+            found, found_model = result["config"], result.get("model_config")
+            diffs = config_differences(self.expected_config(setting), found)
             if isinstance(found_model, dict):  # an edited model YAML changes the run as much as an override
                 expected_model = recorded_keys(self.expected_model_config(setting), found_model)
                 diffs += [f"model_config.{d}" for d in config_differences(expected_model, found_model)]
@@ -396,7 +399,9 @@ def slurm_script(args, pending: list[int], total: int) -> str:
     options["output"] = str(out_dir / "slurm" / "%x-%A_%a.out")
     array = compress_indices(pending) + (f"%{args.max_concurrent}" if args.max_concurrent else "")
     options["array"] = array
-    header = [f"#SBATCH --{k}" + (f"={v}" if v is not None else "") for k, v in options.items()]
+    # a value with a space (an --out path) in double quotes, which sbatch reads as one value
+    header = [f"#SBATCH --{k}" + ("" if v is None else f'="{v}"' if any(c.isspace() for c in v) else f"={v}")
+              for k, v in options.items()]
     overrides = " ".join(shlex.quote(o) for o in args.overrides)
     sweep_cmd = ("\"$PYTHON\" -m pretrain.mqar.sweep " + " ".join(shlex.quote(a) for a in grid_arguments(args))
                  + ' --task-index "$SLURM_ARRAY_TASK_ID"' + (f" {overrides}" if overrides else ""))
@@ -497,8 +502,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(flags)
     args.argv = argv
     args.overrides = [*args.overrides, *overrides]
-    if args.runs_per_gpu < 1 or (args.workers is not None and args.workers < 1):
-        print("error: --runs-per-gpu and --workers must be >= 1", file=sys.stderr)
+    if args.runs_per_gpu < 1 or (args.workers is not None and args.workers < 1) or (
+            args.max_concurrent is not None and args.max_concurrent < 1):
+        print("error: --runs-per-gpu, --workers and --max-concurrent must be >= 1", file=sys.stderr)
         return 2
     for flag, values in (("--mixers", args.mixers), ("--d-models", args.d_models), ("--seq-lens", args.seq_lens),
                          ("--lrs", args.lrs), ("--seeds", args.seeds)):
@@ -524,10 +530,11 @@ def main(argv=None) -> int:
         if st.damaged:
             print(f"warning: {st.damaged}: setting #{st.setting.index} counts as not done and runs again",
                   file=sys.stderr)
-    train_cfg = load_mqar_config(sweep.config, list(sweep.overrides)).train
+    first_cfg = sweep.run_config(sweep.settings[0])[0]  # the grid's own keys applied (validated above)
+    train_cfg = first_cfg.train
 
     def epoch_times():  # reads every result and speed table: only for the estimate and the order that use it
-        return measured_epoch_times([*args.epoch_times, sweep.out_dir], train_cfg.precision)
+        return measured_epoch_times([*args.epoch_times, sweep.out_dir], train_cfg.precision, first_cfg.data.num_train)
 
     if args.dry_run:
         _print_statuses(statuses, sweep.out_dir)
@@ -562,7 +569,7 @@ def main(argv=None) -> int:
         path.write_text(script)
         path.chmod(0o755)
         print(script)
-        print(f"# written to {path}; submit with: sbatch {path}")
+        print(f"# written to {path}; submit with: sbatch {shlex.quote(str(path))}")
         return 0
 
     if args.task_index is not None:

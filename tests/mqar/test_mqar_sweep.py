@@ -251,6 +251,42 @@ def test_slurm_array_covers_the_unfinished_settings(tmp_path, capsys, fake_runs)
     assert "all 3 settings are done" in capsys.readouterr().out
 
 
+def test_slurm_array_into_a_folder_with_a_space(tmp_path, capsys):
+    """An unquoted --output value with a space was an invalid directive to sbatch."""
+    out = tmp_path / "mq sp"
+    assert main(["--out", str(out), *GRID, "--slurm-array"]) == 0
+    script = (out / "slurm" / "mqar_sweep.sbatch").read_text()
+    assert f'#SBATCH --output="{out}/slurm/%x-%A_%a.out"\n' in script
+    assert f"submit with: sbatch '{out}/slurm/mqar_sweep.sbatch'" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag", ["--max-concurrent", "--runs-per-gpu"])
+def test_counts_below_one_are_refused(tmp_path, capsys, flag):
+    assert main(["--out", str(tmp_path), *GRID, flag, "0", "--dry-run"]) == 2
+    assert "must be >= 1" in capsys.readouterr().err
+
+
+def test_a_grid_valid_for_every_setting_is_not_checked_against_the_base_config(tmp_path, capsys):
+    """The dry run reloaded the base config without the grid's keys (seq_len 32 there): 20 pairs fit the grid's
+    seq_len 128 but not 32, and the sweep ended in a traceback."""
+    args = ["--out", str(tmp_path), "--config", TINY, "--mixers", "rebased", "--d-models", "64", "--seq-lens", "128",
+            "--lrs", "0.01", "--seeds", "0", "data.num_kv_pairs=20", "data.vocab_size=256", "--dry-run"]
+    assert main(args) == 0, capsys.readouterr().err
+
+
+def test_a_result_without_its_run_config_is_not_done(tmp_path, capsys):
+    """Nothing says what such a file ran (a foreign or cut-down result): it runs again, with a warning."""
+    out = tmp_path / "results"
+    sweep = sweep_for(out)
+    path = result_path(out, sweep.settings[0])
+    out.mkdir()
+    write_json_atomic(path, {"schema": SCHEMA, "best_accuracy": 0.5})
+    status = sweep.status(sweep.settings[0])
+    assert status.state == "pending" and status.damaged == f"{path}: no run config recorded"
+    write_json_atomic(path, {"schema": SCHEMA, "best_accuracy": float("nan"), "config": {}})
+    assert sweep.status(sweep.settings[0]).state == "pending"
+
+
 def test_dry_run_estimates_gpu_time_from_measured_epochs(tmp_path, capsys):
     """Measured GPU seconds per epoch (a speed table, finished results shared by 2 runs per GPU) give each pending
     setting's time: measured at the sweep's precision, else scaled by length from the same width (this mixer, else
@@ -269,9 +305,21 @@ def test_dry_run_estimates_gpu_time_from_measured_epochs(tmp_path, capsys):
     out.mkdir()
     write_json_atomic(out / "based_d64_L512_lr0.001_s0.json", {
         "schema": SCHEMA, "best_accuracy": 0.5, "setting": {"mixer": "based", "d_model": 64, "seq_len": 512},
-        "time": {"steady_epoch_s": 6.0, "runs_sharing_device": 2}, "config": {"train": {"precision": "bf16"}}})
+        "time": {"steady_epoch_s": 6.0, "runs_sharing_device": 2}, "config": {"train": {"precision": "bf16"}},
+        "protocol": {"num_train": 100_000}})
+    # skipped: a run on 1000 examples (its epochs are 100x shorter), and results of another shape
+    write_json_atomic(out / "based_d64_L256_lr0.001_s0.json", {
+        "schema": SCHEMA, "best_accuracy": 0.5, "setting": {"mixer": "based", "d_model": 64, "seq_len": 256},
+        "time": {"steady_epoch_s": 0.01}, "config": {"train": {"precision": "bf16"}}, "protocol": {"num_train": 1000}})
+    for name, broken in (("a", {"time": None}), ("b", {"setting": {"mixer": "based"}}), ("c", {"config": "x"})):
+        write_json_atomic(out / f"{name}.json", {
+            "schema": SCHEMA, "best_accuracy": 0.5, "setting": {"mixer": "based", "d_model": 64, "seq_len": 128},
+            "time": {"steady_epoch_s": 0.01}, "config": {"train": {"precision": "bf16"}},
+            "protocol": {"num_train": 100_000}, **broken})
     measured = mqar_estimate.measured_epoch_times([table, out], "bf16")
     assert measured == {("rebased", 64, 2048): 8.0, ("based", 64, 512): 3.0}
+    # a sweep on fewer examples: only results of that workload (the speed tables measured the default)
+    assert mqar_estimate.measured_epoch_times([table, out], "bf16", num_train=1000) == {("based", 64, 256): 0.01}
     assert mqar_estimate.measured_epoch_times([table, out], "fp32") == {("rebased", 64, 2048): 24.0,
                                                                          ("based", 64, 4096): 40.0}
     est = mqar_estimate.estimate_epoch_s
