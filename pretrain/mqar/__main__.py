@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -37,6 +38,9 @@ def main(argv=None) -> int:
         model_cfg = cfg.model_config()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    if cfg.output and Path(cfg.output).is_dir():  # found before training, not by the final write
+        print(f"error: output {cfg.output}: is a directory; name the result JSON file", file=sys.stderr)
         return 2
     if args.print_config:
         print(yaml.safe_dump({"mqar": to_dict(cfg), "model": to_dict(model_cfg)}, sort_keys=False))

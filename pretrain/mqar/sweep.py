@@ -35,6 +35,7 @@ import itertools
 import os
 import queue
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -210,8 +211,10 @@ class Sweep:
                 "--output", str(result_path(self.out_dir, setting))]
 
     def run_one(self, setting: Setting, env_updates: dict[str, str] | None = None,
-                processes: dict | None = None) -> int:
-        """Run one setting in a child process, its output appended to the log beside the result; the exit code."""
+                processes: dict | None = None, stopping: threading.Event | None = None) -> int:
+        """Run one setting in a child process, its output appended to the log beside the result; the exit code.
+        A child that ends once ``stopping`` is set was stopped by the sweep: the log says so (the setting stays
+        pending, not failed)."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
         env.update(env_updates or {})
@@ -230,7 +233,10 @@ class Sweep:
             finally:
                 if processes is not None:
                     processes.pop(setting.index, None)
-            log.write(f"=== exit code {rc} at {_now()}\n")
+            if stopping is not None and stopping.is_set():
+                log.write(f"=== stopped with the sweep at {_now()}\n")
+            else:
+                log.write(f"=== exit code {rc} at {_now()}\n")
         return rc
 
 
@@ -250,7 +256,7 @@ def last_exit_code(path: Path) -> int | None:
                 return int(line.split()[3])
             except (IndexError, ValueError):
                 return None
-        if line.startswith("=== start "):  # an attempt that never finished (killed with its parent)
+        if line.startswith(("=== start ", "=== stopped ")):  # killed with its parent, or stopped by the sweep
             return None
     return None
 
@@ -327,7 +333,9 @@ def run_parallel(sweep: Sweep, todo: list[Setting], slots: list[dict[str, str]],
                 started[0] += 1
                 log(f"[{started[0]}/{len(todo)}] start #{setting.index} {setting.name} on {where}")
             t0 = time.time()
-            rc = sweep.run_one(setting, slot, processes)
+            rc = sweep.run_one(setting, slot, processes, stop)
+            if stop.is_set():
+                return
             result = read_result(result_path(sweep.out_dir, setting))
             with lock:
                 if rc == 0 and result is not None:
@@ -339,6 +347,12 @@ def run_parallel(sweep: Sweep, todo: list[Setting], slots: list[dict[str, str]],
                     log(f"FAILED #{setting.index} {setting.name}: exit code {rc}; log: "
                         f"{log_path(sweep.out_dir, setting)}")
 
+    def interrupted(signum, frame):  # a scheduler's or kill's SIGTERM, a closed terminal: as Ctrl-C
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    # the children would otherwise outlive the sweep and hold their settings' locks (a rerun failed on them)
+    previous = ({sig: signal.signal(sig, interrupted) for sig in (signal.SIGTERM, signal.SIGHUP)}
+                if threading.current_thread() is threading.main_thread() else {})
     threads = [threading.Thread(target=worker, args=(slot,), daemon=True) for slot in slots]
     for t in threads:
         t.start()
@@ -349,11 +363,17 @@ def run_parallel(sweep: Sweep, todo: list[Setting], slots: list[dict[str, str]],
     except KeyboardInterrupt:
         stop.set()
         log("sweep: interrupted; stopping the running settings (their results stay pending)")
-        for proc in list(processes.values()):
-            proc.terminate()
-        for t in threads:
-            t.join(timeout=30)
+        deadline = time.time() + 30
+        while any(t.is_alive() for t in threads) and time.time() < deadline:
+            for proc in list(processes.values()):  # again each round: a thread may start one as we stop
+                if proc.poll() is None:
+                    proc.terminate()
+            for t in threads:
+                t.join(timeout=0.2)
         raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return outcome
 
 

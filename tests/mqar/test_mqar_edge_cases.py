@@ -127,3 +127,10 @@ def test_a_result_made_with_another_model_yaml_is_stale(tmp_path):
     model_yaml.write_text(yaml.safe_dump(edited))
     status = Sweep(str(TINY), out, settings, [f"model.config={model_yaml}"]).status(setting)
     assert status.state == "stale" and status.differences == ["model_config.rebased.eps: 1e-12 -> 1e-06"]
+
+
+def test_an_output_that_is_a_folder_is_refused_before_training(tmp_path, capsys):
+    """It trained the whole run and then failed to write the result (IsADirectoryError), losing it."""
+    assert mqar_main(["--config", str(TINY), "--output", str(tmp_path)]) == 2
+    assert f"output {tmp_path}: is a directory" in capsys.readouterr().err
+    assert not Path(str(tmp_path) + ".ckpt").exists() and not Path(str(tmp_path) + ".lock").exists()

@@ -207,6 +207,31 @@ def test_one_worker_per_gpu_pins_each_run(tmp_path, fake_runs):
         assert f"CUDA_VISIBLE_DEVICES='{d}'" in log_path(sweep.out_dir, s).read_text()
 
 
+def test_sigterm_stops_the_sweep_and_its_running_settings(tmp_path, fake_runs, capsys):
+    """kill/timeout/a scheduler send SIGTERM: the sweep stops its children as on Ctrl-C (they ran on, orphaned,
+    holding their settings' locks, and a rerun failed on them) and exits 130 with the settings pending."""
+    import threading
+
+    fake_runs.setenv("FAKE_SLEEP", "60")
+    out = tmp_path / "results"
+    threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    t0 = time.time()
+    assert main(["--out", str(out), *GRID, "train.max_steps=1", "--workers", "2"]) == 130
+    assert time.time() - t0 < 30 and "sweep: interrupted" in capsys.readouterr().out
+    time.sleep(0.5)
+    alive = [d for d in Path("/proc").iterdir() if d.name.isdigit() and _cmdline_has(d, str(tmp_path / "fake_run.py"))]
+    assert not alive, "a setting's process outlived the sweep"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # given back
+    assert dry_run_states(out, capsys) == ["pending"] * 3
+
+
+def _cmdline_has(proc_dir: Path, text: str) -> bool:
+    try:
+        return text.encode() in (proc_dir / "cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def test_compress_indices():
     assert compress_indices([]) == ""
     assert compress_indices([4]) == "4"
