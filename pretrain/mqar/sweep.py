@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import fcntl
 import itertools
 import os
 import queue
@@ -138,7 +139,7 @@ def recorded_keys(expected: dict, found: dict) -> dict:
 @dataclass
 class SettingStatus:
     setting: Setting
-    state: str  # done | pending | stale | failed (pending, and the last attempt exited non-zero)
+    state: str  # done | pending | stale | failed (pending, and the last attempt exited non-zero) | running
     result: dict | None = None
     differences: list[str] | None = None
     damaged: str | None = None  # a result file that is there but not a complete result: what is wrong with it
@@ -200,6 +201,8 @@ class Sweep:
             if diffs:
                 return SettingStatus(setting, "stale", result, diffs)
             return SettingStatus(setting, "done", result)
+        if is_running(path):
+            return SettingStatus(setting, "running", damaged=damaged)
         rc = last_exit_code(log_path(self.out_dir, setting))
         return SettingStatus(setting, "failed" if rc not in (None, 0) else "pending", damaged=damaged)
 
@@ -238,6 +241,21 @@ class Sweep:
             else:
                 log.write(f"=== exit code {rc} at {_now()}\n")
         return rc
+
+
+def is_running(result: Path) -> bool:
+    """A process (another sweep's, a Slurm task's) runs this setting now: it holds ``<result>.lock``."""
+    lock = Path(str(result) + ".lock")
+    if not lock.exists():
+        return False
+    try:
+        with open(lock, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released when the file closes
+    except BlockingIOError:
+        return True
+    except OSError:  # no locks on this file system: nothing to tell
+        return False
+    return False
 
 
 def _now() -> str:
@@ -333,6 +351,10 @@ def run_parallel(sweep: Sweep, todo: list[Setting], slots: list[dict[str, str]],
                 started[0] += 1
                 log(f"[{started[0]}/{len(todo)}] start #{setting.index} {setting.name} on {where}")
             t0 = time.time()
+            if is_running(result_path(sweep.out_dir, setting)):  # taken by another sweep since the statuses
+                with lock:
+                    log(f"skipped #{setting.index} {setting.name}: another process is running it")
+                continue
             rc = sweep.run_one(setting, slot, processes, stop)
             if stop.is_set():
                 return
@@ -456,7 +478,7 @@ def _print_statuses(statuses: list[SettingStatus], out_dir: Path) -> None:
         elif st.state == "failed":
             extra = f"last attempt failed: {log_path(out_dir, st.setting)}"
         print(f"{st.setting.index:4d}  {st.setting.name:<{width}}  {st.state:<7}  {extra}".rstrip())
-    counts = {k: sum(s.state == k for s in statuses) for k in ("done", "pending", "failed", "stale")}
+    counts = {k: sum(s.state == k for s in statuses) for k in ("done", "pending", "failed", "stale", "running")}
     print(f"{len(statuses)} settings: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + f"  (results: {out_dir})")
 
 
@@ -568,7 +590,7 @@ def main(argv=None) -> int:
               f"{result_path(sweep.out_dir, first.setting)}: {'; '.join(first.differences[:5])}. Use another --out, "
               f"move them away, or pass --rerun-stale to replace them.", file=sys.stderr)
         return 2
-    todo = [s.setting for s in statuses if s.state != "done"]
+    todo = [s.setting for s in statuses if s.state not in ("done", "running")]  # running: another process's
     if args.order == "cheapest-first":
         todo = order_cheapest_first(todo, epoch_times())
 

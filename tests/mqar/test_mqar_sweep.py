@@ -225,6 +225,22 @@ def test_sigterm_stops_the_sweep_and_its_running_settings(tmp_path, fake_runs, c
     assert dry_run_states(out, capsys) == ["pending"] * 3
 
 
+def test_a_setting_another_process_runs_is_left_to_it(tmp_path, fake_runs, capsys):
+    """Two sweeps on one folder: each counted the setting the other ran as failed (its child exited 2 on the
+    setting's lock) and both exited 1. A setting whose lock is held is 'running', not started again."""
+    import fcntl
+
+    out = tmp_path / "results"
+    out.mkdir()
+    held = result_path(out, sweep_for(out).settings[1])
+    with open(str(held) + ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a running pretrain.mqar holds
+        assert dry_run_states(out, capsys) == ["pending", "running", "pending"]
+        assert main(["--out", str(out), *GRID, "train.max_steps=1"]) == 0
+        assert "2 to run" in capsys.readouterr().out
+    assert not held.exists() and dry_run_states(out, capsys) == ["done", "pending", "done"]
+
+
 def _cmdline_has(proc_dir: Path, text: str) -> bool:
     try:
         return text.encode() in (proc_dir / "cmdline").read_bytes()
