@@ -306,14 +306,18 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(count)]
 
 
-def worker_slots(gpus: str | None, workers: int | None, runs_per_gpu: int) -> list[dict[str, str]]:
-    """One environment update per concurrent run: GPU pinning, or a CPU thread share."""
+def worker_slots(gpus: str | None, workers: int | None, runs_per_gpu: int,
+                 pending: int | None = None) -> list[dict[str, str]]:
+    """One environment update per concurrent run: GPU pinning, or a CPU thread share. With ``pending`` settings
+    fewer than the slots, a GPU gets only as many runs as there are to share it (a run records how many did)."""
     if gpus is None:
         gpu_ids = visible_gpus()
     elif gpus.strip().lower() in ("none", "cpu", ""):
         gpu_ids = []
     else:
-        gpu_ids = [g.strip() for g in gpus.split(",") if g.strip()]
+        gpu_ids = list(dict.fromkeys(g.strip() for g in gpus.split(",") if g.strip()))  # each GPU once
+    if gpu_ids and pending is not None:
+        runs_per_gpu = max(1, min(runs_per_gpu, -(-pending // len(gpu_ids))))
     if gpu_ids:
         if workers is not None:
             print(f"sweep: --workers {workers} ignored: one worker per GPU ({len(gpu_ids)} GPUs, "
@@ -632,7 +636,7 @@ def main(argv=None) -> int:
     if not todo:
         print(f"all {len(settings)} settings are done in {sweep.out_dir}")
         return 0
-    slots = worker_slots(args.gpus, args.workers, args.runs_per_gpu)
+    slots = worker_slots(args.gpus, args.workers, args.runs_per_gpu, pending=len(todo))
     where = (f"{len(slots)} worker(s) on GPU(s) {sorted({s['CUDA_VISIBLE_DEVICES'] for s in slots})}"
              if slots[0].get("CUDA_VISIBLE_DEVICES") else
              f"{len(slots)} CPU worker(s), {slots[0]['OMP_NUM_THREADS']} thread(s) each")

@@ -192,6 +192,9 @@ def test_one_worker_per_gpu_pins_each_run(tmp_path, fake_runs):
                                             for d in ("0", "0", "1", "1")]
     fake_runs.delenv("OMP_NUM_THREADS", raising=False)
     cores = os.cpu_count()
+    # one pending setting on a GPU meant for 2 runs: it runs alone and records so; a GPU named twice counts once
+    assert worker_slots("0", None, 2, pending=1) == [{"CUDA_VISIBLE_DEVICES": "0", "MQAR_RUNS_PER_DEVICE": "1"}]
+    assert worker_slots("0,0", None, 1) == [{"CUDA_VISIBLE_DEVICES": "0", "MQAR_RUNS_PER_DEVICE": "1"}]
     assert worker_slots("none", 2, 1) == [{"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(max(1, cores // 2))}] * 2
     assert worker_slots("none", None, 1) == [{"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(cores)}]
     assert worker_slots("", 3, 1)[0]["OMP_NUM_THREADS"] == str(max(1, cores // 3))
