@@ -46,6 +46,7 @@ from pretrain.training.parallel import build_strategy
 
 log = logging.getLogger("pretrain")
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # save a checkpoint and exit 0 (Slurm preemption)
 _TEST_STEP_SLEEP = float(os.environ.get("REBASED_TEST_STEP_SLEEP", "0"))
 
 
@@ -309,7 +310,7 @@ class Trainer:
             if trainer() is not None:
                 trainer().stop_signal = signum
 
-        self._previous_handlers = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        self._previous_handlers = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
 
     def _restore_signal_handlers(self):
         """The handlers from before the run, unless a signal stopped it: then ours stay, so that a second signal
@@ -537,15 +538,22 @@ def main(argv=None) -> int:
         report_error(EXIT_CONFIG, f"config error: {e}")
         return EXIT_CONFIG
     finally:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):  # the run is over (saved): a late signal must not fail the exit
-            signal.signal(sig, signal.SIG_IGN)
-        if dist.is_initialized():
-            # free the wrapped model (it holds the process group) while Python is still up: a group torn down only
-            # at interpreter exit can abort the process ("terminate called without an active exception")
-            del trainer
-            gc.collect()
-            dist.destroy_process_group()
+        # the run is over (saved): a late signal (a scheduler's second one) must not fail the teardown
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
+        try:
+            if dist.is_initialized():
+                # free the wrapped model (it holds the process group) while Python is still up: a group torn down
+                # only at interpreter exit can abort the process ("terminate called without an active exception")
+                del trainer
+                gc.collect()
+                dist.destroy_process_group()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    for stop_signal in STOP_SIGNALS:  # nor the exit: Python restores the default action of handled signals then
+        signal.signal(stop_signal, signal.SIG_IGN)
+    sys.exit(exit_code)

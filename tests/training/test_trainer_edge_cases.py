@@ -305,3 +305,17 @@ def test_a_finished_run_gives_back_its_signal_handlers_and_can_be_freed(shards, 
     del trainer
     gc.collect()
     assert alive() is None, [type(r) for r in gc.get_referrers(alive())]
+
+
+def test_main_in_process_leaves_the_callers_signal_handlers(shards, tmp_path, monkeypatch):
+    """main() ignores SIGTERM/SIGUSR1 while it tears down (a late signal must not fail a saved run), then gives the
+    caller's handlers back."""
+    import signal
+
+    from pretrain.train import main
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    config = write_config(shards, tmp_path / "run")
+    assert main(["--config", str(config), "parallel.strategy=single", "training.max_steps=2", NO_NAN]) == 0
+    assert {sig: signal.getsignal(sig) for sig in before} == before
