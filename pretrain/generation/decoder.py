@@ -94,7 +94,11 @@ def token_lists(prompts, vocab_size: int) -> list[list[int]]:
 @torch.no_grad()
 def prefill(model, prompts: Sequence[Sequence[int]], max_len: int):
     """(cache with the prompts consumed, logits [N, vocab] after each prompt's last token)."""
-    prompts = token_lists(prompts, model.config.vocab_size)
+    return _prefill(model, token_lists(prompts, model.config.vocab_size), max_len)
+
+
+def _prefill(model, prompts: list[list[int]], max_len: int):
+    """``prefill`` on prompts ``token_lists`` has checked."""
     device = next(model.parameters()).device
     lengths = torch.tensor([len(p) for p in prompts])
     cu_seqlens = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(device)
@@ -156,7 +160,7 @@ def _generate(model, prompts, max_new_tokens, sampling, eos_ids, should_stop, on
         return [[] for _ in prompts]
     check_positions(model, prompts, max_new_tokens)
     longest = max((len(p) for p in prompts), default=0)
-    cache, logits = prefill(model, prompts, longest + max_new_tokens)
+    cache, logits = _prefill(model, prompts, longest + max_new_tokens)  # checked above
     if generator is None and sampling.seed is not None:
         generator = torch.Generator(logits.device).manual_seed(sampling.seed)
     step = DecodeStep(model, cache, cuda_graph=cuda_graph, compile=compile)
