@@ -23,6 +23,7 @@ if __package__ in (None, ""):
 from tqdm import tqdm  # noqa: E402
 
 from pretrain.data.indexed import IndexedDataset  # noqa: E402
+from pretrain.data.packed import merged_record  # noqa: E402
 
 
 def _sha256(path: str, bar) -> str:
@@ -59,16 +60,6 @@ def _verify_shard(prefix: str, record: dict, bar) -> list[str]:
     return problems
 
 
-def _merged_record(split_dir: str) -> dict | None:
-    """What ``OUT/manifest.json`` records of ``OUT/{split}.bin`` (``tokenize_pile.py --merge``), if anything."""
-    split_dir = os.path.abspath(split_dir)
-    try:
-        with open(os.path.join(os.path.dirname(split_dir), "manifest.json")) as f:
-            return json.load(f)["merged"][os.path.basename(split_dir)]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def verify_split(split_dir: str, progress: bool = True) -> list[str]:
     """Problems of one split directory (empty if none), and of its merged file when ``--merge`` wrote one."""
     manifest = os.path.join(split_dir, "manifest.json")
@@ -77,10 +68,10 @@ def verify_split(split_dir: str, progress: bool = True) -> list[str]:
             shards = json.load(f)["shards"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         return [f"{manifest}: cannot read its shard list ({type(e).__name__}: {e})"]
-    merged = _merged_record(split_dir)
+    merged = merged_record(split_dir)
     pairs = [(os.path.join(split_dir, shard["name"]), shard) for shard in shards]
     if merged is not None:
-        pairs.append((os.path.normpath(split_dir), merged))
+        pairs.append((os.path.normpath(split_dir), merged[1]))
     problems = []
     with tqdm(total=sum(r.get("bin_bytes", 0) for _, r in pairs), unit="B", unit_scale=True, desc=split_dir,
               disable=not progress) as bar:

@@ -102,15 +102,24 @@ def _check_listed_sizes(manifest: str, shards: list, prefixes: list[str]) -> Non
                              "replaced since it was written: tokenize again, or copy it again)")
 
 
-def _check_merged_size(prefix: str) -> None:
-    """A merged ``OUT/{split}.bin`` of ``tokenize_pile.py --merge`` has the size ``OUT/manifest.json`` records."""
-    manifest = os.path.join(os.path.dirname(os.path.abspath(prefix)), "manifest.json")
+def merged_record(prefix: str) -> tuple[str, dict] | None:
+    """(``OUT/manifest.json``, what it records of ``OUT/{split}.bin``) when ``prefix`` is a split merged by
+    ``tokenize_pile.py --merge``, else None."""
+    prefix = os.path.abspath(prefix)
+    manifest = os.path.join(os.path.dirname(prefix), "manifest.json")
     try:
         with open(manifest) as f:
-            record = json.load(f)["merged"][os.path.basename(prefix)]
+            return manifest, json.load(f)["merged"][os.path.basename(prefix)]
     except (OSError, ValueError, KeyError, TypeError):  # not a merged split of tokenize_pile.py: nothing recorded
-        return
-    _check_listed_sizes(manifest, [{**record, "name": os.path.basename(prefix)}], [prefix])
+        return None
+
+
+def _check_merged_size(prefix: str) -> None:
+    """A merged ``OUT/{split}.bin`` has the size ``OUT/manifest.json`` records."""
+    found = merged_record(prefix)
+    if found is not None:
+        manifest, record = found
+        _check_listed_sizes(manifest, [{**record, "name": os.path.basename(prefix)}], [prefix])
 
 
 def _natural_key(path: str) -> list:
