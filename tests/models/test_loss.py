@@ -183,3 +183,42 @@ def test_fp32_dot_tf32x3_routes_the_three_matmuls(monkeypatch, reduction):
     assert not calls
     with pytest.raises(ValueError, match="fp32_dot"):
         chunked_cross_entropy(h32, w32, labels, fp32_dot="tf32")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fused_head_kernels_give_the_same_loss_and_gradients(monkeypatch, reduction):
+    """Where the fused head applies (CUDA, 16-bit, narrow head; forced here to run the Triton kernels on the CPU),
+    the loss and the gradients, grad_output included, match the float64 truth as closely as the chunked path's; with
+    fused=False (the default), or in fp32, on the CPU or over MAX_HIDDEN, the chunks run."""
+    pytest.importorskip("triton")
+    import kernels
+    from pretrain.models import loss as loss_module
+
+    hidden = torch.zeros(3, D, dtype=torch.bfloat16)
+    assert not loss_module._fused_head_applies(hidden, torch.bfloat16), "the CPU keeps the chunks"
+    if torch.cuda.is_available():
+        assert loss_module._fused_head_applies(hidden.cuda(), torch.bfloat16)
+        assert not loss_module._fused_head_applies(hidden.cuda(), torch.float32)
+        wide = torch.zeros(3, kernels.linear_cross_entropy.MAX_HIDDEN + 1, device="cuda")
+        assert not loss_module._fused_head_applies(wide, torch.bfloat16)
+    monkeypatch.setenv("REBASED_KERNEL_BACKEND", "triton")
+    monkeypatch.setattr(loss_module, "_fused_head_applies", lambda h, dtype: dtype == torch.bfloat16)
+    calls = []
+    real = kernels.linear_cross_entropy_grad
+    monkeypatch.setattr(kernels, "linear_cross_entropy_grad", lambda *a, **k: calls.append(1) or real(*a, **k))
+    hidden64, weight64, labels = problem()
+    truth = loss_and_grads(lambda h, w, y: F.cross_entropy(h @ w.T, y, reduction=reduction), hidden64, weight64,
+                           labels)
+    hidden, weight = (x.detach().to(torch.bfloat16).requires_grad_() for x in (hidden64, weight64))
+    chunks = loss_and_grads(lambda h, w, y: chunked_cross_entropy(h, w, y, chunk_tokens=8, reduction=reduction,
+                                                                  fused=False), hidden, weight, labels)
+    assert not calls
+    chunked_cross_entropy(hidden, weight, labels, chunk_tokens=8, reduction=reduction)
+    assert not calls, "off unless asked for"
+    got = loss_and_grads(lambda h, w, y: chunked_cross_entropy(h, w, y, chunk_tokens=8, reduction=reduction,
+                                                               fused=True), hidden, weight, labels)
+    assert calls == [1]
+    assert got[0].dtype == torch.float32 and got[1].dtype == got[2].dtype == torch.bfloat16
+    for g, c, t in zip(got, chunks, truth):
+        assert rel(g.double(), t) <= max(2 * rel(c.double(), t), 1e-2)
+    assert got[1][[0, 5, 6, 20, 36]].abs().max() == 0, "ignored tokens get no gradient"
