@@ -57,6 +57,22 @@ def test_against_float64_reference(case):
     assert torch.count_nonzero(dh[0]) == 0, "an ignored row has no gradient"
 
 
+def test_confident_rows_keep_their_small_gradients():
+    """Rows whose target takes almost all the probability (p_t up to 1 - 2e-6, as near convergence): the gradients,
+    which scale with 1 - p_t, keep bf16 accuracy relative to their own size."""
+    rows, hidden, vocab = 32, 32, 64
+    w = (torch.randn(vocab, hidden, device=DEV) / hidden ** 0.5).to(torch.bfloat16)
+    targets = torch.randint(0, vocab, (rows,), device=DEV)
+    direction = w[targets].float()
+    h = (20 * direction / direction.norm(dim=1, keepdim=True) ** 2).to(torch.bfloat16)  # target logit 20
+    scale = torch.ones(rows, device=DEV)
+    ref_loss, ref_dh, ref_dw = kernels.linear_cross_entropy_grad_torch(h.double(), w.double(), targets,
+                                                                       scale.double())
+    assert (1 - (-ref_loss).exp()).max() < 0.02, "the rows are confident"
+    loss, dh, dw = linear_cross_entropy_grad_triton(h, w, targets, scale, blocks=(16, 16))
+    assert rel(loss, ref_loss) < 1e-3 and rel(dh, ref_dh) < 1e-2 and rel(dw, ref_dw) < 1e-2
+
+
 def test_only_the_gradients_asked_for():
     h, w, targets, scale = _inputs(20, 16, 40, torch.float32)
     ref_loss, ref_dh, ref_dw = kernels.linear_cross_entropy_grad_torch(h.double(), w.double(), targets,
