@@ -26,6 +26,9 @@ def linear_cross_entropy_grad(hidden: torch.Tensor, weight: torch.Tensor, target
     [0, V): the reference raises on a target outside, the Triton kernels give its row a NaN loss) and row_scale [R]
     (dL/d loss_r; 0 drops a row): loss_r = logsumexp(x_r) - x_r[t_r] with x = hidden @ weightᵀ, and the gradients
     of Σ_r row_scale_r · loss_r. fp64 runs the reference (fp64 results); the Triton kernels take D <= MAX_HIDDEN.
+    The kernels round G = (softmax - onehot) · row_scale to the inputs' dtype before its products, as the chunked
+    path does: in fp16 a row_scale below about 1e-4 (a mean over many rows) pushes G into subnormals and loses
+    precision; bf16 (the trainers' 16-bit dtype) has fp32's range and does not.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"expected hidden [R, D] and weight [V, D]; got {tuple(hidden.shape)}, "
