@@ -69,6 +69,8 @@ def read_prompts(path: str) -> list[str]:
             raise ValueError(f"{path}:{n}: expected a JSON object with a 'prompt' string ({e})") from None
         if not isinstance(prompt, str):
             raise ValueError(f"{path}:{n}: 'prompt' must be a string, not {type(prompt).__name__}")
+        if not prompt:
+            raise ValueError(f"{path}:{n}: the prompt is empty (a prompt needs at least one character)")
         prompts.append(prompt)
     return prompts
 
@@ -160,6 +162,8 @@ def main(argv=None) -> int:
         args.stop = [unescape(s) for s in args.stop]
         if "" in args.stop:  # found at the start of every text: each row would stop after one token, printing nothing
             raise ValueError("--stop '' is empty: a stop string needs at least one character")
+        if args.prompt == "":
+            raise ValueError("--prompt '' is empty: a prompt needs at least one character")
         prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
         if not prompts:
             raise ValueError(f"{args.prompts}: no prompts")

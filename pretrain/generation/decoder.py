@@ -10,6 +10,7 @@ on the host between steps.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 
 import torch
@@ -116,7 +117,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, sa
              vocab_size: int | None = None) -> list[list[int]]:
     """New tokens for each prompt (token lists of any lengths), at most ``max_new_tokens`` each.
 
-    A row stops after an ``eos_ids`` token (kept in its output) or when ``should_stop(row, tokens so far)`` says
+    A row stops after an ``eos_ids`` token (one id, or ints / a tensor of them; kept in its output) or when ``should_stop(row, tokens so far)`` says
     so (stop strings: the caller decodes). ``on_tokens`` gets each step's new token per row (None for a row that
     has stopped), for streaming. ``cuda_graph`` / ``compile``: see :class:`DecodeStep`. The batch runs until every
     row has stopped. Draws come from ``generator``, else from one seeded with ``sampling.seed``, else from torch's
@@ -146,14 +147,34 @@ def check_positions(model, prompts: Sequence[Sequence[int]], max_new_tokens: int
                          "(learned position embeddings)")
 
 
+def _token_ids(ids, name: str) -> set[int]:
+    """A set of plain ints from one id or a sequence of them (ints, numpy integers or a tensor of integers; None:
+    none). Tensors are unpacked: a set of 0-d tensors would hash them by identity and never match a token."""
+    if ids is None:
+        return set()
+    if isinstance(ids, torch.Tensor):
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise ValueError(f"{name} must hold integer token ids, got a {ids.dtype} tensor")
+        return set(ids.flatten().tolist())
+    if isinstance(ids, numbers.Integral) and not isinstance(ids, bool):
+        return {int(ids)}
+    out = set()
+    for i in ids:
+        if isinstance(i, torch.Tensor) and i.numel() == 1 and not i.is_floating_point() and i.dtype != torch.bool:
+            i = i.item()
+        if not isinstance(i, numbers.Integral) or isinstance(i, bool):
+            raise ValueError(f"{name} must hold integer token ids, got {i!r}")
+        out.add(int(i))
+    return out
+
+
 def _generate(model, prompts, max_new_tokens, sampling, eos_ids, should_stop, on_tokens, cuda_graph, compile,
               generator, vocab_size) -> list[list[int]]:
     sampling = sampling or Sampling(temperature=0.0)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
     prompts = token_lists(prompts, model.config.vocab_size)
-    if isinstance(eos_ids, int):  # one id
-        eos_ids = (eos_ids,)
+    eos = _token_ids(eos_ids, "eos_ids")
     if vocab_size is not None and not 0 < vocab_size <= model.config.vocab_size:
         raise ValueError(f"vocab_size={vocab_size} must be in [1, the model's {model.config.vocab_size}]")
     if max_new_tokens == 0:
@@ -166,7 +187,6 @@ def _generate(model, prompts, max_new_tokens, sampling, eos_ids, should_stop, on
     step = DecodeStep(model, cache, cuda_graph=cuda_graph, compile=compile)
     out: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
-    eos = set(eos_ids)
     for i in range(max_new_tokens):
         tokens = choose(logits[:, :vocab_size], sampling, generator)
         new: list[int | None] = []

@@ -28,8 +28,9 @@ class Sampling:
             raise ValueError(f"top_k={self.top_k!r} must be an integer >= 1")
         if self.top_p is not None and not (number(self.top_p) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]")
-        if self.seed is not None and not (isinstance(self.seed, numbers.Integral) and not isinstance(self.seed, bool)):
-            raise ValueError(f"seed={self.seed!r} must be an integer")
+        if self.seed is not None and not (isinstance(self.seed, numbers.Integral) and not isinstance(self.seed, bool)
+                                          and 0 <= self.seed < 2 ** 64):
+            raise ValueError(f"seed={self.seed!r} must be an integer in [0, 2**64) (torch's generator seeds)")
 
     @property
     def greedy(self) -> bool:

@@ -98,6 +98,8 @@ def test_sampling_is_reproducible_with_a_seed(workspace):
     (["--prompt", "x", "--temperature", "inf"], "temperature=inf"),
     (["--prompt", "x", "--device", "nosuch"], "--device 'nosuch'"),
     (["--prompt", "x", "--out", "no/such/folder/samples.jsonl"], "no/such/folder does not exist"),
+    (["--prompt", ""], "--prompt '' is empty"),
+    (["--prompt", "x", "--seed", str(2 ** 64)], f"seed={2 ** 64} must be an integer in [0, 2**64)"),
 ])
 def test_bad_input_is_one_line(workspace, args, message):
     proc = run(workspace, *args)
@@ -105,6 +107,14 @@ def test_bad_input_is_one_line(workspace, args, message):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
     assert proc.stdout == ""  # refused before anything is decoded or streamed
+
+
+def test_an_empty_prompt_in_a_jsonl_file_is_named_by_line(workspace, tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "the"}\n{"prompt": ""}\n')
+    proc = run(workspace, "--prompts", str(path))
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip() == f"error: {path}:2: the prompt is empty (a prompt needs at least one character)"
 
 
 def test_past_the_learned_positions_is_refused_before_streaming(workspace):

@@ -106,12 +106,21 @@ def test_prompts_as_a_tensor_or_numpy_ids_and_one_eos_id():
     assert generate(model, [np.array([1, 2, 3]), (4, 5, 6)], 3) == expected
     first = expected[0][0]
     assert generate(model, [[1, 2, 3]], 3, eos_ids=first) == [[first]]
+    # a tensor or numpy ids (a set of 0-d tensors would never match a token), and None for none
+    assert generate(model, [[1, 2, 3]], 3, eos_ids=torch.tensor([first])) == [[first]]
+    assert generate(model, [[1, 2, 3]], 3, eos_ids=[torch.tensor(first)]) == [[first]]
+    assert generate(model, [[1, 2, 3]], 3, eos_ids=np.array([first])) == [[first]]
+    assert generate(model, [[1, 2, 3]], 3, eos_ids=None) == expected[:1]
+    for bad in ([1.5], torch.tensor([1.0]), ["7"]):
+        with pytest.raises(ValueError, match="eos_ids must hold integer token ids"):
+            generate(model, [[1, 2, 3]], 3, eos_ids=bad)
 
 
 @pytest.mark.parametrize("kwargs,message", [
     ({"top_k": 2.5}, "top_k=2.5 must be an integer"), ({"top_k": True}, "top_k=True"),
     ({"temperature": True}, "temperature=True"), ({"temperature": "1"}, "temperature='1'"),
     ({"top_p": "0.5"}, "top_p='0.5'"), ({"seed": 1.5}, "seed=1.5 must be an integer"),
+    ({"seed": 2 ** 64}, "must be an integer in \\[0, 2\\*\\*64\\)"), ({"seed": -1}, "seed=-1"),
 ])
 def test_sampling_settings_of_the_wrong_type_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
