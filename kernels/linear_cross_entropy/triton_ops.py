@@ -55,10 +55,22 @@ def _rows(ptr, n_rows, D, stride, first, BR: tl.constexpr, BD: tl.constexpr):
 
 
 @triton.jit
-def _softmax_grad(x, lse, scale, target, words):
-    """G = (softmax - onehot(target)) · scale of a logits tile x [BM, BN] (words past V hold -inf: exp gives 0)."""
-    g = tl.exp(x - lse[:, None]) * scale[:, None]
-    return tl.where(words[None, :] == target[:, None], g - scale[:, None], g)
+def _store_rows(ptr, value, n_rows, D, stride, first, BR: tl.constexpr, BD: tl.constexpr):
+    """``value`` [BR, BD] into rows first .. first + BR of a row-major [n_rows, D] matrix (in its dtype), nothing
+    past its edges: the store twin of ``_rows``."""
+    rows = tl.arange(0, BR)
+    dims = tl.arange(0, BD)
+    base = ptr + (first + tl.full([], 0, tl.int64)) * stride
+    tl.store(base + rows[:, None] * stride + dims[None, :], value.to(ptr.dtype.element_ty),
+             mask=(rows[:, None] < n_rows - first) & (dims[None, :] < D))
+
+
+@triton.jit
+def _softmax_grad(x, lse, scale, is_target):
+    """G = (softmax - onehot) · scale of a logits tile x (words past V hold -inf: exp gives 0); lse and scale
+    broadcast against x, is_target marks each row's target word (the tile may be transposed)."""
+    g = tl.exp(x - lse) * scale
+    return tl.where(is_target, g - scale, g)
 
 
 @triton.jit
@@ -93,10 +105,9 @@ def _loss_dh_kernel(h_ptr, w_ptr, t_ptr, s_ptr, loss_ptr, lse_ptr, dh_ptr, R, V,
             words = start + tl.arange(0, BN)
             w = _rows(w_ptr, V, D, stride_w, start, BN, BD)
             x = tl.where(words[None, :] < V, _dot(h, tl.trans(w), None, PRECISION), float("-inf"))
-            dh = _dot(_softmax_grad(x, lse, scale, target, words).to(w.dtype), w, dh, PRECISION)
-        dims = tl.arange(0, BD)
-        tl.store(dh_ptr + first.to(tl.int64) * stride_dh + tl.arange(0, BM)[:, None] * stride_dh + dims[None, :],
-                 dh.to(dh_ptr.dtype.element_ty), mask=row_ok[:, None] & (dims[None, :] < D))
+            g = _softmax_grad(x, lse[:, None], scale[:, None], words[None, :] == target[:, None])
+            dh = _dot(g.to(w.dtype), w, dh, PRECISION)
+        _store_rows(dh_ptr, dh, R, D, stride_dh, first, BM, BD)
 
 
 @triton.jit
@@ -118,13 +129,9 @@ def _dw_kernel(h_ptr, w_ptr, t_ptr, s_ptr, lse_ptr, dw_ptr, R, V, D, rows_per_sl
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
         # the logits transposed, [BN, BM]: G's transpose comes out in the layout its product with h takes
         xt = tl.where(words[:, None] < V, _dot(w, tl.trans(h), None, PRECISION), float("-inf"))
-        gt = tl.exp(xt - lse[None, :]) * scale[None, :]
-        gt = tl.where(words[:, None] == target[None, :], gt - scale[None, :], gt)
+        gt = _softmax_grad(xt, lse[None, :], scale[None, :], words[:, None] == target[None, :])
         dw = _dot(gt.to(h.dtype), h, dw, PRECISION)
-    dims = tl.arange(0, BD)
-    base = dw_ptr + tl.program_id(1).to(tl.int64) * stride_dw_slice + first_word.to(tl.int64) * stride_dw
-    tl.store(base + tl.arange(0, BN)[:, None] * stride_dw + dims[None, :], dw,
-             mask=(words[:, None] < V) & (dims[None, :] < D))
+    _store_rows(dw_ptr + tl.program_id(1).to(tl.int64) * stride_dw_slice, dw, V, D, stride_dw, first_word, BN, BD)
 
 
 # (rows, words, warps) of each kernel's tile, by the widest hidden size they serve. 16-bit: on sm_90 (H100 / H200)
