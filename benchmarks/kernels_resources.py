@@ -97,17 +97,37 @@ def _resources(cubin: bytes, workdir: str, name: str) -> Dict[str, int]:
                 hmma=count(r"\bHMMA\b"), ffma=count(r"\bFFMA\b"), sass_instructions=count(r"/\*[0-9a-f]{4,}\*/ "))
 
 
-def compile_variant(variant: dict, arch: int, workdir: str, kernels=KERNELS) -> List[dict]:
-    """One row per kernel (of ``kernels``) of ``variant``: its resources, or the compile error."""
+def _require_compiled_kernels(workdir: str) -> None:
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("TRITON_INTERPRET=1 makes the kernels interpreted Python, which compiles to nothing: "
+                           "unset it")
+    os.makedirs(workdir, exist_ok=True)
+
+
+def _compile_into(row: dict, fn, signature: dict, consts: dict, options: dict, arch: int, workdir: str,
+                  name: str) -> dict:
+    """``row`` with the resources of ``fn`` compiled for sm_``arch`` (its cubin kept as ``workdir/name.cubin``), or
+    the compile error (a variant that does not compile is a result too, e.g. out of shared memory), and the time."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    t = time.time()
+    try:
+        k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts),
+                           target=GPUTarget("cuda", arch, 32), options=options)
+        row.update(_resources(k.asm["cubin"], workdir, name))
+    except Exception as e:
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    row["compile_s"] = round(time.time() - t, 1)
+    return row
+
+
+def compile_variant(variant: dict, arch: int, workdir: str, kernels=KERNELS) -> List[dict]:
+    """One row per kernel (of ``kernels``) of ``variant``: its resources, or the compile error."""
     from kernels.linear_attention.triton_chunk.config import ChunkLaunchConfig
 
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        raise RuntimeError("TRITON_INTERPRET=1 makes the kernels interpreted Python, which compiles to nothing: unset it")
-    os.makedirs(workdir, exist_ok=True)
+    _require_compiled_kernels(workdir)
     variant = dict(variant)
     dtype = _DTYPES[variant.pop("dtype", "bf16")]
     dv = int(variant.pop("dv", 10))
@@ -120,16 +140,9 @@ def compile_variant(variant: dict, arch: int, workdir: str, kernels=KERNELS) -> 
         signature = {n: "constexpr" if n in consts else ptrs.get(n) or scalars[n] for n in names}
         row = dict(kernel=which, warps=options["num_warps"], stages=options.get("num_stages"), chunk=consts["C"],
                    tile=consts["TS"], bv=consts["BV"])
-        t = time.time()
-        try:
-            k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts),
-                               target=GPUTarget("cuda", arch, 32), options=options)
-            tag = "_".join(f"{key}{val}" for key, val in sorted(variant.items()))
-            row.update(_resources(k.asm["cubin"], workdir, f"{which}_{dtype}_dv{dv}_{kind}_{tag}"))
-        except Exception as e:  # a variant that does not compile is a result too (e.g. out of shared memory)
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-        row["compile_s"] = round(time.time() - t, 1)
-        rows.append(row)
+        tag = "_".join(f"{key}{val}" for key, val in sorted(variant.items()))
+        rows.append(_compile_into(row, fn, signature, consts, options, arch, workdir,
+                                  f"{which}_{dtype}_dv{dv}_{kind}_{tag}"))
     return rows
 
 
@@ -137,16 +150,11 @@ def compile_head(dtype: str, hidden_dim: int, arch: int, workdir: str) -> List[d
     """One row per kernel of the fused LM-head loss (``kernels.linear_cross_entropy``) as the op launches it for a
     head of ``hidden_dim`` inputs in ``dtype``: its resources, or the compile error."""
     import torch
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from kernels.common import next_power_of_2
     from kernels.linear_cross_entropy import triton_ops
 
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        raise RuntimeError("TRITON_INTERPRET=1 makes the kernels interpreted Python, which compiles to nothing: unset it")
-    os.makedirs(workdir, exist_ok=True)
+    _require_compiled_kernels(workdir)
     dtype = _DTYPES[dtype]
     launch = triton_ops.tiles(hidden_dim, torch.float32 if dtype == "fp32" else torch.bfloat16)
     kernels = {"loss_dh": triton_ops._loss_dh_kernel, "dw": triton_ops._dw_kernel}
@@ -161,15 +169,8 @@ def compile_head(dtype: str, hidden_dim: int, arch: int, workdir: str) -> List[d
         signature = {n: "constexpr" if n in consts else typed.get(n, "*fp32" if n.endswith("_ptr") else "i32")
                      for n in inspect.signature(fn.fn).parameters}
         row = dict(kernel=name, warps=warps, stages=None, chunk=block_rows, tile=block_words, bv=hidden_dim)
-        t = time.time()
-        try:
-            k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts),
-                               target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
-            row.update(_resources(k.asm["cubin"], workdir, f"head_{name}_{dtype}_d{hidden_dim}"))
-        except Exception as e:  # reported as a result, as compile_variant does
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-        row["compile_s"] = round(time.time() - t, 1)
-        rows.append(row)
+        rows.append(_compile_into(row, fn, signature, consts, {"num_warps": warps}, arch, workdir,
+                                  f"head_{name}_{dtype}_d{hidden_dim}"))
     return rows
 
 
