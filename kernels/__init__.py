@@ -21,9 +21,9 @@ Public API (layout [B, T, H, D]; see each function's docstring for the full cont
 Families: ``linear_attention/`` (ReBased and Based, generated from one table of kinds in its ``api.py``; the math
 and the kernels' design in its ``DESIGN.md``), ``short_conv/``, ``cross_entropy/``, ``linear_cross_entropy/`` and
 ``matmul/``; helpers they share in ``common.py``, the machinery of their typed launch configurations in
-``launch_config.py``. Backends: the "torch" references live in each family (``linear_attention/reference.py``, ``<family>/naive.py``); Triton
-implementations register themselves from ``kernels/<family>/triton_ops.py`` (imported automatically below when the
-file exists) via :func:`kernels.backend.register_triton_impl`.
+``launch_config.py``. Backends: the "torch" references live in each family (``linear_attention/reference.py``,
+``<family>/naive.py``); Triton implementations register themselves from ``kernels/<family>/triton_ops.py``
+(imported automatically below when the file exists) via :func:`kernels.backend.register_triton_impl`.
 """
 
 import importlib

@@ -117,13 +117,13 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, sa
              vocab_size: int | None = None) -> list[list[int]]:
     """New tokens for each prompt (token lists of any lengths), at most ``max_new_tokens`` each.
 
-    A row stops after an ``eos_ids`` token (one id, or ints / a tensor of them; kept in its output) or when ``should_stop(row, tokens so far)`` says
-    so (stop strings: the caller decodes). ``on_tokens`` gets each step's new token per row (None for a row that
-    has stopped), for streaming. ``cuda_graph`` / ``compile``: see :class:`DecodeStep`. The batch runs until every
-    row has stopped. Draws come from ``generator``, else from one seeded with ``sampling.seed``, else from torch's
-    default generator. ``vocab_size``: only ids below it are chosen (a model's vocabulary padded past its
-    tokenizer's: the padding ids have no text). The model runs in eval mode (no dropout), whatever its mode; the mode
-    is restored afterwards.
+    A row stops after an ``eos_ids`` token (one id, or ints / a tensor of them; kept in its output) or when
+    ``should_stop(row, tokens so far)`` says so (stop strings: the caller decodes). ``on_tokens`` gets each step's
+    new token per row (None for a row that has stopped), for streaming. ``cuda_graph`` / ``compile``: see
+    :class:`DecodeStep`. The batch runs until every row has stopped. Draws come from ``generator``, else from one
+    seeded with ``sampling.seed``, else from torch's default generator. ``vocab_size``: only ids below it are chosen
+    (a model's vocabulary padded past its tokenizer's: the padding ids have no text). The model runs in eval mode (no
+    dropout), whatever its mode; the mode is restored afterwards.
     """
     was_training = model.training
     model.eval()
