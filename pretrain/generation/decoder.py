@@ -80,10 +80,9 @@ def token_lists(prompts, vocab_size: int) -> list[list[int]]:
             raise ValueError(f"prompt {i} is empty: every prompt needs at least one token (e.g. the "
                              "end-of-document token)")
         ids = []
-        for token in prompt:
-            if isinstance(token, bool) or not hasattr(token, "__index__"):
-                raise ValueError(f"prompt {i} holds {token!r}, not an integer token id")
-            token = int(token)
+        for item in prompt:
+            if (token := _integer_id(item)) is None:
+                raise ValueError(f"prompt {i} holds {item!r}, not an integer token id")
             if not 0 <= token < vocab_size:
                 raise ValueError(f"prompt {i} holds token id {token}, outside the model's vocabulary "
                                  f"[0, {vocab_size})")
@@ -147,6 +146,18 @@ def check_positions(model, prompts: Sequence[Sequence[int]], max_new_tokens: int
                          "(learned position embeddings)")
 
 
+def _integer_id(x) -> int | None:
+    """``x`` as a plain int if it is one integer id (an int, a numpy integer, a one-element integer tensor), else
+    None (bools, floats and the like are not ids)."""
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1 or x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+            return None
+        x = x.item()
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+        return None
+    return int(x)
+
+
 def _token_ids(ids, name: str) -> set[int]:
     """A set of plain ints from one id or a sequence of them (ints, numpy integers or a tensor of integers; None:
     none). Tensors are unpacked: a set of 0-d tensors would hash them by identity and never match a token."""
@@ -156,15 +167,13 @@ def _token_ids(ids, name: str) -> set[int]:
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
             raise ValueError(f"{name} must hold integer token ids, got a {ids.dtype} tensor")
         return set(ids.flatten().tolist())
-    if isinstance(ids, numbers.Integral) and not isinstance(ids, bool):
-        return {int(ids)}
+    if (one := _integer_id(ids)) is not None:
+        return {one}
     out = set()
     for i in ids:
-        if isinstance(i, torch.Tensor) and i.numel() == 1 and not i.is_floating_point() and i.dtype != torch.bool:
-            i = i.item()
-        if not isinstance(i, numbers.Integral) or isinstance(i, bool):
+        if (token := _integer_id(i)) is None:
             raise ValueError(f"{name} must hold integer token ids, got {i!r}")
-        out.add(int(i))
+        out.add(token)
     return out
 
 
