@@ -1,7 +1,6 @@
 """Registers, spills and instruction mix of the chunked (Re)Based kernels, compiled for a GPU that need not be here.
 
     python -m benchmarks.kernels_resources [--dtype fp32] [--dv 10] [--variants JSON] [--arch 90] [--out DIR]
-    python -m benchmarks.kernels_resources --head 64 128 256 [--dtype bf16]   # the fused LM-head loss kernels
 
 Triton compiles each kernel (the state pass in both directions, the output and the gradient kernel) for the target
 (default sm_90: H100 / H200) with its own ptxas; no GPU and no driver are needed. For every variant (a JSON list of
@@ -10,9 +9,7 @@ objects: ``ChunkLaunchConfig`` knobs such as ``tile``, ``chunk``, ``warps_grad``
 per thread, static shared memory) and what its SASS holds: local-memory stores and loads (register spills),
 Hopper warp-group MMAs (HGMMA), warp-level MMAs (HMMA) and fp32 FMAs. A kernel whose stack is kilobytes spills
 its working set to local memory on every iteration; this shows it before any GPU time is spent. Speed itself is
-measured on the GPU (``benchmarks/mqar_profile.py attention``, ``benchmarks/kernels_tune.py``). ``--head D ...``
-compiles the two kernels of ``kernels.linear_cross_entropy`` instead, at each hidden size D with the tiles the op
-launches (``triton_ops.tiles``).
+measured on the GPU (``benchmarks/mqar_profile.py attention``, ``benchmarks/kernels_tune.py``).
 
 The numbers depend on the Triton version (its code generation and its ptxas): compare variants from one run, and
 state the version, as the results file does.
@@ -146,34 +143,6 @@ def compile_variant(variant: dict, arch: int, workdir: str, kernels=KERNELS) -> 
     return rows
 
 
-def compile_head(dtype: str, hidden_dim: int, arch: int, workdir: str) -> List[dict]:
-    """One row per kernel of the fused LM-head loss (``kernels.linear_cross_entropy``) as the op launches it for a
-    head of ``hidden_dim`` inputs in ``dtype``: its resources, or the compile error."""
-    import torch
-
-    from kernels.common import next_power_of_2
-    from kernels.linear_cross_entropy import triton_ops
-
-    _require_compiled_kernels(workdir)
-    dtype = _DTYPES[dtype]
-    launch = triton_ops.tiles(hidden_dim, torch.float32 if dtype == "fp32" else torch.bfloat16)
-    kernels = {"loss_dh": triton_ops._loss_dh_kernel, "dw": triton_ops._dw_kernel}
-    rows = []
-    for name, fn in kernels.items():
-        block_rows, block_words, warps = launch[name]
-        consts = dict(BM=block_rows, BN=block_words, BD=max(16, next_power_of_2(hidden_dim)),
-                      PRECISION="ieee" if dtype == "fp32" else "tf32")
-        if name == "loss_dh":
-            consts["NEED_DH"] = True
-        typed = {"h_ptr": "*" + dtype, "w_ptr": "*" + dtype, "dh_ptr": "*" + dtype, "t_ptr": "*i64"}
-        signature = {n: "constexpr" if n in consts else typed.get(n, "*fp32" if n.endswith("_ptr") else "i32")
-                     for n in inspect.signature(fn.fn).parameters}
-        row = dict(kernel=name, warps=warps, stages=None, chunk=block_rows, tile=block_words, bv=hidden_dim)
-        rows.append(_compile_into(row, fn, signature, consts, {"num_warps": warps}, arch, workdir,
-                                  f"head_{name}_{dtype}_d{hidden_dim}"))
-    return rows
-
-
 def _table(results: List[dict]) -> str:
     head = ("| variant | kernel | warps | regs | stack B | spill st / ld (SASS) | HGMMA | HMMA | FFMA |\n"
             "|---|---|---|---|---|---|---|---|---|\n")
@@ -200,9 +169,6 @@ def main(argv=None) -> None:
     ap.add_argument("--arch", type=int, default=90, help="compute capability to compile for (90: sm_90)")
     ap.add_argument("--workdir", default="/tmp/kernels_resources", help="where the cubins are kept")
     ap.add_argument("--out", default=None, help="write kernels_resources_<triton>_<date>.json/.md here")
-    ap.add_argument("--head", type=int, nargs="+", default=None, metavar="D",
-                    help="compile the fused LM-head loss kernels at these hidden sizes instead (rows: chunk = rows "
-                         "per tile, tile = words per tile, bv = hidden size)")
     args = ap.parse_args(argv)
 
     import triton
@@ -214,11 +180,7 @@ def main(argv=None) -> None:
         raise SystemExit("--variants must be a JSON list of objects")
     os.makedirs(args.workdir, exist_ok=True)
     results = []
-    for d in args.head or []:
-        v = {"head": d, "dtype": args.dtype or "bf16"}
-        results.append(dict(variant=v, kernels=compile_head(v["dtype"], d, args.arch, args.workdir)))
-        print(_table([results[-1]]), end="", flush=True)
-    for v in variants if not args.head else []:
+    for v in variants:
         v = dict(v)
         if args.dtype and "dtype" not in v:
             v["dtype"] = args.dtype

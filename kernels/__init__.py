@@ -11,19 +11,16 @@ Public API (layout [B, T, H, D]; see each function's docstring for the full cont
         (one decoding token, T == 1; advances state in place)
     cross_entropy_grad(logits, targets, row_scale, *, inplace=False, backend=None) -> (row_loss, grad)
         (the fused LM-head loss's inner step: loss and d loss / d logits of logit rows in one pass)
-    linear_cross_entropy_grad(hidden, weight, targets, row_scale, *, need_hidden=True, need_weight=True,
-                              backend=None) -> (row_loss, grad_hidden, grad_weight)
-        (the LM head and its loss in one op: the logits hidden @ weight.T never reach memory on the Triton path)
     matmul_tf32x3(a, b, *, backend=None) -> a @ b (fp32 on CUDA: 3xTF32 tensor-core products, fp32's accuracy)
 
     rebased_feature_map(x, scale=None), based_feature_map(x, scale=None), state_size(kind, dk)
 
 Families: ``linear_attention/`` (ReBased and Based, generated from one table of kinds in its ``api.py``; the math
-and the kernels' design in its ``DESIGN.md``), ``short_conv/``, ``cross_entropy/``, ``linear_cross_entropy/`` and
-``matmul/``; helpers they share in ``common.py``, the machinery of their typed launch configurations in
-``launch_config.py``. Backends: the "torch" references live in each family (``linear_attention/reference.py``,
-``<family>/naive.py``); Triton implementations register themselves from ``kernels/<family>/triton_ops.py``
-(imported automatically below when the file exists) via :func:`kernels.backend.register_triton_impl`.
+and the kernels' design in its ``DESIGN.md``), ``short_conv/``, ``cross_entropy/`` and ``matmul/``; helpers they
+share in ``common.py``, the machinery of their typed launch configurations in ``launch_config.py``. Backends: the
+"torch" references live in each family (``linear_attention/reference.py``, ``<family>/naive.py``); Triton
+implementations register themselves from ``kernels/<family>/triton_ops.py`` (imported automatically below when the
+file exists) via :func:`kernels.backend.register_triton_impl`.
 """
 
 import importlib
@@ -32,7 +29,6 @@ import importlib.util
 from .backend import (BACKEND_ENV_VAR, BackendUnavailableError, get_triton_impl, register_triton_impl,
                       registered_triton_ops, resolve_backend)
 from .cross_entropy import cross_entropy_grad, cross_entropy_grad_torch
-from .linear_cross_entropy import linear_cross_entropy_grad, linear_cross_entropy_grad_torch
 from .linear_attention.api import (based_attention, based_attention_torch, linear_attention_step, rebased_attention,
                                    rebased_attention_torch)
 from .linear_attention.feature_maps import based_feature_map, rebased_feature_map, state_size, zero_state
@@ -41,14 +37,14 @@ from .short_conv import short_conv, short_conv_torch
 
 __all__ = [
     "rebased_attention", "based_attention", "short_conv", "linear_attention_step", "cross_entropy_grad",
-    "linear_cross_entropy_grad", "linear_cross_entropy_grad_torch", "matmul_tf32x3", "matmul_torch",
+    "matmul_tf32x3", "matmul_torch",
     "rebased_feature_map", "based_feature_map", "state_size", "zero_state",
     "rebased_attention_torch", "based_attention_torch", "short_conv_torch", "cross_entropy_grad_torch",
     "register_triton_impl", "get_triton_impl", "registered_triton_ops", "resolve_backend",
     "BackendUnavailableError", "BACKEND_ENV_VAR",
 ]
 
-_TRITON_FAMILIES = ("linear_attention", "short_conv", "cross_entropy", "linear_cross_entropy", "matmul")
+_TRITON_FAMILIES = ("linear_attention", "short_conv", "cross_entropy", "matmul")
 
 
 def _import_triton_ops() -> None:

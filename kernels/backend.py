@@ -47,7 +47,7 @@ __all__ = [
 BACKEND_ENV_VAR = "REBASED_KERNEL_BACKEND"
 BACKENDS = ("auto", "torch", "triton")
 KNOWN_OPS = ("rebased_attention", "based_attention", "short_conv", "rebased_attention_step", "based_attention_step",
-             "cross_entropy_grad", "linear_cross_entropy_grad", "matmul_tf32x3")
+             "cross_entropy_grad", "matmul_tf32x3")
 
 _TRITON_IMPLS: Dict[str, Callable] = {}
 

@@ -3,9 +3,7 @@
 ``F.cross_entropy(lm_head(x).float(), labels)`` keeps the logits (bf16) and their fp32 copy alive for the backward:
 at 32k tokens and a 50304-word vocabulary that is 3.3 + 6.5 GB, plus as much again for their gradient.
 ``chunked_cross_entropy`` computes the same loss and gradients over chunks of tokens, so at most one chunk's
-logits exist at a time; asked to (``fused=True``), on CUDA in 16-bit with a head of at most
-``kernels.linear_cross_entropy.MAX_HIDDEN`` inputs, it runs the fused Triton kernels instead
-(``kernels.linear_cross_entropy_grad``), where no logits reach memory at all.
+logits exist at a time.
 """
 
 from __future__ import annotations
@@ -13,7 +11,6 @@ from __future__ import annotations
 import torch
 
 import kernels
-from kernels.backend import resolve_backend
 
 # 8192 tokens × 50304 words: one transient [chunk, vocab] buffer in the compute dtype (0.8 GB in bf16: the logits,
 # overwritten by their gradient), against 9.8 GB of bf16 + fp32 logits for the full path at 32k tokens (rebased_360m's
@@ -23,37 +20,13 @@ from kernels.backend import resolve_backend
 DEFAULT_CHUNK_TOKENS = 8192
 
 
-def _fused_head_applies(hidden: torch.Tensor, compute_dtype: torch.dtype) -> bool:
-    """Whether the fused Triton head runs: CUDA, 16-bit products (fp32 keeps cuBLAS and its fp32_dot choice), a
-    head narrow enough for its registers, and the Triton backend not turned off (REBASED_KERNEL_BACKEND)."""
-    return (hidden.is_cuda and compute_dtype in (torch.bfloat16, torch.float16)
-            and hidden.shape[1] <= kernels.linear_cross_entropy.MAX_HIDDEN
-            and resolve_backend("linear_cross_entropy_grad", None, hidden.device) == "triton")
-
-
-def _chunked_loss_and_grads(hidden, w, targets, row_scale, chunk_tokens, mm, need_hidden, need_weight, acc_dtype):
-    row_loss = torch.empty(targets.shape, dtype=acc_dtype, device=hidden.device)
-    grad_hidden = torch.empty_like(hidden) if need_hidden else None
-    grad_weight = torch.zeros_like(w, dtype=acc_dtype) if need_weight else None
-    for start in range(0, hidden.shape[0], chunk_tokens):
-        rows = slice(start, start + chunk_tokens)
-        h = hidden[rows].to(w.dtype)
-        # the softmax, loss and logits gradient in one pass, the gradient written over the chunk's logits
-        row_loss[rows], g = kernels.cross_entropy_grad(mm(h, w.T), targets[rows], row_scale[rows], inplace=True)
-        if need_hidden:
-            grad_hidden[rows] = mm(g, w)
-        if need_weight:
-            grad_weight += mm(g.T, h)
-    return row_loss, grad_hidden, grad_weight
-
-
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Both gradients are computed in the forward, chunk by chunk while that chunk's logits exist (or by the fused
-    kernels); the backward only scales them by grad_output. Keeping logits for the backward would hold all of them
-    at once, and recomputing them there would repeat the head's largest matmul."""
+    """Both gradients are computed in the forward, chunk by chunk while that chunk's logits exist; the backward
+    only scales them by grad_output. Keeping logits for the backward would hold all of them at once, and
+    recomputing them there would repeat the head's largest matmul."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, chunk_tokens, reduction, compute_dtype, fp32_dot, fused):
+    def forward(ctx, hidden, weight, labels, ignore_index, chunk_tokens, reduction, compute_dtype, fp32_dot):
         # fp32 products on the tensor cores as 3xTF32 (kernels.matmul_tf32x3), or the plain product
         mm = kernels.matmul_tf32x3 if fp32_dot == "tf32x3" and compute_dtype == torch.float32 else torch.matmul
         acc_dtype = torch.promote_types(compute_dtype, torch.float32)  # fp32 softmax for bf16, fp64 stays fp64
@@ -66,12 +39,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         row_scale = valid.to(acc_dtype)
         if reduction == "mean":
             row_scale /= n_valid.clamp(min=1)
-        if fused and _fused_head_applies(hidden, compute_dtype):
-            row_loss, grad_hidden, grad_weight = kernels.linear_cross_entropy_grad(
-                hidden.to(compute_dtype), w, targets, row_scale, need_hidden=need_hidden, need_weight=need_weight)
-        else:
-            row_loss, grad_hidden, grad_weight = _chunked_loss_and_grads(
-                hidden, w, targets, row_scale, chunk_tokens, mm, need_hidden, need_weight, acc_dtype)
+        row_loss = torch.empty(labels.shape, dtype=acc_dtype, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=acc_dtype) if need_weight else None
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            rows = slice(start, start + chunk_tokens)
+            h = hidden[rows].to(compute_dtype)
+            # the softmax, loss and logits gradient in one pass, the gradient written over the chunk's logits
+            row_loss[rows], g = kernels.cross_entropy_grad(mm(h, w.T), targets[rows], row_scale[rows], inplace=True)
+            if need_hidden:
+                grad_hidden[rows] = mm(g, w)
+            if need_weight:
+                grad_weight += mm(g.T, h)
         loss = row_loss.where(valid, 0).sum()
         if reduction == "mean":
             loss = loss / n_valid  # NaN when every label is ignored, as F.cross_entropy
@@ -84,12 +63,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # scaled in grad_output's dtype (fp32): a bf16 gradient times 1/accumulation must not round the factor
         grads = [None if g is None else (g.to(grad_output.dtype) * grad_output).to(dtype)
                  for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
-        return *grads, None, None, None, None, None, None, None
+        return *grads, None, None, None, None, None, None
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                           ignore_index: int = -100, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-                          reduction: str = "mean", fp32_dot: str = "ieee", fused: bool = False) -> torch.Tensor:
+                          reduction: str = "mean", fp32_dot: str = "ieee") -> torch.Tensor:
     """``F.cross_entropy(hidden @ weight.T, labels, ignore_index=..., reduction=...)`` over chunks of
     ``chunk_tokens`` tokens, with fp32 softmax; hidden [..., d], weight [vocab, d], labels [...].
 
@@ -99,9 +78,6 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     fp32_dot: how the three matmuls run when they run in fp32: ``ieee`` (the plain product: cuBLAS on the CUDA
     cores with TF32 off) or ``tf32x3`` (:func:`kernels.matmul_tf32x3` on CUDA: 3xTF32 products on the tensor
     cores, fp32's accuracy); no effect in other dtypes or on the CPU.
-    fused: on CUDA in bf16 / fp16 with d <= ``kernels.linear_cross_entropy.MAX_HIDDEN``, run the fused Triton
-    kernels (no logits in memory, fp32 logits into the softmax; ``chunk_tokens`` unused); elsewhere, and with
-    False (the default until the kernels' speed is measured on a GPU), the chunks.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -113,4 +89,4 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     with torch.autocast(device, enabled=False):  # the function casts explicitly
         return _LinearCrossEntropy.apply(hidden.flatten(0, -2), weight, labels.flatten(), ignore_index,
-                                         chunk_tokens, reduction, dtype, fp32_dot, fused)
+                                         chunk_tokens, reduction, dtype, fp32_dot)

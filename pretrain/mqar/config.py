@@ -103,10 +103,6 @@ class TrainSection:
     num_threads: int | None = None  # CPU threads for torch (None: torch's default); 1 is fastest on a shared CPU
     compile: bool | None = None  # torch.compile the model body; None: on CUDA only
     loss_chunk_rows: int = 32_768  # query rows per chunk of the fused LM head + cross-entropy
-    # the LM head and its loss in Triton kernels that never write the logits (CUDA, bf16, d_model <= 256; the
-    # softmax reads fp32 logits where the chunks read bf16 ones); false, or where it does not apply: the chunks.
-    # Off until its speed is measured on a GPU (README, MQAR section)
-    fused_head_loss: bool = False
     # knobs of the attention kernels' launch configuration (kernels' ChunkLaunchConfig) for this run, e.g.
     # {tile: 8, warps_grad: 8}: how the work is cut, not what is computed (fp32_dot comes from precision)
     attention_launch: dict[str, Any] = field(default_factory=dict)

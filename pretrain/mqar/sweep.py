@@ -67,7 +67,8 @@ SWEEP_DEFAULT_OVERRIDES = ("log.tqdm=false",)
 # mean over each batch's query tokens either way.)
 NON_RESULT_KEYS = ("output", "name", "log", "data.cache_dir", "train.device", "train.num_threads",
                    "train.eval_batch_size", "train.micro_batch_size", "train.micro_batch_tokens", "train.compile",
-                   "train.loss_chunk_rows", "train.fused_head_loss", "train.checkpoint", "train.attention_launch")
+                   "train.loss_chunk_rows", "train.checkpoint", "train.attention_launch",
+                   "train.fused_head_loss")  # the last: an option results of 2026-12-07 carry, since removed
 
 DEFAULT_EPOCH_TIMES = sorted((REPO_ROOT / "benchmarks" / "results" / "mqar").glob("mqar_speed_*.json"))
 DEFAULT_SLURM_OPTIONS = {"job-name": "mqar", "nodes": "1", "ntasks": "1", "gpus": "1", "cpus-per-task": "8",

@@ -337,7 +337,7 @@ class MQARRun:
                     hidden = self.hidden(data.inputs(sub), data.qpos[sub])
                     loss = chunked_cross_entropy(hidden, head_weight, _query_labels(data, sub, real),
                                                  reduction="sum", chunk_tokens=tc.loss_chunk_rows,
-                                                 fp32_dot=self.fp32_dot, fused=tc.fused_head_loss) / total
+                                                 fp32_dot=self.fp32_dot) / total
                 loss.backward()
                 batch_loss += loss.detach()
             if tc.grad_clip is not None:

@@ -91,23 +91,6 @@ def test_attention_launch_knobs_reach_the_kernels_and_bad_ones_are_named(capsys,
     assert CHUNK_LAUNCH.get() == default
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_fused_head_loss_reaches_the_loss(tmp_path, one_thread, monkeypatch, fused):
-    """train.fused_head_loss is what the head's loss is asked for (the loss itself decides where the fused kernels
-    apply: tests/models/test_loss.py); the default is off."""
-    from pretrain.mqar import train as mqar_train
-
-    assert load_mqar_config(TINY).train.fused_head_loss is False
-    asked = []
-    real = mqar_train.chunked_cross_entropy
-    monkeypatch.setattr(mqar_train, "chunked_cross_entropy", lambda *a, **k: asked.append(k["fused"]) or real(*a, **k))
-    cfg = load_mqar_config(TINY, [f"train.fused_head_loss={str(fused).lower()}", "train.max_steps=2",
-                                  "log.tqdm=false"])
-    cfg.output = str(tmp_path / "r.json")
-    mqar_train.MQARRun(cfg, log=lambda *a, **k: None).run()
-    assert asked and set(asked) == {fused}
-
-
 def test_git_commit_says_when_the_tree_differs_from_head(tmp_path):
     import subprocess
 
