@@ -45,6 +45,8 @@ def parse_device(name: str | None) -> torch.device:
         raise ValueError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {name!r}: expected cpu, cuda or cuda:N")
+    if device.type == "cpu" and device.index not in (None, 0):  # torch parses it, loading weights onto it fails
+        raise ValueError(f"--device {name!r}: there is one CPU device; use cpu")
     return device
 
 

@@ -97,6 +97,7 @@ def test_sampling_is_reproducible_with_a_seed(workspace):
     (["--prompt", "x", "--temperature", "nan"], "temperature=nan"),
     (["--prompt", "x", "--temperature", "inf"], "temperature=inf"),
     (["--prompt", "x", "--device", "nosuch"], "--device 'nosuch'"),
+    (["--prompt", "x", "--device", "cpu:1"], "--device 'cpu:1': there is one CPU device"),
     (["--prompt", "x", "--out", "no/such/folder/samples.jsonl"], "no/such/folder does not exist"),
     (["--prompt", ""], "--prompt '' is empty"),
     (["--prompt", "x", "--seed", str(2 ** 64)], f"seed={2 ** 64} must be an integer in [0, 2**64)"),
