@@ -170,16 +170,17 @@ def test_fp32_dot_tf32x3_routes_the_three_matmuls(monkeypatch, reduction):
     calls = []
     real = kernels.matmul_tf32x3
     monkeypatch.setattr(kernels, "matmul_tf32x3", lambda a, b: calls.append(a.shape) or real(a, b))
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton kernels run interpreted only without CUDA
     hidden, weight, labels = problem()
     ref = loss_and_grads(lambda h, w, y: F.cross_entropy(h @ w.T, y, reduction=reduction), hidden, weight, labels)
-    h32, w32 = (x.detach().float().requires_grad_() for x in (hidden, weight))
+    h32, w32 = (x.detach().float().to(dev).requires_grad_() for x in (hidden, weight))
     got = loss_and_grads(lambda h, w, y: chunked_cross_entropy(h, w, y, chunk_tokens=16, reduction=reduction,
-                                                               fp32_dot="tf32x3"), h32, w32, labels)
+                                                               fp32_dot="tf32x3"), h32, w32, labels.to(dev))
     assert len(calls) == 3 * 3, "logits, hidden gradient and weight gradient of each of the 3 chunks"
     assert abs(got[0].item() - ref[0].item()) <= 1e-5 * abs(ref[0].item())
-    assert rel(got[1].double(), ref[1]) <= 1e-5 and rel(got[2].double(), ref[2]) <= 1e-5
+    assert rel(got[1].double().cpu(), ref[1]) <= 1e-5 and rel(got[2].double().cpu(), ref[2]) <= 1e-5
     calls.clear()
-    chunked_cross_entropy(hidden, weight, labels, fp32_dot="tf32x3")  # float64: the plain product
+    chunked_cross_entropy(*(x.to(dev) for x in (hidden, weight, labels)), fp32_dot="tf32x3")  # float64: plain
     assert not calls
     with pytest.raises(ValueError, match="fp32_dot"):
-        chunked_cross_entropy(h32, w32, labels, fp32_dot="tf32")
+        chunked_cross_entropy(h32, w32, labels.to(dev), fp32_dot="tf32")
