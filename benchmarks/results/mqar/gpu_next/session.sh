@@ -8,7 +8,8 @@
 #      ../gpu_2026-12-07c/), issue 17's bf16 against fp32 check at one hard setting.
 # Every call: `bash benchmarks/results/mqar/gpu_next/session.sh SECONDS` (device tool: carry runs/carry; SECONDS about
 # 30 below the call's timeout), the same whether the machine is still held or fresh; the first call of a session:
-# `bash benchmarks/results/mqar/gpu_next/session.sh SECONDS first` (records the machine). After every call, here:
+# `bash benchmarks/results/mqar/gpu_next/session.sh SECONDS first` (records the machine, runs the GPU tests: about
+# 3 minutes). After every call, here:
 #   bash benchmarks/mqar_gpu_session.sh collect FETCHED runs/carry
 set -u
 cd "$(dirname "$0")/../../../.." || exit 1
@@ -18,6 +19,11 @@ deadline=$(( $(date +%s) + seconds ))
 stamp="$(date -u +%H%M)"
 if [[ "${2:-}" == first ]]; then
   bash benchmarks/mqar_gpu_session.sh machine "$OUT/gpu.txt"
+  # the tests that take the GPU paths where there is one (the CPU runs them through Triton's interpreter), in full:
+  # a test that passes interpreted can fail compiled, or assume the interpreter (as one of tests/models/test_loss.py
+  # did until 2026-12-07d)
+  timeout 170 python -m pytest -q -p no:cacheprovider -rf tests/kernels tests/models/test_loss.py \
+    tests/generation/test_decoder.py >"$OUT/gpu_tests.txt" 2>&1
 fi
 seconds=$(( deadline - $(date +%s) ))
 bash benchmarks/mqar_gpu_session.sh go runs/s "$((seconds - 15))" "$OUT/s_$stamp.tgz" --checkpoints --every 60 \
