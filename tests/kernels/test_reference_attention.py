@@ -394,7 +394,9 @@ def test_registered_impl_dispatch(monkeypatch, no_triton_registered):
     monkeypatch.setenv(kbackend.BACKEND_ENV_VAR, "torch")
     assert kbackend.resolve_backend("rebased_attention", None, torch.device("cuda")) == "torch"
     monkeypatch.delenv(kbackend.BACKEND_ENV_VAR)
-    o, _ = kernels.rebased_attention(q, k, v, backend="triton", chunk_size=32)
+    # Triton takes CUDA inputs, or CPU ones under its interpreter (which tests/conftest.py turns on without CUDA)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    o, _ = kernels.rebased_attention(q.to(dev), k.to(dev), v.to(dev), backend="triton", chunk_size=32)
     assert o == "sentinel"
     assert set(calls[0]) == {"scale", "eps", "normalize", "cu_seqlens", "initial_state", "output_final_state",
                              "mode", "chunk_size"}
