@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from pretrain.generation.sampling import Sampling, choose
+from pretrain.generation.sampling import Sampling, choose, row_generators
 
 
 class DecodeStep:
@@ -119,8 +119,9 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, sa
     A row stops after an ``eos_ids`` token (one id, or ints / a tensor of them; kept in its output) or when
     ``should_stop(row, tokens so far)`` says so (stop strings: the caller decodes). ``on_tokens`` gets each step's
     new token per row (None for a row that has stopped), for streaming. ``cuda_graph`` / ``compile``: see
-    :class:`DecodeStep`. The batch runs until every row has stopped. Draws come from ``generator``, else from one
-    seeded with ``sampling.seed``, else from torch's default generator. ``vocab_size``: only ids below it are chosen
+    :class:`DecodeStep`. The batch runs until every row has stopped. Draws come from ``generator`` (shared by the
+    rows, in row order), else from one generator per row seeded with ``sampling.seed`` and the row's index (a
+    prompt's sample then does not depend on the other prompts of the batch), else from torch's default generator. ``vocab_size``: only ids below it are chosen
     (a model's vocabulary padded past its tokenizer's: the padding ids have no text). The model runs in eval mode (no
     dropout), whatever its mode; the mode is restored afterwards.
     """
@@ -192,7 +193,7 @@ def _generate(model, prompts, max_new_tokens, sampling, eos_ids, should_stop, on
     longest = max((len(p) for p in prompts), default=0)
     cache, logits = _prefill(model, prompts, longest + max_new_tokens)  # checked above
     if generator is None and sampling.seed is not None:
-        generator = torch.Generator(logits.device).manual_seed(sampling.seed)
+        generator = row_generators(sampling.seed, len(prompts))
     step = DecodeStep(model, cache, cuda_graph=cuda_graph, compile=compile)
     out: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)

@@ -285,3 +285,35 @@ def test_cache_buffers_are_every_tensor_a_step_updates_and_keep_their_addresses(
     expected = 1 + sum({"LinearAttentionCache": 2, "ConvCache": 1, "KVCache": 3}[type(l).__name__]
                        for l in cache.layers)
     assert len(buffers) == expected
+
+
+def test_a_seeded_prompt_samples_the_same_whatever_its_batch_mates():
+    """Row r of a seeded call draws from its own stream (seed, r): the other prompts (their number, content and
+    lengths, when they stop) do not change its sample; the same prompt in two rows still gets two samples."""
+    model = model_for(LAYOUTS["hybrid"])
+    with torch.no_grad():
+        model.lm_head.weight.div_(20)  # flat logits: every draw matters
+    sampling = Sampling(temperature=1.0, seed=11)
+    alone = generate(model, [[1, 2, 3]], 12, sampling=sampling)[0]
+    mates = generate(model, [[1, 2, 3], [9], [4, 4, 4, 4, 4, 4, 7]], 12, sampling=sampling,
+                     should_stop=lambda row, toks: row > 0 and len(toks) == 2 * row)
+    assert mates[0] == alone and [len(m) for m in mates] == [12, 2, 4]
+    second = generate(model, [[30, 31], [9]], 12, sampling=sampling)[1]
+    assert second == generate(model, [[2], [9]], 12, sampling=sampling)[1]
+    twins = generate(model, [[1, 2, 3]] * 2, 12, sampling=sampling)
+    assert twins[0] == alone and twins[1] != twins[0]
+
+
+@pytest.mark.parametrize("per_row", [False, True], ids=["shared", "per-row"])
+def test_draws_follow_the_distribution(per_row):
+    """The inverse-CDF draw picks each token with its probability (20000 draws; a token of probability 0 never)."""
+    from pretrain.generation.sampling import row_generators
+
+    probs = torch.tensor([0.5, 0.3, 0.0, 0.2])
+    logits = probs.log().expand(20000, 4)
+    gen = row_generators(0, 20000) if per_row else torch.Generator().manual_seed(0)
+    counts = torch.bincount(choose(logits, Sampling(temperature=1.0), gen), minlength=4) / 20000
+    assert counts[2] == 0
+    torch.testing.assert_close(counts, probs, atol=0.015, rtol=0)
+    with pytest.raises(ValueError, match="one per row"):
+        choose(logits[:3], Sampling(temperature=1.0), row_generators(0, 2))
