@@ -21,8 +21,11 @@ if [[ "${2:-}" == first ]]; then
   bash benchmarks/mqar_gpu_session.sh machine "$OUT/gpu.txt"
   # the tests that take the GPU paths where there is one (the CPU runs them through Triton's interpreter): a test
   # that passes interpreted can fail compiled, or assume the interpreter
-  (timeout "$((seconds - 20))" python -m pytest -v -p no:cacheprovider -rf --tb=short tests/kernels \
-     tests/models/test_loss.py tests/generation/test_decoder.py >"$OUT/gpu_tests.txt" 2>&1
+  # (test_triton_attention first: its bf16 case b2t70h2v32-...-c16s32-rebased failed on the H100 of
+  # ../gpu_2026-12-07e/, whose quiet output kept no error figures)
+  (timeout "$((seconds - 20))" python -m pytest -v -p no:cacheprovider -rf --tb=short \
+     tests/kernels/test_triton_attention.py tests/kernels tests/models/test_loss.py tests/generation/test_decoder.py \
+     >"$OUT/gpu_tests.txt" 2>&1
    echo "pytest exit $?" >>"$OUT/gpu_tests.txt") &
 fi
 bash benchmarks/mqar_gpu_session.sh go runs/s "$((seconds - 15))" "$OUT/s_$stamp.tgz" --checkpoints --every 60 \
