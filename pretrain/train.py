@@ -23,6 +23,7 @@ import sys
 import time
 import warnings
 import weakref
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -54,6 +55,25 @@ def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def use_deterministic_algorithms() -> Callable[[], None]:
+    """training.deterministic: PyTorch's deterministic kernels (warn_only: an op without one warns, naming itself,
+    rather than failing a long run), no cuDNN autotuning, and the cuBLAS workspace setting its reproducibility notes
+    require (read when the first cuBLAS handle is made, so this runs before the model reaches the GPU). Returns
+    what puts the process's previous settings back."""
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+    def restore() -> None:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = previous[2:]
+
+    return restore
 
 
 def resolve_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
@@ -96,6 +116,8 @@ def batch_fingerprint(input_ids: torch.Tensor, seq_len: int) -> int:
 class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
+        # process-wide settings this run changes, put back when it ends (runs inside a longer-lived process)
+        self._restore_settings = use_deterministic_algorithms() if cfg.training.deterministic else lambda: None
         self.rank, self.world, self.device = init_distributed(cfg)
         self.dtype = resolve_dtype(cfg, self.device)
         t = cfg.training
@@ -393,6 +415,7 @@ class Trainer:
             return EXIT_NONFINITE
         finally:
             self._restore_signal_handlers()
+            self._restore_settings()
 
     def _start(self) -> MetricsLogger:
         cfg, t = self.cfg, self.cfg.training

@@ -65,6 +65,10 @@ class TrainingConfig:
     # [tokens, vocab] logits never exist, only one chunk's. 0: full logits and F.cross_entropy (same loss).
     loss_chunk_tokens: int = 8192
     seed: int = 1234
+    # true: PyTorch's deterministic algorithms (an op without one warns, naming itself), no cuDNN autotuning, cuBLAS
+    # with a fixed workspace: reruns on the same GPU give the same losses, at some speed. Our Triton kernels use no
+    # atomics, so they are deterministic either way; on CPU the run is deterministic without it
+    deterministic: bool = False
     eval_every: int = 0  # steps between validation passes (0 = only at the end when valid data is given)
     eval_samples: int = 64  # validation sequences per pass (split over ranks)
     # Debugging / fault injection: poison the loss with NaN at these steps (tests of the non-finite path).

@@ -319,3 +319,31 @@ def test_main_in_process_leaves_the_callers_signal_handlers(shards, tmp_path, mo
     config = write_config(shards, tmp_path / "run")
     assert main(["--config", str(config), "parallel.strategy=single", "training.max_steps=2", NO_NAN]) == 0
     assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+def test_deterministic_mode_is_on_for_the_run_only_and_keeps_the_losses(shards, tmp_path, monkeypatch):
+    """training.deterministic turns PyTorch's deterministic algorithms on while the run trains (an op without one
+    warns) and puts the process's settings back afterwards; the losses are the default run's (on the CPU both are
+    deterministic)."""
+    import torch
+
+    from pretrain.train import Trainer
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    overrides = ["parallel.strategy=single", "training.max_steps=3", "checkpoint.every=0", NO_NAN]
+    seen = []
+    step = Trainer.train_step
+
+    def spy(self):
+        seen.append((torch.are_deterministic_algorithms_enabled(),
+                     torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.benchmark))
+        return step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", spy)
+    for name, extra in (("default", []), ("deterministic", ["training.deterministic=true"])):
+        cfg = load_config(RunConfig, str(write_config(shards, tmp_path / name)), overrides + extra)
+        assert Trainer(cfg).run() == 0
+        assert not torch.are_deterministic_algorithms_enabled()
+    assert seen == [(False, False, False)] * 3 + [(True, True, False)] * 3
+    got, ref = ({s: r["loss"] for s, r in losses(tmp_path / name).items()} for name in ("deterministic", "default"))
+    assert got == ref and sorted(ref) == [1, 2, 3]
