@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from pretrain.generation.sampling import Sampling, choose, row_generators
+from pretrain.generation.sampling import Sampling, choose, row_uniforms
 
 
 class DecodeStep:
@@ -120,10 +120,11 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, sa
     ``should_stop(row, tokens so far)`` says so (stop strings: the caller decodes). ``on_tokens`` gets each step's
     new token per row (None for a row that has stopped), for streaming. ``cuda_graph`` / ``compile``: see
     :class:`DecodeStep`. The batch runs until every row has stopped. Draws come from ``generator`` (shared by the
-    rows, in row order), else from one generator per row seeded with ``sampling.seed`` and the row's index (a
-    prompt's sample then does not depend on the other prompts of the batch), else from torch's default generator. ``vocab_size``: only ids below it are chosen
-    (a model's vocabulary padded past its tokenizer's: the padding ids have no text). The model runs in eval mode (no
-    dropout), whatever its mode; the mode is restored afterwards.
+    rows, in row order), else from one stream per row seeded with ``sampling.seed`` and the row's index
+    (:func:`row_uniforms`: a prompt's sample then does not depend on the other prompts of the batch), else from
+    torch's default generator. ``vocab_size``: only ids below it are chosen (a model's vocabulary padded past its
+    tokenizer's: the padding ids have no text). The model runs in eval mode (no dropout), whatever its mode; the
+    mode is restored afterwards.
     """
     was_training = model.training
     model.eval()
@@ -192,13 +193,14 @@ def _generate(model, prompts, max_new_tokens, sampling, eos_ids, should_stop, on
     check_positions(model, prompts, max_new_tokens)
     longest = max((len(p) for p in prompts), default=0)
     cache, logits = _prefill(model, prompts, longest + max_new_tokens)  # checked above
-    if generator is None and sampling.seed is not None:
-        generator = row_generators(sampling.seed, len(prompts))
+    draws = None  # a seeded call's [rows, steps] numbers, one row stream each, on the logits' device
+    if generator is None and sampling.seed is not None and not sampling.greedy:
+        draws = row_uniforms(sampling.seed, len(prompts), max_new_tokens).to(logits.device)
     step = DecodeStep(model, cache, cuda_graph=cuda_graph, compile=compile)
     out: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     for i in range(max_new_tokens):
-        tokens = choose(logits[:, :vocab_size], sampling, generator)
+        tokens = choose(logits[:, :vocab_size], sampling, generator if draws is None else draws[:, i])
         new: list[int | None] = []
         for row, token in enumerate(tokens.tolist()):
             if done[row]:

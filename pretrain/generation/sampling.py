@@ -1,12 +1,11 @@
 """Next-token choice from logits: greedy, temperature, top-k, top-p (nucleus); seeded draws that depend only on
-the seed and a row's index (:func:`row_generators`), or one generator shared by the rows."""
+the seed and a row's index (:func:`row_uniforms`), or one generator shared by the rows."""
 
 from __future__ import annotations
 
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -57,30 +56,23 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
 
 
-def row_generators(seed: int, rows: int) -> list[torch.Generator]:
-    """One CPU generator per row, row ``r``'s seeded from (``seed``, r) through numpy's SeedSequence: a seeded row
-    draws the same numbers whatever the batch around it (its size, the other prompts, when they stop), and rows
-    with the same prompt still draw different samples."""
-    return [torch.Generator().manual_seed(int(np.random.SeedSequence([seed, row]).generate_state(1, np.uint64)[0]))
-            for row in range(rows)]
-
-
-def _uniforms(rows: int, generator: torch.Generator | Sequence[torch.Generator] | None,
-              device: torch.device) -> torch.Tensor:
-    # one U[0, 1) draw per row, float64: from each row's own generator, else from the one shared in row order
-    if generator is None or isinstance(generator, torch.Generator):
-        gen_device = generator.device if generator is not None else device
-        return torch.rand(rows, generator=generator, dtype=torch.float64, device=gen_device).to(device)
-    if len(generator) != rows:
-        raise ValueError(f"{len(generator)} generators for {rows} rows: one per row")
-    return torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=g.device).cpu() for g in generator]
-                     ).to(device)
+def row_uniforms(seed: int, rows: int, steps: int) -> torch.Tensor:
+    """[rows, steps] float64 draws from U[0, 1), row ``r``'s from a CPU generator seeded from (``seed``, r) through
+    numpy's SeedSequence: a seeded row draws the same numbers whatever the batch around it (its size, the other
+    prompts, when they stop) and however many steps are asked (a longer call extends a shorter one's draws), and rows
+    with the same prompt still draw different samples. Drawn once per call, not per step."""
+    out = torch.empty(rows, steps, dtype=torch.float64)
+    for row in range(rows):
+        row_seed = int(np.random.SeedSequence([seed, row]).generate_state(1, np.uint64)[0])
+        torch.rand(steps, generator=torch.Generator().manual_seed(row_seed), dtype=torch.float64, out=out[row])
+    return out
 
 
 def choose(logits: torch.Tensor, sampling: Sampling,
-           generator: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
-    """The next token [B] for logits [B, V]. ``generator``: one shared by the rows (its draws go to the rows in
-    order), one per row (:func:`row_generators`), or None (torch's default)."""
+           generator: torch.Generator | torch.Tensor | None = None) -> torch.Tensor:
+    """The next token [B] for logits [B, V]. ``generator``: a generator whose draws go to the rows in order, or the
+    draws themselves (a [B] tensor of numbers in [0, 1): a column of :func:`row_uniforms`), or None (torch's default
+    generator)."""
     if sampling.greedy:
         return logits.argmax(-1)
     # shifted so the largest is 0: a tiny temperature then sends the others to -inf, not the largest to inf (a
@@ -88,8 +80,16 @@ def choose(logits: torch.Tensor, sampling: Sampling,
     logits = logits.double()
     logits = (logits - logits.amax(-1, keepdim=True)) / sampling.temperature
     logits = filter_logits(logits, sampling.top_k, sampling.top_p)
+    rows = logits.shape[0]
+    if isinstance(generator, torch.Tensor):
+        if generator.shape != (rows,):
+            raise ValueError(f"draws of shape {tuple(generator.shape)} for {rows} rows: one per row")
+        u = generator.to(device=logits.device, dtype=torch.float64)
+    else:
+        u = torch.rand(rows, generator=generator, dtype=torch.float64,
+                       device=generator.device if generator is not None else logits.device).to(logits.device)
     # inverse CDF: the first token whose cumulative probability passes u * total. A token of probability 0 spans an
     # empty interval, so it is never chosen; u < 1 keeps the choice inside the vocabulary
     cdf = logits.softmax(-1).cumsum(-1)
-    u = _uniforms(logits.shape[0], generator, logits.device)[:, None] * cdf[:, -1:]
+    u = u[:, None] * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=logits.shape[-1] - 1)

@@ -307,13 +307,26 @@ def test_a_seeded_prompt_samples_the_same_whatever_its_batch_mates():
 @pytest.mark.parametrize("per_row", [False, True], ids=["shared", "per-row"])
 def test_draws_follow_the_distribution(per_row):
     """The inverse-CDF draw picks each token with its probability (20000 draws; a token of probability 0 never)."""
-    from pretrain.generation.sampling import row_generators
+    from pretrain.generation.sampling import row_uniforms
 
     probs = torch.tensor([0.5, 0.3, 0.0, 0.2])
     logits = probs.log().expand(20000, 4)
-    gen = row_generators(0, 20000) if per_row else torch.Generator().manual_seed(0)
+    gen = row_uniforms(0, 20000, 1)[:, 0] if per_row else torch.Generator().manual_seed(0)
     counts = torch.bincount(choose(logits, Sampling(temperature=1.0), gen), minlength=4) / 20000
     assert counts[2] == 0
     torch.testing.assert_close(counts, probs, atol=0.015, rtol=0)
     with pytest.raises(ValueError, match="one per row"):
-        choose(logits[:3], Sampling(temperature=1.0), row_generators(0, 2))
+        choose(logits[:3], Sampling(temperature=1.0), row_uniforms(0, 2, 1)[:, 0])
+
+
+def test_a_seeded_row_draws_a_prefix_of_a_longer_calls_draws():
+    """A seeded row's draws do not depend on how many steps a call asks for: 12 new tokens begin with the 5."""
+    from pretrain.generation.sampling import row_uniforms
+
+    assert torch.equal(row_uniforms(3, 2, 50)[:, :7], row_uniforms(3, 2, 7))
+    model = model_for(LAYOUTS["hybrid"])
+    with torch.no_grad():
+        model.lm_head.weight.div_(20)
+    sampling = Sampling(temperature=1.0, seed=2)
+    assert generate(model, [[1, 2], [3]], 12, sampling=sampling)[1][:5] == \
+        generate(model, [[1, 2], [3]], 5, sampling=sampling)[1]
