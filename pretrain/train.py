@@ -12,6 +12,7 @@ Exit codes: 0 finished or saved after SIGTERM/SIGUSR1; 3 stopped after too many 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
 import logging
@@ -23,7 +24,6 @@ import sys
 import time
 import warnings
 import weakref
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -57,23 +57,20 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
-def use_deterministic_algorithms() -> Callable[[], None]:
-    """training.deterministic: PyTorch's deterministic kernels (warn_only: an op without one warns, naming itself,
-    rather than failing a long run), no cuDNN autotuning, and the cuBLAS workspace setting its reproducibility notes
-    require (read when the first cuBLAS handle is made, so this runs before the model reaches the GPU). Returns
-    what puts the process's previous settings back."""
+@contextlib.contextmanager
+def deterministic_algorithms():
+    """training.deterministic, while a run trains: PyTorch's deterministic kernels (warn_only: an op without one
+    warns, naming itself, rather than failing a long run) and no cuDNN autotuning; the process's previous settings
+    come back afterwards. (The cuBLAS workspace setting they also need is made before the model reaches the GPU.)"""
     previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
                 torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = True
-
-    def restore() -> None:
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    try:
+        yield
+    finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = previous[2:]
-
-    return restore
 
 
 def resolve_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
@@ -116,8 +113,8 @@ def batch_fingerprint(input_ids: torch.Tensor, seq_len: int) -> int:
 class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
-        # process-wide settings this run changes, put back when it ends (runs inside a longer-lived process)
-        self._restore_settings = use_deterministic_algorithms() if cfg.training.deterministic else lambda: None
+        if cfg.training.deterministic:  # cuBLAS reads it at its first handle: before the model reaches the GPU
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         self.rank, self.world, self.device = init_distributed(cfg)
         self.dtype = resolve_dtype(cfg, self.device)
         t = cfg.training
@@ -386,6 +383,10 @@ class Trainer:
     def run(self) -> int:
         """Train to ``max_steps``: 0 when finished or saved after a signal, EXIT_NONFINITE after too many
         non-finite steps in a row."""
+        with deterministic_algorithms() if self.cfg.training.deterministic else contextlib.nullcontext():
+            return self._train()
+
+    def _train(self) -> int:
         t = self.cfg.training
         metrics = self._start()
         try:
@@ -415,7 +416,6 @@ class Trainer:
             return EXIT_NONFINITE
         finally:
             self._restore_signal_handlers()
-            self._restore_settings()
 
     def _start(self) -> MetricsLogger:
         cfg, t = self.cfg, self.cfg.training
